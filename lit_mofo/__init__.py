@@ -1,0 +1,20 @@
+"""lit_mofo: fine-tune pre-trained models with PyTorch Lightning without forgetting what they knew."""
+
+from lit_mofo.optim import (
+    MoFO,
+    MoFOStepStats,
+    mofo_configure_optimizers,
+    mofo_param_groups,
+    warmup_lr_scheduler,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "MoFO",
+    "MoFOStepStats",
+    "__version__",
+    "mofo_configure_optimizers",
+    "mofo_param_groups",
+    "warmup_lr_scheduler",
+]
