@@ -349,3 +349,19 @@ def test_sparse_gradients_are_rejected():
 def test_complex_parameters_are_rejected():
     with pytest.raises(ValueError, match=r"does not support complex parameters.*view_as_real"):
         MoFO([torch.zeros(2, 2, dtype=torch.complex64, requires_grad=True)])
+
+
+def test_distributed_dtensor_parameters_are_rejected_with_the_ddp_fix():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for placement in (Shard(0), Replicate()):
+            param = nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [placement]))
+            with pytest.raises(ValueError, match=r"distributed \(DTensor\) parameters.*per shard.*strategy=\"ddp\""):
+                MoFO([param])
+    finally:
+        dist.destroy_process_group()

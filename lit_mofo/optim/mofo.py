@@ -130,6 +130,13 @@ class MoFO(Optimizer):
                     f"MoFO does not support complex parameters (got a {p.dtype} tensor of shape "
                     f"{tuple(p.shape)}); optimize its real view (torch.view_as_real) instead."
                 )
+            if _is_dtensor(p):
+                # A sharded tensor would be ranked per shard: a top-k that silently differs from the paper's.
+                raise ValueError(
+                    f"MoFO does not support distributed (DTensor) parameters yet (got one of global shape "
+                    f"{tuple(p.shape)}): a sharded tensor's top-k would be taken per shard, not per tensor. "
+                    'Train with DDP (strategy="ddp"), where every rank holds whole tensors.'
+                )
 
     @property
     def update_fraction(self) -> float:
@@ -233,6 +240,14 @@ def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
             "an int >= 0",
             "Use 2 to step biases and norm weights densely (the reference code's rule), 0 to filter every tensor.",
         )
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:
