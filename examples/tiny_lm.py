@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import lit_mofo
-from lit_mofo import MoFO, MoFOStepStats
+from lit_mofo import MoFO
 from lit_mofo.optim.helpers import Schedule
 
 __all__ = ["SyntheticTokenDataModule", "TinyCausalLM", "TinyCausalLMWithHelper", "synthetic_progressions"]
@@ -138,7 +138,7 @@ class TinyCausalLM(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap Lightning's LightningOptimizer
         if isinstance(optimizer, MoFO) and optimizer.last_step_stats:
-            total = sum(optimizer.last_step_stats, MoFOStepStats())
+            total = optimizer.last_step_total
             self.log("mofo/update_fraction", total.fraction)
             self.log("mofo/filtered_update_fraction", total.filtered_fraction)
 

@@ -139,6 +139,7 @@ def test_low_dimensional_tensors_take_the_dense_step_by_default():
     assert (stats.updated, stats.numel, stats.filtered_updated, stats.filtered_numel) == (24, 72, 16, 64)
     assert stats.filtered_fraction == 0.25
     assert opt.update_fraction == pytest.approx(24 / 72)
+    assert opt.last_step_total == stats  # one group: the total is that group
 
 
 def small_model(seed: int = 0) -> nn.Module:

@@ -89,7 +89,7 @@ class MoFO(Optimizer):
             reproduces the reference code's dense step for biases and norm weights; 0 filters every tensor.
 
     After each :meth:`step`, :attr:`last_step_stats` holds one :class:`MoFOStepStats` per param group and
-    :attr:`update_fraction` the realised fraction over all of them, for logging.
+    :attr:`last_step_total` their sum and :attr:`update_fraction` the realised fraction over all groups.
 
     Example::
 
@@ -139,9 +139,14 @@ class MoFO(Optimizer):
                 )
 
     @property
+    def last_step_total(self) -> MoFOStepStats:
+        """:attr:`last_step_stats` summed over all param groups."""
+        return sum(self.last_step_stats, MoFOStepStats())
+
+    @property
     def update_fraction(self) -> float:
         """Entries moved by the last step over entries that had a gradient, across all groups."""
-        return sum(self.last_step_stats, MoFOStepStats()).fraction
+        return self.last_step_total.fraction
 
     def _init_group(
         self,
