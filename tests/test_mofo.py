@@ -292,6 +292,31 @@ def test_low_precision_parameters_keep_fp32_moments_and_track_an_fp32_reference(
         torch.testing.assert_close(p, r, atol=0, rtol=0)  # same fp32 math, one rounding to dtype per step
 
 
+def test_low_precision_resume_keeps_fp32_moments_and_continues_bit_identically():
+    def run(params, opt, seed, steps=3):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            random_grads(params, gen)
+            opt.step()
+
+    params = [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params()]
+    opt = MoFO(params, lr=1e-2)
+    run(params, opt, seed=0)
+    saved_params, saved_opt = copy.deepcopy(params), copy.deepcopy(opt.state_dict())
+    run(params, opt, seed=1)
+
+    resumed_params = [p.detach().clone().requires_grad_() for p in saved_params]
+    resumed = MoFO(resumed_params, lr=1e-2)
+    resumed.load_state_dict(saved_opt)  # torch alone would cast the moments to bfloat16
+    for p, saved in zip(resumed_params, saved_opt["state"].values(), strict=True):
+        assert resumed.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(resumed.state[p]["exp_avg"], saved["exp_avg"])
+        assert resumed.state[p]["exp_avg"] is not saved["exp_avg"]  # a copy, like torch's load
+    run(resumed_params, resumed, seed=1)
+    for p, q in zip(params, resumed_params, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_float64_parameters_keep_float64_moments():
     p = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
     opt = MoFO([p], lr=0.1)

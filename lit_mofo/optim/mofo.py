@@ -138,6 +138,18 @@ class MoFO(Optimizer):
                     'Train with DDP (strategy="ddp"), where every rank holds whole tensors.'
                 )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to each parameter's dtype, which would round the float32 moments of
+        # float16/bfloat16 parameters; take them again from the saved dict at their own precision.
+        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=_moment_dtype(p), copy=True)
+
     @property
     def last_step_total(self) -> MoFOStepStats:
         """:attr:`last_step_stats` summed over all param groups."""
