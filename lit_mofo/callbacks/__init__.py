@@ -1,0 +1,1 @@
+"""Lightning callbacks: MoFO as a callback, Half Fine-Tuning, forgetting evaluation and parameter drift."""
