@@ -1,0 +1,272 @@
+"""Model layout: transformer blocks and parameter roles found by module structure, for known and unknown models."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from lit_mofo.blocks import ROLES, Block, ModelLayout, detect_layout, parameter_roles
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def tiny_llama() -> nn.Module:
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, num_key_value_heads=2, vocab_size=128))
+
+
+def tiny_mistral() -> nn.Module:
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, num_key_value_heads=2, vocab_size=128))
+
+
+def tiny_qwen2() -> nn.Module:
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL, num_key_value_heads=2, vocab_size=128))
+
+
+def tiny_gemma() -> nn.Module:
+    config = transformers.GemmaConfig(**SMALL, num_key_value_heads=2, head_dim=16, vocab_size=128)
+    return transformers.GemmaForCausalLM(config)
+
+
+def tiny_gpt2() -> nn.Module:
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_neox() -> nn.Module:
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**SMALL, vocab_size=128))
+
+
+def tiny_opt() -> nn.Module:
+    config = transformers.OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+        word_embed_proj_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config)
+
+
+def tiny_bert() -> nn.Module:
+    return transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, vocab_size=128))
+
+
+def tiny_roberta() -> nn.Module:
+    return transformers.RobertaForMaskedLM(transformers.RobertaConfig(**SMALL, vocab_size=128))
+
+
+class Wrapper(pl.LightningModule):
+    """A LightningModule holding a transformers model as ``self.model``, as users write them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def leaf_modules(layout_names: tuple[str, ...], block: Block) -> list[str]:
+    """Module paths relative to the block: ``self_attn.q_proj`` for ``...layers.3.self_attn.q_proj.weight``."""
+    return [name.removeprefix(block.name + ".").rsplit(".", 1)[0] for name in layout_names]
+
+
+# architecture, builder, attention modules, FFN modules, norm modules, whether matrices have biases
+KNOWN = [
+    (
+        "llama",
+        tiny_llama,
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        ["input_layernorm", "post_attention_layernorm"],
+    ),
+    (
+        "llama",
+        tiny_mistral,
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        ["input_layernorm", "post_attention_layernorm"],
+    ),
+    (
+        "llama",
+        tiny_qwen2,
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        ["input_layernorm", "post_attention_layernorm"],
+    ),
+    (
+        "llama",
+        tiny_gemma,
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        ["input_layernorm", "post_attention_layernorm"],
+    ),
+    ("gpt2", tiny_gpt2, ["attn.c_attn", "attn.c_proj"], ["mlp.c_fc", "mlp.c_proj"], ["ln_1", "ln_2"]),
+    (
+        "gpt_neox",
+        tiny_neox,
+        ["attention.query_key_value", "attention.dense"],
+        ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+        ["input_layernorm", "post_attention_layernorm"],
+    ),
+    (
+        "opt",
+        tiny_opt,
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
+        ["fc1", "fc2"],
+        ["self_attn_layer_norm", "final_layer_norm"],
+    ),
+    *[
+        (
+            "bert",
+            builder,
+            ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+            ["intermediate.dense", "output.dense"],
+            ["attention.output.LayerNorm", "output.LayerNorm"],
+        )
+        for builder in (tiny_bert, tiny_roberta)
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    ("architecture", "builder", "attention", "ffn", "norms"), KNOWN, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_known_architectures_get_their_attention_ffn_and_norms_per_block(
+    architecture: str, builder: Callable[[], nn.Module], attention: list[str], ffn: list[str], norms: list[str]
+) -> None:
+    torch.manual_seed(0)
+    model = builder()
+    layout = detect_layout(model)
+    assert layout.architecture == architecture
+    assert len(layout.blocks) == 2
+    params = dict(model.named_parameters())
+    for block in layout.blocks:
+        assert leaf_modules(block.attention, block) == attention
+        assert leaf_modules(block.ffn, block) == ffn
+        assert [leaf_modules(group, block)[0] for group in block.norm_modules] == norms
+        assert sorted(block.norms) == sorted(name for group in block.norm_modules for name in group)
+        assert all(params[name].dim() >= 2 for name in (*block.attention, *block.ffn))
+        # Biases are in `other`, each paired with its own matrix; nothing else is left over in these blocks.
+        assert sorted(bias for _, bias in block.biases) == sorted(block.other)
+        for matrix, bias in block.biases:
+            assert bias.removesuffix(".bias") == matrix.removesuffix(".weight")
+            assert block.bias_of(matrix) == (bias,)
+
+
+def test_every_parameter_is_in_exactly_one_place_and_roles_cover_named_parameters() -> None:
+    for _, builder, *_ in KNOWN:
+        model = builder()
+        layout = detect_layout(model)
+        placed = [name for block in layout.blocks for name in block.parameters]
+        placed += [*layout.embeddings, *layout.head, *layout.other]
+        names = [name for name, _ in model.named_parameters()]
+        assert sorted(placed) == sorted(names), builder.__name__
+        roles = parameter_roles(model)
+        assert list(roles) == names
+        assert set(roles.values()) <= set(ROLES)
+
+
+def test_names_are_relative_to_the_root_passed_in() -> None:
+    torch.manual_seed(0)
+    module = Wrapper(tiny_llama())
+    layout = detect_layout(module)
+    assert layout.blocks[0].name == "model.model.layers.0"
+    assert layout.blocks[1].attention[0] == "model.model.layers.1.self_attn.q_proj.weight"
+    assert layout.embeddings == ("model.model.embed_tokens.weight",)
+    assert layout.head == ("model.lm_head.weight",)
+    assert layout.other == ("model.model.norm.weight",)
+
+
+def test_a_head_tied_to_the_embeddings_is_an_embedding_not_a_head() -> None:
+    gpt2 = detect_layout(tiny_gpt2())  # ties lm_head to wte
+    assert gpt2.head == ()
+    assert gpt2.embeddings == ("transformer.wte.weight", "transformer.wpe.weight")
+    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    assert detect_layout(transformers.LlamaForCausalLM(config)).head == ()
+
+
+def test_classification_heads_are_heads() -> None:
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL, vocab_size=128))
+    layout = detect_layout(model)
+    assert layout.head == ("classifier.weight", "classifier.bias")
+    assert "bert.pooler.dense.weight" in layout.other
+
+
+def test_roles_of_a_llama_count_seven_matrices_and_two_norms_per_block() -> None:
+    roles = parameter_roles(Wrapper(tiny_llama()))
+    assert Counter(roles.values()) == {"attention": 8, "ffn": 6, "norm": 4, "embedding": 1, "head": 1, "other": 1}
+    assert roles["model.model.norm.weight"] == "other"
+
+
+def test_a_matrix_bias_takes_its_matrix_role() -> None:
+    roles = parameter_roles(tiny_gpt2())
+    assert roles["transformer.h.0.attn.c_attn.bias"] == "attention"
+    assert roles["transformer.h.0.mlp.c_proj.bias"] == "ffn"
+    assert roles["transformer.h.0.ln_1.bias"] == "norm"
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm_a = nn.LayerNorm(width)
+        self.attention = nn.ModuleDict({"qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width)})
+        self.norm_b = nn.RMSNorm(width)
+        self.mixer_in = nn.Linear(width, 2 * width, bias=False)
+        self.mixer_out = nn.Linear(2 * width, width)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, vocab: int = 50, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(ToyBlock(width) for _ in range(depth))
+        self.heads = nn.ModuleList(nn.Linear(width, width) for _ in range(2))  # repeated, but 1 matrix each
+        self.final_norm = nn.LayerNorm(width)
+        self.unembed = nn.Linear(width, vocab, bias=False)
+
+
+def test_unknown_blocks_get_the_generic_rule() -> None:
+    layout = detect_layout(ToyModel())
+    assert layout.architecture == "generic"
+    assert [block.name for block in layout.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    block = layout.blocks[1]
+    assert block.attention == ("blocks.1.attention.qkv.weight", "blocks.1.attention.proj.weight")
+    assert block.ffn == ("blocks.1.mixer_in.weight", "blocks.1.mixer_out.weight")
+    assert block.norm_modules == (("blocks.1.norm_a.weight", "blocks.1.norm_a.bias"), ("blocks.1.norm_b.weight",))
+    assert block.bias_of("blocks.1.mixer_in.weight") == ()
+    assert block.bias_of("blocks.1.mixer_out.weight") == ("blocks.1.mixer_out.bias",)
+    assert layout.embeddings == ("embed.weight",)
+    assert layout.head == ("unembed.weight",)  # a Linear onto the vocabulary of the input embedding
+    assert "heads.0.weight" in layout.other and "final_norm.weight" in layout.other
+
+
+def test_torch_transformer_encoder_is_found_with_fused_in_projection() -> None:
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64), 3, enable_nested_tensor=False)
+    layout = detect_layout(encoder)
+    assert layout.architecture == "generic"
+    assert len(layout.blocks) == 3
+    block = layout.blocks[0]
+    assert block.attention == ("layers.0.self_attn.in_proj_weight", "layers.0.self_attn.out_proj.weight")
+    assert block.ffn == ("layers.0.linear1.weight", "layers.0.linear2.weight")
+    assert block.bias_of("layers.0.self_attn.in_proj_weight") == ("layers.0.self_attn.in_proj_bias",)
+
+
+def test_encoder_and_decoder_stacks_of_one_block_class_are_both_blocks() -> None:
+    class EncoderDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.ModuleList(ToyBlock(8) for _ in range(3))
+            self.decoder = nn.ModuleList(ToyBlock(8) for _ in range(2))
+
+    layout = detect_layout(EncoderDecoder())
+    assert [block.name for block in layout.blocks] == [f"encoder.{i}" for i in range(3)] + ["decoder.0", "decoder.1"]
+
+
+def test_a_model_without_blocks_has_architecture_none() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 10))
+    layout = detect_layout(model)
+    assert layout == ModelLayout(
+        "none", (), ("0.weight",), ("3.weight", "3.bias"), ("1.weight", "1.bias", "2.weight", "2.bias")
+    )
+    assert set(parameter_roles(model).values()) == {"embedding", "head", "other"}
