@@ -1,0 +1,513 @@
+r"""
+Forgetting monitor
+^^^^^^^^^^^^^^^^^^
+
+Measure, while a model fine-tunes, how much of the pre-trained model's general capability it is losing: every
+probe is evaluated on the pre-trained model (before the first optimizer step), then on a schedule, and each value is
+logged next to its *forgetting* (positive = worse than pre-trained) and *retention ratio*.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_mofo.probes._data import check_name
+from lit_mofo.probes.base import Probe
+from lit_mofo.report import Curve, FitReport, ReportSection, Table
+
+__all__ = ["ForgettingMonitor", "forgetting", "isolated_evaluation", "refuse_sharded_strategy", "retention"]
+
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def forgetting(value: float, baseline: float, higher_is_better: bool) -> float:
+    """How much worse than the pre-trained ``baseline`` ``value`` is: ``baseline - value`` when higher is better,
+    ``value - baseline`` when lower is better, so positive always means "forgot" (Avalanche's convention; backward
+    transfer is its negative)."""
+    return baseline - value if higher_is_better else value - baseline
+
+
+def retention(value: float, baseline: float, higher_is_better: bool) -> float:
+    """Share of the pre-trained performance kept: ``value / baseline`` when higher is better, ``baseline / value``
+    when lower is better; 1.0 = as good as pre-trained, below 1 = worse. A zero denominator gives ``nan`` (``1.0``
+    when both are 0). Meaningful for positive metrics (accuracy, loss, perplexity)."""
+    numerator, denominator = (value, baseline) if higher_is_better else (baseline, value)
+    if denominator == 0:
+        return 1.0 if numerator == 0 else math.nan
+    return numerator / denominator
+
+
+def refuse_sharded_strategy(trainer: pl.Trainer, callback: str) -> None:
+    """Raise for strategies that shard parameters across processes (FSDP, DeepSpeed, model parallel)."""
+    name = type(trainer.strategy).__name__
+    if name in _SHARDED_STRATEGIES or "FSDP" in name or "DeepSpeed" in name:
+        raise MisconfigurationException(
+            f"{callback} does not support `{name}`: it shards the parameters across processes, so no process holds "
+            "the whole model to evaluate or compare with the pre-trained one. Use `strategy='ddp'` (or a single "
+            "device), or drop the callback for sharded runs."
+        )
+
+
+@contextmanager
+def isolated_evaluation(module: nn.Module) -> Iterator[None]:
+    """Run a block as a pure evaluation: every submodule in eval mode, no autograd, and afterwards each submodule's
+    own ``training`` flag and the RNG states (torch CPU, CUDA/MPS when in use, Python ``random``, NumPy when
+    imported) exactly as before — so training continues as if nothing had happened."""
+    modes = [(m, m.training) for m in module.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    mps_rng = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    python_rng = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_rng = numpy.random.get_state() if numpy is not None else None
+    try:
+        module.eval()
+        # inference_mode(False): inside Lightning's validation loop, keep new tensors usable outside of it.
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if mps_rng is not None:
+            torch.mps.set_rng_state(mps_rng)
+        random.setstate(python_rng)
+        if numpy is not None and numpy_rng is not None:
+            numpy.random.set_state(numpy_rng)
+
+
+class ForgettingMonitor(Callback):
+    r"""Evaluate probes on the pre-trained model and then while it fine-tunes; log value, forgetting and retention.
+
+    **Baseline.** Every probe is evaluated once before the first optimizer step (``on_train_start``): that is the
+    pre-trained model. Then every ``every_n_train_steps`` optimizer steps, at the end of every validation run during
+    fit (``evaluate_on_validation``), and once at the end of training. Each step is evaluated at most once.
+
+    **Logged metrics** (through every logger of the trainer, at ``step=trainer.global_step``, and put in
+    ``trainer.callback_metrics`` so :class:`~lightning.pytorch.callbacks.ModelCheckpoint` and
+    :class:`~lightning.pytorch.callbacks.EarlyStopping` can monitor them), for each probe ``<probe>`` and metric
+    ``<metric>``:
+
+    - ``probe/<probe>/<metric>``: the current value;
+    - ``forgetting/<probe>/<metric>``: baseline - value if higher is better, value - baseline if lower is better,
+      so positive always means worse than pre-trained (monitor it with ``mode="min"``);
+    - ``retention/<probe>/<metric>``: value / baseline if higher is better, baseline / value if lower is better
+      (1 = as good as pre-trained; ``nan`` for a zero denominator unless both are 0).
+
+    A non-finite value is logged as it is, with a warning; the fit goes on.
+
+    **Isolation.** Probes run under ``torch.no_grad()``, with every submodule in eval mode and the precision
+    plugin's forward context (autocast for mixed precision, as in training), through the unwrapped model (not the
+    DDP wrapper). Afterwards each submodule's own ``training`` flag and the RNG states are restored and the train
+    dataloader is never touched, so a fit with the monitor ends with exactly the weights of the same fit without it.
+
+    **Cost.** One evaluation = one forward pass over each probe's reference set (no backward): for the language-model
+    probe about a third of a training step per batch of the same size. With the defaults (every 100 steps) a probe of
+    ``B`` batches adds about ``B / 300`` of the training time of the steps between evaluations (plus the baseline and
+    the final evaluation); bound each probe with its ``limit_batches`` (``limit`` for lm-eval).
+
+    **End of fit.** On rank zero a report is written to ``report_dir`` (default: ``trainer.log_dir``, or
+    ``default_root_dir`` without a logger): ``forgetting_report.json`` (every measurement: step, probe, metric,
+    value, baseline, forgetting, retention), ``forgetting_report.md`` and, with matplotlib installed
+    (``lit-mofo[plot]``), ``forgetting_report.png`` (each metric against the step, baseline dashed). A
+    :class:`~lit_mofo.callbacks.parameter_drift.ParameterDrift` on the same trainer adds its section to the same
+    files. The summary is also printed as a table.
+
+    **Resume.** The baselines and the history are in the callback's checkpoint state: a resumed fit compares with
+    the pre-trained values from the checkpoint and never re-measures a baseline on resumed weights. A new
+    ``trainer.fit`` that is not a resume measures new baselines (the next stage starts from its own model).
+
+    .. warning:: Under DDP every process runs every probe on its share of the reference data (the built-in probes
+        split it round-robin by batch and sum across processes); the lm-eval probe runs on rank zero and broadcasts.
+        Sharded strategies (FSDP, DeepSpeed, model parallel) are refused.
+
+    Args:
+        probes: the probes: a dict ``{name: probe}`` (the key becomes the probe's ``name``), a list of probes with
+            distinct names, or a single probe. From YAML, each probe is a ``class_path``/``init_args`` block.
+        every_n_train_steps: evaluate after every N-th optimizer step; None or 0 evaluates only at validation ends
+            and at the end of fit.
+        evaluate_on_validation: also evaluate at the end of every validation run during fit (not sanity checks).
+        report: write the end-of-fit report files and print the summary.
+        report_dir: directory for the report files; None uses ``trainer.log_dir``.
+
+    Example::
+
+        from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor
+        from lit_mofo.probes import LanguageModelProbe
+
+        monitor = ForgettingMonitor(
+            {"general_text": LanguageModelProbe(files="reference.txt", limit_batches=20)}, every_n_train_steps=50
+        )
+        early_stop = EarlyStopping(monitor="forgetting/general_text/loss", mode="min", stopping_threshold=0.5)
+        trainer = Trainer(callbacks=[monitor])
+    """
+
+    def __init__(
+        self,
+        probes: Probe | Sequence[Probe] | Mapping[str, Probe],
+        every_n_train_steps: int | None = 100,
+        evaluate_on_validation: bool = True,
+        report: bool = True,
+        report_dir: str | None = None,
+    ) -> None:
+        self._probes = self._named_probes(probes)
+        if every_n_train_steps is not None and (
+            isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0
+        ):
+            raise MisconfigurationException(
+                f"`every_n_train_steps={every_n_train_steps!r}` must be a non-negative int (optimizer steps between "
+                "evaluations), or None / 0 to evaluate only at validation ends and at the end of fit."
+            )
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.evaluate_on_validation = evaluate_on_validation
+        self.report = report
+        self.report_dir = report_dir
+        self._directions: dict[str, dict[str, bool]] = {}
+        self._baselines: dict[str, dict[str, float]] = {}
+        self._history: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+        self._seconds = 0.0
+        self._restored = False
+        self._fitting = False
+
+    # ------------------------------------------------------------------ configuration
+    @staticmethod
+    def _named_probes(probes: Probe | Sequence[Probe] | Mapping[str, Probe]) -> dict[str, Probe]:
+        if isinstance(probes, Probe):
+            probes = [probes]
+        if isinstance(probes, Mapping):
+            named = dict(probes)
+            for name, probe in named.items():
+                if not isinstance(probe, Probe):
+                    raise MisconfigurationException(
+                        f"`probes[{name!r}]` is a {type(probe).__name__}, not a lit_mofo.probes.Probe; wrap a "
+                        "function in `CallableProbe`."
+                    )
+                probe.name = check_name(name)
+        elif isinstance(probes, Sequence) and not isinstance(probes, str):
+            named = {}
+            for probe in probes:
+                if not isinstance(probe, Probe):
+                    raise MisconfigurationException(
+                        f"{probe!r:.80} is a {type(probe).__name__}, not a lit_mofo.probes.Probe; wrap a function "
+                        "in `CallableProbe`."
+                    )
+                name = check_name(probe.name)
+                if name in named:
+                    raise MisconfigurationException(
+                        f"Two probes are named {name!r} ({named[name]!r} and {probe!r}): their metrics would collide. "
+                        "Give each a distinct `name=`, or pass a dict {name: probe}."
+                    )
+                named[name] = probe
+        else:
+            raise MisconfigurationException(
+                f"`probes` must be a Probe, a list of probes or a dict {{name: probe}}, got {type(probes).__name__}."
+            )
+        if not named:
+            raise MisconfigurationException("`probes` is empty: give at least one probe to evaluate.")
+        return named
+
+    @property
+    def probes(self) -> dict[str, Probe]:
+        """The probes by name."""
+        return dict(self._probes)
+
+    @property
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """``{probe: {metric: value}}`` measured on the pre-trained model (empty before the fit starts)."""
+        return {probe: dict(values) for probe, values in self._baselines.items()}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every measurement so far: dicts with ``step``, ``epoch``, ``trigger``, ``probe``, ``metric``, ``value``,
+        ``baseline``, ``forgetting``, ``retention``, ``higher_is_better`` and the probe's ``seconds``."""
+        return [dict(record) for record in self._history]
+
+    @property
+    def evaluation_seconds(self) -> float:
+        """Wall-clock seconds spent evaluating probes in this fit (including the baseline)."""
+        return self._seconds
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(probes=sorted(self._probes))
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        refuse_sharded_strategy(trainer, type(self).__name__)
+        if self.report:
+            FitReport.attach(trainer, self, self.report_dir)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = True
+        if not self._restored:  # a new fit, not a resume: new baselines
+            self._baselines, self._history, self._last_step, self._seconds = {}, [], None, 0.0
+        for probe in self._probes.values():
+            probe.setup(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored:
+            missing = sorted(set(self._probes) - set(self._baselines))
+            if missing:
+                raise MisconfigurationException(
+                    f"Cannot resume with probe(s) {missing}: the checkpoint holds no pre-trained baseline for them, "
+                    "and the weights now are the resumed ones. Resume with the probes that wrote the checkpoint "
+                    f"({sorted(self._baselines)}), or measure the new probes in a fit started from the pre-trained "
+                    "model."
+                )
+            self._publish(trainer, self._latest_metrics(), log=False)
+            return
+        self._evaluate(trainer, pl_module, trigger="baseline")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self._evaluate(trainer, pl_module, trigger="interval")
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluate_on_validation and self._fitting and not trainer.sanity_checking and self._baselines:
+            self._evaluate(trainer, pl_module, trigger="validation")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluate(trainer, pl_module, trigger="fit_end")
+        if self.report:
+            FitReport.attach(trainer, self, self.report_dir).submit(trainer, self, self.report_section())
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        for probe in self._probes.values():
+            probe.teardown(trainer, pl_module)
+        FitReport.detach(trainer, self)
+        self._restored = False
+        self._fitting = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "baselines": self.baselines,
+            "directions": {probe: dict(d) for probe, d in self._directions.items()},
+            "history": self.history,
+            "last_step": self._last_step,
+            "seconds": self._seconds,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._baselines = {probe: dict(values) for probe, values in state_dict["baselines"].items()}
+        self._directions = {probe: dict(d) for probe, d in state_dict.get("directions", {}).items()}
+        self._history = [dict(record) for record in state_dict["history"]]
+        self._last_step = state_dict["last_step"]
+        self._seconds = float(state_dict.get("seconds", 0.0))
+        self._restored = True
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        """Evaluate every probe on the current model, isolated as during fit, without recording or logging.
+
+        Call it on every process. Returns ``{probe: {metric: value}}``.
+        """
+        values = {}
+        with isolated_evaluation(pl_module), trainer.precision_plugin.forward_context():
+            for name, probe in self._probes.items():
+                values[name] = self._checked(name, probe, probe.evaluate(trainer, pl_module))
+        return values
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        metrics: dict[str, float] = {}
+        with isolated_evaluation(pl_module), trainer.precision_plugin.forward_context():
+            for name, probe in self._probes.items():
+                start = time.perf_counter()
+                values = self._checked(name, probe, probe.evaluate(trainer, pl_module))
+                seconds = time.perf_counter() - start
+                self._seconds += seconds
+                metrics.update(self._record(trainer, name, values, trigger, seconds))
+        self._publish(trainer, metrics, log=True)
+
+    def _checked(self, name: str, probe: Probe, values: Any) -> dict[str, float]:
+        directions = probe.higher_is_better
+        if not isinstance(values, Mapping):
+            raise MisconfigurationException(
+                f"Probe {name!r} returned {type(values).__name__}; `evaluate` must return a dict {{metric: value}}."
+            )
+        unflagged = [metric for metric in values if not isinstance(directions.get(metric), bool)]
+        if unflagged:
+            raise MisconfigurationException(
+                f"Probe {name!r} returned metric(s) {unflagged} without a higher-is-better flag; its "
+                f"`higher_is_better` declares {directions}. Add each metric with True (higher is better, e.g. "
+                "accuracy) or False (lower is better, e.g. loss)."
+            )
+        checked = {}
+        for metric, value in values.items():
+            check_name(metric)
+            try:
+                checked[metric] = float(value.item() if isinstance(value, Tensor) else value)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise MisconfigurationException(
+                    f"Probe {name!r} returned {value!r:.60} for {metric!r}; metric values must be numbers."
+                ) from error
+        previous = self._directions.setdefault(name, {})
+        for metric in checked:
+            previous.setdefault(metric, directions[metric])
+        return checked
+
+    def _record(
+        self, trainer: pl.Trainer, name: str, values: dict[str, float], trigger: str, seconds: float
+    ) -> dict[str, float]:
+        baselines = self._baselines.setdefault(name, {})
+        logged: dict[str, float] = {}
+        for metric, value in values.items():
+            higher = self._directions[name][metric]
+            if metric not in baselines:
+                if trigger != "baseline":
+                    rank_zero_warn(
+                        f"Probe {name!r} returned metric {metric!r} at step {trainer.global_step} but not for the "
+                        "pre-trained model: it has no baseline, so its forgetting is not measured."
+                    )
+                    continue
+                baselines[metric] = value
+            baseline = baselines[metric]
+            if not math.isfinite(value):
+                rank_zero_warn(
+                    f"Probe {name!r} returned a non-finite {metric} = {value} at step {trainer.global_step}; it is "
+                    "logged as such (the model may have diverged, or the reference set may be empty)."
+                )
+            lost, kept = forgetting(value, baseline, higher), retention(value, baseline, higher)
+            self._history.append(
+                {
+                    "step": trainer.global_step,
+                    "epoch": trainer.current_epoch,
+                    "trigger": trigger,
+                    "probe": name,
+                    "metric": metric,
+                    "value": value,
+                    "baseline": baseline,
+                    "forgetting": lost,
+                    "retention": kept,
+                    "higher_is_better": higher,
+                    "seconds": seconds,
+                }
+            )
+            logged[f"probe/{name}/{metric}"] = value
+            logged[f"forgetting/{name}/{metric}"] = lost
+            logged[f"retention/{name}/{metric}"] = kept
+        return logged
+
+    def _latest_metrics(self) -> dict[str, float]:
+        latest: dict[str, float] = {}
+        for record in self._history:
+            key = f"{record['probe']}/{record['metric']}"
+            latest[f"probe/{key}"] = record["value"]
+            latest[f"forgetting/{key}"] = record["forgetting"]
+            latest[f"retention/{key}"] = record["retention"]
+        return latest
+
+    @staticmethod
+    def _publish(trainer: pl.Trainer, metrics: dict[str, float], log: bool) -> None:
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        if log and metrics and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ report
+    def report_section(self) -> ReportSection:
+        """This monitor's part of the end-of-fit report (see :mod:`lit_mofo.report`)."""
+        keys = list(dict.fromkeys((r["probe"], r["metric"]) for r in self._history))
+        summary_rows = []
+        curves = []
+        for probe, metric in keys:
+            records = [r for r in self._history if (r["probe"], r["metric"]) == (probe, metric)]
+            final = records[-1]
+            worst = max(records, key=lambda r: r["forgetting"] if math.isfinite(r["forgetting"]) else math.inf)
+            summary_rows.append(
+                [
+                    probe,
+                    metric,
+                    "higher" if final["higher_is_better"] else "lower",
+                    final["baseline"],
+                    final["value"],
+                    final["forgetting"],
+                    final["retention"],
+                    worst["forgetting"],
+                    worst["step"],
+                ]
+            )
+            curves.append(
+                Curve(
+                    title=f"{probe}/{metric}",
+                    lines={metric: [(r["step"], r["value"]) for r in records]},
+                    baseline=final["baseline"],
+                    ylabel=f"{metric} ({'higher' if final['higher_is_better'] else 'lower'} is better)",
+                )
+            )
+        final_step = self._history[-1]["step"] if self._history else 0
+        summary = Table(
+            title=f"Forgetting at step {final_step} (positive = worse than pre-trained)",
+            headers=[
+                "probe",
+                "metric",
+                "better",
+                "pre-trained",
+                "final",
+                "forgetting",
+                "retention",
+                "worst",
+                "at step",
+            ],
+            rows=summary_rows,
+        )
+        history = Table(
+            title="Every measurement",
+            headers=["step", "trigger", "probe", "metric", "value", "forgetting", "retention", "seconds"],
+            rows=[
+                [r[k] for k in ("step", "trigger", "probe", "metric", "value", "forgetting", "retention", "seconds")]
+                for r in self._history
+            ],
+        )
+        evaluations = len({(r["step"], r["probe"]) for r in self._history})
+        return ReportSection(
+            key="forgetting",
+            title="Forgetting of the pre-trained model's capabilities",
+            records=self.history,
+            summary=[summary],
+            history=[history],
+            curves=curves,
+            meta={
+                "baselines": self.baselines,
+                "metric_names": ["probe/<probe>/<metric>", "forgetting/<probe>/<metric>", "retention/<probe>/<metric>"],
+                "probe_evaluations": evaluations,
+                "evaluation_seconds": self._seconds,
+            },
+        )

@@ -1,0 +1,272 @@
+"""The end-of-fit report of lit_mofo's measuring callbacks: one JSON, one Markdown file, one PNG and a console table.
+
+:class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor` and
+:class:`~lit_mofo.callbacks.parameter_drift.ParameterDrift` each hand a :class:`ReportSection` to the trainer's
+shared :class:`FitReport`; when the last callback of the fit has handed in its section, rank zero writes
+
+- ``<dir>/forgetting_report.json``: every measurement of every section (non-finite values as ``null``), plus the
+  run's metadata (step, optimizers);
+- ``<dir>/forgetting_report.md``: the summary tables and the measurement history as Markdown tables;
+- ``<dir>/forgetting_report.png``: one panel per curve (a metric against the optimizer step, with the pre-trained
+  baseline as a dashed line), when ``matplotlib`` is installed (``pip install "lit-mofo[plot]"``); without it the
+  PNG is skipped with an info message;
+
+and prints the summary tables to the console. ``<dir>`` is ``trainer.log_dir`` (the logger's version directory, or
+``default_root_dir`` without a logger) unless a callback names another one.
+
+The building blocks (:class:`Table`, :class:`Curve`, :func:`markdown_table`, :func:`console_table`,
+:func:`write_report`) work without a trainer, for scripts that summarise several runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+__all__ = [
+    "REPORT_STEM",
+    "Curve",
+    "FitReport",
+    "ReportSection",
+    "Table",
+    "console_table",
+    "format_value",
+    "json_safe",
+    "markdown_table",
+    "write_report",
+]
+
+REPORT_STEM = "forgetting_report"
+
+
+@dataclass
+class Table:
+    """A titled table: ``rows`` hold plain values (floats are formatted by :func:`format_value`)."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class Curve:
+    """One panel of the PNG: ``lines`` maps a label to ``(step, value)`` points; ``baseline`` draws a dashed line."""
+
+    title: str
+    lines: dict[str, list[tuple[int, float]]]
+    baseline: float | None = None
+    ylabel: str = ""
+
+
+@dataclass
+class ReportSection:
+    """What one callback contributes: ``records`` (every measurement, JSON-serialisable dicts) go to the JSON under
+    ``key``; ``summary`` tables go to the console and the Markdown; ``history`` tables to the Markdown only;
+    ``curves`` to the PNG. ``meta`` adds key/value lines (e.g. the baselines) to the JSON section."""
+
+    key: str
+    title: str
+    records: list[dict[str, Any]]
+    summary: list[Table] = field(default_factory=list)
+    history: list[Table] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def format_value(value: Any) -> str:
+    """Numbers for tables: 4 significant digits (scientific below 1e-3 and from 1e5), ``nan``/``inf`` as such."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0.0:
+            return "0"
+        if abs(value) < 1e-3 or abs(value) >= 1e5:
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by ``None`` (strict JSON has no NaN/Infinity), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def markdown_table(table: Table) -> str:
+    """``table`` as a GitHub-flavoured Markdown table under a ``###`` heading."""
+    cells = [[format_value(v).replace("|", "\\|") for v in row] for row in table.rows]
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.headers) + " |"]
+    lines.append("|" + "|".join("---" for _ in table.headers) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def console_table(table: Table) -> str:
+    """``table`` as aligned plain text (numbers right-aligned), for the console."""
+    cells = [[format_value(v) for v in row] for row in table.rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(table.headers)]
+    numeric = [
+        all(isinstance(row[i], (int, float)) or row[i] is None for row in table.rows) for i in range(len(widths))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return "\n".join([table.title, rule, line(table.headers), rule, *(line(row) for row in cells), rule])
+
+
+def _plot(path: Path, curves: Sequence[Curve]) -> bool:
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
+    except ImportError:
+        rank_zero_info(f"matplotlib is not installed, so {path.name} is skipped: `pip install 'lit-mofo[plot]'`.")
+        return False
+    columns = min(3, len(curves))
+    rows = math.ceil(len(curves) / columns)
+    figure = Figure(figsize=(5 * columns, 3.4 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, curve in zip(axes, curves, strict=False):
+        for label, points in curve.lines.items():
+            steps = [s for s, _ in points]
+            values = [v if math.isfinite(v) else float("nan") for _, v in points]
+            ax.plot(steps, values, marker="o", markersize=3, label=label)
+        if curve.baseline is not None and math.isfinite(curve.baseline):
+            ax.axhline(curve.baseline, color="grey", linestyle="--", linewidth=1, label="pre-trained")
+        ax.set_title(curve.title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if curve.ylabel:
+            ax.set_ylabel(curve.ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(curves) :]:
+        ax.set_visible(False)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def write_report(
+    directory: str | Path,
+    sections: Sequence[ReportSection],
+    meta: dict[str, Any] | None = None,
+    stem: str = REPORT_STEM,
+) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` into ``directory``.
+
+    Returns the written paths by suffix (``"json"``, ``"md"``, ``"png"``). Call it on one process only.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    payload: dict[str, Any] = {"meta": meta}
+    for section in sections:
+        payload[section.key] = {**section.meta, "measurements": section.records}
+    paths = {"json": directory / f"{stem}.json", "md": directory / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(json_safe(payload), indent=2) + "\n")
+
+    lines = ["# Forgetting report", ""]
+    lines += [f"- **{key}**: {format_value(value)}" for key, value in meta.items()]
+    for section in sections:
+        lines += ["", f"## {section.title}", ""]
+        for table in [*section.summary, *section.history]:
+            lines += [markdown_table(table)]
+    paths["md"].write_text("\n".join(lines).rstrip() + "\n")
+
+    curves = [curve for section in sections for curve in section.curves]
+    if curves and _plot(directory / f"{stem}.png", curves):
+        paths["png"] = directory / f"{stem}.png"
+    return paths
+
+
+_REPORTS: weakref.WeakKeyDictionary[pl.Trainer, FitReport] = weakref.WeakKeyDictionary()
+
+
+class FitReport:
+    """The report of one fit, shared by the measuring callbacks of a trainer so it is written (and printed) once.
+
+    Each callback :meth:`attach`\\ es in ``setup``, hands in its section with :meth:`submit` at the end of training
+    (on every rank: the directory lookup is a collective) and :meth:`detach`\\ es in ``teardown``. The callback
+    that submits last triggers the writing on rank zero; with one callback that is the only one.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[int, str | None] = {}
+        self._sections: dict[int, ReportSection] = {}
+
+    @classmethod
+    def attach(cls, trainer: pl.Trainer, owner: object, directory: str | None = None) -> FitReport:
+        """The trainer's report, created on first use; ``directory`` (optional) overrides ``trainer.log_dir``."""
+        report = _REPORTS.get(trainer)
+        if report is None:
+            report = _REPORTS[trainer] = cls()
+        report._owners[id(owner)] = directory
+        return report
+
+    @classmethod
+    def detach(cls, trainer: pl.Trainer, owner: object) -> None:
+        report = _REPORTS.get(trainer)
+        if report is None:
+            return
+        report._owners.pop(id(owner), None)
+        report._sections.pop(id(owner), None)
+        if not report._owners:
+            del _REPORTS[trainer]
+
+    def submit(self, trainer: pl.Trainer, owner: object, section: ReportSection, print_summary: bool = True) -> None:
+        """Hand in ``owner``'s section; when every attached owner has, write the files and print the tables."""
+        self._sections[id(owner)] = section
+        if set(self._sections) != set(self._owners):
+            return
+        directories = [d for d in self._owners.values() if d is not None]
+        # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
+        directory = directories[0] if directories else (trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
+        sections = sorted(self._sections.values(), key=lambda s: s.key)
+        meta = run_metadata(trainer)
+        paths = write_report(directory, sections, meta)
+        if print_summary:
+            tables = [console_table(table) for s in sections for table in s.summary]
+            print("\n\n".join([*tables, f"Report: {', '.join(str(p) for p in paths.values())}"]))
+
+
+def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
+    """The run facts a report starts with: when, how far, which optimizers and strategy."""
+    import lit_mofo
+
+    optimizers = []
+    for optimizer in trainer.optimizers:
+        hyper = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
+        keys = ("lr", "fraction", "weight_decay")
+        optimizers.append(
+            type(optimizer).__name__ + "(" + ", ".join(f"{k}={hyper[k]}" for k in keys if k in hyper) + ")"
+        )
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lit_mofo_version": lit_mofo.__version__,
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "optimizers": ", ".join(optimizers) or None,
+        "strategy": type(trainer.strategy).__name__,
+        "world_size": trainer.world_size,
+    }
