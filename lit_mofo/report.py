@@ -242,12 +242,14 @@ class FitReport:
         directory = directories[0] if directories else (trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        sections = sorted(self._sections.values(), key=lambda s: s.key)
+        order = {"forgetting": 0, "drift": 1}
+        sections = sorted(self._sections.values(), key=lambda s: (order.get(s.key, len(order)), s.key))
         meta = run_metadata(trainer)
         paths = write_report(directory, sections, meta)
         if print_summary:
+            header = f"lit_mofo report, step {meta['global_step']}, optimizer: {meta['optimizers']}"
             tables = [console_table(table) for s in sections for table in s.summary]
-            print("\n\n".join([*tables, f"Report: {', '.join(str(p) for p in paths.values())}"]))
+            print("\n\n".join([header, *tables, f"Report: {', '.join(str(p) for p in paths.values())}"]))
 
 
 def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:

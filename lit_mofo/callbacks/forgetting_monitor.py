@@ -371,7 +371,11 @@ class ForgettingMonitor(Callback):
             )
         checked = {}
         for metric, value in values.items():
-            check_name(metric)
+            if not isinstance(metric, str) or not metric or any(c.isspace() for c in metric):
+                raise MisconfigurationException(
+                    f"Probe {name!r} returned an invalid metric name {metric!r}: use a non-empty string without "
+                    "whitespace (it becomes part of `probe/<probe>/<metric>`)."
+                )
             try:
                 checked[metric] = float(value.item() if isinstance(value, Tensor) else value)
             except (TypeError, ValueError, RuntimeError) as error:

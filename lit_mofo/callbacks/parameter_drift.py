@@ -1,0 +1,439 @@
+r"""
+Parameter drift
+^^^^^^^^^^^^^^^
+
+How far fine-tuning has moved the weights from the pre-trained ones: relative L2 distance, share of entries changed
+and largest change, overall and per parameter role, top-level module and transformer block. These are the figures
+behind the MoFO paper's "keeping parameters closer to the pre-trained model".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lit_mofo.blocks import ROLES, detect_layout, parameter_roles
+from lit_mofo.callbacks.forgetting_monitor import refuse_sharded_strategy
+from lit_mofo.report import Curve, FitReport, ReportSection, Table
+from lit_mofo.snapshot import PretrainedSnapshot
+
+__all__ = ["DriftStats", "ParameterDrift", "top_level_modules"]
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class DriftStats:
+    """Sums over a group of tensors, from which the figures follow.
+
+    Attributes:
+        sq_diff: ``sum ||θ - θ₀||²``. sq_ref: ``sum ||θ₀||²``. changed: entries with ``θ != θ₀``.
+        numel: entries. max_abs: ``max |θ - θ₀|``.
+    """
+
+    sq_diff: float = 0.0
+    sq_ref: float = 0.0
+    changed: int = 0
+    numel: int = 0
+    max_abs: float = 0.0
+
+    def add(self, other: DriftStats) -> None:
+        self.sq_diff += other.sq_diff
+        self.sq_ref += other.sq_ref
+        self.changed += other.changed
+        self.numel += other.numel
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    @property
+    def relative_l2(self) -> float:
+        """``||θ - θ₀|| / ||θ₀||`` over the group (``nan`` when ``θ₀`` is all zeros and θ moved, 0 if neither)."""
+        if self.sq_ref == 0:
+            return 0.0 if self.sq_diff == 0 else math.nan
+        return math.sqrt(self.sq_diff / self.sq_ref)
+
+    @property
+    def fraction_changed(self) -> float:
+        """Share of the entries that differ from θ₀ at all (exactly, not within a tolerance)."""
+        return self.changed / self.numel if self.numel else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "relative_l2": self.relative_l2,
+            "fraction_changed": self.fraction_changed,
+            "max_abs_change": self.max_abs,
+            "numel": self.numel,
+            "changed": self.changed,
+            "l2_distance": math.sqrt(self.sq_diff),
+            "l2_pretrained": math.sqrt(self.sq_ref),
+        }
+
+
+def top_level_modules(root: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Map each parameter name to its top-level module: the children of ``root``, looking through wrappers — while
+    only one child holds parameters (a LightningModule around a transformers model around its base model...), the
+    children of that child are taken instead. A parameter directly on such a level is its own module."""
+    prefix, module = "", root
+    while True:
+        children = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+        own = any(True for _ in module.parameters(recurse=False))
+        if len(children) != 1 or own:
+            break
+        name, module = children[0]
+        prefix = f"{prefix}{name}."
+    mapping = {}
+    for name in names:
+        rest = name[len(prefix) :] if name.startswith(prefix) else name
+        head, _, tail = rest.partition(".")
+        mapping[name] = f"{prefix}{head}" if tail else name
+    return mapping
+
+
+def _selected(pattern_list: Sequence[str], name: str, role: str) -> bool:
+    return any(pattern == role or (pattern not in ROLES and re.search(pattern, name)) for pattern in pattern_list)
+
+
+class ParameterDrift(Callback):
+    r"""Log how far the weights have drifted from the pre-trained ones, every N steps and at the end of fit.
+
+    For the selected parameters (all by default), with θ₀ their values before the first optimizer step:
+
+    - ``drift/relative_l2``: ``||θ - θ₀|| / ||θ₀||`` over all of them (one long vector);
+    - ``drift/relative_l2/<role>``: the same per role — ``attention``, ``ffn``, ``norm``, ``embedding``, ``head``,
+      ``other`` — as :func:`lit_mofo.blocks.parameter_roles` assigns them (the categorisation Half Fine-Tuning uses);
+    - ``drift/relative_l2/module/<name>``: per top-level module (see :func:`top_level_modules`, e.g.
+      ``model.model`` and ``model.lm_head`` for a Llama inside a LightningModule);
+    - ``drift/relative_l2/block/<i>``: per transformer block, in :func:`lit_mofo.blocks.detect_layout` order;
+    - ``drift/fraction_changed`` (and ``/<role>``): the share of entries with ``θ != θ₀`` — exactly, so it shows
+      MoFO's sparse updates (a few % per step, accumulating) against AdamW's (every entry from the first step);
+    - ``drift/max_abs_change`` (and ``/<role>``): ``max |θ - θ₀|``.
+
+    They go to every logger (``step=trainer.global_step``) and to ``trainer.callback_metrics``. The step-0 values
+    (all 0) are recorded at the start of training. At the end of fit the figures join the report of
+    :mod:`lit_mofo.report` (``forgetting_report.{json,md,png}`` in ``trainer.log_dir``, shared with
+    :class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor`), with the optimizer in its header: a MoFO run
+    and an AdamW run side by side show the difference at a glance.
+
+    θ₀ lives in the shared :class:`~lit_mofo.snapshot.PretrainedSnapshot` (on the CPU, one copy per module, shared
+    with Half Fine-Tuning's resets and L2ToPretrained) and is saved in checkpoints, so a resumed fit still measures
+    against the pre-trained weights.
+
+    Cost: per evaluation one pass over the selected parameters (θ₀ copied tensor by tensor to ``device``), no
+    forward pass; memory: the snapshot (one copy of the parameters in ``snapshot_dtype`` on the CPU).
+
+    .. warning:: Sharded strategies (FSDP, DeepSpeed) are refused: a process holds only a slice of each tensor.
+        Under DDP every process holds the same weights, so each computes the same figures without communication;
+        rank zero logs and writes.
+
+    Args:
+        every_n_train_steps: compute after every N-th optimizer step; None or 0 only at the end of fit.
+        include: parameters to measure: role names (``"attention"``, ``"ffn"``, ``"norm"``, ``"embedding"``,
+            ``"head"``, ``"other"``) or regexes searched in parameter names; None selects all.
+        exclude: parameters to leave out, in the same form.
+        snapshot_dtype: dtype of the stored θ₀ (``"float32"``, ``"bfloat16"``, ...); None keeps each parameter's
+            dtype, which keeps ``fraction_changed`` exact. A narrower dtype than the parameters' saves memory but
+            makes rounding look like change.
+        device: where the differences are computed; None uses each parameter's device.
+        report: add the drift section to the end-of-fit report.
+        report_dir: directory for the report files; None uses ``trainer.log_dir``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ParameterDrift(every_n_train_steps=50)], max_steps=1000)
+        # then compare drift/fraction_changed of a MoFO run with an AdamW run
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int | None = 50,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        snapshot_dtype: str | None = None,
+        device: str | None = None,
+        report: bool = True,
+        report_dir: str | None = None,
+    ) -> None:
+        if every_n_train_steps is not None and (
+            isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0
+        ):
+            raise MisconfigurationException(
+                f"`every_n_train_steps={every_n_train_steps!r}` must be a non-negative int, or None / 0 to measure "
+                "only at the end of fit."
+            )
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise MisconfigurationException("`include`/`exclude` must be lists of patterns, e.g. ['attention'].")
+        for pattern in [*(include or []), *exclude]:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise MisconfigurationException(
+                    f"Pattern {pattern!r} is neither a role {ROLES} nor a valid regex: {error}."
+                ) from error
+        if snapshot_dtype is not None and snapshot_dtype not in _DTYPES:
+            raise MisconfigurationException(
+                f"`snapshot_dtype={snapshot_dtype!r}` is not one of {sorted(_DTYPES)}; None keeps the parameters' "
+                "dtype."
+            )
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude)
+        self.snapshot_dtype = snapshot_dtype
+        self.device = torch.device(device) if device is not None else None
+        self.report = report
+        self.report_dir = report_dir
+        self._names: list[str] = []
+        self._roles: dict[str, str] = {}
+        self._modules: dict[str, str] = {}
+        self._blocks: dict[str, int] = {}
+        self._block_names: list[str] = []
+        self._history: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+        self._restored = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every measurement: dicts with ``step``, ``scope`` (``overall``/``role``/``module``/``block``), ``group``
+        and the figures of :meth:`DriftStats.as_dict`."""
+        return [dict(record) for record in self._history]
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        refuse_sharded_strategy(trainer, type(self).__name__)
+        if self.report:
+            FitReport.attach(trainer, self, self.report_dir)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        roles = parameter_roles(pl_module)
+        names = [
+            name
+            for name, _ in pl_module.named_parameters()
+            if (self.include is None or _selected(self.include, name, roles[name]))
+            and not _selected(self.exclude, name, roles[name])
+        ]
+        if not names:
+            raise MisconfigurationException(
+                f"ParameterDrift(include={self.include!r}, exclude={self.exclude!r}) selects no parameter of "
+                f"{type(pl_module).__name__}. Patterns are roles {ROLES} or regexes searched in parameter names."
+            )
+        self._names = names
+        self._roles = {name: roles[name] for name in names}
+        self._modules = top_level_modules(pl_module, names)
+        layout = detect_layout(pl_module)
+        self._block_names = [block.name for block in layout.blocks]
+        self._blocks = {}
+        for index, block in enumerate(layout.blocks):
+            for name in (*block.attention, *block.ffn, *block.norms, *block.other):
+                self._blocks[name] = index
+        dtype = _DTYPES[self.snapshot_dtype] if self.snapshot_dtype else None
+        snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
+        snapshot.capture(trainer, pl_module, names, dtype=dtype)
+        if not self._restored:
+            self._history, self._last_step = [], None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._restored:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure(trainer, pl_module)
+        if self.report:
+            FitReport.attach(trainer, self, self.report_dir).submit(trainer, self, self.report_section())
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        snapshot = PretrainedSnapshot.get(pl_module)
+        if snapshot is not None:
+            snapshot.on_save_checkpoint(checkpoint)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        PretrainedSnapshot.detach(pl_module, owner=self)
+        FitReport.detach(trainer, self)
+        self._restored = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history = [dict(record) for record in state_dict["history"]]
+        self._last_step = state_dict["last_step"]
+        self._restored = True
+
+    # ------------------------------------------------------------------ measurement
+    def compute(self, pl_module: nn.Module) -> dict[str, dict[str, DriftStats]]:
+        """The drift of ``pl_module`` from the snapshot now: ``{scope: {group: stats}}`` with scopes ``overall``
+        (group ``all``), ``role``, ``module`` and ``block`` (groups are block indices as strings)."""
+        snapshot = PretrainedSnapshot.get(pl_module)
+        if snapshot is None:
+            raise RuntimeError("ParameterDrift.compute needs the pre-trained snapshot: call it during fit.")
+        params = dict(pl_module.named_parameters())
+        groups: dict[str, dict[str, DriftStats]] = {"overall": {}, "role": {}, "module": {}, "block": {}}
+        with torch.no_grad():
+            for name in self._names:
+                stats = _tensor_stats(params[name], snapshot[name], self.device)
+                keys = [("overall", "all"), ("role", self._roles[name]), ("module", self._modules[name])]
+                if name in self._blocks:
+                    keys.append(("block", str(self._blocks[name])))
+                for scope, group in keys:
+                    groups[scope].setdefault(group, DriftStats()).add(stats)
+        return groups
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        groups = self.compute(pl_module)
+        metrics: dict[str, float] = {}
+        for scope, by_group in groups.items():
+            for group, stats in by_group.items():
+                self._history.append({"step": step, "scope": scope, "group": group, **stats.as_dict()})
+                if scope == "overall":
+                    metrics["drift/relative_l2"] = stats.relative_l2
+                    metrics["drift/fraction_changed"] = stats.fraction_changed
+                    metrics["drift/max_abs_change"] = stats.max_abs
+                elif scope == "role":
+                    metrics[f"drift/relative_l2/{group}"] = stats.relative_l2
+                    metrics[f"drift/fraction_changed/{group}"] = stats.fraction_changed
+                    metrics[f"drift/max_abs_change/{group}"] = stats.max_abs
+                else:
+                    metrics[f"drift/relative_l2/{scope}/{group}"] = stats.relative_l2
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ report
+    def report_section(self) -> ReportSection:
+        """This callback's part of the end-of-fit report (see :mod:`lit_mofo.report`)."""
+        if not self._history:
+            return ReportSection(key="drift", title="Parameter drift from the pre-trained model", records=[])
+        final_step = self._history[-1]["step"]
+        final = [r for r in self._history if r["step"] == final_step]
+        order = {"overall": 0, "role": 1, "module": 2, "block": 3}
+        final.sort(key=lambda r: order[r["scope"]])
+
+        def label(record: dict[str, Any]) -> str:
+            if record["scope"] == "block":
+                return f"{record['group']} ({self._block_names[int(record['group'])]})"
+            return record["group"]
+
+        summary = Table(
+            title=f"Parameter drift from the pre-trained model at step {final_step}",
+            headers=["scope", "group", "relative L2", "changed", "max |Δ|", "entries"],
+            rows=[
+                [r["scope"], label(r), r["relative_l2"], r["fraction_changed"], r["max_abs_change"], r["numel"]]
+                for r in final
+                if r["scope"] in ("overall", "role")
+            ],
+        )
+        detail = Table(
+            title=f"Drift per module and block at step {final_step}",
+            headers=["scope", "group", "relative L2", "changed", "max |Δ|", "entries"],
+            rows=[
+                [r["scope"], label(r), r["relative_l2"], r["fraction_changed"], r["max_abs_change"], r["numel"]]
+                for r in final
+                if r["scope"] in ("module", "block")
+            ],
+        )
+        overall = [r for r in self._history if r["scope"] == "overall"]
+        history = Table(
+            title="Overall drift at every measurement",
+            headers=["step", "relative L2", "changed", "max |Δ|"],
+            rows=[[r["step"], r["relative_l2"], r["fraction_changed"], r["max_abs_change"]] for r in overall],
+        )
+        roles = [r["group"] for r in final if r["scope"] == "role"]
+
+        def lines(field: str) -> dict[str, list[tuple[int, float]]]:
+            out = {"all": [(r["step"], r[field]) for r in overall]}
+            for role in roles:
+                out[role] = [
+                    (r["step"], r[field]) for r in self._history if r["scope"] == "role" and r["group"] == role
+                ]
+            return out
+
+        curves = [
+            Curve("drift: ||θ-θ₀|| / ||θ₀||", lines("relative_l2"), baseline=0.0, ylabel="relative L2"),
+            Curve("drift: share of entries changed", lines("fraction_changed"), baseline=0.0, ylabel="fraction"),
+        ]
+        return ReportSection(
+            key="drift",
+            title="Parameter drift from the pre-trained model",
+            records=self.history,
+            summary=[summary],
+            history=[detail, history],
+            curves=curves,
+            meta={
+                "metric_names": [
+                    "drift/relative_l2",
+                    "drift/relative_l2/<role>",
+                    "drift/relative_l2/module/<name>",
+                    "drift/relative_l2/block/<index>",
+                    "drift/fraction_changed[/<role>]",
+                    "drift/max_abs_change[/<role>]",
+                ],
+                "blocks": self._block_names,
+            },
+        )
+
+
+def _tensor_stats(param: torch.Tensor, theta0: torch.Tensor, device: torch.device | None) -> DriftStats:
+    target = device if device is not None else param.device
+    dtype = param.dtype if torch.finfo(param.dtype).bits >= torch.finfo(theta0.dtype).bits else theta0.dtype
+    if torch.finfo(dtype).bits < 32:
+        dtype = torch.float32  # exact for bf16/fp16 values, and no overflow in the squares
+    current = param.detach().to(device=target, dtype=dtype)
+    reference = theta0.to(device=target, dtype=dtype)
+    diff = current - reference
+    return DriftStats(
+        sq_diff=float(diff.pow(2).sum().item()),
+        sq_ref=float(reference.pow(2).sum().item()),
+        changed=int((current != reference).sum().item()),
+        numel=param.numel(),
+        max_abs=float(diff.abs().max().item()) if diff.numel() else 0.0,
+    )

@@ -1,0 +1,202 @@
+"""lm-evaluation-harness tasks as a probe: the benchmarks the MoFO and HFT papers report, on the in-memory model.
+
+Needs the optional extra: ``pip install "lit-mofo[lmeval]"`` (``lm-eval[hf]``, which brings ``accelerate``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lit_mofo.probes import _data
+from lit_mofo.probes.base import Probe, find_language_model
+
+__all__ = ["LMEvalProbe"]
+
+_INSTALL_HINT = 'install the optional extra: `pip install "lit-mofo[lmeval]"` (lm-eval with its `hf` extra)'
+
+
+def _import_lm_eval() -> tuple[Any, Any, Any]:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ModuleNotFoundError(f"LMEvalProbe needs lm-evaluation-harness: {_INSTALL_HINT} ({error}).") from error
+    return lm_eval.simple_evaluate, HFLM, TaskManager
+
+
+class LMEvalProbe(Probe):
+    """Run lm-evaluation-harness tasks with ``lm_eval.simple_evaluate`` on the model being fine-tuned.
+
+    The model is wrapped in lm-eval's ``HFLM`` as it is in memory (no copy, no reload) with its tokenizer, so it
+    must be a transformers ``PreTrainedModel`` (the LightningModule's ``model`` attribute, see
+    :func:`~lit_mofo.probes.base.find_language_model`). Every numeric task metric is reported as
+    ``<task>/<metric>`` (``<task>/<metric>/<filter>`` for a filter other than ``none``, e.g.
+    ``gsm8k/exact_match/strict-match``), with lm-eval's own higher-is-better flag; standard errors are left out,
+    and a metric lm-eval gives no direction for is skipped with a warning.
+
+    Tasks are looked up in lm-eval's registry and in ``include_path`` (directories of task YAML files — local tasks
+    with local data files run offline). An unknown task name is refused in ``setup`` with the closest known names.
+
+    Cost: a full lm-eval run per evaluation, bounded by ``limit`` (examples per task). Under DDP it runs on rank
+    zero only (``HFLM`` with an in-memory model is single-process) while the other ranks wait, and the results are
+    broadcast to them; an evaluation longer than the process group's timeout (30 min by default) would time out,
+    so keep ``limit`` small.
+
+    Args:
+        tasks: task, group or tag names, e.g. ``["hellaswag", "arc_easy"]``.
+        num_fewshot: few-shot examples per prompt; None keeps each task's default.
+        limit: examples per task: an int counts examples, a float is a fraction; None runs every example.
+        batch_size: sequences per forward inside lm-eval.
+        include_path: extra directory (or directories) of task YAML files.
+        include_defaults: also index lm-eval's built-in tasks (thousands of YAML files: ~20 s on 2 CPU cores);
+            False for local tasks only.
+        tokenizer: a tokenizer object or local path; None takes ``pl_module.tokenizer``.
+        max_length: longest sequence lm-eval builds; None takes the model config's.
+        bootstrap_iters: bootstrap resamples for lm-eval's standard errors (0 = none, the fast default here).
+        evaluate_kwargs: further keyword arguments for ``simple_evaluate`` (e.g. ``apply_chat_template``).
+        name: the probe's name in metric keys (``probe/<name>/<task>/<metric>``).
+
+    Example::
+
+        probe = LMEvalProbe(["arc_easy", "hellaswag"], limit=200, num_fewshot=0)
+        trainer = Trainer(callbacks=[ForgettingMonitor({"general": probe}, every_n_train_steps=500)])
+    """
+
+    def __init__(
+        self,
+        tasks: str | Sequence[str],
+        num_fewshot: int | None = None,
+        limit: int | float | None = None,
+        batch_size: int = 8,
+        include_path: str | Path | Sequence[str | Path] | None = None,
+        include_defaults: bool = True,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        bootstrap_iters: int = 0,
+        evaluate_kwargs: dict[str, Any] | None = None,
+        name: str = "lm_eval",
+    ) -> None:
+        self.tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            raise MisconfigurationException(f"`tasks={tasks!r}` must name at least one lm-eval task.")
+        if num_fewshot is not None and num_fewshot < 0:
+            raise MisconfigurationException(f"`num_fewshot={num_fewshot}` must be >= 0 or None (the task's default).")
+        if limit is not None:
+            _data.check_limit(limit, "limit")
+        if batch_size < 1:
+            raise MisconfigurationException(f"`batch_size={batch_size}` must be >= 1.")
+        self.num_fewshot = num_fewshot
+        self.limit = limit
+        self.batch_size = batch_size
+        paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
+        self.include_path = [str(Path(p).expanduser()) for p in paths]
+        self.include_defaults = include_defaults
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.bootstrap_iters = bootstrap_iters
+        self.evaluate_kwargs = dict(evaluate_kwargs or {})
+        self.name = _data.check_name(name)
+        self._directions: dict[str, bool] = {}
+        self._task_manager: Any = None
+        self._tokenizer: Any = None
+        self._lm: Any = None
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        """Filled from lm-eval's results: ``{"<task>/<metric>": flag}`` for every metric reported so far."""
+        return dict(self._directions)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _, _, task_manager_cls = _import_lm_eval()
+        for path in self.include_path:
+            if not Path(path).is_dir():
+                raise MisconfigurationException(f"`include_path` {path!r} is not a directory of task YAML files.")
+        self._task_manager = task_manager_cls(
+            include_path=self.include_path or None, include_defaults=self.include_defaults
+        )
+        known = set(self._task_manager.all_tasks)
+        unknown = [task for task in self.tasks if task not in known]
+        if unknown:
+            hints = {task: difflib.get_close_matches(task, known, n=3) for task in unknown}
+            raise MisconfigurationException(
+                f"Unknown lm-eval task(s) {unknown} (closest known: {hints}). Check the spelling against "
+                "`lm_eval --tasks list`, or point `include_path` at the directory holding the task's YAML."
+            )
+        model = find_language_model(pl_module)
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise MisconfigurationException(
+                f"LMEvalProbe needs a transformers PreTrainedModel as `pl_module.model`, got {type(model).__name__}."
+            )
+        self._tokenizer = _data.require_tokenizer(_data.resolve_tokenizer(self.tokenizer, pl_module), self.name)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._lm = None
+        self._task_manager = None
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        if self._task_manager is None:
+            self.setup(trainer, pl_module)
+        values: dict[str, float] = {}
+        directions: dict[str, bool] = {}
+        if trainer is None or trainer.is_global_zero:
+            values, directions = self._run(pl_module)
+        if trainer is not None and trainer.world_size > 1:
+            values, directions = trainer.strategy.broadcast((values, directions), src=0)
+        self._directions.update(directions)
+        return values
+
+    def _run(self, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, bool]]:
+        simple_evaluate, hflm_cls, _ = _import_lm_eval()
+        model = find_language_model(pl_module)
+        if self._lm is None:
+            self._lm = hflm_cls(
+                pretrained=model, tokenizer=self._tokenizer, batch_size=self.batch_size, max_length=self.max_length
+            )
+        output = simple_evaluate(
+            model=self._lm,
+            tasks=self.tasks,
+            num_fewshot=self.num_fewshot,
+            limit=self.limit,
+            task_manager=self._task_manager,
+            bootstrap_iters=self.bootstrap_iters,
+            log_samples=False,
+            **self.evaluate_kwargs,
+        )
+        return self._parse(output or {})
+
+    def _parse(self, output: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
+        values: dict[str, float] = {}
+        directions: dict[str, bool] = {}
+        flags = output.get("higher_is_better", {})
+        for task, metrics in output.get("results", {}).items():
+            for key, value in metrics.items():
+                metric, _, filter_name = key.partition(",")
+                if not filter_name or metric.endswith("_stderr") or isinstance(value, bool):
+                    continue  # "alias", "name", "sample_len", standard errors
+                if not isinstance(value, (int, float)):
+                    continue  # "N/A"
+                flag = flags.get(task, {}).get(metric)
+                if not isinstance(flag, bool):
+                    rank_zero_warn(
+                        f"lm-eval gives no higher-is-better flag for {task}/{metric}; it is not monitored. Set "
+                        "`higher_is_better` for it in the task's metric_list."
+                    )
+                    continue
+                name = f"{task}/{metric}" if filter_name == "none" else f"{task}/{metric}/{filter_name}"
+                values[name] = float(value)
+                directions[name] = flag
+        if not values:
+            raise MisconfigurationException(
+                f"lm-eval returned no numeric metric for tasks {self.tasks} (results: {output.get('results')!r:.200})."
+            )
+        return values, directions
