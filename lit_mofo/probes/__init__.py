@@ -1,5 +1,26 @@
-"""Probes: what :class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor` measures on the model."""
+"""Probes: what :class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor` measures on the model.
 
+A probe evaluates the current model and returns named metrics, each with a fixed higher-is-better direction
+(:class:`Probe`). Built in: language-model loss/perplexity on reference text (:class:`LanguageModelProbe`),
+classification accuracy (:class:`AccuracyProbe`), multiple-choice accuracy by log-likelihood
+(:class:`MultipleChoiceProbe`), lm-evaluation-harness tasks (:class:`LMEvalProbe`, optional extra ``lmeval``) and
+any user function (:class:`CallableProbe`).
+"""
+
+from lit_mofo.probes.accuracy import AccuracyProbe, MultipleChoiceProbe
 from lit_mofo.probes.base import Probe, find_language_model, move_batch, rank_share
+from lit_mofo.probes.callable import CallableProbe
+from lit_mofo.probes.language_model import LanguageModelProbe
+from lit_mofo.probes.lm_eval import LMEvalProbe
 
-__all__ = ["Probe", "find_language_model", "move_batch", "rank_share"]
+__all__ = [
+    "AccuracyProbe",
+    "CallableProbe",
+    "LMEvalProbe",
+    "LanguageModelProbe",
+    "MultipleChoiceProbe",
+    "Probe",
+    "find_language_model",
+    "move_batch",
+    "rank_share",
+]

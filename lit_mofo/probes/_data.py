@@ -81,9 +81,9 @@ def iterate_rank_batches(loader: Iterable[Any], trainer: pl.Trainer | None, limi
             yield batch
 
 
-def read_records(paths: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Records of ``.txt`` files (one ``{"text": line}`` per non-empty line), ``.jsonl`` files (one JSON object per
-    non-empty line) and ``.json`` files (a list of objects)."""
+def read_records(paths: str | Path | Sequence[str | Path], text_key: str = "text") -> list[dict[str, Any]]:
+    """Records of ``.txt`` files (one ``{text_key: line}`` per non-empty line), ``.jsonl`` files (one JSON object
+    per non-empty line) and ``.json`` files (a list of objects)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     records: list[dict[str, Any]] = []
@@ -94,7 +94,7 @@ def read_records(paths: str | Path | Sequence[str | Path]) -> list[dict[str, Any
         suffix = path.suffix.lower()
         if suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
-            records += [{"text": line} for line in lines if line.strip()]
+            records += [{text_key: line} for line in lines if line.strip()]
         elif suffix == ".jsonl":
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
                 if not line.strip():
@@ -243,6 +243,12 @@ class SumPair(Metric):
         self.denominator += (
             torch.as_tensor(denominator, device=self.denominator.device).to(self.denominator.dtype).sum()
         )
+
+    def restart(self, device: torch.device) -> None:
+        """Zero the sums on ``device`` for a new evaluation (a rank with no batch still takes part in the sync)."""
+        self.reset()
+        self.to(device)
+        self.update(0.0, 0.0)
 
     def compute(self) -> tuple[float, float]:
         return float(self.numerator.item()), float(self.denominator.item())

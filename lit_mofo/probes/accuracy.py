@@ -97,7 +97,7 @@ class AccuracyProbe(Probe):
         if self.dataloader is not None:
             return
         if self.files is not None:
-            records: Sequence[Any] = _data.read_records(self.files)
+            records: Sequence[Any] = _data.read_records(self.files, self.text_key)
         elif self.examples is not None:
             records = list(self.examples)
         else:
@@ -143,8 +143,7 @@ class AccuracyProbe(Probe):
         assert self._correct is not None
         model = find_language_model(pl_module)
         device = pl_module.device
-        self._correct.reset()
-        self._correct.to(device)
+        self._correct.restart(device)
         if self._batches is not None:
             for batch in _data.rank_batches(self._batches, trainer):
                 input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
@@ -303,9 +302,8 @@ class MultipleChoiceProbe(Probe):
         assert self._acc is not None and self._acc_norm is not None
         model = find_language_model(pl_module)
         device = pl_module.device
-        for metric in (self._acc, self._acc_norm):
-            metric.reset()
-            metric.to(device)
+        self._acc.restart(device)
+        self._acc_norm.restart(device)
         for batch in _data.rank_batches(self._batches, trainer):
             sequences, spans = [], []
             for context, choices, _ in batch:

@@ -159,8 +159,7 @@ class LanguageModelProbe(Probe):
         assert self._loss is not None
         model = find_language_model(pl_module)
         device = pl_module.device
-        self._loss.reset()
-        self._loss.to(device)
+        self._loss.restart(device)
         if self._batches is not None:
             batches: Iterable[Any] = _data.rank_batches(self._batches, trainer)
         else:
@@ -190,7 +189,7 @@ class LanguageModelProbe(Probe):
             items: Sequence[Any] = list(self.texts)
         elif self.files is not None:
             items = []
-            for record in _data.read_records(self.files):
+            for record in _data.read_records(self.files, self.text_key):
                 if "input_ids" in record:
                     items.append(_data.as_id_list(record["input_ids"], "`input_ids` of a reference record"))
                 elif self.text_key in record:
