@@ -1,0 +1,725 @@
+r"""Half Fine-Tuning (HFT, arXiv 2404.18466) as a callback: train half of the matrices, keep the other half frozen.
+
+Add :class:`HalfFineTuning` to any Trainer; the LightningModule, its model (a transformers model or plain torch) and
+its optimizer (MoFO or any torch optimizer) stay as they are. At the start of fit the callback finds the model's
+transformer blocks (:mod:`lit_mofo.blocks`), draws which matrices of each block stay frozen, and keeps them frozen
+until the next draw, if any.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lit_mofo.blocks import ROLES, ModelLayout, detect_layout
+from lit_mofo.snapshot import PretrainedSnapshot
+
+__all__ = ["HalfFineTuning"]
+
+log = logging.getLogger(__name__)
+
+Granularity = Literal["category", "layer", "tensor"]
+Mode = Literal["freeze", "mask"]
+OptimizerStatePolicy = Literal["keep", "reset"]
+
+GRANULARITIES: tuple[str, ...] = ("category", "layer", "tensor")
+MODES: tuple[str, ...] = ("freeze", "mask")
+OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
+_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_CATEGORIES = ("attention", "ffn", "norm")
+
+Unit = tuple[str, ...]  # parameter names that are frozen and unfrozen together (a matrix and its bias, a norm layer)
+
+
+def _round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _spread(per_block: Sequence[Sequence[Unit]], share: float, generator: torch.Generator) -> list[Unit]:
+    """Freeze ``share`` of the units of one category, whole units per block, in exact total.
+
+    Block ``b`` with ``n`` units freezes ``floor(n * share)`` or one more; the blocks that freeze one more are drawn
+    at random so that the total is ``round(sum(n * share))``. With the paper's FFN (3 matrices, share 1/2) a random
+    half of the blocks freezes 2 and the other half 1.
+    """
+    targets = [len(units) * share for units in per_block]
+    base = [math.floor(target + 1e-9) for target in targets]
+    remainders = [target - floor for target, floor in zip(targets, base, strict=True)]
+    candidates = [index for index, remainder in enumerate(remainders) if remainder > 1e-9]
+    extra = min(len(candidates), _round_half_up(sum(remainders)))
+    counts = list(base)
+    for pick in torch.randperm(len(candidates), generator=generator)[:extra].tolist():
+        counts[candidates[pick]] += 1
+    frozen: list[Unit] = []
+    for units, count in zip(per_block, counts, strict=True):
+        frozen.extend(units[i] for i in torch.randperm(len(units), generator=generator)[:count].tolist())
+    return frozen
+
+
+class HalfFineTuning(Callback):
+    r"""Half Fine-Tuning: in every round half of the model's matrices train and the other half stay frozen.
+
+    **Selection** (``granularity``), redrawn at every draw from a seeded generator:
+
+    - ``"category"`` (the paper's): per transformer block, half of the attention matrices, half of the FFN matrices
+      and half of the norm layers are frozen. For Llama that is 2 of {q, k, v, o} trainable; of {gate, up, down} 2
+      frozen in a random half of the blocks and 1 in the other half; 1 of the 2 norms frozen. For other ratios
+      block ``b`` freezes ``floor(n·(1-ratio))`` or one more of its ``n`` matrices, spread so the model-wide total
+      is ``round(Σ n·(1-ratio))``. Layouts with other matrix counts get the same rule (see the table):
+
+      ============  ============================================  ===========================  ========
+      architecture  attention (trainable at ratio 0.5)            FFN (trainable)              norms
+      ============  ============================================  ===========================  ========
+      llama         2 of q, k, v, o                               1 or 2 of gate, up, down     1 of 2
+      gpt2          1 of ``c_attn`` (fused q/k/v), ``c_proj``     1 of ``c_fc``, ``c_proj``    1 of 2
+      gpt_neox      1 of ``query_key_value`` (fused), ``dense``   1 of h_to_4h, 4h_to_h        1 of 2
+      opt           2 of q, k, v, out                             1 of ``fc1``, ``fc2``        1 of 2
+      bert          2 of query, key, value, attention output      1 of intermediate, output    1 of 2
+      generic       half of the matrices under ``*attn*``         half of the other matrices   half
+      ============  ============================================  ===========================  ========
+
+      Fused attention freezes whole matrices too, never slices, so in GPT-2 and GPT-NeoX a block trains either
+      3/4 or 1/4 of its attention weights. A matrix's bias is frozen with it; a norm layer's weight and bias go
+      together. Block parameters that are none of these (an adapter in a known block) stay trainable.
+    - ``"layer"``: ``round(B·(1-ratio))`` of the ``B`` blocks are frozen whole.
+    - ``"tensor"``: ``round(N·(1-ratio))`` of the ``N`` units (a matrix with its bias, a norm layer, any other
+      parameter outside the embeddings and head) are frozen, anywhere in the model.
+
+    Embeddings and the output head (not tied to the embeddings) are trainable unless ``train_embeddings`` /
+    ``train_head`` is False; the rest outside the blocks (final norm, pooler, ...) is trainable. A model whose blocks
+    are not recognised by name gets the generic rule, and one without blocks the tensor level, each with a warning.
+    ``always_trainable`` and ``always_frozen`` override the draw for the parameters they name.
+
+    **When**: once at the start of fit (the paper's "per stage": every ``trainer.fit`` draws anew), and again every
+    ``redraw_every_n_steps`` optimizer steps and/or at the start of every ``redraw_every_n_epochs``-th epoch.
+
+    **How** (``mode``):
+
+    - ``"freeze"``: frozen tensors get ``requires_grad=False``, so backward computes no weight gradient for them -
+      HFT's training-time saving. Under DDP this needs ``strategy="ddp_find_unused_parameters_true"``.
+    - ``"mask"``: every tensor keeps ``requires_grad``; the frozen ones' gradients are dropped (``grad = None``) in
+      ``on_before_optimizer_step``, after DDP's all-reduce and before gradient clipping and the step, so they count
+      in no clipping norm and the optimizer neither moves nor decays them nor updates their moments. Works on every
+      DDP strategy; saves no compute.
+
+    **Optimizer state** of frozen tensors (``optimizer_state``): ``"keep"`` leaves it untouched while frozen (torch
+    optimizers, MoFO included, skip tensors whose ``grad`` is None), and a tensor that trains again continues from
+    its old moments; ``"reset"`` deletes it (``optimizer.state.pop(p)``) whenever the tensor is frozen, so the
+    optimizer holds state only for the trainable tensors and re-initialises it when one trains again. The optimizer
+    must hold every parameter: the callback, not ``configure_optimizers``, decides which ones train.
+
+    **Resets** (``reset=True``): a matrix frozen at a re-draw is restored to its pre-trained value (its value at the
+    start of fit), as in the paper's pilot experiment. The values come from the shared
+    :class:`~lit_mofo.snapshot.PretrainedSnapshot`: one copy, on the CPU, of every tensor that a re-draw may freeze,
+    in ``snapshot_dtype`` (default: the parameter's own) - for a bf16 Llama-2-7B about 12.4 GB of host memory per
+    process (its blocks; embeddings and head are not drawn), shared with the other lit_mofo callbacks, and
+    carried in the checkpoints.
+
+    **State**: :attr:`trainable_names`, :attr:`frozen_names`, :attr:`trainable_fraction` (by parameter count) and
+    :attr:`history` (one entry per draw); each draw logs ``hft/trainable_fraction`` to the trainer's loggers, a
+    summary with ``rank_zero_info`` (the first draw of a fit) and, at every draw, the trainable tensors at debug
+    level (logger ``lit_mofo.callbacks.half_finetuning``). ``state_dict()``
+    holds the selection, the counters and the generator state, so a run resumed from a mid-run checkpoint draws
+    the same selections at the same steps and restores the ``requires_grad`` flags. At the end of fit every
+    ``requires_grad`` flag is set back to what it was before.
+
+    .. warning:: ``FSDPStrategy``, ``ModelParallelStrategy`` and ``DeepSpeedStrategy`` are refused: FSDP shards
+        each tensor across ranks (and with ``use_orig_params=True`` still allocates gradients for frozen tensors),
+        and DeepSpeed fixes its trainable set when its engine is built. Use DDP.
+
+    .. warning:: Under DDP, ``mode="freeze"`` needs ``find_unused_parameters=True`` (the strategy string
+        ``"ddp_find_unused_parameters_true"``), and ``static_graph=True`` cannot follow re-draws in that mode. The
+        callback freezes after DDP wrapped the model, so every parameter is registered with DDP.
+
+    Args:
+        ratio: share of each category that trains, in (0, 1); the paper uses 0.5 and reports the method holding
+            for 0.4-0.6.
+        granularity: ``"category"`` (the paper's), ``"layer"`` or ``"tensor"``.
+        mode: ``"freeze"`` (``requires_grad=False``, saves compute) or ``"mask"`` (drop gradients, any strategy).
+        redraw_every_n_steps: draw anew after every this many optimizer steps; None: never.
+        redraw_every_n_epochs: draw anew at the start of every this many epochs; None: never.
+        reset: restore tensors frozen at a re-draw to their pre-trained values; needs a re-draw schedule.
+        optimizer_state: ``"keep"`` or ``"reset"`` the optimizer state of frozen tensors (see above).
+        train_embeddings: keep the embedding layers outside the blocks trainable (the paper); False freezes them.
+        train_head: keep the output head trainable (the paper); False freezes it. A head tied to the input
+            embeddings is an embedding.
+        always_trainable: parameters that never freeze: regular expressions searched in the parameter names (as in
+            ``pl_module.named_parameters()``) or role names (``attention``, ``ffn``, ``norm``, ``embedding``,
+            ``head``, ``other``, see :func:`lit_mofo.blocks.parameter_roles`).
+        always_frozen: parameters frozen for the whole fit, named the same way.
+        seed: seeds the draws; None takes ``torch.initial_seed()`` (set by ``seed_everything``) from rank 0.
+            The draws use their own generator, never the global RNG.
+        snapshot_dtype: dtype of the pre-trained copies for ``reset``: ``"float32"``, ``"bfloat16"``, ``"float16"``,
+            ``"float64"``, a ``torch.dtype``, or None for each parameter's own dtype.
+
+    Example::
+
+        from lit_mofo.callbacks.half_finetuning import HalfFineTuning
+
+        trainer = Trainer(callbacks=[HalfFineTuning()])  # the paper's setting: one category-level draw per fit
+        trainer.fit(model)
+
+        # redraw every 500 steps, reset re-frozen matrices to pre-trained, free re-frozen optimizer state:
+        HalfFineTuning(redraw_every_n_steps=500, reset=True, optimizer_state="reset")
+
+        # under DDP: freeze needs find_unused_parameters, mask works with plain "ddp"
+        Trainer(strategy="ddp_find_unused_parameters_true", callbacks=[HalfFineTuning(mode="freeze")])
+        Trainer(strategy="ddp", callbacks=[HalfFineTuning(mode="mask")])
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: lit_mofo.HalfFineTuning
+              init_args: {ratio: 0.5, mode: freeze}
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.5,
+        granularity: Granularity = "category",
+        mode: Mode = "freeze",
+        redraw_every_n_steps: int | None = None,
+        redraw_every_n_epochs: int | None = None,
+        reset: bool = False,
+        optimizer_state: OptimizerStatePolicy = "keep",
+        train_embeddings: bool = True,
+        train_head: bool = True,
+        always_trainable: Sequence[str] = (),
+        always_frozen: Sequence[str] = (),
+        seed: int | None = None,
+        snapshot_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+            raise MisconfigurationException(
+                f"`HalfFineTuning(ratio={ratio!r})`: the trainable share must be a number in (0, 1), e.g. 0.5 (the "
+                "paper's; it reports 0.4-0.6 working). For full fine-tuning remove the callback."
+            )
+        if granularity not in GRANULARITIES:
+            raise MisconfigurationException(
+                f"`HalfFineTuning(granularity={granularity!r})` is not one of {GRANULARITIES}."
+            )
+        if mode not in MODES:
+            raise MisconfigurationException(
+                f"`HalfFineTuning(mode={mode!r})` is not one of {MODES}: 'freeze' sets requires_grad=False "
+                "(saves compute), 'mask' drops gradients before the optimizer step (works on every strategy)."
+            )
+        if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise MisconfigurationException(
+                f"`HalfFineTuning(optimizer_state={optimizer_state!r})` is not one of {OPTIMIZER_STATE_POLICIES}."
+            )
+        for name, every in (
+            ("redraw_every_n_steps", redraw_every_n_steps),
+            ("redraw_every_n_epochs", redraw_every_n_epochs),
+        ):
+            if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+                raise MisconfigurationException(
+                    f"`HalfFineTuning({name}={every!r})` must be a positive integer, or None to never re-draw."
+                )
+        if reset and redraw_every_n_steps is None and redraw_every_n_epochs is None:
+            raise MisconfigurationException(
+                "`HalfFineTuning(reset=True)` restores matrices to their pre-trained values when a re-draw freezes "
+                "them, but neither `redraw_every_n_steps` nor `redraw_every_n_epochs` is set, so nothing would ever "
+                "be reset. Set one of them (e.g. `redraw_every_n_steps=500`), or drop `reset=True`."
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise MisconfigurationException(f"`HalfFineTuning(seed={seed!r})` must be an integer or None.")
+        self._always_trainable = self._validate_patterns("always_trainable", always_trainable)
+        self._always_frozen = self._validate_patterns("always_frozen", always_frozen)
+        both = sorted(set(self._always_trainable) & set(self._always_frozen))
+        if both:
+            raise MisconfigurationException(
+                f"`HalfFineTuning`: {both} are in both `always_trainable` and `always_frozen`; keep each in one."
+            )
+
+        self.ratio = float(ratio)
+        self.granularity: Granularity = granularity
+        self.mode: Mode = mode
+        self.redraw_every_n_steps = redraw_every_n_steps
+        self.redraw_every_n_epochs = redraw_every_n_epochs
+        self.reset = reset
+        self.optimizer_state: OptimizerStatePolicy = optimizer_state
+        self.train_embeddings = train_embeddings
+        self.train_head = train_head
+        self.seed = seed
+        self.snapshot_dtype = self._validate_dtype(snapshot_dtype)
+
+        # Fixed for one fit, rebuilt in on_fit_start.
+        self._layout: ModelLayout | None = None
+        self._effective_granularity: Granularity = granularity
+        self._plan: dict[str, Any] = {}
+        self._params: dict[str, nn.Parameter] = {}
+        self._numel_total = 0
+        self._fixed_frozen: set[str] = set()
+        self._fixed_trainable: set[str] = set()
+        self._original_requires_grad: dict[str, bool] = {}
+        self._frozen_params: list[nn.Parameter] = []
+        self._snapshot: PretrainedSnapshot | None = None
+        # Carried by state_dict().
+        self._resolved_seed: int | None = None
+        self._generator: torch.Generator | None = None
+        self._frozen: tuple[str, ...] = ()
+        self._draws = 0
+        self._last_draw_step = -1
+        self._last_draw_epoch = -1
+        self._history: list[dict[str, float | int]] = []
+        self._restored = False
+
+    # ------------------------------------------------------------------ validation helpers
+    @staticmethod
+    def _validate_patterns(argument: str, patterns: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        for pattern in patterns:
+            if pattern in ROLES:
+                continue
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise MisconfigurationException(
+                    f"`HalfFineTuning({argument}=[..., {pattern!r}, ...])`: not a role name {ROLES} nor a valid "
+                    f"regular expression ({error})."
+                ) from error
+        return tuple(patterns)
+
+    @staticmethod
+    def _validate_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+        if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES.values()):
+            return dtype
+        if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+            return _DTYPES[dtype.removeprefix("torch.")]
+        raise MisconfigurationException(
+            f"`HalfFineTuning(snapshot_dtype={dtype!r})` is not one of {(*_DTYPES, None)} (or the torch.dtype)."
+        )
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def frozen_names(self) -> tuple[str, ...]:
+        """Names (as in ``pl_module.named_parameters()``) of the tensors frozen now."""
+        return self._frozen
+
+    @property
+    def trainable_names(self) -> tuple[str, ...]:
+        """Names of the tensors that train now (empty before the first draw)."""
+        frozen = set(self._frozen)
+        return tuple(name for name in self._params if name not in frozen)
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Share of the module's parameters (by count of entries) that train now."""
+        if not self._numel_total:
+            return 1.0
+        frozen = sum(self._params[name].numel() for name in self._frozen)
+        return 1.0 - frozen / self._numel_total
+
+    @property
+    def history(self) -> list[dict[str, float | int]]:
+        """One entry per draw: ``draw``, ``step``, ``epoch``, ``trainable_fraction``, ``frozen_tensors``."""
+        return [dict(entry) for entry in self._history]
+
+    @property
+    def layout(self) -> ModelLayout | None:
+        """The layout found at the start of fit (None before)."""
+        return self._layout
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise MisconfigurationException(
+                f"HalfFineTuning does not support {name}: DeepSpeed fixes its set of trainable parameters when its "
+                "engine is built, so a selection drawn afterwards (or re-drawn) is not followed. Use "
+                '`strategy="ddp_find_unused_parameters_true"` with `mode="freeze"`, or `strategy="ddp"` with '
+                '`mode="mask"`.'
+            )
+        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise MisconfigurationException(
+                f"HalfFineTuning does not support {name}: it shards each tensor across ranks, and mixing frozen and "
+                "trainable tensors in one FSDP unit needs `use_orig_params=True` and still allocates gradients for "
+                'the frozen ones. Use `strategy="ddp_find_unused_parameters_true"` with `mode="freeze"`, or '
+                '`strategy="ddp"` with `mode="mask"`.'
+            )
+        if isinstance(strategy, DDPStrategy) and self.mode == "freeze":
+            ddp_kwargs = getattr(strategy, "_ddp_kwargs", {})
+            if not ddp_kwargs.get("find_unused_parameters", False):
+                raise MisconfigurationException(
+                    f'HalfFineTuning(mode="freeze") under {name} without `find_unused_parameters=True`: DDP would '
+                    "wait for gradients of the frozen tensors and fail. Use "
+                    '`Trainer(strategy="ddp_find_unused_parameters_true")` (or `DDPStrategy(find_unused_parameters='
+                    'True)`), or `HalfFineTuning(mode="mask")`, which works with plain `strategy="ddp"`.'
+                )
+            if ddp_kwargs.get("static_graph", False) and self._redraws:
+                raise MisconfigurationException(
+                    'HalfFineTuning(mode="freeze") re-draws the trainable set, which `static_graph=True` of '
+                    f"{name} does not allow. Drop `static_graph`, drop the re-draw schedule, or use "
+                    '`HalfFineTuning(mode="mask")`.'
+                )
+        others = [cb for cb in trainer.callbacks if isinstance(cb, HalfFineTuning) and cb is not self]
+        if others:
+            raise MisconfigurationException(
+                "Two HalfFineTuning callbacks on one Trainer would fight over the same tensors; keep one."
+            )
+
+    @property
+    def _redraws(self) -> bool:
+        return self.redraw_every_n_steps is not None or self.redraw_every_n_epochs is not None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._params = dict(pl_module.named_parameters())
+        self._numel_total = sum(p.numel() for p in self._params.values())
+        self._original_requires_grad = {name: p.requires_grad for name, p in self._params.items()}
+        self._build_plan(pl_module)
+        self._check_optimizers(trainer)
+        self._check_ddp_registration(trainer)
+
+        if self.reset:
+            self._snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
+            self._snapshot.capture(trainer, pl_module, self._resettable_names(), dtype=self.snapshot_dtype)
+
+        if self._restored:
+            self._restored = False
+            unknown = [name for name in self._frozen if name not in self._params]
+            if unknown:
+                raise MisconfigurationException(
+                    f"The checkpoint's HalfFineTuning selection names {unknown[:3]}, which are not parameters of "
+                    f"{type(pl_module).__name__}; resume with the model that wrote the checkpoint."
+                )
+            self._apply(trainer, newly_frozen=())
+            rank_zero_info(
+                f"HalfFineTuning: resumed draw {self._draws} (step {self._last_draw_step}); "
+                f"{self.trainable_fraction:.1%} of the parameters train."
+            )
+            return
+
+        if self._generator is None:
+            seed = self.seed if self.seed is not None else torch.initial_seed() % 2**63
+            self._resolved_seed = int(trainer.strategy.broadcast(seed, src=0))
+            self._generator = torch.Generator().manual_seed(self._resolved_seed)
+        self._frozen = ()  # a new fit is a new stage: draw anew, with the generator continuing
+        self._draw(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.redraw_every_n_epochs
+        epoch = trainer.current_epoch
+        if every is None or epoch == 0 or epoch % every or epoch == self._last_draw_epoch:
+            return
+        if trainer.global_step == self._last_draw_step:  # the step schedule just drew here
+            self._last_draw_epoch = epoch
+            return
+        self._draw(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
+        every = self.redraw_every_n_steps
+        step = trainer.global_step
+        if every is None or step == 0 or step % every or step == self._last_draw_step:
+            return
+        self._draw(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # After backward and DDP's all-reduce, before gradient clipping and the step. In "freeze" mode the frozen
+        # tensors have no gradient already; dropping any left over is free and keeps the optimizer off them.
+        for param in self._frozen_params:
+            param.grad = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for name, requires_grad in self._original_requires_grad.items():
+            self._params[name].requires_grad_(requires_grad)
+        self._frozen_params = []
+        if self._snapshot is not None:
+            PretrainedSnapshot.detach(pl_module, owner=self)
+            self._snapshot = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._snapshot is not None:
+            self._snapshot.on_save_checkpoint(checkpoint)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.reset:
+            PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self)
+            self._snapshot = PretrainedSnapshot.get(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self._resolved_seed,
+            "generator": None if self._generator is None else self._generator.get_state(),
+            "frozen": list(self._frozen),
+            "draws": self._draws,
+            "last_draw_step": self._last_draw_step,
+            "last_draw_epoch": self._last_draw_epoch,
+            "history": self.history,
+            "config": self._config(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["config"] != self._config():
+            rank_zero_warn(
+                f"HalfFineTuning: the checkpoint's selection was drawn with {state_dict['config']}, this callback "
+                f"has {self._config()}; the resumed run keeps the checkpoint's selection and draws the next ones "
+                "with this callback's settings."
+            )
+        self._resolved_seed = state_dict["seed"]
+        self._generator = None
+        if state_dict["generator"] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state_dict["generator"])
+        self._frozen = tuple(state_dict["frozen"])
+        self._draws = state_dict["draws"]
+        self._last_draw_step = state_dict["last_draw_step"]
+        self._last_draw_epoch = state_dict["last_draw_epoch"]
+        self._history = [dict(entry) for entry in state_dict["history"]]
+        self._restored = True
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio,
+            "granularity": self.granularity,
+            "train_embeddings": self.train_embeddings,
+            "train_head": self.train_head,
+            "always_trainable": list(self._always_trainable),
+            "always_frozen": list(self._always_frozen),
+        }
+
+    # ------------------------------------------------------------------ the plan: what can be drawn
+    def _build_plan(self, pl_module: pl.LightningModule) -> None:
+        layout = self._layout = detect_layout(pl_module)
+        granularity = self.granularity
+        if layout.architecture == "none":
+            granularity = "tensor"
+            rank_zero_warn(
+                f"HalfFineTuning found no transformer blocks in {type(pl_module).__name__} (no nn.ModuleList of "
+                "repeated modules with 2+ weight matrices each), so it freezes a random "
+                f"{1 - self.ratio:.0%} of its weight tensors (tensor level) instead of "
+                f"{self.granularity!r} level."
+            )
+        elif layout.architecture == "generic":
+            first = layout.blocks[0]
+            rank_zero_warn(
+                f"HalfFineTuning did not recognise the blocks of {type(pl_module).__name__} by name, so it uses the "
+                f"generic rule: {len(layout.blocks)} blocks ({first.name!r}, ...), attention = matrices under a child "
+                f"named *attn*/*attention* ({len(first.attention)} in the first block: {list(first.attention)}), "
+                f"FFN = the other matrices ({len(first.ffn)}: {list(first.ffn)}), {len(first.norm_modules)} norm "
+                "layers. Check that this is what you meant, or name tensors in always_trainable/always_frozen."
+            )
+        self._effective_granularity = granularity
+
+        block_units: list[dict[str, list[Unit]]] = []
+        for block in layout.blocks:
+            biases = {bias for _, bias in block.biases}
+            units = {
+                "attention": [(matrix, *block.bias_of(matrix)) for matrix in block.attention],
+                "ffn": [(matrix, *block.bias_of(matrix)) for matrix in block.ffn],
+                "norm": [tuple(group) for group in block.norm_modules],
+                "rest": [(name,) for name in block.other if name not in biases],
+            }
+            block_units.append(units)
+        if granularity == "category":
+            self._plan = {category: [units[category] for units in block_units] for category in _CATEGORIES}
+        elif granularity == "layer":
+            self._plan = {"units": [tuple(block.parameters) for block in layout.blocks]}
+        else:
+            units = [unit for units in block_units for key in (*_CATEGORIES, "rest") for unit in units[key]]
+            by_module: dict[str, list[str]] = {}
+            for name in layout.other:
+                by_module.setdefault(name.rpartition(".")[0], []).append(name)
+            units.extend(tuple(names) for names in by_module.values())
+            self._plan = {"units": units}
+
+        roles = layout.roles()
+        self._fixed_trainable = self._match("always_trainable", self._always_trainable, roles)
+        self._fixed_frozen = self._match("always_frozen", self._always_frozen, roles)
+        if not self.train_embeddings:
+            self._fixed_frozen.update(layout.embeddings)
+        if not self.train_head:
+            self._fixed_frozen.update(layout.head)
+        self._fixed_trainable -= self._fixed_frozen
+
+    def _match(self, argument: str, patterns: Iterable[str], roles: dict[str, str]) -> set[str]:
+        matched: set[str] = set()
+        for pattern in patterns:
+            names = {
+                name
+                for name in self._params
+                if (roles.get(name) == pattern if pattern in ROLES else re.search(pattern, name) is not None)
+            }
+            if not names:
+                example = next(iter(self._params), "")
+                raise MisconfigurationException(
+                    f"`HalfFineTuning({argument}=[..., {pattern!r}, ...])` matches no parameter. Patterns are role "
+                    f"names {ROLES} or regular expressions searched in the names of `pl_module.named_parameters()` "
+                    f"(e.g. {example!r}); roles present: {sorted(set(roles.values()))}."
+                )
+            matched |= names
+        return matched
+
+    def _drawable_names(self) -> set[str]:
+        if self._effective_granularity == "category":
+            units = [unit for category in _CATEGORIES for per_block in self._plan[category] for unit in per_block]
+        else:
+            units = self._plan["units"]
+        return {name for unit in units for name in unit}
+
+    def _resettable_names(self) -> list[str]:
+        names = self._drawable_names() - self._fixed_trainable - self._fixed_frozen
+        if not names:
+            raise MisconfigurationException(
+                "`HalfFineTuning(reset=True)`: no tensor can be frozen by a re-draw (everything drawable is in "
+                "always_trainable/always_frozen), so there is nothing to reset. Drop `reset=True`."
+            )
+        unsnapshotable = [
+            name
+            for name in names
+            if self._params[name].is_meta
+            or type(self._params[name]).__name__ == "DTensor"
+            or type(self._params[name].data).__name__ == "DTensor"
+        ]
+        if unsnapshotable:
+            raise MisconfigurationException(
+                f"`HalfFineTuning(reset=True)` needs a full copy of each tensor it may reset, but "
+                f"{unsnapshotable[0]!r} is a meta or sharded (DTensor) parameter. Materialise the model on one "
+                "device per process (no FSDP/tensor parallelism), or drop `reset=True`."
+            )
+        return [name for name in self._params if name in names]
+
+    def _check_optimizers(self, trainer: pl.Trainer) -> None:
+        in_optimizer = {
+            id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]
+        }
+        missing = [
+            name for name, p in self._params.items() if id(p) not in in_optimizer and name not in self._fixed_frozen
+        ]
+        if not missing:
+            return
+        started_frozen = [name for name in missing if not self._original_requires_grad[name]]
+        reason = (
+            f"they had requires_grad=False when the optimizer was built ({len(started_frozen)} of them), so "
+            "`configure_optimizers` seems to filter by `requires_grad`. "
+            if started_frozen
+            else ""
+        )
+        raise MisconfigurationException(
+            f"HalfFineTuning decides which tensors train, but {len(missing)} parameters that it may train are in no "
+            f"optimizer (e.g. {missing[0]!r}); {reason}Pass every parameter to the optimizer (`self.parameters()`; "
+            "frozen tensors get no gradient, so the optimizer leaves them alone). To keep tensors frozen for the "
+            "whole fit, name them in `always_frozen` (or set `train_embeddings=False` / `train_head=False`)."
+        )
+
+    def _check_ddp_registration(self, trainer: pl.Trainer) -> None:
+        if not isinstance(trainer.strategy, DDPStrategy) or trainer.world_size < 2:
+            return
+        unregistered = [
+            name
+            for name, requires_grad in self._original_requires_grad.items()
+            if not requires_grad and name not in self._fixed_frozen
+        ]
+        if unregistered:
+            raise MisconfigurationException(
+                f"{len(unregistered)} parameters (e.g. {unregistered[0]!r}) had requires_grad=False when DDP wrapped "
+                "the model, so DDP never all-reduces their gradients and the ranks would drift apart if "
+                "HalfFineTuning trained them. Leave requires_grad=True before fit (the callback freezes after DDP "
+                "wrapped the model), or name them in `always_frozen`."
+            )
+
+    # ------------------------------------------------------------------ drawing and applying
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._generator is not None
+        share = 1.0 - self.ratio
+        if self._effective_granularity == "category":
+            drawn = [unit for category in _CATEGORIES for unit in _spread(self._plan[category], share, self._generator)]
+        else:
+            units = self._plan["units"]
+            count = _round_half_up(len(units) * share)
+            drawn = [units[i] for i in torch.randperm(len(units), generator=self._generator)[:count].tolist()]
+        frozen = ({name for unit in drawn for name in unit} | self._fixed_frozen) - self._fixed_trainable
+        previous = set(self._frozen)
+        self._frozen = tuple(name for name in self._params if name in frozen)
+        first = self._draws == 0 or not previous
+        self._draws += 1
+        self._last_draw_step = trainer.global_step
+        self._last_draw_epoch = trainer.current_epoch
+        newly_frozen = () if first else tuple(name for name in self._frozen if name not in previous)
+        self._apply(trainer, newly_frozen=newly_frozen)
+
+        fraction = self.trainable_fraction
+        entry: dict[str, float | int] = {
+            "draw": self._draws,
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "trainable_fraction": fraction,
+            "frozen_tensors": len(self._frozen),
+        }
+        self._history.append(entry)
+        for logger in trainer.loggers:
+            logger.log_metrics({"hft/trainable_fraction": fraction, "hft/draw": self._draws}, step=trainer.global_step)
+        summary = (
+            f"HalfFineTuning draw {self._draws} at step {trainer.global_step} ({self._effective_granularity} level, "
+            f"{self._layout.architecture if self._layout else '?'} layout): {fraction:.1%} of the parameters train, "
+            f"{len(self._frozen)} of {len(self._params)} tensors frozen."
+        )
+        if first:
+            rank_zero_info(summary)
+        if trainer.is_global_zero and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s Trainable: %s", summary, list(self.trainable_names))
+
+    def _apply(self, trainer: pl.Trainer, newly_frozen: Sequence[str]) -> None:
+        """Make the current selection real: reset weights, optimizer state and ``requires_grad`` flags."""
+        frozen = set(self._frozen)
+        if self.reset and newly_frozen:
+            assert self._snapshot is not None
+            resettable = [name for name in newly_frozen if name in self._snapshot]
+            self._snapshot.restore(self._unwrapped_module(trainer), resettable)
+        if self.optimizer_state == "reset":
+            for optimizer in trainer.optimizers:
+                for name in self._frozen:
+                    optimizer.state.pop(self._params[name], None)
+        for name, param in self._params.items():
+            if self.mode == "freeze":
+                param.requires_grad_(name not in frozen)
+            elif name not in frozen:
+                param.requires_grad_(True)
+        self._frozen_params = [self._params[name] for name in self._frozen]
+
+    @staticmethod
+    def _unwrapped_module(trainer: pl.Trainer) -> pl.LightningModule:
+        return trainer.lightning_module

@@ -1,0 +1,705 @@
+"""Half Fine-Tuning: the paper's per-block selection, frozen tensors that stay put, re-draws, resets, resume, DDP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import transformers
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_mofo.callbacks.half_finetuning import HalfFineTuning
+from lit_mofo.optim.mofo import MoFO
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from tiny_lm import synthetic_progressions  # noqa: E402
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+class LM(pl.LightningModule):
+    """Any transformers model that takes ``input_ids`` and ``labels``, trained with AdamW (or MoFO)."""
+
+    def __init__(self, model: nn.Module, optimizer: str = "adamw", lr: float = 1e-2, weight_decay: float = 0.1) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "mofo":
+            return MoFO(self.parameters(), lr=self.lr, fraction=0.5, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def tiny_llama(layers: int = 4) -> nn.Module:
+    config = transformers.LlamaConfig(**SMALL, num_hidden_layers=layers, num_key_value_heads=2, vocab_size=128)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(layers: int = 4) -> nn.Module:
+    config = transformers.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_neox(layers: int = 4) -> nn.Module:
+    return transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(**SMALL, num_hidden_layers=layers, vocab_size=128)
+    )
+
+
+def tiny_bert(layers: int = 4) -> nn.Module:
+    return transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, num_hidden_layers=layers, vocab_size=128))
+
+
+def loader(batches: int = 8, repeat: bool = False) -> DataLoader[tuple[Tensor, ...]]:
+    """``batches`` batches of 4 progressions; with ``repeat`` every batch is the same one (position-independent)."""
+    tokens = (
+        synthetic_progressions(4, 16, 128).repeat(batches, 1)
+        if repeat
+        else synthetic_progressions(4 * batches, 16, 128)
+    )
+    return DataLoader(TensorDataset(tokens), batch_size=4)
+
+
+def trainer(max_steps: int, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "deterministic": True,
+    }
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, **{**defaults, **kwargs})
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+class DrawRecorder(pl.Callback):
+    """After every batch (so after HFT's re-draw): the selection, the optimizer state and what the step changed."""
+
+    def __init__(self, hft: HalfFineTuning) -> None:
+        self.hft = hft
+        self.frozen: list[tuple[str, ...]] = []  # the selection each step trained with
+        self.changed: list[set[str]] = []
+        self.requires_grad_at_step: list[dict[str, bool]] = []
+        self.grad_at_step: list[dict[str, bool]] = []
+        self.state_after: list[dict[str, dict[str, Tensor]]] = []
+        self._before: dict[str, Tensor] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._before = snapshot(pl_module)
+        self.frozen.append(self.hft.frozen_names)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.requires_grad_at_step.append({name: p.requires_grad for name, p in pl_module.named_parameters()})
+        self.grad_at_step.append({name: p.grad is not None for name, p in pl_module.named_parameters()})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        after = dict(pl_module.named_parameters())
+        self.changed.append({name for name, p in after.items() if not torch.equal(p, self._before[name])})
+        optimizer = trainer.optimizers[0]
+        self.state_after.append(
+            {
+                name: {key: value.clone() for key, value in optimizer.state[p].items() if isinstance(value, Tensor)}
+                for name, p in after.items()
+                if p in optimizer.state
+            }
+        )
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+
+def block_counts(hft: HalfFineTuning) -> list[dict[str, int]]:
+    """Per block: how many attention/FFN matrices and norm layers are frozen."""
+    assert hft.layout is not None
+    frozen = set(hft.frozen_names)
+    return [
+        {
+            "attention": sum(name in frozen for name in block.attention),
+            "ffn": sum(name in frozen for name in block.ffn),
+            "norm": sum(group[0] in frozen for group in block.norm_modules),
+        }
+        for block in hft.layout.blocks
+    ]
+
+
+def fit(module: pl.LightningModule, hft: HalfFineTuning, steps: int = 3, **kwargs: Any) -> DrawRecorder:
+    recorder = DrawRecorder(hft)
+    trainer(steps, [hft, recorder], **kwargs).fit(module, loader())
+    return recorder
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+# builder, attention frozen per block, FFN frozen per block (set over the blocks), norms frozen per block
+PAPER_COUNTS = [
+    (tiny_llama, {2}, [1, 1, 2, 2], 1),  # 2 of {q,k,v,o}; half the blocks freeze 2 of {gate,up,down}, half 1
+    (tiny_gpt2, {1}, [1, 1, 1, 1], 1),  # 1 of {c_attn, c_proj}; 1 of {c_fc, c_proj}
+    (tiny_neox, {1}, [1, 1, 1, 1], 1),  # 1 of {query_key_value, dense}; 1 of {h_to_4h, 4h_to_h}
+    (tiny_bert, {2}, [1, 1, 1, 1], 1),  # 2 of {query, key, value, output}; 1 of {intermediate, output}
+]
+
+
+@pytest.mark.parametrize(
+    ("builder", "attention", "ffn", "norms"), PAPER_COUNTS, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_category_level_freezes_the_papers_share_of_each_category_per_block(
+    builder: Callable[[], nn.Module], attention: set[int], ffn: list[int], norms: int
+) -> None:
+    torch.manual_seed(0)
+    module = LM(builder())
+    hft = HalfFineTuning(seed=3)
+    fit(module, hft, steps=1)
+    counts = block_counts(hft)
+    assert len(counts) == 4
+    assert {c["attention"] for c in counts} == attention
+    assert sorted(c["ffn"] for c in counts) == ffn
+    assert all(c["norm"] == norms for c in counts)
+    layout = hft.layout
+    assert layout is not None
+    frozen = set(hft.frozen_names)
+    # Embeddings, head and everything outside the blocks train; biases and norm biases follow their matrix/norm.
+    assert not frozen & {*layout.embeddings, *layout.head, *layout.other}
+    for block in layout.blocks:
+        for matrix, bias in block.biases:
+            assert (matrix in frozen) == (bias in frozen)
+        for group in block.norm_modules:
+            assert len({name in frozen for name in group}) == 1
+
+
+def test_selections_differ_between_blocks_and_seeds_but_repeat_for_a_seed() -> None:
+    def frozen(seed: int) -> tuple[str, ...]:
+        hft = HalfFineTuning(seed=seed)
+        fit(LM(tiny_llama(8)), hft, steps=1)
+        return hft.frozen_names
+
+    assert frozen(1) == frozen(1)
+    assert frozen(1) != frozen(2)
+    hft = HalfFineTuning(seed=1)
+    fit(LM(tiny_llama(8)), hft, steps=1)
+    patterns = {
+        tuple(n.split("layers.")[1].split(".", 1)[1] for n in hft.frozen_names if f"layers.{b}." in n) for b in range(8)
+    }
+    assert len(patterns) > 1, "every block froze the same matrices"
+
+
+def test_layer_level_freezes_half_the_blocks_whole() -> None:
+    hft = HalfFineTuning(granularity="layer", seed=0)
+    fit(LM(tiny_llama(4)), hft, steps=1)
+    assert hft.layout is not None
+    frozen = set(hft.frozen_names)
+    whole = [set(block.parameters) <= frozen for block in hft.layout.blocks]
+    untouched = [not set(block.parameters) & frozen for block in hft.layout.blocks]
+    assert sum(whole) == 2 and sum(untouched) == 2
+
+
+def test_tensor_level_freezes_half_of_the_units_anywhere() -> None:
+    hft = HalfFineTuning(granularity="tensor", seed=0)
+    fit(LM(tiny_gpt2(4)), hft, steps=1)
+    layout = hft.layout
+    assert layout is not None
+    frozen = set(hft.frozen_names)
+    # units: 4 matrices + 2 norm layers per block, and the final norm layer outside the blocks
+    units = [
+        unit for block in layout.blocks for unit in (*block.attention, *block.ffn, *(g[0] for g in block.norm_modules))
+    ]
+    assert sum(name in frozen for name in units) + ("model.transformer.ln_f.weight" in frozen) == 13  # 12.5 rounded up
+    assert not frozen & set(layout.embeddings)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_other_ratios_spread_the_fractional_share_over_blocks(ratio: float) -> None:
+    hft = HalfFineTuning(ratio=ratio, seed=0)
+    fit(LM(tiny_llama(4)), hft, steps=1)
+    counts = block_counts(hft)
+    share = 1 - ratio
+    assert sum(c["attention"] for c in counts) == round(4 * 4 * share)
+    assert sum(c["ffn"] for c in counts) == round(4 * 3 * share)
+    assert {c["ffn"] for c in counts} <= {int(3 * share), int(3 * share) + 1}
+
+
+def test_embeddings_and_head_can_be_frozen_and_patterns_override_the_draw() -> None:
+    hft = HalfFineTuning(
+        train_embeddings=False,
+        train_head=False,
+        always_trainable=["norm", r"layers\.0\."],
+        always_frozen=[r"\.norm\."],
+        seed=0,
+    )
+    fit(LM(tiny_llama(4)), hft, steps=1)
+    frozen = set(hft.frozen_names)
+    assert {"model.model.embed_tokens.weight", "model.lm_head.weight", "model.model.norm.weight"} <= frozen
+    assert not any("layernorm" in name or "layers.0." in name for name in frozen)
+
+
+def test_unknown_blocks_use_the_generic_rule_with_a_warning_naming_what_was_found() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.attn = nn.ModuleDict({"a": nn.Linear(16, 16), "b": nn.Linear(16, 16)})
+            self.mix1, self.mix2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = x + self.attn["b"](self.attn["a"](self.norm(x)))
+            return x + self.mix2(torch.relu(self.mix1(x)))
+
+    class Plain(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(128, 16)
+            self.layers = nn.ModuleList(Block() for _ in range(4))
+            self.out = nn.Linear(16, 128)
+
+        def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+            x = self.embed(batch[0])
+            for layer in self.layers:
+                x = layer(x)
+            return nn.functional.cross_entropy(self.out(x).flatten(0, 1), batch[0].flatten())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Plain()
+    before = snapshot(module)
+    hft = HalfFineTuning(seed=0)
+    with pytest.warns(UserWarning, match=r"generic rule: 4 blocks \('layers.0', ...\), attention .*\(2 in the first"):
+        fit(module, hft, steps=2)
+    assert [c["attention"] for c in block_counts(hft)] == [1, 1, 1, 1]
+    assert [c["ffn"] for c in block_counts(hft)] == [1, 1, 1, 1]
+    assert "out.weight" not in hft.frozen_names  # the head onto the vocabulary trains
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]) == (name in hft.frozen_names), name
+
+
+def test_a_model_without_blocks_gets_a_random_half_of_its_tensors_with_a_warning() -> None:
+    class MLP(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(*(nn.Linear(8, 8) for _ in range(6)))
+
+        def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+            return self.net(batch[0].float()[:, :8]).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    hft = HalfFineTuning(seed=0)
+    with pytest.warns(UserWarning, match=r"found no transformer blocks .*\(tensor level\)"):
+        fit(MLP(), hft, steps=1)
+    assert len(hft.frozen_names) == 6  # 3 of the 6 Linear layers, weight and bias
+    assert len({name.split(".")[1] for name in hft.frozen_names}) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- freezing
+@pytest.mark.parametrize("optimizer", ["adamw", "mofo"])
+@pytest.mark.parametrize("mode", ["freeze", "mask"])
+def test_frozen_tensors_stay_bit_identical_despite_weight_decay_and_the_rest_moves(mode: str, optimizer: str) -> None:
+    torch.manual_seed(0)
+    module = LM(tiny_llama(2), optimizer=optimizer, weight_decay=0.1)
+    before = snapshot(module)
+    hft = HalfFineTuning(mode=mode, seed=0)
+    recorder = fit(module, hft, steps=3)
+    frozen = set(hft.frozen_names)
+    assert frozen
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]) == (name in frozen), name
+    for requires_grad, has_grad in zip(recorder.requires_grad_at_step, recorder.grad_at_step, strict=True):
+        assert not any(has_grad[name] for name in frozen)  # no gradient reaches the optimizer
+        if mode == "freeze":  # backward computed no weight gradient for them
+            assert {name for name, flag in requires_grad.items() if not flag} == frozen
+        else:
+            assert all(requires_grad.values())
+    assert all(p.requires_grad for p in module.parameters()), "flags are restored at the end of fit"
+
+
+def test_gradients_are_dropped_before_gradient_clipping_sees_them() -> None:
+    with_grad_at_clipping: list[set[str]] = []
+
+    class Clip(LM):
+        def configure_gradient_clipping(
+            self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+        ) -> None:
+            with_grad_at_clipping.append({name for name, p in self.named_parameters() if p.grad is not None})
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    hft = HalfFineTuning(mode="mask", seed=0)
+    fit(Clip(tiny_llama(2)), hft, steps=2, gradient_clip_val=1.0)
+    assert len(with_grad_at_clipping) == 2
+    for names in with_grad_at_clipping:
+        assert names and not names & set(hft.frozen_names)  # so the clipping norm is that of the trainable half
+
+
+def test_trainable_fraction_is_logged_and_kept_in_the_callback_state(caplog: pytest.LogCaptureFixture) -> None:
+    logger = MemoryLogger()
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2)
+    module = LM(tiny_llama(2))
+    with caplog.at_level(logging.DEBUG, logger="lit_mofo.callbacks.half_finetuning"):
+        fit(module, hft, steps=4, logger=logger)
+    logged = [(step, m["hft/trainable_fraction"]) for step, m in logger.metrics if "hft/trainable_fraction" in m]
+    assert [step for step, _ in logged] == [0, 2, 4]
+    assert [entry["trainable_fraction"] for entry in hft.history] == [fraction for _, fraction in logged]
+    params = dict(module.named_parameters())
+    counted = sum(params[name].numel() for name in hft.trainable_names) / sum(p.numel() for p in params.values())
+    assert hft.trainable_fraction == pytest.approx(counted)
+    assert 0.45 < hft.trainable_fraction < 0.75  # embeddings and head (tiny vocab) train on top of half the blocks
+    assert any("Trainable: ['model.model.embed_tokens.weight'" in record.message for record in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------- re-draws
+def test_redraws_every_n_steps_follow_the_schedule_and_repeat_for_a_seed() -> None:
+    def run(seed: int) -> tuple[HalfFineTuning, DrawRecorder]:
+        hft = HalfFineTuning(seed=seed, redraw_every_n_steps=3)
+        return hft, fit(LM(tiny_llama(2)), hft, steps=7)
+
+    hft, recorder = run(5)
+    assert [entry["step"] for entry in hft.history] == [0, 3, 6]
+    selections = recorder.frozen
+    assert [i for i in range(1, 7) if selections[i] != selections[i - 1]] == [3, 6]
+    # steps trained under one selection never moved its frozen tensors
+    for frozen, changed in zip(recorder.frozen, recorder.changed, strict=True):
+        assert not set(frozen) & changed
+    _, recorder_again = run(5)
+    assert recorder_again.frozen == selections
+    _, other = run(6)
+    assert other.frozen != selections
+
+
+def test_redraws_every_n_epochs_happen_at_epoch_starts() -> None:
+    hft = HalfFineTuning(seed=0, redraw_every_n_epochs=2)
+    recorder = DrawRecorder(hft)
+    trainer(-1, [hft, recorder], max_epochs=5).fit(LM(tiny_llama(2)), loader(batches=2))
+    assert [(entry["epoch"], entry["step"]) for entry in hft.history] == [(0, 0), (2, 4), (4, 8)]
+
+
+def test_each_fit_is_a_stage_that_draws_anew() -> None:
+    hft = HalfFineTuning(seed=0)
+    module = LM(tiny_llama(4))
+    fit(module, hft, steps=1)
+    first = hft.frozen_names
+    fit(module, hft, steps=1)
+    assert hft.frozen_names != first
+    assert len(hft.history) == 2
+
+
+def test_reset_restores_pretrained_values_when_a_redraw_freezes_a_tensor() -> None:
+    torch.manual_seed(0)
+    module = LM(tiny_llama(4))
+    theta0 = snapshot(module)
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2, reset=True, snapshot_dtype="float32")
+    recorder = fit(module, hft, steps=7)
+    assert [entry["step"] for entry in hft.history] == [0, 2, 4, 6]
+    # every tensor frozen now was either frozen since its last reset or reset at the last draw: all equal theta0
+    params = dict(module.named_parameters())
+    for name in hft.frozen_names:
+        assert torch.equal(params[name], theta0[name]), name
+    trained = set(recorder.changed[0]) | set(recorder.changed[1])
+    refrozen = trained & set(recorder.frozen[2])
+    assert refrozen, "the draw at step 2 froze some tensor trained before"
+    assert all(torch.equal(params[name], theta0[name]) for name in refrozen & set(hft.frozen_names))
+
+
+def test_without_reset_a_refrozen_tensor_keeps_its_trained_value() -> None:
+    torch.manual_seed(0)
+    module = LM(tiny_llama(4))
+    theta0 = snapshot(module)
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2)
+    recorder = fit(module, hft, steps=4)
+    refrozen = (set(recorder.changed[0]) | set(recorder.changed[1])) & set(recorder.frozen[2]) & set(recorder.frozen[3])
+    params = dict(module.named_parameters())
+    assert refrozen and all(not torch.equal(params[name], theta0[name]) for name in refrozen)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer state
+def test_keep_leaves_frozen_state_untouched_and_a_returning_tensor_continues_from_it() -> None:
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2, optimizer_state="keep")
+    recorder = fit(LM(tiny_llama(4)), hft, steps=6)
+    # trained in steps 0-1, frozen in steps 2-3 (draw at step 2), trainable again in steps 4-5
+    frozen_then_back = set(recorder.frozen[2]) - set(recorder.frozen[0]) - set(recorder.frozen[4])
+    assert frozen_then_back
+    for name in frozen_then_back:
+        before, during = recorder.state_after[1][name], recorder.state_after[3][name]
+        assert all(torch.equal(before[key], during[key]) for key in before), name
+        assert recorder.state_after[5][name]["step"].item() == 4  # 2 steps before, 2 after: moments carried on
+
+
+def test_reset_frees_the_state_of_frozen_tensors_and_restarts_returning_ones() -> None:
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2, optimizer_state="reset")
+    module = LM(tiny_llama(4))
+    recorder = fit(module, hft, steps=6)
+    names = {name for name, _ in module.named_parameters()}
+    for step in (1, 3, 5):  # the end of each step that a draw follows
+        frozen_next = set(recorder.frozen[step + 1]) if step + 1 < len(recorder.frozen) else set(hft.frozen_names)
+        trained = names - set(recorder.frozen[step])
+        assert set(recorder.state_after[step]) == trained - frozen_next  # state only for tensors that train next
+    back = set(recorder.frozen[2]) - set(recorder.frozen[0]) - set(recorder.frozen[4])
+    assert back
+    for name in back:  # trained 2 steps, frozen (state freed), trained again: the moments started over
+        assert name not in recorder.state_after[3]
+        assert recorder.state_after[4][name]["step"].item() == 1
+
+
+def test_an_optimizer_built_from_trainable_parameters_only_is_detected() -> None:
+    class Filtered(LM):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    module = Filtered(tiny_llama(2))
+    module.model.model.embed_tokens.weight.requires_grad_(False)
+    with pytest.raises(MisconfigurationException, match=r"in no optimizer .*embed_tokens.*filter by `requires_grad`"):
+        fit(module, HalfFineTuning(), steps=1)
+    # naming the frozen tensor in always_frozen is the documented way to keep it out of the optimizer
+    module = Filtered(tiny_llama(2))
+    module.model.model.embed_tokens.weight.requires_grad_(False)
+    hft = HalfFineTuning(always_frozen=["embed_tokens"])
+    fit(module, hft, steps=1)
+    assert "model.model.embed_tokens.weight" in hft.frozen_names
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "freeze", "reset": True, "optimizer_state": "reset"},
+        pytest.param({"mode": "mask", "optimizer_state": "keep"}, marks=pytest.mark.slow),
+        pytest.param({"mode": "freeze", "granularity": "layer"}, marks=pytest.mark.slow),
+    ],
+    ids=["freeze-reset", "mask-keep", "layer"],
+)
+def test_a_run_resumed_mid_run_ends_with_the_weights_of_an_uninterrupted_run(
+    options: dict[str, Any], tmp_path: Path
+) -> None:
+    # Every batch is the same, so the result does not depend on where Lightning restarts a non-resumable loader.
+    def run(
+        steps: int, ckpt_path: str | None = None, save_every: int | None = None
+    ) -> tuple[LM, HalfFineTuning, DrawRecorder]:
+        torch.manual_seed(0)
+        module = LM(tiny_llama(2))
+        hft = HalfFineTuning(seed=7, redraw_every_n_steps=3, **options)
+        recorder = DrawRecorder(hft)
+        callbacks: list[pl.Callback] = [hft, recorder]
+        if save_every:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1))
+        trainer(steps, callbacks, enable_checkpointing=bool(save_every)).fit(
+            module, loader(batches=20, repeat=True), ckpt_path=ckpt_path
+        )
+        return module, hft, recorder
+
+    full, full_hft, full_recorder = run(10)  # draws at steps 0, 3, 6, 9
+    run(4, save_every=4)  # a checkpoint between two draws
+    resumed, resumed_hft, recorder = run(10, ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+    assert resumed_hft.history == full_hft.history
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # from step 4 on, the resumed run trained with the same selections and the same requires_grad flags
+    assert recorder.frozen == full_recorder.frozen[4:]
+    assert recorder.requires_grad_at_step == full_recorder.requires_grad_at_step[4:]
+    if options["mode"] == "freeze":
+        assert {name for name, flag in recorder.requires_grad_at_step[0].items() if not flag} == set(recorder.frozen[0])
+
+
+def test_state_dict_holds_selection_counters_and_generator_state() -> None:
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2)
+    fit(LM(tiny_llama(2)), hft, steps=3)
+    state = hft.state_dict()
+    assert state["frozen"] == list(hft.frozen_names)
+    assert (state["draws"], state["last_draw_step"], state["seed"]) == (2, 2, 0)
+    clone = HalfFineTuning(seed=0, redraw_every_n_steps=2)
+    clone.load_state_dict(state)
+    assert clone.frozen_names == hft.frozen_names and clone.history == hft.history
+    assert torch.equal(clone.state_dict()["generator"], state["generator"])
+
+
+def test_resuming_with_reset_from_a_checkpoint_without_pretrained_values_is_refused(tmp_path: Path) -> None:
+    module = LM(tiny_llama(2))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)
+    trainer(2, [HalfFineTuning(seed=0), checkpoint], enable_checkpointing=True).fit(module, loader())
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2, reset=True)
+    with pytest.raises(MisconfigurationException, match="holds no pre-trained values"):
+        trainer(4, [hft]).fit(LM(tiny_llama(2)), loader(), ckpt_path=checkpoint.best_model_path)
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+def ddp_trainer(strategy: str | DDPStrategy) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False)
+
+
+def test_freeze_under_ddp_without_find_unused_parameters_names_the_fix() -> None:
+    module = LM(tiny_llama(2))
+    with pytest.raises(MisconfigurationException, match=r'strategy="ddp_find_unused_parameters_true"'):
+        HalfFineTuning(mode="freeze").setup(ddp_trainer("ddp"), module, "fit")
+    with pytest.raises(MisconfigurationException, match=r'mode="mask"'):
+        HalfFineTuning(mode="freeze").setup(ddp_trainer(DDPStrategy()), module, "fit")
+    HalfFineTuning(mode="freeze").setup(ddp_trainer("ddp_find_unused_parameters_true"), module, "fit")
+    HalfFineTuning(mode="mask").setup(ddp_trainer("ddp"), module, "fit")
+
+
+def test_static_graph_with_redraws_in_freeze_mode_is_refused() -> None:
+    def strategy() -> DDPStrategy:
+        return DDPStrategy(find_unused_parameters=True, static_graph=True)
+
+    with pytest.raises(MisconfigurationException, match="static_graph=True"):
+        HalfFineTuning(mode="freeze", redraw_every_n_steps=10).setup(ddp_trainer(strategy()), LM(tiny_llama(2)), "fit")
+    HalfFineTuning(mode="freeze").setup(ddp_trainer(strategy()), LM(tiny_llama(2)), "fit")  # one draw: fine
+    HalfFineTuning(mode="mask", redraw_every_n_steps=10).setup(ddp_trainer(strategy()), LM(tiny_llama(2)), "fit")
+
+
+@pytest.mark.parametrize(
+    ("strategy_class", "message"),
+    [
+        (FSDPStrategy, "use_orig_params=True"),
+        (ModelParallelStrategy, "shards each tensor"),
+        (DeepSpeedStrategy, "fixes its set of trainable parameters"),
+    ],
+)
+def test_sharded_strategies_are_refused_with_the_reason_and_the_alternative(strategy_class: type, message: str) -> None:
+    stand_in = SimpleTrainer(strategy_class.__new__(strategy_class))  # constructing some needs a GPU or deepspeed
+    with pytest.raises(MisconfigurationException, match=rf"{message}.*ddp_find_unused_parameters_true"):
+        HalfFineTuning().setup(stand_in, LM(tiny_llama(2)), "fit")  # type: ignore[arg-type]
+
+
+class SimpleTrainer:
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        self.callbacks: list[pl.Callback] = []
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ratio": 0.0}, r"ratio=0.0.*in \(0, 1\)"),
+        ({"ratio": 1.0}, r"ratio=1.0.*in \(0, 1\)"),
+        ({"ratio": 1.5}, r"ratio=1.5"),
+        ({"ratio": -0.5}, r"ratio=-0.5"),
+        ({"granularity": "block"}, r"granularity='block'.*\('category', 'layer', 'tensor'\)"),
+        ({"mode": "zero"}, r"mode='zero'.*\('freeze', 'mask'\)"),
+        ({"optimizer_state": "clear"}, r"optimizer_state='clear'.*\('keep', 'reset'\)"),
+        ({"redraw_every_n_steps": 0}, r"redraw_every_n_steps=0.*positive integer"),
+        ({"redraw_every_n_epochs": 1.5}, r"redraw_every_n_epochs=1.5.*positive integer"),
+        ({"reset": True}, r"reset=True.*neither `redraw_every_n_steps` nor `redraw_every_n_epochs`"),
+        ({"always_trainable": ["("]}, r"always_trainable=.*'\('.*regular expression"),
+        ({"always_trainable": ["ffn"], "always_frozen": ["ffn"]}, r"\['ffn'\] are in both"),
+        ({"snapshot_dtype": "int8"}, r"snapshot_dtype='int8'.*'bfloat16'"),
+        ({"seed": "0"}, r"seed='0'"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_value_and_the_choices(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        HalfFineTuning(**kwargs)
+
+
+def test_a_pattern_that_matches_nothing_is_refused_with_an_example_name() -> None:
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"always_frozen=\[\.\.\., 'q_projection'.*matches no parameter.*'model\.model\.embed_tokens\.weight'",
+    ):
+        fit(LM(tiny_llama(2)), HalfFineTuning(always_frozen=["q_projection"]), steps=1)
+
+
+def test_snapshot_dtype_accepts_torch_dtypes_and_names() -> None:
+    assert HalfFineTuning(snapshot_dtype=torch.bfloat16).snapshot_dtype is torch.bfloat16
+    assert HalfFineTuning(snapshot_dtype="torch.float16").snapshot_dtype is torch.float16
+    assert HalfFineTuning().snapshot_dtype is None
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_config_adds_the_callback_and_trains_a_few_steps(tmp_path: Path) -> None:
+    from cli import main
+
+    cli = main(
+        [
+            "fit",
+            "--config", str(ROOT / "configs" / "examples" / "tiny_lm.yaml"),
+            "--config", str(ROOT / "configs" / "hft_callback.yaml"),
+            "--optimizer", "torch.optim.AdamW",
+            "--optimizer.lr", "1e-3",
+            "--trainer.max_steps", "3",
+            "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    hfts = [cb for cb in cli.trainer.callbacks if isinstance(cb, HalfFineTuning)]
+    assert len(hfts) == 1 and cli.trainer.global_step == 3
+    assert hfts[0].history[0]["trainable_fraction"] < 0.8
+    assert all(p.requires_grad for p in cli.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = ROOT / "tests" / "scripts" / "ddp_hft.py"
+
+
+def run_ddp(mode: str, out_dir: Path, timeout: float = 300) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    command = [sys.executable, str(DDP_SCRIPT), str(out_dir), "--mode", mode]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            pytest.fail(f"the DDP script did not finish in {timeout} s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["freeze", "mask"])
+def test_two_process_ddp_ends_with_identical_weights_and_untouched_frozen_tensors(mode: str, tmp_path: Path) -> None:
+    rank0, rank1 = run_ddp(mode, tmp_path)
+    assert (rank0["world_size"], rank1["world_size"]) == (2, 2)
+    assert rank0["frozen"] == rank1["frozen"] and len(rank0["frozen"]) == rank0["steps"]
+    assert len(set(rank0["frozen"])) > 1, "the schedule should have re-drawn"
+    for name in rank0["final"]:
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+    for step, (frozen, changed) in enumerate(zip(rank0["frozen"], rank0["changed"], strict=True)):
+        assert frozen and not set(frozen) & set(changed), f"step {step} moved a frozen tensor"
+        assert len(changed) > 0
+    flags_off = [len(frozen) if mode == "freeze" else 0 for frozen in rank0["frozen"]]
+    assert rank0["requires_grad_false"] == rank1["requires_grad_false"] == flags_off
