@@ -1,0 +1,492 @@
+r"""MoFO as a callback: the same run, but momentum-filtered.
+
+:class:`MoFOCallback` leaves the LightningModule untouched. At the start of fit, once the strategy has built the
+module's optimizers, it replaces every :class:`torch.optim.Adam` / :class:`torch.optim.AdamW` by the equivalent
+:class:`~lit_mofo.MoFO` (same param groups, hyper-parameters and state) and points the learning-rate schedulers and
+Lightning's optimizer wrappers at it, so ``configure_optimizers`` — or LightningCLI's ``optimizer:`` block — keeps
+deciding the optimizer, the schedule and the param groups.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from functools import wraps
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.core.optimizer import _MockOptimizer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.optim import Adam, AdamW, Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
+
+from lit_mofo.optim.mofo import MoFO, _validate_hyperparameters
+from lit_mofo.params import CATEGORIES, Category, match_any, named_parameter_categories
+
+__all__ = ["MoFOCallback"]
+
+# The hyper-parameters Adam(W) and MoFO share with the same meaning (weight decay in AdamW's decoupled form).
+_SHARED = ("lr", "betas", "eps", "weight_decay")
+# Adam's implementation flags (amsgrad, foreach, maximize, capturable, differentiable, fused, ...): dropped from the
+# groups on conversion, after the ones that change the maths have been refused.
+_ADAM_ONLY = tuple(
+    name for name in inspect.signature(Adam.__init__).parameters if name not in ("self", "params", *_SHARED)
+)
+# Flags of Adam with no MoFO counterpart: a group setting one is refused, with the fix.
+_REFUSED_FLAGS = {
+    "amsgrad": "MoFO has no AMSGrad variant; set amsgrad=False.",
+    "maximize": "MoFO minimizes; set maximize=False and return the negated objective from training_step.",
+    "capturable": "MoFO's step is not CUDA-graph capturable; set capturable=False.",
+    "differentiable": "MoFO's step is not differentiable (the top-k selection has no gradient); "
+    "set differentiable=False.",
+}
+_SUPPORTED = (
+    "torch.optim.Adam and torch.optim.AdamW (amsgrad, maximize, capturable and differentiable off; weight decay only "
+    "in AdamW's decoupled form)"
+)
+# MoFO's options that the callback passes on only when set, so MoFO's own defaults apply otherwise.
+_FORWARDED = ("selection", "fused", "sample_size", "seed")
+# Why the strategies that shard parameters or build the optimizer themselves are refused.
+_UNSUPPORTED_STRATEGIES: tuple[tuple[type, str], ...] = (
+    (
+        FSDPStrategy,
+        "each rank holds flattened slices of the parameters, so MoFO's per-tensor top-k would be taken per slice",
+    ),
+    (DeepSpeedStrategy, "DeepSpeed builds and partitions its own optimizer inside the strategy's setup"),
+    (
+        ModelParallelStrategy,
+        "converting an optimizer over DTensor parameters (and its sharded checkpoints) is not supported by the "
+        "callback; return lit_mofo.MoFO from configure_optimizers instead (see its notes on sharded parameters)",
+    ),
+)
+
+
+class MoFOCallback(Callback):
+    r"""Replace the module's Adam/AdamW by :class:`~lit_mofo.MoFO` at the start of fit: the same run, momentum-filtered.
+
+    Add it to the Trainer and keep ``configure_optimizers`` as it is. In ``on_fit_start`` — after the strategy has
+    built the optimizers and before a checkpoint's optimizer states are restored — every :class:`torch.optim.Adam`
+    and :class:`torch.optim.AdamW` of the module becomes a :class:`~lit_mofo.MoFO` with
+
+    * the same param groups, in the same order, with every key they carry (``lr``, ``initial_lr`` set by a scheduler,
+      ``param_names``, a ``name`` of your own, ...); Adam's implementation flags (``foreach``, ``fused``, ...) are
+      dropped — they choose a kernel, not the maths;
+    * the same ``lr``, ``betas``, ``eps`` and ``weight_decay`` (AdamW's default 0.01 stays 0.01: MoFO's decay is
+      AdamW's decoupled decay, applied to the selected entries only);
+    * MoFO's own options from this callback: ``fraction`` and ``filter_min_ndim`` in every group (a group that already
+      carries a ``fraction`` or ``filter_min_ndim`` key keeps it), ``fraction=None`` in the groups named by ``dense``;
+    * the same state (``step``, ``exp_avg``, ``exp_avg_sq``) if the optimizer already has some, with the moments of
+      float16/bfloat16 parameters in float32 as MoFO keeps them.
+
+    Learning-rate schedulers (``trainer.lr_scheduler_configs``, nested ones of ``SequentialLR``/``ChainedScheduler``
+    included), ``trainer.optimizers``, the :class:`~lightning.pytorch.core.optimizer.LightningOptimizer` wrappers
+    returned by ``self.optimizers()`` and the schedulers' "``optimizer.step()`` was called" tracking all move to the
+    new optimizer, so schedules go on exactly as before and manual optimization (``automatic_optimization = False``)
+    works too — as long as ``training_step`` uses ``self.optimizers()`` / ``self.lr_schedulers()`` rather than an
+    optimizer it kept from ``configure_optimizers``. Optimizers that already are :class:`~lit_mofo.MoFO` are left
+    alone.
+
+    Refused with a :class:`~lightning.pytorch.utilities.exceptions.MisconfigurationException` that names the fix:
+    any other optimizer (SGD, Adafactor, bitsandbytes' 8-bit Adam, ``ZeroRedundancyOptimizer``, subclasses of Adam,
+    which may change the update), Adam's ``weight_decay > 0`` without ``decoupled_weight_decay=True`` (an L2 term added
+    to the gradient, which goes through the moments: not MoFO's decay — use :class:`torch.optim.AdamW`), ``amsgrad``,
+    ``maximize``, ``capturable``, ``differentiable``, and ``dense`` patterns that would split a param group (see
+    ``dense`` below).
+
+    **Resuming.** Checkpoints hold MoFO's state. Keep the callback when resuming: with it, the run continues
+    bit-identically (the module builds AdamW, the callback converts it, then Lightning restores the MoFO state into
+    it). Without it the module's AdamW loads the state and the run silently continues as dense AdamW — Lightning
+    only warns that the checkpoint was written with a ``MoFOCallback`` that is missing. A checkpoint of a plain
+    Adam/AdamW run can be resumed *with* the callback: its moments and step counts carry over into MoFO, exactly as
+    if the AdamW had been restored first and converted afterwards. When a checkpoint's MoFO groups were trained with
+    other MoFO options than the callback now sets (e.g. another ``fraction``), the callback's options win, with a
+    warning; ``lr``, ``betas``, ``eps`` and ``weight_decay`` come from the checkpoint, as for any optimizer.
+
+    .. warning:: Single device and DDP (``strategy="ddp"``, spawn/fork/notebook variants) are supported: every rank
+       holds whole tensors and the same all-reduced gradients, so the ranks select the same entries. Refused in
+       ``setup``: FSDP (``strategy="fsdp"``: a rank holds flattened slices, so the top-k would be per slice),
+       DeepSpeed (it builds and partitions its own optimizer) and ``ModelParallelStrategy`` (the callback does not
+       convert optimizers over DTensor parameters or their sharded checkpoints; return :class:`~lit_mofo.MoFO` from
+       ``configure_optimizers`` there).
+
+    Args:
+        fraction: MoFO's :math:`\alpha`, the share of each filtered tensor's entries moved per step, in (0, 1]; the
+            paper's setting is 0.15 (5-20% all work). ``None`` gives every tensor the dense Adam step.
+        filter_min_ndim: tensors with fewer dimensions take the dense step; >= 0. The default 2 steps biases and norm
+            weights densely, as the paper's reference code does; 0 filters every tensor.
+        dense: param groups whose filtered tensors take the dense step: each entry is a category of
+            :mod:`lit_mofo.params` (``"bias"``, ``"norm"``, ``"embedding"``, ``"weight"``) or a regular expression
+            searched in the parameter's qualified name (e.g. ``r"lm_head"``). MoFO chooses the dense step per param
+            group, so a group's filtered tensors (``ndim >= filter_min_ndim``) must be named all or none: splitting
+            a group would change the group count that schedulers' per-group lists, checkpoints and loggers rely on,
+            so that is refused — give those parameters their own group in ``configure_optimizers`` instead.
+        selection: MoFO's ``selection`` (``"exact"`` or ``"sampled"``: how the threshold is found).
+        fused: MoFO's ``fused`` (``None`` uses the fused kernels where they apply, ``True`` requires them, ``False``
+            uses torch operations).
+        sample_size: MoFO's ``sample_size`` (entries sampled by the ``"sampled"`` selection).
+        seed: MoFO's ``seed`` (of the hashed sample positions).
+
+    The last four are passed to :class:`~lit_mofo.MoFO` only when not ``None``; ``None`` keeps MoFO's default.
+
+    Example::
+
+        from lit_mofo.callbacks.mofo_callback import MoFOCallback
+
+        # configure_optimizers returns AdamW + a cosine schedule, as before
+        trainer = Trainer(callbacks=[MoFOCallback(fraction=0.15)])
+        trainer.fit(model)
+
+    or in a LightningCLI config (``configs/mofo_callback.yaml``)::
+
+        trainer:
+          callbacks:
+            - class_path: lit_mofo.callbacks.mofo_callback.MoFOCallback
+              init_args:
+                fraction: 0.15
+    """
+
+    def __init__(
+        self,
+        fraction: float | None = 0.15,
+        filter_min_ndim: int = 2,
+        dense: Sequence[str] = (),
+        selection: str | None = None,
+        fused: bool | None = None,
+        sample_size: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.fraction = fraction
+        self.filter_min_ndim = filter_min_ndim
+        self.dense: tuple[str, ...] = (dense,) if isinstance(dense, str) else tuple(dense)
+        self.selection = selection
+        self.fused = fused
+        self.sample_size = sample_size
+        self.seed = seed
+        self._mofo_options: dict[str, Any] = {"fraction": fraction, "filter_min_ndim": filter_min_ndim}
+        for name in _FORWARDED:
+            if getattr(self, name) is not None:
+                self._mofo_options[name] = getattr(self, name)
+        self._validate()
+        # Indices (in trainer.optimizers) of the optimizers converted in this fit; kept in checkpoints.
+        self._converted: list[int] = []
+
+    def _validate(self) -> None:
+        signature = inspect.signature(MoFO.__init__).parameters
+        for name in _FORWARDED:
+            if name in self._mofo_options and name not in signature:
+                raise MisconfigurationException(
+                    f"MoFOCallback({name}={self._mofo_options[name]!r}): the installed lit_mofo.MoFO has no "
+                    f"`{name}` option; leave {name}=None."
+                )
+        hyperparameters = {
+            name: parameter.default
+            for name, parameter in signature.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        try:
+            _validate_hyperparameters({**hyperparameters, **self._mofo_options}, where="MoFOCallback()")
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err)) from err
+        for pattern in self.dense:
+            if not isinstance(pattern, str):
+                raise MisconfigurationException(
+                    f"MoFOCallback(dense={list(self.dense)!r}): entry {pattern!r} is not a string; entries are a "
+                    f"category {CATEGORIES} or a regular expression searched in the parameter name."
+                )
+            if pattern in CATEGORIES:
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise MisconfigurationException(
+                    f"MoFOCallback(dense=[..., {pattern!r}, ...]): not a valid regular expression ({err}); entries "
+                    f"are a category {CATEGORIES} or a regular expression searched in the parameter name."
+                ) from err
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for strategy, why in _UNSUPPORTED_STRATEGIES:
+            if isinstance(trainer.strategy, strategy):
+                raise MisconfigurationException(
+                    f"MoFOCallback does not support the {type(trainer.strategy).__name__}: {why}. The callback "
+                    'supports a single device and DDP (strategy="ddp").'
+                )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        names = _parameter_names(pl_module)
+        matched: set[str] = set()
+        replacements: dict[int, tuple[Optimizer, MoFO]] = {}
+        # Build every MoFO first: a refused optimizer leaves the Trainer untouched.
+        for index, optimizer in enumerate(strategy.optimizers):
+            if isinstance(optimizer, _MockOptimizer):  # configure_optimizers returned None
+                continue
+            if isinstance(optimizer, MoFO):
+                rank_zero_info(f"MoFOCallback: optimizer {index} already is {type(optimizer).__name__}; left as it is.")
+                continue
+            replacements[index] = (optimizer, self._convert(optimizer, names, f"optimizer {index}", matched))
+
+        unmatched = [pattern for pattern in self.dense if pattern not in matched]
+        if unmatched and replacements:
+            rank_zero_warn(
+                f"MoFOCallback(dense=...): {unmatched} name no filtered parameter (ndim >= filter_min_ndim) of the "
+                f"converted optimizers; entries are a category {CATEGORIES} or a regex searched in the names of "
+                f"{type(pl_module).__name__}.named_parameters()."
+            )
+
+        by_old = {id(old): new for old, new in replacements.values()}
+        for config in strategy.lr_scheduler_configs:
+            _repoint(config.scheduler, by_old, seen=set())
+        optimizers = list(strategy.optimizers)
+        for index, (old, new) in replacements.items():
+            optimizers[index] = new
+            groups = new.param_groups
+            dense = sum(group["fraction"] is None for group in groups)
+            rank_zero_info(
+                f"MoFOCallback: optimizer {index} ({type(old).__name__}, {len(groups)} param group"
+                f"{'s' if len(groups) != 1 else ''}) replaced by lit_mofo.MoFO(fraction={self.fraction}, "
+                f"filter_min_ndim={self.filter_min_ndim})"
+                + (f"; {dense} group(s) take the dense step." if dense else ".")
+            )
+        strategy.optimizers = optimizers  # re-creates the LightningOptimizer wrappers behind self.optimizers()
+        self._converted = sorted(replacements)
+
+    def convert(self, optimizer: Optimizer, module: nn.Module | None = None) -> MoFO:
+        """The :class:`~lit_mofo.MoFO` equivalent of ``optimizer`` (an Adam or AdamW), with this callback's options.
+
+        ``optimizer`` itself is not changed; schedulers attached to it are not moved (the callback does that in
+        fit). ``module`` gives the parameter names and categories that ``dense`` refers to.
+        """
+        return self._convert(optimizer, _parameter_names(module) if module is not None else {}, "the optimizer", set())
+
+    def _convert(
+        self,
+        optimizer: Optimizer,
+        names: Mapping[int, tuple[str, Category]],
+        label: str,
+        matched: set[str],
+    ) -> MoFO:
+        _check_convertible(optimizer, label)
+        groups = []
+        for group_index, group in enumerate(optimizer.param_groups):
+            mofo_group = {key: value for key, value in group.items() if key not in _ADAM_ONLY}
+            mofo_group["params"] = list(group["params"])
+            mofo_group.setdefault("fraction", self.fraction)
+            mofo_group.setdefault("filter_min_ndim", self.filter_min_ndim)
+            if self._takes_dense_step(mofo_group, names, f"param group {group_index} of {label}", matched):
+                mofo_group["fraction"] = None
+            groups.append(mofo_group)
+        try:
+            mofo = MoFO(groups, **{key: optimizer.defaults[key] for key in _SHARED}, **self._mofo_options)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise MisconfigurationException(
+                f"MoFOCallback cannot convert {label} ({_qualname(optimizer)}): {err}"
+            ) from err
+
+        # Carry what else the optimizer holds: the user's per-instance hooks and the LR schedulers' step tracking.
+        for hooks in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(mofo, hooks, OrderedDict(getattr(optimizer, hooks, {})))
+        mofo.register_load_state_dict_pre_hook(_as_mofo_state_dict)
+        if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+            _track_step_calls(mofo)
+        if hasattr(optimizer, "_opt_called"):
+            mofo._opt_called = optimizer._opt_called  # type: ignore[attr-defined]
+        if optimizer.state:
+            mofo.load_state_dict(optimizer.state_dict())
+        return mofo
+
+    def _takes_dense_step(
+        self,
+        group: dict[str, Any],
+        names: Mapping[int, tuple[str, Category]],
+        where: str,
+        matched: set[str],
+    ) -> bool:
+        """Whether ``dense`` names the group's filtered tensors; refuses a split of the group."""
+        if not self.dense or group["fraction"] is None:
+            return False
+        filtered = [
+            names.get(id(p), ("<unnamed>", None)) for p in group["params"] if p.dim() >= group["filter_min_ndim"]
+        ]
+        named, rest = [], []
+        for name, category in filtered:
+            hits = [pattern for pattern in self.dense if category is not None and match_any(name, category, (pattern,))]
+            (named if hits else rest).append(name)
+            matched.update(hits)
+        if named and rest:
+            raise MisconfigurationException(
+                f"MoFOCallback(dense={list(self.dense)!r}) names {len(named)} of the {len(filtered)} filtered tensors "
+                f"of {where} ({_preview(named)}; not: {_preview(rest)}). MoFO takes the dense step per param group, "
+                "and splitting the group would change the group count that LR schedulers, checkpoints and loggers "
+                "rely on. Give those parameters their own param group in configure_optimizers (e.g. with "
+                "lit_mofo.mofo_param_groups(self, dense=[...])), or narrow `dense`."
+            )
+        return bool(named)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The indices of the converted optimizers and the options, so a resumed run without the callback is warned
+        about (Lightning names the callbacks a checkpoint was written with that are missing)."""
+        return {"converted": list(self._converted), "options": dict(self._mofo_options), "dense": list(self.dense)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._converted = list(state_dict.get("converted", []))
+
+
+def _check_convertible(optimizer: Optimizer, label: str) -> None:
+    name = _qualname(optimizer)
+    if type(optimizer) not in (Adam, AdamW):
+        why = (
+            f"{name} subclasses torch.optim.Adam but may change its update, so it is not converted"
+            if isinstance(optimizer, Adam)
+            else f"it is a {name}"
+        )
+        raise MisconfigurationException(
+            f"MoFOCallback cannot convert {label}: {why}. Supported: {_SUPPORTED}. Return one of those from "
+            "configure_optimizers (or LightningCLI's --optimizer), or return lit_mofo.MoFO yourself and drop the "
+            "callback."
+        )
+    for where, group in (*_numbered(optimizer.param_groups), ("the optimizer-wide default", optimizer.defaults)):
+        refusal = _group_refusal(group)
+        if refusal is not None:
+            raise MisconfigurationException(
+                f"MoFOCallback cannot convert {label} ({name}): {where} {refusal} Supported: {_SUPPORTED}."
+            )
+
+
+def _numbered(groups: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"param group {index}", group) for index, group in enumerate(groups)]
+
+
+def _group_refusal(group: Mapping[str, Any]) -> str | None:
+    """Why an Adam(W) param group (live or from a state dict) cannot become a MoFO group, or None."""
+    for flag, fix in _REFUSED_FLAGS.items():
+        if group.get(flag, False):
+            return f"has {flag}=True. {fix}"
+    weight_decay = group.get("weight_decay", 0.0)
+    if weight_decay != 0 and not group.get("decoupled_weight_decay", False):
+        return (
+            f"has weight_decay={weight_decay!r} in torch.optim.Adam's L2 form: it is added to the gradient and goes "
+            "through the moments, which is not MoFO's decoupled (AdamW) decay, and converting would change the "
+            "maths. Use torch.optim.AdamW (or Adam(decoupled_weight_decay=True)), or weight_decay=0."
+        )
+    return None
+
+
+def _as_mofo_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load-state-dict pre-hook of a converted MoFO: accept Adam/AdamW state and apply the current MoFO options.
+
+    Adam(W) groups lose their implementation flags; every group gets the MoFO options (``fraction``,
+    ``filter_min_ndim``, ...) the optimizer's groups have now, so the callback's configuration — not the one the
+    checkpoint was written with — decides the filter. Step counts become CPU float32 tensors as MoFO keeps them; the
+    float32 moments are taken care of by :meth:`MoFO.load_state_dict`.
+    """
+    option_keys = [key for key in optimizer.defaults if key not in _SHARED]
+    current = [{key: group[key] for key in option_keys} for group in optimizer.param_groups]
+    groups, changed = [], []
+    for index, saved in enumerate(state_dict["param_groups"]):
+        group = dict(saved)
+        if any(key in group for key in ("amsgrad", "decoupled_weight_decay")):  # written by Adam/AdamW
+            refusal = _group_refusal(group)
+            if refusal is not None:
+                raise ValueError(
+                    f"The Adam state being loaded into MoFO cannot be converted: param group {index} {refusal}"
+                )
+            for key in _ADAM_ONLY:
+                group.pop(key, None)
+        elif "fraction" not in group:
+            raise ValueError(
+                f"The optimizer state being loaded into MoFO is neither MoFO's nor Adam's (param group {index} has the "
+                f"keys {sorted(k for k in group if k != 'params')}); resume from a checkpoint of an Adam, AdamW or "
+                "MoFO run."
+            )
+        if index < len(current):
+            changed += [
+                f"group {index}: {key}={group[key]!r} -> {value!r}"
+                for key, value in current[index].items()
+                if key in group and group[key] != value
+            ]
+            group.update(current[index])
+        for key, default in optimizer.defaults.items():
+            group.setdefault(key, default)
+        groups.append(group)
+    if changed:
+        rank_zero_warn(
+            "The MoFO state being loaded was trained with other MoFO options; continuing with the configured ones "
+            f"({'; '.join(changed)})."
+        )
+    state = {
+        param_id: {**param_state, "step": torch.tensor(float(param_state["step"]), dtype=torch.float32)}
+        if "step" in param_state
+        else dict(param_state)
+        for param_id, param_state in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _track_step_calls(optimizer: Optimizer) -> None:
+    """Mark ``optimizer.step`` calls as ``torch.optim.lr_scheduler.LRScheduler.__init__`` does for the optimizer it is
+    given, so a moved scheduler does not warn that ``lr_scheduler.step()`` ran before ``optimizer.step()``."""
+    optimizer_ref = weakref.ref(optimizer)
+    step: Callable[..., Any] = type(optimizer).step
+
+    @wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = optimizer_ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+
+def _repoint(scheduler: Any, by_old: Mapping[int, Optimizer], seen: set[int]) -> None:
+    """Point every reference of ``scheduler`` (and of the schedulers it chains) to an old optimizer at its MoFO."""
+    if id(scheduler) in seen or not hasattr(scheduler, "__dict__"):
+        return
+    seen.add(id(scheduler))
+    for attribute, value in list(vars(scheduler).items()):
+        if id(value) in by_old:
+            setattr(scheduler, attribute, by_old[id(value)])
+        elif isinstance(value, LRScheduler):
+            _repoint(value, by_old, seen)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, LRScheduler):
+                    _repoint(item, by_old, seen)
+
+
+def _parameter_names(module: nn.Module) -> dict[int, tuple[str, Category]]:
+    """``id(parameter) -> (qualified name, category)``."""
+    return {id(param): (name, category) for name, param, category in named_parameter_categories(module)}
+
+
+def _qualname(optimizer: Optimizer) -> str:
+    cls = type(optimizer)
+    module = "torch.optim" if cls.__module__.startswith("torch.optim.") else cls.__module__
+    return f"{module}.{cls.__qualname__}"
+
+
+def _preview(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
