@@ -261,6 +261,13 @@ class ForgettingMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fitting = True
+        if not self._restored and trainer.ckpt_path is not None:
+            raise MisconfigurationException(
+                f"The fit resumes from {trainer.ckpt_path!r}, which holds no pre-trained baselines for "
+                f"{type(self).__name__}(probes={sorted(self._probes)}) (checkpoint state key {self.state_key!r}); "
+                "measuring them now would take the resumed weights for the pre-trained model. Resume with the probes "
+                "that wrote the checkpoint, or start a fit from the pre-trained model to measure new probes."
+            )
         if not self._restored:  # a new fit, not a resume: new baselines
             self._baselines, self._history, self._last_step, self._seconds = {}, [], None, 0.0
         for probe in self._probes.values():
