@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,3 +421,82 @@ def test_the_cli_config_adds_both_callbacks_and_runs(tmp_path: Path, in_reposito
     assert "drift/relative_l2" in cli.trainer.callback_metrics
     report = json.loads((tmp_path / "forgetting_report.json").read_text())
     assert {"forgetting", "drift", "meta"} <= set(report)
+
+
+# ---------------------------------------------------------------------- DDP (both callbacks, one run)
+DDP_SCRIPT = ROOT / "tests" / "scripts" / "ddp_forgetting.py"
+DDP_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run the 2-process script in its own session (a hang kills rank 1 too) and load what each rank saved."""
+    out_dir = tmp_path_factory.mktemp("ddp_forgetting")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    command = [sys.executable, str(DDP_SCRIPT), str(out_dir), "--steps", str(DDP_STEPS)]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            pytest.fail(f"the DDP script did not finish in 300 s (deadlock?):\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    ranks = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return {"ranks": ranks, "stdout": stdout, "log_dir": out_dir / "logs" / "version_0", "out_dir": out_dir}
+
+
+@pytest.mark.slow
+def test_ddp_every_rank_reports_the_same_synced_values_and_the_single_process_baseline(ddp_run: dict[str, Any]) -> None:
+    rank0, rank1 = ddp_run["ranks"]
+    assert [rank0["world_size"], rank1["world_size"]] == [2, 2]
+    values0 = [(r["step"], r["metric"], r["value"], r["forgetting"]) for r in rank0["history"]]
+    values1 = [(r["step"], r["metric"], r["value"], r["forgetting"]) for r in rank1["history"]]
+    assert values0 == values1
+    assert [step for step, metric, *_ in values0 if metric == "loss"] == [0, 2, 4]
+    expected = rank0["single_process_baseline"]
+    assert rank0["baselines"]["general"]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert rank1["baselines"] == rank0["baselines"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_split_the_reference_set_and_together_score_all_of_it(ddp_run: dict[str, Any]) -> None:
+    rank0, rank1 = ddp_run["ranks"]
+    reference = sorted(map(tuple, rank0["reference"]))
+    assert len(rank0["seen"]) == len(rank1["seen"]) == 3  # baseline, step 2, step 4
+    for seen0, seen1 in zip(rank0["seen"], rank1["seen"], strict=True):
+        assert len(seen0) == 6 and len(seen1) == 4  # batches 0, 2, 4 and 1, 3 of two sequences
+        assert not set(map(tuple, seen0)) & set(map(tuple, seen1))
+        assert sorted(map(tuple, seen0 + seen1)) == reference
+
+
+@pytest.mark.slow
+def test_ddp_logs_and_reports_once_from_rank_zero(ddp_run: dict[str, Any]) -> None:
+    log_dir: Path = ddp_run["log_dir"]
+    assert sorted(p.name for p in log_dir.glob("forgetting_report.*"))[:2] == [
+        "forgetting_report.json",
+        "forgetting_report.md",
+    ]
+    assert ddp_run["stdout"].count("lit_mofo report") == 1
+    assert [p.name for p in (ddp_run["out_dir"] / "logs").iterdir()] == ["version_0"]
+    with open(log_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows if r.get("forgetting/general/loss")] == [0, 2, 4]
+    assert [int(r["step"]) for r in rows if r.get("drift/relative_l2")] == [0, 2, 4]
+    report = json.loads((log_dir / "forgetting_report.json").read_text())
+    assert report["meta"]["world_size"] == 2
+    assert len(report["forgetting"]["measurements"]) == 6
+
+
+@pytest.mark.slow
+def test_ddp_parameter_drift_is_identical_on_every_rank_and_grows(ddp_run: dict[str, Any]) -> None:
+    rank0, rank1 = ddp_run["ranks"]
+    assert rank0["drift"] == rank1["drift"]
+    overall = [r for r in rank0["drift"] if r["scope"] == "overall"]
+    assert [r["step"] for r in overall] == [0, 2, 4]
+    assert overall[0]["relative_l2"] == 0.0 < overall[1]["relative_l2"] < overall[2]["relative_l2"]
+    assert overall[2]["fraction_changed"] == pytest.approx(1.0, abs=0.01)  # AdamW moves (almost) every entry

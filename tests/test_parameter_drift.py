@@ -1,5 +1,8 @@
 """ParameterDrift: exact figures on a hand-computable example, the grouping by role/module/block, the shared
-snapshot, MoFO's sparse updates against AdamW's dense ones, resume, report and bad input."""
+snapshot, MoFO's sparse updates against AdamW's dense ones, resume, report and bad input.
+
+The 2-process DDP test of ParameterDrift shares its run with ForgettingMonitor's, in ``test_forgetting_monitor.py``
+(``test_ddp_parameter_drift_is_identical_on_every_rank_and_grows``)."""
 
 from __future__ import annotations
 

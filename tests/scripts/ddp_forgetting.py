@@ -1,0 +1,104 @@
+"""Two-process DDP fine-tune on CPU (gloo) with ForgettingMonitor and ParameterDrift; run by the DDP tests of
+``tests/test_forgetting_monitor.py`` (which cover both callbacks from this one run).
+
+Usage::
+
+    python tests/scripts/ddp_forgetting.py OUT_DIR [--steps 4]
+
+Lightning's ``ddp`` strategy re-launches this very command for rank 1, so it must run as its own process. The
+reference set has 10 sequences in 5 batches of 2, so the ranks get unequal shares (3 and 2 batches). Each rank
+writes ``OUT_DIR/rank{r}.pt``: the monitor's baselines and history, the drift history, the reference windows this
+rank scored at each evaluation, and the single-process value of the probe on the pre-trained model, computed before
+the process group exists. The report goes to ``OUT_DIR/logs/version_0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor, isolated_evaluation
+from lit_mofo.callbacks.parameter_drift import ParameterDrift
+from lit_mofo.probes import LanguageModelProbe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from tiny_lm import SyntheticTokenDataModule, TinyCausalLM, synthetic_progressions
+
+REFERENCE = synthetic_progressions(10, 12, 128, seed=31).tolist()
+
+
+class AdamWLM(TinyCausalLM):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class RecordingProbe(LanguageModelProbe):
+    """The LM probe, remembering which reference windows this rank scored in each evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__(token_ids=REFERENCE, batch_size=2, name="general")
+        self.seen: list[list[list[int]]] = []
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        self.seen.append([])
+        return super().evaluate(trainer, pl_module)
+
+    def _collate(self, batch: Any) -> Any:
+        self.seen[-1].extend(list(ids) for ids, _ in batch)
+        return super()._collate(batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+
+    module = AdamWLM()
+    single = LanguageModelProbe(token_ids=REFERENCE, batch_size=2)
+    single.setup(None, module)  # type: ignore[arg-type]
+    with isolated_evaluation(module):
+        single_process_baseline = single.evaluate(None, module)  # type: ignore[arg-type]
+
+    probe = RecordingProbe()
+    monitor = ForgettingMonitor({"general": probe}, every_n_train_steps=2)
+    drift = ParameterDrift(every_n_train_steps=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=args.steps,
+        default_root_dir=args.out_dir,
+        logger=CSVLogger(args.out_dir, name="logs", version=0),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor, drift],
+    )
+    trainer.fit(module, SyntheticTokenDataModule(num_sequences=16 * args.steps, seq_len=16, batch_size=8))
+
+    torch.save(
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "baselines": monitor.baselines,
+            "history": monitor.history,
+            "drift": drift.history,
+            "seen": probe.seen,
+            "single_process_baseline": single_process_baseline,
+            "reference": REFERENCE,
+        },
+        args.out_dir / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
