@@ -64,6 +64,10 @@ class LMEvalProbe(Probe):
         evaluate_kwargs: further keyword arguments for ``simple_evaluate`` (e.g. ``apply_chat_template``).
         name: the probe's name in metric keys (``probe/<name>/<task>/<metric>``).
 
+    Attributes:
+        last_output: the full dict ``simple_evaluate`` returned at the last evaluation (rank zero only), e.g. for
+            ``last_output["n-samples"]``.
+
     Example::
 
         probe = LMEvalProbe(["arc_easy", "hellaswag"], limit=200, num_fewshot=0)
@@ -108,6 +112,7 @@ class LMEvalProbe(Probe):
         self._task_manager: Any = None
         self._tokenizer: Any = None
         self._lm: Any = None
+        self.last_output: dict[str, Any] | None = None
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -172,6 +177,7 @@ class LMEvalProbe(Probe):
             log_samples=False,
             **self.evaluate_kwargs,
         )
+        self.last_output = output
         return self._parse(output or {})
 
     def _parse(self, output: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
