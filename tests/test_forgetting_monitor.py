@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -500,3 +500,12 @@ def test_ddp_parameter_drift_is_identical_on_every_rank_and_grows(ddp_run: dict[
     assert [r["step"] for r in overall] == [0, 2, 4]
     assert overall[0]["relative_l2"] == 0.0 < overall[1]["relative_l2"] < overall[2]["relative_l2"]
     assert overall[2]["fraction_changed"] == pytest.approx(1.0, abs=0.01)  # AdamW moves (almost) every entry
+
+
+def test_early_stopping_can_stop_a_fit_once_forgetting_passes_a_threshold(tmp_path: Path) -> None:
+    probe = scripted({"loss": [2.0, 2.1, 3.0, 3.5]}, {"loss": False})
+    monitor = ForgettingMonitor({"p": probe}, every_n_train_steps=None, report=False)
+    stop = EarlyStopping(monitor="forgetting/p/loss", mode="min", divergence_threshold=0.5, patience=100)
+    trainer, _ = fit([monitor, stop], tmp_path, max_steps=10, val_check_interval=2, limit_val_batches=1)
+    assert trainer.global_step == 4  # forgetting 0.1 at step 2, 1.0 > 0.5 at step 4
+    assert [r["step"] for r in monitor.history] == [0, 2, 4]
