@@ -378,6 +378,8 @@ def test_complex_parameters_are_rejected():
 
 
 def test_distributed_dtensor_parameters_are_rejected_with_the_ddp_fix():
+    # Since the global threshold (issue 6), DTensors on a 1-D mesh are accepted (tests/test_mofo_sharded.py);
+    # layouts whose threshold MoFO cannot agree across ranks are still rejected, naming the fix.
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -386,8 +388,32 @@ def test_distributed_dtensor_parameters_are_rejected_with_the_ddp_fix():
     try:
         mesh = init_device_mesh("cpu", (1,))
         for placement in (Shard(0), Replicate()):
-            param = nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [placement]))
-            with pytest.raises(ValueError, match=r"distributed \(DTensor\) parameters.*per shard.*strategy=\"ddp\""):
+            MoFO([nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [placement]))])
+        mesh_2d = init_device_mesh("cpu", (1, 1))
+        for placements in ([Shard(0), Shard(1)], [Replicate(), Shard(0)]):
+            param = nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh_2d, placements))
+            with pytest.raises(ValueError, match=r"DTensor parameter.*not supported.*strategy=\"ddp\""):
                 MoFO([param])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("selection", ["exact", "sampled"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_every_selection_and_path_matches_the_reference(selection, fused):
+    # make_params' tensors are smaller than sample_size, so "sampled" selects exactly there too.
+    ours, ref = make_params(), make_params()
+    opt = MoFO(ours, lr=1e-2, weight_decay=0.1, fraction=0.2, filter_min_ndim=0, selection=selection, fused=fused)
+    ref_opt = ReferenceMoFO(ref, lr=1e-2, weight_decay=0.1, fraction=0.2, filter_min_ndim=0)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(8):
+        random_grads(ours, gen, none_every=3, step=step)
+        for p, r in zip(ours, ref, strict=True):
+            r.grad = None if p.grad is None else p.grad.clone()
+        before = [p.detach().clone() for p in ours]
+        opt.step()
+        ref_opt.step()
+        for i, (p, r, b) in enumerate(zip(ours, ref, before, strict=True)):
+            torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-6)
+            if p.grad is not None:
+                assert torch.equal(p[~ref_opt.last_masks[i]], b[~ref_opt.last_masks[i]])

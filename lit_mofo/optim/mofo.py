@@ -8,8 +8,9 @@ only validates hyper-parameters, keeps the state and gathers the tensors.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,26 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from lit_mofo.optim import _fused
+from lit_mofo.optim._selection import (
+    EagerOps,
+    LocalView,
+    Ops,
+    Scratch,
+    ShardView,
+    StepScalars,
+    exact_threshold,
+    sample_key,
+    sampled_threshold,
+)
+
 __all__ = ["MoFO", "MoFOStepStats", "mofo", "selection_mask"]
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("exact", "sampled")
+# Options added after the first release: checkpoints saved before them get these values on load.
+_LATER_DEFAULTS: dict[str, Any] = {"selection": "exact", "fused": None, "sample_size": 65536, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -75,9 +95,34 @@ class MoFO(Optimizer):
     Moments are kept in float32 for float16/bfloat16 parameters (in the parameter's dtype otherwise) and the
     update is computed in that precision, then written back in the parameter's dtype.
 
+    **Selection.** ``selection="exact"`` (the default) finds :math:`\tau` without sorting: a hashed random sample of
+    :math:`|m_t|` brackets the threshold, the moment update's pass counts the entries above the bracket and copies
+    the few inside it, and a quickselect over those gives the k-th largest value itself, so the mask is exactly
+    the one above (an extra pass repairs the rare bracket that misses). ``selection="sampled"`` takes :math:`\tau`
+    as the matching quantile of a sample of ``sample_size`` entries and needs a single pass: the realised fraction
+    then has a standard deviation of :math:`\sqrt{\alpha(1-\alpha)/s}` (0.14 percentage points at
+    :math:`\alpha = 0.15`, :math:`s = 65536`: within +-0.5 points in more than 99.9% of the tensor-steps for
+    :math:`\alpha \le 0.2`). Tensors with at most ``sample_size`` entries are always selected exactly. The sample
+    positions are a hash of ``(seed, tensor index, step)``: no generator state to carry, the same on every rank,
+    and a resumed run (its checkpoint holds the seed and each tensor's step) draws what the uninterrupted one would.
+
+    **Fused kernels.** On CPU, float32/bfloat16/float16 parameters are stepped by a small C library (compiled with
+    the system C compiler on first use, about 1 s, then cached in ``~/.cache/lit_mofo``; see
+    :mod:`lit_mofo.optim._fused`): one pass for the sampled selection and the dense step, two for the exact
+    selection. ``fused=None`` uses it wherever it can and falls back to torch operations otherwise (no compiler,
+    other devices, float64, non-contiguous tensors); ``fused=True`` raises instead of falling back; ``fused=False``
+    always uses torch operations.
+
+    **Sharded parameters.** DTensor parameters sharded over a 1-D device mesh (FSDP2's ``fully_shard``, Lightning's
+    ``ModelParallelStrategy`` without tensor parallelism) get the global tensor's threshold: the sample, the counts
+    and the candidates are combined across the mesh, so every rank selects exactly what a single process holding
+    the whole tensor would. Replicated DTensors are stepped like plain tensors. FSDP1's flattened parameters
+    (``strategy="fsdp"``) are rejected: each rank would rank a flattened 1-D slice. DeepSpeed ZeRO hands the
+    optimizer flat partitions that cannot be told apart from ordinary tensors; do not combine it with MoFO.
+
     Args:
         params: tensors, param-group dicts or ``(name, tensor)`` pairs, as for any torch optimizer. A group may
-            override every hyper-parameter below, ``fraction`` and ``filter_min_ndim`` included.
+            override every hyper-parameter below, ``fraction``, ``filter_min_ndim`` and ``selection`` included.
         lr: learning rate :math:`\gamma`, >= 0. The paper fine-tunes with 2e-5 and a cosine schedule.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: term added to the denominator, >= 0.
@@ -87,6 +132,13 @@ class MoFO(Optimizer):
             The paper's setting is 0.15 (5-20% all work); ``None`` means the dense step for every tensor.
         filter_min_ndim: tensors with fewer dimensions than this take the dense step; >= 0. The default 2
             reproduces the reference code's dense step for biases and norm weights; 0 filters every tensor.
+        selection: ``"exact"`` (the k-th largest :math:`|m_t|` itself) or ``"sampled"`` (its estimate from a
+            sample; one pass instead of two).
+        fused: ``None`` picks the fused CPU kernels where they apply, ``True`` requires them, ``False`` uses torch
+            operations only (like torch's ``fused``/``foreach`` flags).
+        sample_size: entries in the sampled selection's sample, >= 1024; the realised fraction's standard
+            deviation scales as ``1/sqrt(sample_size)``.
+        seed: seed of the sample positions, an int in [0, 2**63); the same on every rank by construction.
 
     After each :meth:`step`, :attr:`last_step_stats` holds one :class:`MoFOStepStats` per param group and
     :attr:`last_step_total` their sum and :attr:`update_fraction` the realised fraction over all groups.
@@ -107,6 +159,11 @@ class MoFO(Optimizer):
         weight_decay: float = 0.0,
         fraction: float | None = 0.15,
         filter_min_ndim: int = 2,
+        *,
+        selection: str = "exact",
+        fused: bool | None = None,
+        sample_size: int = 65536,
+        seed: int = 0,
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -115,6 +172,10 @@ class MoFO(Optimizer):
             "weight_decay": weight_decay,
             "fraction": fraction,
             "filter_min_ndim": filter_min_ndim,
+            "selection": selection,
+            "fused": fused,
+            "sample_size": sample_size,
+            "seed": seed,
         }
         _validate_hyperparameters(defaults, where="MoFO()")
         self.last_step_stats: list[MoFOStepStats] = []
@@ -123,20 +184,43 @@ class MoFO(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_hyperparameters(group, where=f"MoFO param group {len(self.param_groups) - 1}")
+        where = f"MoFO param group {len(self.param_groups) - 1}"
+        _validate_hyperparameters(group, where=where)
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError(
                     f"MoFO does not support complex parameters (got a {p.dtype} tensor of shape "
                     f"{tuple(p.shape)}); optimize its real view (torch.view_as_real) instead."
                 )
-            if _is_dtensor(p):
-                # A sharded tensor would be ranked per shard: a top-k that silently differs from the paper's.
+            if getattr(p, "_fsdp_flattened", False):
                 raise ValueError(
-                    f"MoFO does not support distributed (DTensor) parameters yet (got one of global shape "
-                    f"{tuple(p.shape)}): a sharded tensor's top-k would be taken per shard, not per tensor. "
-                    'Train with DDP (strategy="ddp"), where every rank holds whole tensors.'
+                    f"MoFO does not support FSDP1's flattened parameters (got one of shape {tuple(p.shape)}): each "
+                    "rank holds a flattened 1-D slice, so the top-k would be taken per slice and the slices would "
+                    'take the dense step. Use FSDP2 (torch.distributed.fsdp.fully_shard, strategy="model_parallel" '
+                    'in Lightning), where MoFO agrees a global threshold, or strategy="ddp".'
                 )
+            if _is_dtensor(p):
+                _check_dtensor(p, where)
+        if group["fused"] is True:
+            if _fused.load() is None:
+                raise RuntimeError(
+                    f"{where}: fused=True, but the fused MoFO kernels are unavailable "
+                    f"({_fused.unavailable_reason()}). Use fused=None to fall back to torch operations "
+                    "automatically, or fused=False."
+                )
+            for p in group["params"]:
+                if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise ValueError(
+                        f"{where}: fused=True, but the fused MoFO kernels step CPU tensors of dtype float32, "
+                        f"bfloat16 or float16; got a {p.dtype} parameter of shape {tuple(p.shape)} on {p.device}. "
+                        "Use fused=None to fall back to torch operations for such tensors, or fused=False."
+                    )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _LATER_DEFAULTS.items():
+                group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -168,8 +252,10 @@ class MoFO(Optimizer):
         exp_avgs: list[Tensor],
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
+        indices: list[int],
+        first_index: int,
     ) -> None:
-        for p in group["params"]:
+        for offset, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -189,6 +275,7 @@ class MoFO(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+            indices.append(first_index + offset)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -199,13 +286,16 @@ class MoFO(Optimizer):
                 loss = closure()
 
         stats = []
+        first_index = 0  # a parameter's position over all groups: its sample's identity, stable across resumes
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
             exp_avg_sqs: list[Tensor] = []
             state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            indices: list[int] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, first_index)
+            first_index += len(group["params"])
             beta1, beta2 = group["betas"]
             stats.append(
                 mofo(
@@ -221,6 +311,11 @@ class MoFO(Optimizer):
                     weight_decay=group["weight_decay"],
                     fraction=group["fraction"],
                     filter_min_ndim=group["filter_min_ndim"],
+                    selection=group["selection"],
+                    fused=group["fused"],
+                    sample_size=group["sample_size"],
+                    seed=group["seed"],
+                    tensor_indices=indices,
                 )
             )
         self.last_step_stats = stats
@@ -257,6 +352,33 @@ def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
             "an int >= 0",
             "Use 2 to step biases and norm weights densely (the reference code's rule), 0 to filter every tensor.",
         )
+    selection = group.get("selection", "exact")
+    if selection not in SELECTIONS:
+        raise bad(
+            "selection",
+            selection,
+            f"one of {SELECTIONS}",
+            'Use "exact" for the k-th largest |exp_avg| itself, "sampled" for a one-pass estimate of it.',
+        )
+    fused = group.get("fused")
+    if fused not in (None, True, False):
+        raise bad(
+            "fused",
+            fused,
+            "None, True or False",
+            "None uses the fused CPU kernels where they apply, True requires them, False uses torch operations.",
+        )
+    sample_size = group.get("sample_size", 65536)
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1024:
+        raise bad(
+            "sample_size",
+            sample_size,
+            "an int >= 1024",
+            "The default 65536 keeps the sampled fraction within +-0.5 percentage points of the target.",
+        )
+    seed = group.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise bad("seed", seed, "an int in [0, 2**63)", "Any fixed value works; it only picks the sample positions.")
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -267,6 +389,23 @@ def _is_dtensor(p: Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
+def _check_dtensor(p: Tensor, where: str) -> None:
+    """Accept the DTensor layouts whose global threshold MoFO can agree: one mesh dimension, Shard or Replicate."""
+    placements = tuple(p.placements)  # type: ignore[attr-defined]
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    placement = placements[0]
+    supported = mesh.ndim == 1 and (
+        placement.is_replicate() or (placement.is_shard() and type(placement).__name__ == "Shard")
+    )
+    if not supported:
+        raise ValueError(
+            f"{where}: a DTensor parameter of global shape {tuple(p.shape)} with placements {placements} on a "
+            f"{mesh.ndim}-D device mesh is not supported; MoFO agrees a global threshold for DTensors on a 1-D "
+            "mesh with a Shard(dim) or Replicate() placement (FSDP2's fully_shard without tensor parallelism). "
+            'Shard the model with fully_shard over one mesh dimension, or use strategy="ddp".'
+        )
+
+
 def _moment_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
@@ -274,7 +413,9 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 def selection_mask(exp_avg: Tensor, fraction: float) -> Tensor | None:
     """The entries MoFO moves in a tensor: ``|m| >= k-th largest |m|``, ``k = max(1, floor(fraction*numel))``.
 
-    Returns ``None`` when every entry is selected (``k == numel``), so callers can take the dense path.
+    The reference definition (one ``torch.kthvalue`` over the whole tensor), kept as the specification that the
+    optimizer's faster selection is tested against. Returns ``None`` when every entry is selected
+    (``k == numel``), so callers can take the dense path.
     """
     numel = exp_avg.numel()
     k = max(1, math.floor(fraction * numel))
@@ -284,6 +425,57 @@ def selection_mask(exp_avg: Tensor, fraction: float) -> Tensor | None:
     # The k-th largest is the (numel - k + 1)-th smallest; kthvalue is a selection, not a full sort.
     threshold = torch.kthvalue(magnitude.reshape(-1), numel - k + 1).values
     return magnitude >= threshold
+
+
+def _local_view(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
+) -> tuple[LocalView | ShardView, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The view selection works on and the local tensors the arithmetic works on."""
+    if not _is_dtensor(param):
+        return LocalView(param.numel()), (param, grad, exp_avg, exp_avg_sq)
+    tensors = []
+    for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not _is_dtensor(tensor) or tuple(tensor.placements) != tuple(param.placements):  # type: ignore[attr-defined]
+            raise ValueError(
+                f"MoFO: the {name} of a DTensor parameter with placements {tuple(param.placements)} "  # type: ignore[attr-defined]
+                f"must be a DTensor with the same placements, got {type(tensor).__name__} "
+                f"{tuple(getattr(tensor, 'placements', ()))}."
+            )
+        tensors.append(tensor.to_local())  # type: ignore[attr-defined]
+    local = param.to_local()  # type: ignore[attr-defined]
+    placement = param.placements[0]  # type: ignore[attr-defined]
+    if placement.is_replicate():
+        view: LocalView | ShardView = LocalView(local.numel())
+    else:
+        mesh = param.device_mesh  # type: ignore[attr-defined]
+        view = ShardView(
+            param.shape, placement.dim, local.shape, mesh.get_group(0), mesh.get_local_rank(0), mesh.size(0)
+        )
+    return view, (local, tensors[0], tensors[1], tensors[2])
+
+
+def _pick_ops(
+    fused: bool | None, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, eager: EagerOps
+) -> Ops:
+    """The fused CPU kernels where they apply and are wanted, torch operations otherwise (or an error if fused)."""
+    if fused is False:
+        return eager
+    kernels = _fused.load() if param.device.type == "cpu" else None
+    if kernels is not None and kernels.supports(param, grad, exp_avg, exp_avg_sq):
+        return kernels
+    if fused is True:
+        if kernels is None and param.device.type == "cpu":
+            raise RuntimeError(
+                f"MoFO(fused=True): the fused kernels are unavailable ({_fused.unavailable_reason()}). "
+                "Use fused=None to fall back to torch operations automatically, or fused=False."
+            )
+        raise ValueError(
+            f"MoFO(fused=True): the fused kernels step contiguous CPU tensors of dtype float32, bfloat16 or "
+            f"float16 with float32 moments; got a {param.dtype} parameter of shape {tuple(param.shape)} on "
+            f"{param.device} (contiguous: {param.is_contiguous()}, grad {grad.dtype} on {grad.device}). Use "
+            "fused=None to fall back to torch operations for such tensors, or fused=False."
+        )
+    return eager
 
 
 def mofo(
@@ -300,47 +492,58 @@ def mofo(
     weight_decay: float,
     fraction: float | None,
     filter_min_ndim: int,
+    selection: str = "exact",
+    fused: bool | None = None,
+    sample_size: int = 65536,
+    seed: int = 0,
+    tensor_indices: Sequence[int] | None = None,
 ) -> MoFOStepStats:
-    """Functional MoFO step over lists of tensors (one param group); see :class:`MoFO` for the rule.
+    """Functional MoFO step over lists of tensors (one param group); see :class:`MoFO` for the rule and options.
 
     Updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps`` in place and returns what moved.
+    ``tensor_indices`` identify the tensors' samples (default: their positions in ``params``); give each tensor
+    the same index at every step.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"mofo: selection={selection!r} is invalid; the valid choices are {SELECTIONS}.")
+    indices = range(len(params)) if tensor_indices is None else tensor_indices
+    eager = EagerOps()
+    scratch = Scratch()
     stats = MoFOStepStats()
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True):
+    for param, grad, exp_avg, exp_avg_sq, step_t, index in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, strict=True
+    ):
         step_t += 1
-        grad = grad.to(exp_avg.dtype)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-
         step = step_t.item()
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        decay = 1 - lr * weight_decay
-
+        scalars = StepScalars(
+            weight=1 - beta1,
+            beta2=beta2,
+            step_size=lr / (1 - beta1**step),
+            bias_correction2_sqrt=(1 - beta2**step) ** 0.5,
+            eps=eps,
+            decay=1 - lr * weight_decay,
+            has_weight_decay=weight_decay != 0,
+        )
+        view, (p, g, m, v) = _local_view(param, grad, exp_avg, exp_avg_sq)
+        ops = _pick_ops(fused, p, g, m, v, eager)
+        numel = view.numel
         filtered = fraction is not None and param.dim() >= filter_min_ndim
-        mask = selection_mask(exp_avg, fraction) if filtered else None
-        if mask is None:
-            work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
-            if weight_decay != 0:
-                work.mul_(decay)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            work.addcdiv_(exp_avg, denom, value=-step_size)
-            if work is not param:
-                param.copy_(work)
-            updated = param.numel()
+        k = max(1, math.floor(fraction * numel)) if filtered else numel  # type: ignore[operator]
+        if k >= numel:
+            moved = ops.fused(p, g, m, v, 0.0, True, scalars)
+        elif selection == "sampled" and numel > sample_size:
+            key = sample_key(seed, index, int(step))
+            tau = sampled_threshold(ops, view, m, g, key, sample_size, fraction, scalars.weight, scratch)  # type: ignore[arg-type]
+            moved = ops.fused(p, g, m, v, tau, False, scalars)
         else:
-            # Only the selected entries are read, computed and written back: the rest stay bit-for-bit fixed.
-            work = param.masked_select(mask).to(exp_avg.dtype)
-            if weight_decay != 0:
-                work.mul_(decay)
-            denom = (exp_avg_sq.masked_select(mask).sqrt() / bias_correction2_sqrt).add_(eps)
-            work.addcdiv_(exp_avg.masked_select(mask), denom, value=-step_size)
-            param.masked_scatter_(mask, work.to(param.dtype))
-            updated = work.numel()
+            key = sample_key(seed, index, int(step))
+            tau = exact_threshold(ops, view, g, m, v, k, key, scalars, scratch)
+            moved = ops.update(p, m, v, tau, False, scalars)
+        moved = view.local_count(moved)
         stats += MoFOStepStats(
-            updated=updated,
-            numel=param.numel(),
-            filtered_updated=updated if filtered else 0,
-            filtered_numel=param.numel() if filtered else 0,
+            updated=moved,
+            numel=numel,
+            filtered_updated=moved if filtered else 0,
+            filtered_numel=numel if filtered else 0,
         )
     return stats
