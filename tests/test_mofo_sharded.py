@@ -1,0 +1,125 @@
+"""MoFO on sharded parameters: a global threshold, so 2 ranks holding slices step exactly like 1 process.
+
+The sharded runs happen in ``tests/scripts/sharded_mofo.py`` (2 processes, gloo on CPU); the single-process
+references are computed here with the same functions on whole tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lit_mofo.optim.mofo import MoFO
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "sharded_mofo.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+import sharded_mofo  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    command = [sys.executable, str(SCRIPT), str(out_dir), "--port", str(free_port())]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            pytest.fail(f"the sharded script did not finish in 600 s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def assert_identical(sharded: dict[str, Any], reference: dict[str, Any], label: str) -> None:
+    assert sharded["stats"] == reference["stats"], f"{label}: per-step update counts differ"
+    for i, (p, q) in enumerate(zip(sharded["params"], reference["params"], strict=True)):
+        assert torch.equal(p, q), f"{label}: parameter {i} differs from the single-process run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(sharded_mofo.dtensor_scenarios()))
+def test_sharded_dtensor_parameters_step_bit_identically_to_whole_tensors(ranks, scenario):
+    config = sharded_mofo.dtensor_scenarios()[scenario]
+    reference = sharded_mofo.run_dtensor_scenario(config, mesh=None)
+    for rank in ranks:
+        assert_identical(rank["results"][scenario], reference, f"{scenario}, rank {rank['rank']}")
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(ranks):
+    reference = sharded_mofo.run_fsdp2(mesh=None)
+    for rank in ranks:
+        result = rank["results"]["fsdp2"]
+        assert all("Shard(dim=0)" in placement for placement in result["placements"]), result["placements"]
+        assert_identical(result, reference, f"fsdp2, rank {rank['rank']}")
+    filtered = [sum(g["filtered_updated"] for g in step) / sum(g["filtered_numel"] for g in step) for step in
+                reference["stats"]]  # fmt: skip
+    assert all(abs(f - sharded_mofo.FRACTION) < 0.01 for f in filtered)
+
+
+@pytest.fixture
+def single_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_dtensor_layouts_without_a_global_threshold_are_rejected(single_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1, 1))
+    param = nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [Shard(0), Shard(1)]))
+    with pytest.raises(ValueError, match=r"2-D device mesh is not supported.*1-D mesh.*fully_shard"):
+        MoFO([param])
+
+
+def test_one_rank_dtensor_steps_like_a_plain_tensor(single_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    full = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(1))
+    plain = nn.Parameter(full.clone())
+    plain.grad = grad.clone()
+    MoFO([plain], lr=0.1).step()
+    for placement in (Shard(0), Replicate()):
+        param = nn.Parameter(distribute_tensor(full.clone(), mesh, [placement]))
+        optimizer = MoFO([param], lr=0.1)
+        param.grad = distribute_tensor(grad.clone(), mesh, [placement])
+        optimizer.step()
+        assert torch.equal(param.full_tensor(), plain.detach())
+        assert optimizer.last_step_stats[0].updated == 180
+        assert type(optimizer.state[param]["exp_avg"]).__name__ == "DTensor"
+
+
+def test_fsdp1_flattened_parameters_are_rejected_with_the_fsdp2_and_ddp_fixes():
+    param = nn.Parameter(torch.zeros(12))
+    param._fsdp_flattened = True  # how FSDP1 marks the views it hands the optimizer
+    with pytest.raises(ValueError, match=r"FSDP1's flattened parameters.*per slice.*fully_shard.*strategy=\"ddp\""):
+        MoFO([param])
