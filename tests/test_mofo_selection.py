@@ -252,9 +252,13 @@ def test_fused_kernels_compute_what_torch_operations_compute(selection, dtype):
         state_f, state_e = opt_fused.state[p], opt_eager.state[q]
         torch.testing.assert_close(state_f["exp_avg"], state_e["exp_avg"], rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(state_f["exp_avg_sq"], state_e["exp_avg_sq"], rtol=1e-6, atol=1e-12)
-        # The same entries move; low precision may round one entry's last step differently.
-        tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
-        torch.testing.assert_close(p, q, rtol=tolerance, atol=tolerance, msg=name)
+        # torch's vectorised sqrt (SLEEF, 0.5 ulp) is not always correctly rounded, the C one is: a last-bit
+        # difference in a step now and then (which then feeds the next gradients); rounding the step to 16 bits
+        # hides almost all of them.
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(p, q, rtol=max(ulp, 1e-6), atol=max(ulp * 1e-2, 1e-7), msg=name)
+        if dtype != torch.float32:
+            assert (p != q).float().mean() < 1e-3, name
     assert opt_fused.last_step_stats == opt_eager.last_step_stats
 
 
@@ -456,3 +460,26 @@ def _fail_if_compiling(run: Callable) -> Callable:
         return run(command, *args, **kwargs)
 
     return guarded
+
+
+@needs_kernels
+def test_portable_build_without_cpu_specific_instructions_selects_exactly_too(monkeypatch, tmp_path):
+    # The library compiled without -march=native takes the plain C loops instead of the AVX-512 ones.
+    monkeypatch.setenv("LIT_MOFO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_fused, "_state", _fused._State())
+    monkeypatch.setattr(_fused, "_FLAG_SETS", [["-fopenmp"], []])
+    portable = _fused.load()
+    assert portable is not None, _fused.unavailable_reason()
+    gen = torch.Generator().manual_seed(5)
+    for data in ("normal", "ties", "nan_inf", "sorted"):
+        exp_avg, grad = DATA[data]((300, 301), gen), DATA[data]((300, 301), gen)
+        for k in (1, 13545, 90000):
+            m, m_native = exp_avg.clone(), exp_avg.clone()
+            assert_same_threshold(run_exact(portable, m, grad, k), m, k)
+            run_exact(KERNELS, m_native, grad, k)
+            torch.testing.assert_close(m, m_native, rtol=0, atol=0, equal_nan=True, msg="build-dependent moments")
+    p, q = torch.randn(64, 70, generator=gen), torch.randn(64, 70, generator=gen)
+    for kernels in (portable, KERNELS):
+        m, v = torch.zeros(64, 70), torch.zeros(64, 70)
+        moved = kernels.fused(p.clone(), q, m, v, 0.05, False, SCALARS)
+        assert moved == int((m.abs() >= 0.05).sum())

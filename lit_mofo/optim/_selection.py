@@ -216,12 +216,21 @@ class EagerOps:
     ) -> tuple[int, int, int, int]:
         self.moments(grad, exp_avg, exp_avg_sq, weight, beta2)
         magnitude = exp_avg.abs().reshape(-1)
-        inside = (magnitude >= lo) & (magnitude <= hi)
-        counts = torch.stack([magnitude.isnan().sum(), (magnitude > hi).sum(), inside.sum()]).tolist()
+        inside = magnitude >= lo
+        inside &= magnitude <= hi
+        # count_nonzero is several times faster than a bool sum; NaN fails every comparison.
+        counts = torch.stack(
+            [
+                torch.count_nonzero(magnitude.isnan()),
+                torch.count_nonzero(magnitude <= hi),
+                torch.count_nonzero(inside),
+            ]
+        )
+        nan, not_above, inside_count = counts.tolist()
         values = magnitude[inside]
         stored = min(values.numel(), candidates.numel())
         candidates[:stored].copy_(values[:stored])
-        return counts[0], counts[1], counts[2], stored
+        return nan, magnitude.numel() - not_above - nan, inside_count, stored
 
     def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor) -> int:
         magnitude = exp_avg.abs().reshape(-1)
@@ -249,12 +258,22 @@ class EagerOps:
             return param.numel()
         # Only the selected entries are read, computed and written back: the rest stay bit-for-bit fixed.
         mask = exp_avg.abs() >= tau
-        work = param.masked_select(mask).to(exp_avg.dtype)
+        flat = param.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()
+        if flat:  # gather by index: several times faster than masked_select/masked_scatter_
+            index = mask.view(-1).nonzero().squeeze(1)
+            work = param.view(-1).index_select(0, index).to(exp_avg.dtype)
+            m, v = exp_avg.view(-1).index_select(0, index), exp_avg_sq.view(-1).index_select(0, index)
+        else:
+            work = param.masked_select(mask).to(exp_avg.dtype)
+            m, v = exp_avg.masked_select(mask), exp_avg_sq.masked_select(mask)
         if step.has_weight_decay:
             work.mul_(step.decay)
-        denom = (exp_avg_sq.masked_select(mask).sqrt() / step.bias_correction2_sqrt).add_(step.eps)
-        work.addcdiv_(exp_avg.masked_select(mask), denom, value=-step.step_size)
-        param.masked_scatter_(mask, work.to(param.dtype))
+        denom = (v.sqrt_() / step.bias_correction2_sqrt).add_(step.eps)
+        work.addcdiv_(m, denom, value=-step.step_size)
+        if flat:
+            param.view(-1).index_copy_(0, index, work.to(param.dtype))
+        else:
+            param.masked_scatter_(mask, work.to(param.dtype))
         return work.numel()
 
     def fused(
