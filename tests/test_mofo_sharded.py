@@ -81,6 +81,40 @@ def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(
     assert all(abs(f - sharded_mofo.FRACTION) < 0.01 for f in filtered)
 
 
+def run_script(script: Path, out_dir: Path, *extra: str, timeout: float = 600) -> None:
+    """Run a multi-process script in its own session, so that a hang kills every rank."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    command = [sys.executable, str(script), str(out_dir), *extra]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            pytest.fail(f"{script.name} did not finish in {timeout} s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_strategy_gets_the_global_threshold_and_resumes_its_options(tmp_path):
+    run_script(SCRIPT.parent / "model_parallel_mofo.py", tmp_path, "--steps", "3")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert all(t == "DTensor(Shard(dim=0),)" for t in rank0["types"].values()), rank0["types"]
+    for name in rank0["params"]:
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+    # Each filtered tensor moves floor(0.15 * numel) entries of the *whole* tensor (random data: no ties),
+    # not of each rank's slice; the ranks report the same global counts.
+    expected = sum(int(0.15 * n) for n in (16 * 96, 96 * 40, 40 * 4))
+    assert rank0["stats"] == rank1["stats"] and len(rank0["stats"]) == 3
+    assert all(step[0]["filtered_updated"] == expected for step in rank0["stats"])
+    assert rank0["resumed_options"] == {"lr": 1e-2, "selection": "exact", "seed": 7, "sample_size": 4096}
+    assert len(rank0["resumed_stats"]) == 2 and rank0["resumed_stats"] == rank1["resumed_stats"]
+
+
 @pytest.fixture
 def single_process_group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
