@@ -381,12 +381,18 @@ def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
         raise bad("seed", seed, "an int in [0, 2**63)", "Any fixed value works; it only picks the sample positions.")
 
 
-def _is_dtensor(p: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+_DTENSOR: type | None = None
 
-    return isinstance(p, DTensor)
+
+def _is_dtensor(p: Tensor) -> bool:
+    global _DTENSOR
+    if _DTENSOR is None:
+        if not torch.distributed.is_available():
+            return False
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR = DTensor
+    return isinstance(p, _DTENSOR)
 
 
 def _check_dtensor(p: Tensor, where: str) -> None:
@@ -509,21 +515,24 @@ def mofo(
     indices = range(len(params)) if tensor_indices is None else tensor_indices
     eager = EagerOps()
     scratch = Scratch()
-    stats = MoFOStepStats()
+    scalars_by_step: dict[float, StepScalars] = {}  # the tensors of a group usually share their step
+    updated = total = filtered_updated = filtered_total = 0
     for param, grad, exp_avg, exp_avg_sq, step_t, index in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, strict=True
     ):
         step_t += 1
         step = step_t.item()
-        scalars = StepScalars(
-            weight=1 - beta1,
-            beta2=beta2,
-            step_size=lr / (1 - beta1**step),
-            bias_correction2_sqrt=(1 - beta2**step) ** 0.5,
-            eps=eps,
-            decay=1 - lr * weight_decay,
-            has_weight_decay=weight_decay != 0,
-        )
+        scalars = scalars_by_step.get(step)
+        if scalars is None:
+            scalars = scalars_by_step[step] = StepScalars(
+                weight=1 - beta1,
+                beta2=beta2,
+                step_size=lr / (1 - beta1**step),
+                bias_correction2_sqrt=(1 - beta2**step) ** 0.5,
+                eps=eps,
+                decay=1 - lr * weight_decay,
+                has_weight_decay=weight_decay != 0,
+            )
         view, (p, g, m, v) = _local_view(param, grad, exp_avg, exp_avg_sq)
         ops = _pick_ops(fused, p, g, m, v, eager)
         numel = view.numel
@@ -540,10 +549,9 @@ def mofo(
             tau = exact_threshold(ops, view, g, m, v, k, key, scalars, scratch)
             moved = ops.update(p, m, v, tau, False, scalars)
         moved = view.local_count(moved)
-        stats += MoFOStepStats(
-            updated=moved,
-            numel=numel,
-            filtered_updated=moved if filtered else 0,
-            filtered_numel=numel if filtered else 0,
-        )
-    return stats
+        updated += moved
+        total += numel
+        if filtered:
+            filtered_updated += moved
+            filtered_total += numel
+    return MoFOStepStats(updated, total, filtered_updated, filtered_total)
