@@ -8,16 +8,19 @@ Usage::
     python benchmarks/hft_step.py --quick                          # a tiny model, seconds (kept working by a test)
     python benchmarks/hft_step.py --markdown benchmarks/results/hft_step.md
 
-Each method is a real ``Trainer.fit`` of the same model (same initial weights, same batches) with the
-``HalfFineTuning`` callback as a user adds it; a step is timed from ``on_train_batch_start`` to
-``on_train_batch_end``, i.e. forward, backward, the callback's gradient drop and the optimizer step. Rounds
-interleave the methods (the order rotates every round) so that load from other processes hits all of them alike;
-each method's time is the median over all timed steps after the warm-up steps of every fit. Ratios are to full
-fine-tuning of the same run. Methods:
+A step is forward, backward, HFT's gradient drop and the optimizer step, on the same model (same initial weights,
+same batch) for every method. The three models are held side by side and every round times one step of each, the
+order rotating, so that load from other processes hits all methods alike even on a shared machine. Each HFT model
+carries the selection that the ``HalfFineTuning`` callback draws (a one-step ``Trainer.fit`` of a twin with the
+same seed and structure), applied as the callback applies it. Reported: each method's median step, and its median
+ratio to full fine-tuning over the rounds (paired within a round, so slow drifts in the load cancel). Methods:
 
 - ``full``: no callback, every tensor trains;
 - ``hft_freeze``: ``HalfFineTuning(mode="freeze")`` - frozen tensors have ``requires_grad=False``;
 - ``hft_mask``: ``HalfFineTuning(mode="mask")`` - every gradient is computed, the frozen ones are dropped.
+
+What the callback itself adds inside ``Trainer.fit`` - its per-step hooks (``on_before_optimizer_step`` drops
+gradients, ``on_train_batch_end`` checks the re-draw schedule) - is timed separately in real fits.
 
 Memory: the bytes of the optimizer state (``optimizer.state``) at the end of a fit of ``--memory-steps`` steps
 (odd, so the last step trains under the latest draw), for full fine-tuning and for HFT with one draw and with a
@@ -35,7 +38,6 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ class Setup:
     batch: int
 
 
-FULL = Setup(hidden=384, intermediate=1024, layers=6, heads=6, vocab=1024, seq=128, batch=4)
+FULL = Setup(hidden=512, intermediate=1408, layers=8, heads=8, vocab=1024, seq=128, batch=4)
 QUICK = Setup(hidden=64, intermediate=128, layers=2, heads=4, vocab=128, seq=16, batch=2)
 
 
@@ -95,21 +97,6 @@ class Llama(pl.LightningModule):
         if self.optimizer_name == "mofo":
             return MoFO(self.parameters(), lr=1e-5, fraction=0.15)
         return torch.optim.AdamW(self.parameters(), lr=1e-5, weight_decay=0.0)
-
-
-class StepTimer(pl.Callback):
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync = sync
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        self.sync()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self.sync()
-        self.times.append(time.perf_counter() - self._start)
 
 
 def batches(setup: Setup, count: int) -> DataLoader[tuple[Tensor, ...]]:
@@ -147,24 +134,84 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def time_methods(setup: Setup, optimizer: str, rounds: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
+def time_steps(setup: Setup, optimizer: str, rounds: int, warmup: int, device: str) -> dict[str, Any]:
+    """Step-level interleaving: one step of each method per round, on three models held side by side.
+
+    Each HFT model uses the selection that ``HalfFineTuning`` draws (a one-step fit of a twin with the same seed
+    and structure) and applies it as the callback does: ``requires_grad=False`` for ``freeze``, ``grad = None``
+    before the optimizer step for ``mask``.
+    """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    batch = batches(setup, 1).dataset.tensors[0].to(device)  # type: ignore[attr-defined]
+    runners: dict[str, tuple[Llama, torch.optim.Optimizer, list[Tensor]]] = {}
     fractions: dict[str, float] = {"full": 1.0}
-    for method in METHODS:  # an untimed fit of each first: one-time costs (allocator, kernels, imports)
-        make_trainer(warmup, hft_for(method), device).fit(Llama(setup, optimizer), batches(setup, warmup))
+    for method in METHODS:
+        module = Llama(setup, optimizer).to(device)
+        drop: list[Tensor] = []
+        if method != "full":
+            hft = hft_for(method)[0]
+            assert isinstance(hft, HalfFineTuning)
+            make_trainer(1, [hft], device).fit(Llama(setup, optimizer), batches(setup, 1))
+            fractions[method] = hft.trainable_fraction
+            params = dict(module.named_parameters())
+            frozen = [params[name] for name in hft.frozen_names]
+            if method == "hft_freeze":
+                for param in frozen:
+                    param.requires_grad_(False)
+            else:
+                drop = frozen
+        runners[method] = (module, module.configure_optimizers(), drop)
+
+    def step(method: str) -> None:
+        module, opt, drop = runners[method]
+        module.training_step((batch,), 0).backward()
+        for param in drop:
+            param.grad = None
+        opt.step()
+        opt.zero_grad()
+
+    for method in METHODS:
+        for _ in range(warmup):
+            step(method)
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
     for round_index in range(rounds):
         order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
         for method in order:
-            module = Llama(setup, optimizer)
-            timer = StepTimer(sync)
-            callbacks = hft_for(method)
-            make_trainer(warmup + steps, [*callbacks, timer], device).fit(module, batches(setup, warmup + steps))
-            times[method].extend(timer.times[warmup:])
-            if callbacks:
-                fractions[method] = callbacks[0].trainable_fraction  # type: ignore[attr-defined]
-    medians = {method: statistics.median(values) for method, values in times.items()}
-    return {"median_s": medians, "samples": {m: len(v) for m, v in times.items()}, "fraction": fractions}
+            sync()
+            start = time.perf_counter()
+            step(method)
+            sync()
+            times[method].append(time.perf_counter() - start)
+    ratios = {m: statistics.median(t / f for t, f in zip(v, times["full"], strict=True)) for m, v in times.items()}
+    return {"median_s": {m: statistics.median(v) for m, v in times.items()}, "ratio": ratios, "fraction": fractions}
+
+
+class _TimedHalfFineTuning(HalfFineTuning):
+    """The callback, with the time spent in its per-step hooks recorded."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hook_seconds: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        start = time.perf_counter()
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.hook_seconds.append(time.perf_counter() - start)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self.hook_seconds[-1] += time.perf_counter() - start
+
+
+def hook_overhead(setup: Setup, optimizer: str, steps: int, device: str) -> dict[str, float]:
+    """Median seconds per step spent in the callback's per-step hooks during a real fit (no re-draw)."""
+    overhead: dict[str, float] = {}
+    for method in METHODS[1:]:
+        hft = _TimedHalfFineTuning(mode="freeze" if method == "hft_freeze" else "mask", seed=0)
+        make_trainer(steps, [hft], device).fit(Llama(setup, optimizer), batches(setup, steps))
+        overhead[method] = statistics.median(hft.hook_seconds)
+    return overhead
 
 
 def measure_memory(setup: Setup, optimizer: str, steps: int, device: str) -> dict[str, int]:
@@ -198,7 +245,9 @@ def measure_memory(setup: Setup, optimizer: str, steps: int, device: str) -> dic
     return results
 
 
-def markdown(setup: Setup, args: argparse.Namespace, timing: dict[str, Any], memory: dict[str, int]) -> str:
+def markdown(
+    setup: Setup, args: argparse.Namespace, timing: dict[str, Any], overhead: dict[str, float], memory: dict[str, int]
+) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     lines = [
         "## Half Fine-Tuning: training-step time and optimizer state (`benchmarks/hft_step.py`)",
@@ -206,17 +255,20 @@ def markdown(setup: Setup, args: argparse.Namespace, timing: dict[str, Any], mem
         f"Llama architecture, hidden {setup.hidden}, {setup.layers} layers, FFN {setup.intermediate}, "
         f"{setup.heads} heads, vocabulary {setup.vocab} (untied head), batch {setup.batch} x {setup.seq} tokens, "
         f"fp32, optimizer {args.optimizer}; device {args.device} ({device}, {os.cpu_count()} logical CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads). {args.rounds} interleaved rounds x "
-        f"{args.steps} timed steps (+{args.warmup} warm-up) per method; the median step (forward + backward + "
-        "optimizer step, inside `Trainer.fit`).",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads). A step is forward + backward + "
+        "(HFT's gradient drop) + optimizer step; the three models side by side, one step of each per round (order "
+        f"rotating), {args.rounds} rounds after {args.warmup} warm-up steps. *vs full FT* is the median over the "
+        "rounds of the step's ratio to the full fine-tuning step of the same round.",
         "",
-        "| method | median step (ms) | vs full FT | trainable fraction |",
-        "|---|---:|---:|---:|",
+        "| method | median step (ms) | vs full FT | callback hooks per step (us) | trainable fraction |",
+        "|---|---:|---:|---:|---:|",
     ]
-    full = timing["median_s"]["full"]
     for method in METHODS:
-        seconds = timing["median_s"][method]
-        lines.append(f"| {method} | {seconds * 1e3:.1f} | {seconds / full:.2f}x | {timing['fraction'][method]:.1%} |")
+        hooks = f"{overhead[method] * 1e6:.0f}" if method in overhead else "-"
+        lines.append(
+            f"| {method} | {timing['median_s'][method] * 1e3:.1f} | {timing['ratio'][method]:.2f}x | {hooks} | "
+            f"{timing['fraction'][method]:.1%} |"
+        )
     lines += [
         "",
         f"Optimizer state at the end of a {args.memory_steps}-step fit (`optimizer_state` keep/reset; redraw/2 = "
@@ -246,9 +298,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds of 2 steps: a smoke test")
     parser.add_argument("--optimizer", choices=["adamw", "mofo"], default="adamw")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per fit")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every fit")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of one timed step per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the rounds")
+    parser.add_argument("--hook-steps", type=int, default=4, help="steps of the fits that time the callback's hooks")
     parser.add_argument(
         "--memory-steps", type=int, default=7, help="odd, so that the last step trains under the latest re-draw"
     )
@@ -259,14 +311,15 @@ def main(argv: list[str] | None = None) -> str:
         torch.set_num_threads(args.threads)
     setup = FULL
     if args.quick:
-        setup, args.rounds, args.steps, args.warmup, args.memory_steps = QUICK, 2, 2, 1, 3
+        setup, args.rounds, args.warmup, args.hook_steps, args.memory_steps = QUICK, 3, 1, 2, 3
 
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "lit_mofo"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    timing = time_methods(setup, args.optimizer, args.rounds, args.steps, args.warmup, args.device)
+    timing = time_steps(setup, args.optimizer, args.rounds, args.warmup, args.device)
+    overhead = hook_overhead(setup, args.optimizer, args.hook_steps, args.device)
     memory = measure_memory(setup, args.optimizer, args.memory_steps, args.device)
-    text = markdown(setup, args, timing, memory)
+    text = markdown(setup, args, timing, overhead, memory)
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def test_hft_step_benchmark_quick_mode_reports_times_and_optimizer_state(tmp_pat
     # Memory is deterministic: with reset, the optimizer holds state only for the trainable tensors (embeddings,
     # head and half of each block: well under full FT), while keep accumulates the moments of every tensor that
     # trained in any round.
-    fraction = float(re.search(r"^\| hft_freeze \| [\d.]+ \| [\d.]+x \| ([\d.]+)% \|", text, re.MULTILINE)[1]) / 100
+    fraction = float(re.search(r"^\| hft_freeze \|.*\| ([\d.]+)% \|$", text, re.MULTILINE)[1]) / 100
     assert float(rows["hft redraw/2, reset"]) == pytest.approx(fraction, abs=0.02)
     assert float(rows["hft redraw/2, reset"]) < float(rows["hft redraw/2, keep"]) < 1.0
     assert "snapshot that `reset=True` keeps" in text

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_mofo.callbacks.half_finetuning import HalfFineTuning
 from lit_mofo.optim.mofo import MoFO
+from lit_mofo.snapshot import PretrainedSnapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -557,8 +558,10 @@ def test_resuming_with_reset_from_a_checkpoint_without_pretrained_values_is_refu
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)
     trainer(2, [HalfFineTuning(seed=0), checkpoint], enable_checkpointing=True).fit(module, loader())
     hft = HalfFineTuning(seed=0, redraw_every_n_steps=2, reset=True)
+    resumed = LM(tiny_llama(2))
     with pytest.raises(MisconfigurationException, match="holds no pre-trained values"):
-        trainer(4, [hft]).fit(LM(tiny_llama(2)), loader(), ckpt_path=checkpoint.best_model_path)
+        trainer(4, [hft]).fit(resumed, loader(), ckpt_path=checkpoint.best_model_path)
+    assert PretrainedSnapshot.get(resumed) is None  # the failed fit let go of the snapshot
 
 
 # ---------------------------------------------------------------------------------------------------- strategies

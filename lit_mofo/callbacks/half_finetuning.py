@@ -130,9 +130,11 @@ class HalfFineTuning(Callback):
     **Resets** (``reset=True``): a matrix frozen at a re-draw is restored to its pre-trained value (its value at the
     start of fit), as in the paper's pilot experiment. The values come from the shared
     :class:`~lit_mofo.snapshot.PretrainedSnapshot`: one copy, on the CPU, of every tensor that a re-draw may freeze,
-    in ``snapshot_dtype`` (default: the parameter's own) - for a bf16 Llama-2-7B about 12.4 GB of host memory per
+    in ``snapshot_dtype`` (default: the parameter's own) - for a bf16 Llama-2-7B about 13 GB of host memory per
     process (its blocks; embeddings and head are not drawn), shared with the other lit_mofo callbacks, and
-    carried in the checkpoints.
+    carried in the checkpoints that ``ModelCheckpoint`` writes during fit. The copy is freed at the end of fit, so a
+    checkpoint written by ``trainer.save_checkpoint`` after ``fit`` returns has no pre-trained values and cannot
+    resume a ``reset=True`` run.
 
     **State**: :attr:`trainable_names`, :attr:`frozen_names`, :attr:`trainable_fraction` (by parameter count) and
     :attr:`history` (one entry per draw); each draw logs ``hft/trainable_fraction`` to the trainer's loggers, a
@@ -454,12 +456,20 @@ class HalfFineTuning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            self._release(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release(pl_module)
+
+    def _release(self, pl_module: pl.LightningModule) -> None:
+        """End of fit: give back the ``requires_grad`` flags as they were and the hold on the snapshot."""
         for name, requires_grad in self._original_requires_grad.items():
             self._params[name].requires_grad_(requires_grad)
+        self._original_requires_grad = {}
         self._frozen_params = []
-        if self._snapshot is not None:
+        if self._snapshot is not None or PretrainedSnapshot.get(pl_module) is not None:
             PretrainedSnapshot.detach(pl_module, owner=self)
             self._snapshot = None
 
