@@ -408,6 +408,18 @@ def test_redraws_every_n_steps_follow_the_schedule_and_repeat_for_a_seed() -> No
     assert other.frozen != selections
 
 
+@pytest.mark.parametrize("mode", ["freeze", "mask"])
+def test_redraws_count_optimizer_steps_under_gradient_accumulation(mode: str) -> None:
+    hft = HalfFineTuning(mode=mode, seed=0, redraw_every_n_steps=2)
+    recorder = DrawRecorder(hft)
+    trainer(4, [hft, recorder], accumulate_grad_batches=2).fit(LM(tiny_llama(2)), loader(batches=8))
+    assert [entry["step"] for entry in hft.history] == [0, 2, 4]
+    # a selection holds for whole accumulation windows: batches 0-3 under the first draw, 4-7 under the second
+    assert recorder.frozen[0] == recorder.frozen[3] != recorder.frozen[4] == recorder.frozen[7]
+    for frozen, changed in zip(recorder.frozen, recorder.changed, strict=True):
+        assert not set(frozen) & changed
+
+
 def test_redraws_every_n_epochs_happen_at_epoch_starts() -> None:
     hft = HalfFineTuning(seed=0, redraw_every_n_epochs=2)
     recorder = DrawRecorder(hft)
