@@ -1,5 +1,6 @@
 """lit_mofo: fine-tune pre-trained models with PyTorch Lightning without forgetting what they knew."""
 
+from lit_mofo.callbacks import ForgettingMonitor, HalfFineTuning, L2ToPretrained, MoFOCallback, ParameterDrift
 from lit_mofo.optim import (
     MoFO,
     MoFOStepStats,
@@ -7,12 +8,19 @@ from lit_mofo.optim import (
     mofo_param_groups,
     warmup_lr_scheduler,
 )
+from lit_mofo.snapshot import PretrainedSnapshot
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ForgettingMonitor",
+    "HalfFineTuning",
+    "L2ToPretrained",
     "MoFO",
+    "MoFOCallback",
     "MoFOStepStats",
+    "ParameterDrift",
+    "PretrainedSnapshot",
     "__version__",
     "mofo_configure_optimizers",
     "mofo_param_groups",

@@ -1,1 +1,9 @@
-"""Lightning callbacks: MoFO as a callback, Half Fine-Tuning, forgetting evaluation and parameter drift."""
+"""Lightning callbacks: MoFO as a callback, Half Fine-Tuning, forgetting evaluation, parameter drift, L2 to θ₀."""
+
+from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor
+from lit_mofo.callbacks.half_finetuning import HalfFineTuning
+from lit_mofo.callbacks.l2_to_pretrained import L2ToPretrained
+from lit_mofo.callbacks.mofo_callback import MoFOCallback
+from lit_mofo.callbacks.parameter_drift import ParameterDrift
+
+__all__ = ["ForgettingMonitor", "HalfFineTuning", "L2ToPretrained", "MoFOCallback", "ParameterDrift"]
