@@ -41,7 +41,7 @@ __all__ = ["CpuKernels", "load", "load_seconds", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 
 _SOURCE = r"""
 #include <math.h>
@@ -52,7 +52,7 @@ _SOURCE = r"""
 #include <omp.h>
 #endif
 
-#define ABI_VERSION 6
+#define ABI_VERSION 7
 #define PAR_MIN 65536
 #define MAX_CHUNKS 256
 
@@ -132,13 +132,24 @@ static inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
 }
-/* Stratified: sample j is a uniform position in the j-th of s equal strata, so the positions increase with j
-   (memory is read front to back) and every region of the tensor is represented. */
-static inline int64_t sample_index(uint64_t key, int64_t j, int64_t s, int64_t n) {
-    uint64_t z = mix64(key + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL);
-    int64_t start = (j * n) / s;
-    uint64_t width = (uint64_t)(((j + 1) * n) / s - start);
-    return start + (int64_t)(((z >> 32) * width) >> 32);
+/* Stratified: sample j is a uniform position in the j-th of s equal strata, [floor(j n / s), floor((j+1) n / s)),
+   so the positions increase with j (memory is read front to back) and every region of the tensor is represented.
+   Writes the positions of samples [j0, j0 + len) to idx; the strata bounds advance by n / s with a carry, one
+   division per block instead of two per sample. */
+static void sample_positions(uint64_t key, int64_t j0, int64_t len, int64_t s, int64_t n, int64_t* restrict idx) {
+    const int64_t q = n / s, r = n % s;
+    int64_t start = j0 * q + (j0 * r) / s, frac = (j0 * r) % s;
+    for (int64_t t = 0; t < len; ++t) {
+        int64_t next = start + q, f = frac + r;
+        if (f >= s) {
+            f -= s;
+            ++next;
+        }
+        uint64_t z = mix64(key + (uint64_t)(j0 + t + 1) * 0x9E3779B97F4A7C15ULL);
+        idx[t] = start + (int64_t)(((z >> 32) * (uint64_t)(next - start)) >> 32);
+        start = next;
+        frac = f;
+    }
 }
 
 /* ---- selection -------------------------------------------------------------------------------------------- */
@@ -311,19 +322,28 @@ DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
     /* Sample of |m_t| at the hashed indices, m_t computed from m_{t-1} and g as the moment update will. */        \
     void mofo_sample_hashed_##SUF(const float* restrict m, const PT* restrict g, int64_t n, uint64_t key,          \
                                   int64_t s, float w, float* restrict out, int64_t threads) {                     \
-        (void)threads; /* too little work to share: a parallel region would cost more than it saves */            \
-        enum { AHEAD = 16 };                                                                                      \
-        int64_t ahead[AHEAD];                                                                                     \
-        for (int64_t j = 0; j < AHEAD && j < s; ++j) ahead[j] = sample_index(key, j, s, n);                       \
-        for (int64_t j = 0; j < s; ++j) {                                                                         \
-            int64_t i = ahead[j % AHEAD];                                                                         \
-            if (j + AHEAD < s) {                                                                                  \
-                int64_t next = sample_index(key, j + AHEAD, s, n);                                                \
-                __builtin_prefetch(m + next);                                                                     \
-                __builtin_prefetch(g + next);                                                                     \
-                ahead[j % AHEAD] = next;                                                                          \
+        int64_t chunks = s < 16384 ? 1 : num_chunks(s * 64, threads);                                             \
+        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                      \
+        for (int64_t c = 0; c < chunks; ++c) {                                                                    \
+            enum { B = 64 };                                                                                      \
+            int64_t idx[2][B];                                                                                    \
+            const int64_t begin = chunk_begin(s, chunks, c), end = chunk_begin(s, chunks, c + 1);                 \
+            sample_positions(key, begin, end - begin < B ? end - begin : B, s, n, idx[0]);                        \
+            for (int64_t j0 = begin, cur = 0; j0 < end; j0 += B, cur ^= 1) {                                      \
+                int64_t len = end - j0 < B ? end - j0 : B;                                                        \
+                if (j0 + B < end) { /* the next block's positions, fetched while this one is computed */          \
+                    int64_t next_len = end - j0 - B < B ? end - j0 - B : B;                                       \
+                    sample_positions(key, j0 + B, next_len, s, n, idx[cur ^ 1]);                                  \
+                    for (int64_t t = 0; t < next_len; ++t) {                                                      \
+                        __builtin_prefetch(m + idx[cur ^ 1][t]);                                                  \
+                        __builtin_prefetch(g + idx[cur ^ 1][t]);                                                  \
+                    }                                                                                             \
+                }                                                                                                 \
+                for (int64_t t = 0; t < len; ++t) {                                                               \
+                    int64_t i = idx[cur][t];                                                                      \
+                    out[j0 + t] = fabsf(lerp_w(m[i], LOAD(g[i]), w));                                             \
+                }                                                                                                 \
             }                                                                                                     \
-            out[j] = fabsf(lerp_w(m[i], LOAD(g[i]), w));                                                          \
         }                                                                                                         \
     }                                                                                                             \
     /* The same at given local indices; a negative index (an entry another rank holds) gives 0. */               \

@@ -3,17 +3,19 @@
 ``exact`` selection (the default) returns the k-th largest ``|m_t|`` itself, so the mask is exactly the spec's
 ``|m_t| >= tau``:
 
-1. a sample of ``|m_t|`` at hashed random positions gives a bracket ``[lo, hi]`` that holds the k-th largest
-   value with overwhelming probability (a few standard deviations of the sample quantile on either side);
+1. a stratified sample of ``|m_t|`` (one hashed position in each of ``s`` equal strata) gives a bracket
+   ``[lo, hi]`` that holds the k-th largest value with overwhelming probability (four standard deviations of the
+   sample quantile on either side);
 2. the moment update's own pass counts the entries above ``hi`` (NaN ranks above everything, as in
    ``torch.topk``/``torch.kthvalue``) and copies the few inside the bracket (about 1-5% of the tensor);
-3. a quickselect over those candidates gives the threshold. When the counts show the bracket missed the threshold
-   (or too many entries tie inside it), one extra pass collects the right range instead, so the answer is exact
-   whatever the data; only the time changes.
+3. a selection over those candidates (radix select in C, ``torch.kthvalue`` in torch) gives the threshold. When
+   the counts show the bracket missed the threshold (or too many entries tie inside it), one extra pass collects
+   the right range instead, so the answer is exact whatever the data; only the time changes.
 
 ``sampled`` selection takes ``tau`` as the matching quantile of a fixed-size sample (``sample_size`` entries at
 hashed positions, the moments evaluated there before the pass), so moments, comparison and step fit in one pass.
-With ``s`` samples the realised fraction has a standard deviation of about ``sqrt(f (1 - f) / s)``.
+With ``s`` samples the realised fraction has a standard deviation of at most ``sqrt(f (1 - f) / s)`` (stratifying
+can only lower it).
 
 The sample positions are a pure function of ``(seed, tensor index, step)`` (splitmix64), mirrored bit for bit by
 the C kernels: no random generator state to carry, every DDP rank draws the same sample, and a run resumed from a
@@ -451,7 +453,6 @@ def exact_threshold(
         sample = scratch.get(size, device)
         view.sample(ops, exp_avg, grad, key, size, step.weight, sample)
         ops.nan_to_inf(sample)
-        # Select the upper end first: the lower one then only looks at what quickselect left below it.
         hi = math.inf if j_hi < 1 else _kth_largest(ops, sample, j_hi)
         lo = 0.0 if j_lo > size else _kth_largest(ops, sample, j_lo)
         share = (min(j_lo, size) - j_hi) / size

@@ -8,7 +8,6 @@ only validates hyper-parameters, keeps the state and gathers the tensors.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from lit_mofo.optim._selection import (
 )
 
 __all__ = ["MoFO", "MoFOStepStats", "mofo", "selection_mask"]
-
-log = logging.getLogger(__name__)
 
 SELECTIONS = ("exact", "sampled")
 # Options added after the first release: checkpoints saved before them get these values on load.
@@ -95,34 +92,39 @@ class MoFO(Optimizer):
     Moments are kept in float32 for float16/bfloat16 parameters (in the parameter's dtype otherwise) and the
     update is computed in that precision, then written back in the parameter's dtype.
 
-    **Selection.** ``selection="exact"`` (the default) finds :math:`\tau` without sorting: a hashed random sample of
-    :math:`|m_t|` brackets the threshold, the moment update's pass counts the entries above the bracket and copies
-    the few inside it, and a quickselect over those gives the k-th largest value itself, so the mask is exactly
-    the one above (an extra pass repairs the rare bracket that misses). ``selection="sampled"`` takes :math:`\tau`
-    as the matching quantile of a sample of ``sample_size`` entries and needs a single pass: the realised fraction
-    then has a standard deviation of :math:`\sqrt{\alpha(1-\alpha)/s}` (0.14 percentage points at
-    :math:`\alpha = 0.15`, :math:`s = 65536`: within +-0.5 points in more than 99.9% of the tensor-steps for
-    :math:`\alpha \le 0.2`). Tensors with at most ``sample_size`` entries are always selected exactly. The sample
-    positions are a hash of ``(seed, tensor index, step)``: no generator state to carry, the same on every rank,
-    and a resumed run (its checkpoint holds the seed and each tensor's step) draws what the uninterrupted one would.
+    **Selection.** ``selection="exact"`` (the default) finds :math:`\tau` without sorting: a stratified sample of
+    :math:`|m_t|` at hashed positions brackets the threshold, the moment update's pass counts the entries above the
+    bracket and copies the few inside it (about 1-5%), and a radix selection over those gives the k-th largest
+    value itself, so the mask is exactly the one above; when the counts show the bracket missed, one extra pass
+    collects the right range instead. ``selection="sampled"`` takes :math:`\tau` as the matching quantile of a
+    sample of ``sample_size`` entries and needs a single pass: the realised fraction's standard deviation is at most
+    :math:`\sqrt{\alpha(1-\alpha)/s}` (0.14 percentage points at :math:`\alpha = 0.15`, :math:`s = 65536`, so
+    it is within +-0.5 points of :math:`\alpha` in more than 99.9% of the tensor-steps; 99.8% at
+    :math:`\alpha = 0.2`). Tensors with at most ``sample_size`` entries are always selected exactly. The sample
+    positions are a hash of ``(seed, tensor index, step)``: no generator state to carry, no draw from torch's
+    global generator, the same on every rank, and a resumed run (its checkpoint holds the seed and each tensor's
+    step) draws what the uninterrupted one would.
 
     **Fused kernels.** On CPU, float32/bfloat16/float16 parameters are stepped by a small C library (compiled with
-    the system C compiler on first use, about 1 s, then cached in ``~/.cache/lit_mofo``; see
-    :mod:`lit_mofo.optim._fused`): one pass for the sampled selection and the dense step, two for the exact
-    selection. ``fused=None`` uses it wherever it can and falls back to torch operations otherwise (no compiler,
-    other devices, float64, non-contiguous tensors); ``fused=True`` raises instead of falling back; ``fused=False``
-    always uses torch operations.
+    the system C compiler at the first step that needs it, a few seconds once per machine, then loaded from
+    ``~/.cache/lit_mofo``; see :mod:`lit_mofo.optim._fused`): one pass over memory for the sampled selection and
+    the dense step, two for the exact selection. ``fused=None`` uses it wherever it can and falls back to torch
+    operations otherwise (no C compiler, ``LIT_MOFO_FUSED=0``, CUDA and other devices, float64, non-contiguous
+    tensors) with one info-level log message; ``fused=True`` raises instead of falling back; ``fused=False``
+    always uses torch operations. There is no fused GPU kernel yet: on CUDA both selections run as torch
+    operations (the exact one still without a full sort).
 
     **Sharded parameters.** DTensor parameters sharded over a 1-D device mesh (FSDP2's ``fully_shard``, Lightning's
     ``ModelParallelStrategy`` without tensor parallelism) get the global tensor's threshold: the sample, the counts
-    and the candidates are combined across the mesh, so every rank selects exactly what a single process holding
-    the whole tensor would. Replicated DTensors are stepped like plain tensors. FSDP1's flattened parameters
+    and the candidates are combined across the mesh (a few small collectives per tensor and step), so every rank
+    selects exactly what a single process holding the whole tensor would. Replicated DTensors are stepped like
+    plain tensors; other layouts (2-D meshes, tensor parallelism) are rejected. FSDP1's flattened parameters
     (``strategy="fsdp"``) are rejected: each rank would rank a flattened 1-D slice. DeepSpeed ZeRO hands the
     optimizer flat partitions that cannot be told apart from ordinary tensors; do not combine it with MoFO.
 
     Args:
         params: tensors, param-group dicts or ``(name, tensor)`` pairs, as for any torch optimizer. A group may
-            override every hyper-parameter below, ``fraction``, ``filter_min_ndim`` and ``selection`` included.
+            override every option below (``fraction``, ``filter_min_ndim``, ``selection``, ``fused``, ...).
         lr: learning rate :math:`\gamma`, >= 0. The paper fine-tunes with 2e-5 and a cosine schedule.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: term added to the denominator, >= 0.
