@@ -1,0 +1,296 @@
+"""A LightningModule that fine-tunes any Hugging Face causal language model, with MoFO by default.
+
+:class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a hub name, a local
+directory, or ``"scenario:base"`` for the embedded scenario's base model) or builds one from a config, trains it on
+batches of ``input_ids``/``attention_mask``/``labels`` (labels -100 where no loss is taken, e.g. on prompt tokens),
+and takes its optimizer and scheduler from outside (LightningCLI's ``optimizer:``/``lr_scheduler:`` blocks, or
+callables in Python); without them it uses MoFO with the paper's settings. It can export the fine-tuned model with
+``save_pretrained`` at the end of fit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from typing_extensions import override
+
+from lit_mofo.optim.helpers import Schedule, mofo_configure_optimizers, mofo_param_groups, warmup_lr_scheduler
+
+__all__ = ["CausalLMModule"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_IGNORE_INDEX = -100
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+class CausalLMModule(pl.LightningModule):
+    """Fine-tune a Hugging Face causal LM; the loss is the model's next-token loss on the labelled tokens.
+
+    **The model.** ``model`` is a Hugging Face name, a local ``save_pretrained`` directory, or ``"scenario:base"``
+    (the embedded scenario's base model, built and cached on first use, see :mod:`lit_mofo.scenario`); it is loaded
+    with ``AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
+    **from_pretrained_kwargs)`` and put in train mode. ``model_config`` instead builds a randomly initialised model
+    from a config (a dict with ``model_type``, or a ``PretrainedConfig``), for tests and from-scratch runs. The
+    tokenizer comes from ``tokenizer``, else from the model's directory (None if it has none); a tokenizer without a
+    pad token gets its EOS token as pad token. The loaded model is :attr:`model`, the tokenizer :attr:`tokenizer`.
+
+    **Batches** are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt tokens and padding,
+    as :class:`~lit_mofo.data.instruction.InstructionDataModule` makes them); without ``labels`` every attended
+    token is a target. Logged: ``train_loss`` (every step) and ``val_loss`` (epoch mean over processes).
+
+    **Optimizer and schedule.** ``optimizer`` is called with the trainable parameters as named param groups
+    (:func:`~lit_mofo.optim.helpers.mofo_param_groups`: biases, norms and embeddings in a group with
+    ``weight_decay=0``) — in YAML a ``class_path``/``init_args`` block, e.g. ``torch.optim.AdamW`` or
+    ``lit_mofo.MoFO``. ``lr_scheduler`` is called with the optimizer and stepped every optimizer step
+    (``ReduceLROnPlateau``: every epoch, on ``val_loss``). Without ``lr_scheduler`` the learning rate follows
+    ``schedule`` after a linear warmup over ``warmup_ratio`` of the steps (over ``trainer.estimated_stepping_batches``
+    steps). Without ``optimizer``: MoFO with the paper's settings (lr 2e-5, fraction 0.15, no weight decay) and that
+    schedule (cosine, warmup 3% by default), via :func:`~lit_mofo.optim.helpers.mofo_configure_optimizers`.
+
+    **Export.** With ``export_dir``, the model (``save_pretrained``, with the full state dict gathered from every
+    process) and the tokenizer are written there at the end of a fit that completes, by rank zero; the weights are
+    the final ones (not a checkpoint's "best").
+
+    Args:
+        model: Hugging Face name, local directory, or ``"scenario:base"``.
+        model_config: a config to build an untrained model from (instead of ``model``).
+        tokenizer: tokenizer name or path; None: the model's own (if it has one).
+        optimizer: optimizer factory (LightningCLI dependency injection); None: MoFO with the paper's settings.
+        lr_scheduler: scheduler factory; None: warmup + ``schedule``.
+        schedule: ``cosine``, ``linear`` (both to 0 at the end) or ``constant`` after the warmup.
+        warmup_ratio: share of the optimizer steps spent warming up, in [0, 1).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more compute).
+        dtype: parameter dtype at load: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's);
+            None: transformers' default. Mixed precision is the Trainer's ``precision``.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``...; None: transformers' choice.
+        from_pretrained_kwargs: more keyword arguments for ``from_pretrained`` (``revision``,
+            ``trust_remote_code``, ``local_files_only``...).
+        export_dir: directory for the ``save_pretrained`` export at the end of fit; None: no export.
+
+    Example::
+
+        module = CausalLMModule("HuggingFaceTB/SmolLM2-135M", optimizer=partial(torch.optim.AdamW, lr=1e-5))
+        trainer = Trainer(max_steps=1000, precision="bf16-mixed")
+        trainer.fit(module, InstructionDataModule(train_file="train.jsonl", val_fraction=0.05))
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict[str, Any] | PretrainedConfig | None = None,
+        tokenizer: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        schedule: Schedule = "cosine",
+        warmup_ratio: float = 0.03,
+        gradient_checkpointing: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None,
+        attn_implementation: str | None = None,
+        from_pretrained_kwargs: dict[str, Any] | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (model is None) == (model_config is None):
+            raise MisconfigurationException(
+                f"CausalLMModule needs exactly one of `model` (a Hugging Face name or a local directory) and "
+                f"`model_config` (to build an untrained model); got model={model!r}, model_config={model_config!r}."
+            )
+        if dtype is not None and dtype != "auto" and dtype not in _DTYPES:
+            raise MisconfigurationException(f"dtype={dtype!r} is not one of {[*_DTYPES, 'auto']} (or None).")
+        if schedule not in ("cosine", "linear", "constant"):
+            raise MisconfigurationException(f"schedule={schedule!r} is not one of 'cosine', 'linear', 'constant'.")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise MisconfigurationException(f"warmup_ratio={warmup_ratio!r} is outside [0, 1); the paper uses 0.03.")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.schedule: Schedule = schedule
+        self.warmup_ratio = warmup_ratio
+        self.export_dir = export_dir
+
+        self.model: PreTrainedModel
+        if model is not None:
+            source = self._resolve(model)
+            self.model = self._load(source, dtype, attn_implementation, from_pretrained_kwargs or {})
+        else:
+            self.model = self._build(model_config, dtype, attn_implementation)
+            source = None
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes during fit
+        if gradient_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(tokenizer, source)
+
+    # ---- construction --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve(model: str) -> str:
+        from lit_mofo.scenario.base_model import SCENARIO_MODEL, base_model_path
+
+        if model == SCENARIO_MODEL:
+            return str(base_model_path())
+        return model
+
+    @staticmethod
+    def _load(
+        source: str, dtype: str | None, attn_implementation: str | None, kwargs: dict[str, Any]
+    ) -> PreTrainedModel:
+        from transformers import AutoModelForCausalLM
+
+        options = dict(kwargs)
+        if dtype is not None:
+            options[_dtype_keyword()] = dtype if dtype == "auto" else _DTYPES[dtype]
+        if attn_implementation is not None:
+            options["attn_implementation"] = attn_implementation
+        try:
+            return AutoModelForCausalLM.from_pretrained(source, **options)
+        except (OSError, ValueError) as error:  # OSError: missing path, unknown name, no network
+            if Path(source).expanduser().is_dir():
+                raise MisconfigurationException(
+                    f"model={source!r} is a directory but holds no loadable model (a `save_pretrained` directory "
+                    f"has config.json and the weights). Cause: {error}"
+                ) from error
+            if not isinstance(error, OSError):
+                raise
+            raise MisconfigurationException(
+                f"model={source!r} is neither a local directory (cwd: {os.getcwd()}) nor a Hugging Face model that "
+                "can be reached (offline, it must already be in the Hugging Face cache). Check the path or the "
+                f"name. Cause: {error}"
+            ) from error
+
+    @staticmethod
+    def _build(
+        model_config: dict[str, Any] | PretrainedConfig | None, dtype: str | None, attn_implementation: str | None
+    ) -> PreTrainedModel:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if isinstance(model_config, PretrainedConfig):
+            config = model_config
+        else:
+            values = dict(model_config or {})
+            model_type = values.pop("model_type", None)
+            if model_type is None:
+                raise MisconfigurationException(
+                    f"model_config={model_config!r} needs a 'model_type' (e.g. 'llama', 'gpt2') to choose the "
+                    "architecture."
+                )
+            config = AutoConfig.for_model(model_type, **values)
+        options: dict[str, Any] = {}
+        if attn_implementation is not None:
+            options["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_config(config, **options)
+        if dtype is not None and dtype != "auto":
+            model = model.to(_DTYPES[dtype])
+        return model
+
+    @staticmethod
+    def _load_tokenizer(tokenizer: str | None, source: str | None) -> PreTrainedTokenizerBase | None:
+        from transformers import AutoTokenizer
+
+        if tokenizer is not None:
+            try:
+                loaded = AutoTokenizer.from_pretrained(tokenizer)
+            except (OSError, ValueError) as error:
+                raise MisconfigurationException(
+                    f"tokenizer={tokenizer!r} is neither a local directory with tokenizer files nor a Hugging Face "
+                    f"name that can be reached: {error}"
+                ) from error
+        elif source is not None:
+            try:
+                loaded = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError, TypeError):  # a model directory without tokenizer files
+                rank_zero_info(f"CausalLMModule: {source!r} has no tokenizer; pass `tokenizer=` if the data needs it.")
+                return None
+        else:
+            return None
+        if loaded.pad_token is None and loaded.eos_token is not None:
+            loaded.pad_token = loaded.eos_token  # padding is masked out of attention and loss
+        return loaded
+
+    # ---- training ------------------------------------------------------------------------------------------------
+
+    @override
+    def forward(self, **batch: Any) -> Any:
+        """The Hugging Face model's output for a batch dict (``.loss`` when ``labels`` are given, ``.logits``)."""
+        return self.model(**batch)
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        if "labels" not in batch:
+            mask = batch.get("attention_mask")
+            labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, _IGNORE_INDEX)
+            batch = {**batch, "labels": labels}
+        return self.model(**batch, use_cache=False).loss
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    @override
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            return mofo_configure_optimizers(self, schedule=self.schedule, warmup_ratio=self.warmup_ratio)
+        optimizer = self.optimizer_factory(mofo_param_groups(self))
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+            if isinstance(scheduler, ReduceLROnPlateau):
+                config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val_loss"}
+            else:
+                config = {"scheduler": scheduler, "interval": "step"}
+            return {"optimizer": optimizer, "lr_scheduler": config}
+        steps = self.trainer.estimated_stepping_batches
+        scheduler_config = warmup_lr_scheduler(optimizer, steps, schedule=self.schedule, warmup_ratio=self.warmup_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.export_dir is not None:
+            self.export(self.export_dir)
+
+    def export(self, directory: str | os.PathLike[str]) -> None:
+        """``save_pretrained`` the model and the tokenizer to ``directory`` on rank zero.
+
+        Call it on every process: the full state dict is gathered from all of them (a collective under sharded
+        strategies), then rank zero writes, and all wait until the files exist.
+        """
+        state_dict = self.trainer.strategy.lightning_module_state_dict() if self._trainer is not None else None
+        if self._trainer is None or self.trainer.is_global_zero:
+            directory = Path(directory).expanduser()
+            directory.mkdir(parents=True, exist_ok=True)
+            model_state = None
+            if state_dict:
+                model_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            self.model.save_pretrained(directory, state_dict=model_state)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+            rank_zero_info(f"CausalLMModule: exported the fine-tuned model to {directory}")
+        if self._trainer is not None:
+            self.trainer.strategy.barrier("causal_lm_export")
