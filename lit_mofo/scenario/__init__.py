@@ -1,0 +1,38 @@
+"""The embedded scenario: a world of facts, a small Llama pre-trained on it, and a fine-tuning task — offline.
+
+- :mod:`~lit_mofo.scenario.corpus`: seeded facts about generated entities (the "general knowledge").
+- :mod:`~lit_mofo.scenario.task`: word-list problems; ``repeat`` (a skill of the base model) and ``cipher`` (the
+  fine-tuning task).
+- :mod:`~lit_mofo.scenario.vocab`: the shipped word-level tokenizer.
+- :mod:`~lit_mofo.scenario.base_model`: builds and caches the base model (``python -m lit_mofo.scenario
+  build-base``; built automatically on first use).
+- :mod:`~lit_mofo.scenario.data`: :class:`ScenarioDataModule`, the fine-tuning data.
+- :mod:`~lit_mofo.scenario.probes`: :class:`KnowledgeProbe` and :class:`TaskProbe` for the forgetting monitor.
+"""
+
+from lit_mofo.scenario.base_model import SCENARIO_MODEL, BaseModelRecipe, base_model_path, build_base_model
+from lit_mofo.scenario.corpus import Fact, KnowledgeSpec, generate_facts
+from lit_mofo.scenario.data import ScenarioDataModule
+from lit_mofo.scenario.probes import KnowledgeProbe, TaskProbe, evaluate_knowledge, evaluate_task
+from lit_mofo.scenario.task import TaskExample, TaskSpec, generate_task
+from lit_mofo.scenario.vocab import build_tokenizer, load_tokenizer
+
+__all__ = [
+    "SCENARIO_MODEL",
+    "BaseModelRecipe",
+    "Fact",
+    "KnowledgeProbe",
+    "KnowledgeSpec",
+    "ScenarioDataModule",
+    "TaskExample",
+    "TaskProbe",
+    "TaskSpec",
+    "base_model_path",
+    "build_base_model",
+    "build_tokenizer",
+    "evaluate_knowledge",
+    "evaluate_task",
+    "generate_facts",
+    "generate_task",
+    "load_tokenizer",
+]

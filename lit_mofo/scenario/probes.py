@@ -1,0 +1,389 @@
+"""Probes of the embedded scenario: how much of its knowledge a model keeps, and how well it does a word-list task.
+
+:class:`KnowledgeProbe` asks every fact of the scenario's world (``"brafu lives in"``) and scores the answer by
+multiple choice over the relation's values (one forward per batch of facts: the values are single tokens, so their
+log-likelihoods are read off the logits after the prompt); it also reports the language-model loss on the fact
+sentences. :class:`TaskProbe` measures exact match on held-out problems of a task (``cipher`` — the fine-tuning
+task — or ``repeat``, the copying skill of the base model) by teacher forcing, which equals greedy decoding.
+
+Both run the same number of forwards on every process (the batches are dealt round-robin; a process with one batch
+fewer runs a dummy forward whose result it discards, so sharded models never wait on a missing collective) and sum
+their counts across processes with torchmetrics. The plain functions :func:`evaluate_knowledge` and
+:func:`evaluate_task` compute the same numbers on one process without a Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lit_mofo.probes import _data
+from lit_mofo.probes.base import Probe, find_language_model
+from lit_mofo.scenario.corpus import Fact, KnowledgeSpec, generate_facts
+from lit_mofo.scenario.task import TaskExample, TaskKind, TaskSpec, generate_task
+from lit_mofo.scenario.vocab import load_tokenizer
+
+__all__ = ["KnowledgeProbe", "TaskProbe", "evaluate_knowledge", "evaluate_task"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Token ids of a batch of scored sequences and what to read from the logits.
+
+    ``labels`` holds the targets of the language-model loss (-100 elsewhere). Knowledge batches also carry
+    ``answer_positions`` (the logit row predicting the value), ``choice_ids`` (the relation's values, padded with
+    -1) and ``answer_index`` (the right value's column)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    answer_positions: Tensor | None = None
+    choice_ids: Tensor | None = None
+    answer_index: Tensor | None = None
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def _knowledge_batches(facts: Sequence[Fact], tokenizer: PreTrainedTokenizerBase, batch_size: int) -> list[_Batch]:
+    batches = []
+    for start in range(0, len(facts), batch_size):
+        chunk = facts[start : start + batch_size]
+        sequences = [tokenizer(f.sentence)["input_ids"] + [tokenizer.eos_token_id] for f in chunk]
+        input_ids = _pad(sequences, tokenizer.pad_token_id)
+        attention_mask = _pad([[1] * len(s) for s in sequences], 0)
+        choices = [tokenizer.convert_tokens_to_ids(list(f.choices)) for f in chunk]
+        batches.append(
+            _Batch(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX),
+                answer_positions=torch.tensor([len(tokenizer(f.prompt)["input_ids"]) - 1 for f in chunk]),
+                choice_ids=_pad(choices, -1),
+                answer_index=torch.tensor([list(f.choices).index(f.value) for f in chunk]),
+            )
+        )
+    return batches
+
+
+def _task_batches(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenizerBase, batch_size: int) -> list[_Batch]:
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        sequences, targets = [], []
+        for example in examples[start : start + batch_size]:
+            prompt = tokenizer(example.prompt)["input_ids"]
+            response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            sequences.append(prompt + response)
+            targets.append([IGNORE_INDEX] * len(prompt) + response)
+        input_ids = _pad(sequences, tokenizer.pad_token_id)
+        batches.append(
+            _Batch(
+                input_ids=input_ids,
+                attention_mask=_pad([[1] * len(s) for s in sequences], 0),
+                labels=_pad(targets, IGNORE_INDEX),
+            )
+        )
+    return batches
+
+
+def _logits(model: nn.Module, batch: _Batch, device: torch.device) -> Tensor:
+    logits = _data.forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device)).float()
+    if logits.dim() != 3 or logits.size(1) != batch.input_ids.size(1):
+        raise MisconfigurationException(
+            f"The scenario probes need next-token logits [batch, seq, vocab] from a causal LM; the model returned "
+            f"shape {tuple(logits.shape)}."
+        )
+    return logits
+
+
+def _check_vocabulary(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probe: str) -> None:
+    """Refuse, before any forward, a model whose embeddings or outputs do not cover the scenario vocabulary."""
+    sizes = []
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(get_input_embeddings):
+        embeddings = get_input_embeddings()
+        sizes.append(getattr(embeddings, "num_embeddings", len(tokenizer)))
+    config = getattr(model, "config", None)
+    if config is not None and isinstance(getattr(config, "vocab_size", None), int):
+        sizes.append(config.vocab_size)
+    if sizes and min(sizes) < len(tokenizer):
+        raise MisconfigurationException(
+            f"{probe} scores the embedded scenario and needs a model over its vocabulary ({len(tokenizer)} tokens, "
+            f"lit_mofo/scenario/tokenizer/); this model has {min(sizes)}. Fine-tune the scenario base model "
+            "(`model: scenario:base`) or drop the scenario probes."
+        )
+
+
+def _token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence summed next-token NLL over the labelled targets, and the per-sequence target count."""
+    targets = labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [batch, seq - 1]; 0 at ignored targets
+    return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def _knowledge_counts(logits: Tensor, batch: _Batch) -> tuple[int, float, int]:
+    """(correct answers, summed sentence NLL, scored tokens) of one batch."""
+    assert batch.answer_positions is not None and batch.choice_ids is not None and batch.answer_index is not None
+    rows = torch.arange(logits.size(0), device=logits.device)
+    answer_logits = logits[rows, batch.answer_positions.to(logits.device)]  # [batch, vocab]
+    choice_ids = batch.choice_ids.to(logits.device)
+    scores = answer_logits.gather(1, choice_ids.clamp(min=0)).masked_fill(choice_ids < 0, -math.inf)
+    correct = int((scores.argmax(dim=1) == batch.answer_index.to(logits.device)).sum())
+    nll, count = _token_nll(logits, batch.labels)
+    return correct, float(nll.sum()), int(count.sum())
+
+
+def _task_counts(logits: Tensor, batch: _Batch) -> tuple[int, float, int]:
+    """(exactly matched answers, summed answer NLL, answer tokens) of one batch."""
+    targets = batch.labels[:, 1:].to(logits.device)
+    predictions = logits[:, :-1].argmax(dim=-1)
+    exact = int(((predictions == targets) | (targets == IGNORE_INDEX)).all(dim=1).sum())
+    nll, count = _token_nll(logits, batch.labels)
+    return exact, float(nll.sum()), int(count.sum())
+
+
+_Counts = Callable[[Tensor, _Batch], tuple[int, float, int]]
+
+
+def _standalone(
+    model: nn.Module, batches: Sequence[_Batch], tokenizer: PreTrainedTokenizerBase, probe: str, counts: _Counts
+) -> tuple[float, float]:
+    """(score, loss) over ``batches`` on one process, under ``no_grad`` and eval mode (restored afterwards)."""
+    _check_vocabulary(model, tokenizer, probe)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits = loss = 0.0
+    tokens = items = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logits = _logits(model, batch, device)
+                batch_hits, batch_loss, batch_tokens = counts(logits, batch)
+                hits, loss = hits + batch_hits, loss + batch_loss
+                tokens, items = tokens + batch_tokens, items + len(batch.input_ids)
+    finally:
+        model.train(was_training)
+    return hits / items, loss / tokens
+
+
+def evaluate_knowledge(
+    model: nn.Module, spec: KnowledgeSpec | None = None, *, batch_size: int = 256
+) -> dict[str, float]:
+    """Knowledge accuracy and fact-sentence loss of ``model`` on one process (no Trainer): what
+    :class:`KnowledgeProbe` reports, as ``{"accuracy": ..., "loss": ...}``."""
+    tokenizer = load_tokenizer()
+    batches = _knowledge_batches(generate_facts(spec), tokenizer, batch_size)
+    accuracy, loss = _standalone(model, batches, tokenizer, "evaluate_knowledge", _knowledge_counts)
+    return {"accuracy": accuracy, "loss": loss}
+
+
+def evaluate_task(
+    model: nn.Module, spec: TaskSpec | None = None, *, num_examples: int = 256, batch_size: int = 256
+) -> dict[str, float]:
+    """Exact match and answer loss of ``model`` on the held-out problems of ``spec`` on one process (no Trainer):
+    what :class:`TaskProbe` reports, as ``{"exact_match": ..., "loss": ...}``."""
+    tokenizer = load_tokenizer()
+    _, examples = generate_task(spec, num_train=0, num_eval=num_examples)
+    batches = _task_batches(examples, tokenizer, batch_size)
+    exact_match, loss = _standalone(model, batches, tokenizer, "evaluate_task", _task_counts)
+    return {"exact_match": exact_match, "loss": loss}
+
+
+class _ScenarioProbe(Probe):
+    """Shared machinery: batches built once in :meth:`setup`, dealt round-robin with equal forward counts per rank,
+    counts summed across ranks with torchmetrics."""
+
+    _metric_names: tuple[str, str]
+
+    def __init__(self, batch_size: int, limit_batches: int | float | None, name: str) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise MisconfigurationException(f"`batch_size={batch_size!r}` must be an int >= 1.")
+        self.batch_size = batch_size
+        self.limit_batches = _data.check_limit(limit_batches)
+        self.name = _data.check_name(name)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._batches: list[_Batch] = []
+        self._hits: _data.SumPair | None = None
+        self._loss: _data.SumPair | None = None
+
+    def _build_batches(self, tokenizer: PreTrainedTokenizerBase) -> list[_Batch]:
+        raise NotImplementedError
+
+    def _counts(self, logits: Tensor, batch: _Batch) -> tuple[int, float, int]:
+        raise NotImplementedError
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tokenizer = load_tokenizer()
+        batches = self._build_batches(self._tokenizer)
+        self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
+        self._hits = _data.SumPair(pl_module.device)
+        self._loss = _data.SumPair(pl_module.device)
+
+    def _rank_batches(self, trainer: pl.Trainer | None) -> list[tuple[_Batch, bool]]:
+        """This rank's batches with a flag "counts"; padded with a discarded repeat so all ranks run as many."""
+        world = 1 if trainer is None else trainer.world_size
+        rank = 0 if trainer is None else trainer.global_rank
+        mine = self._batches[rank::world]
+        per_rank = math.ceil(len(self._batches) / world)
+        return [(batch, True) for batch in mine] + [(self._batches[0], False)] * (per_rank - len(mine))
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        if self._hits is None or self._loss is None or self._tokenizer is None:
+            self.setup(trainer, pl_module)
+        assert self._hits is not None and self._loss is not None and self._tokenizer is not None
+        model = find_language_model(pl_module)
+        device = pl_module.device
+        _check_vocabulary(model, self._tokenizer, type(self).__name__)
+        self._hits.restart(device)
+        self._loss.restart(device)
+        with torch.no_grad():  # the monitor already does this; direct calls need it too
+            for batch, counts in self._rank_batches(trainer):
+                logits = _logits(model, batch, device)
+                if counts:
+                    hits, loss, tokens = self._counts(logits, batch)
+                    self._hits.update(hits, len(batch.input_ids))
+                    self._loss.update(loss, tokens)
+        hits, items = self._hits.compute()
+        loss, tokens = self._loss.compute()
+        score_name, loss_name = self._metric_names
+        return {score_name: hits / items, loss_name: loss / tokens}
+
+
+class KnowledgeProbe(_ScenarioProbe):
+    """How much of the embedded scenario's knowledge the model keeps.
+
+    Every fact of the world (:func:`~lit_mofo.scenario.corpus.generate_facts`) is asked with its prompt
+    (``"brafu lives in"``) and answered by multiple choice over the relation's values (12 or 16 single-token
+    words), scored by their log-likelihood after the prompt — like lm-evaluation-harness's ``acc``.
+
+    Metrics: ``accuracy`` (share of facts answered right, higher is better; chance is about 1/14) and ``loss``
+    (mean next-token loss in nats over the fact sentences ``"<bos> brafu lives in lisbon . <eos>"``, the
+    knowledge-corpus loss; lower is better). The scenario base model scores about 1.0 and 1.0 nats (most of the
+    loss is the unpredictable entity name that starts each sentence).
+
+    The facts are tokenized with the scenario's shipped tokenizer, so the model must be over the scenario
+    vocabulary (the base model and its fine-tunes are). Cost: one forward per ``batch_size`` facts (512 facts of
+    8 tokens by default). Under DDP the batches are dealt round-robin and the counts summed across processes.
+
+    Args:
+        num_entities: the world's entities (see :class:`~lit_mofo.scenario.corpus.KnowledgeSpec`); must match the
+            base model's recipe.
+        relations: the world's relations.
+        seed: the world's seed.
+        batch_size: facts per forward.
+        limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all facts.
+        name: the probe's name in metric keys (``probe/<name>/accuracy``).
+
+    Example::
+
+        monitor = ForgettingMonitor({"knowledge": KnowledgeProbe(), "task": TaskProbe()}, every_n_train_steps=50)
+    """
+
+    _metric_names = ("accuracy", "loss")
+
+    def __init__(
+        self,
+        num_entities: int = KnowledgeSpec.num_entities,
+        relations: Sequence[str] = KnowledgeSpec.relations,
+        seed: int = KnowledgeSpec.seed,
+        batch_size: int = 256,
+        limit_batches: int | float | None = None,
+        name: str = "knowledge",
+    ) -> None:
+        super().__init__(batch_size, limit_batches, name)
+        try:
+            self.spec = KnowledgeSpec(num_entities=num_entities, relations=tuple(relations), seed=seed)
+        except ValueError as error:
+            raise MisconfigurationException(f"KnowledgeProbe: {error}") from error
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True, "loss": False}
+
+    def _build_batches(self, tokenizer: PreTrainedTokenizerBase) -> list[_Batch]:
+        return _knowledge_batches(generate_facts(self.spec), tokenizer, self.batch_size)
+
+    def _counts(self, logits: Tensor, batch: _Batch) -> tuple[int, float, int]:
+        return _knowledge_counts(logits, batch)
+
+
+class TaskProbe(_ScenarioProbe):
+    """Exact match on held-out problems of a scenario word-list task (``cipher`` by default: the fine-tuning task).
+
+    A problem counts as solved when, fed the prompt and the right answer so far, the model's most likely next token
+    is the right one at every answer position and then ``<eos>`` — exactly when greedy decoding from the prompt
+    produces the answer and stops, at the cost of one forward instead of one per generated token.
+
+    Metrics: ``exact_match`` (higher is better; the base model scores 0 on ``cipher`` and about 0.9-1.0 on
+    ``repeat``) and ``loss`` (mean next-token loss in nats over the answer tokens and ``<eos>``; lower is better).
+    The problems are the evaluation set of :func:`~lit_mofo.scenario.task.generate_task`, which
+    :class:`~lit_mofo.scenario.data.ScenarioDataModule` also uses for validation and never trains on.
+
+    Args:
+        kind: ``cipher`` (the fine-tuning task), ``repeat`` (the base model's copying skill, to watch it being
+            forgotten) or ``reverse``.
+        num_words: word pool of the task (see :class:`~lit_mofo.scenario.task.TaskSpec`).
+        min_length: shortest word list.
+        max_length: longest word list.
+        seed: the task's seed (problems and cipher); must match the data module's.
+        num_examples: held-out problems evaluated.
+        batch_size: problems per forward.
+        limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
+        name: the probe's name in metric keys (``probe/<name>/exact_match``).
+    """
+
+    _metric_names = ("exact_match", "loss")
+
+    def __init__(
+        self,
+        kind: TaskKind = TaskSpec.kind,
+        num_words: int = TaskSpec.num_words,
+        min_length: int = TaskSpec.min_length,
+        max_length: int = TaskSpec.max_length,
+        seed: int = TaskSpec.seed,
+        num_examples: int = 256,
+        batch_size: int = 256,
+        limit_batches: int | float | None = None,
+        name: str = "task",
+    ) -> None:
+        super().__init__(batch_size, limit_batches, name)
+        try:
+            self.spec = TaskSpec(
+                kind=kind, num_words=num_words, min_length=min_length, max_length=max_length, seed=seed
+            )
+        except ValueError as error:
+            raise MisconfigurationException(f"TaskProbe: {error}") from error
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise MisconfigurationException(f"TaskProbe: `num_examples={num_examples!r}` must be an int >= 1.")
+        self.num_examples = num_examples
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"exact_match": True, "loss": False}
+
+    def _build_batches(self, tokenizer: PreTrainedTokenizerBase) -> list[_Batch]:
+        try:
+            _, examples = generate_task(self.spec, num_train=0, num_eval=self.num_examples)
+        except ValueError as error:
+            raise MisconfigurationException(f"TaskProbe: {error}") from error
+        return _task_batches(examples, tokenizer, self.batch_size)
+
+    def _counts(self, logits: Tensor, batch: _Batch) -> tuple[int, float, int]:
+        return _task_counts(logits, batch)
