@@ -411,6 +411,73 @@ def test_probe_arguments_are_validated() -> None:
         TaskProbe(num_examples=0)
 
 
+DDP_PROBES = textwrap.dedent(
+    """
+    import sys
+    from functools import partial
+    from pathlib import Path
+    import lightning.pytorch as pl
+    import torch
+    from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor
+    from lit_mofo.modules.causal_lm import CausalLMModule
+    from lit_mofo.scenario.data import ScenarioDataModule
+    from lit_mofo.scenario.probes import KnowledgeProbe, TaskProbe
+
+    out = Path(sys.argv[1])
+    torch.manual_seed(0)
+    config = {"model_type": "llama", "vocab_size": int(sys.argv[2]), "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    module = CausalLMModule(model_config=config, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    probes = {"knowledge": KnowledgeProbe(num_entities=10, batch_size=9),
+              "task": TaskProbe(num_examples=30, batch_size=7)}
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=out,
+                         callbacks=[ForgettingMonitor(probes, every_n_train_steps=None, report=False)])
+    trainer.fit(module, ScenarioDataModule(num_train=64, num_val=0, batch_size=4))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("probe/")}
+    torch.save({"metrics": metrics, "state": module.model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_probes_under_two_process_ddp_agree_with_one_process(tmp_path: Path) -> None:
+    """40 facts in 5 batches (3 on rank 0, 2 + a discarded one on rank 1), 30 problems in 5: the reduced values
+    on both ranks equal a single-process evaluation of the same weights."""
+    script = tmp_path / "ddp_probes.py"
+    script.write_text(DDP_PROBES)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(VOCAB)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("the DDP probe script did not finish in 300 s")
+    assert process.returncode == 0, stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    model = tiny_llama()
+    model.load_state_dict(ranks[0]["state"])
+    knowledge = evaluate_knowledge(model, KnowledgeSpec(num_entities=10))
+    task = evaluate_task(model, num_examples=30)
+    metrics = ranks[0]["metrics"]
+    assert metrics["probe/knowledge/accuracy"] == pytest.approx(knowledge["accuracy"])
+    assert metrics["probe/knowledge/loss"] == pytest.approx(knowledge["loss"], rel=1e-4)
+    assert metrics["probe/task/exact_match"] == pytest.approx(task["exact_match"])
+    assert metrics["probe/task/loss"] == pytest.approx(task["loss"], rel=1e-4)
+
+
 # ---- data module ---------------------------------------------------------------------------------------------------
 
 
