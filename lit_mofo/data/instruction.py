@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +310,7 @@ class InstructionDataModule(pl.LightningDataModule):
     @staticmethod
     def _check_template(template: str) -> None:
         try:
-            fields = [name for _, name, _, _ in __import__("string").Formatter().parse(template) if name is not None]
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
         except ValueError as error:
             raise MisconfigurationException(f"template={template!r} is not a valid format string: {error}") from error
         if not fields:

@@ -348,6 +348,7 @@ def base_model_path(
         staging = Path(tempfile.mkdtemp(prefix=f".base-{recipe.key()}-", dir=root))
         try:
             build_base_model(recipe, staging, num_threads=num_threads, log=log)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other
             if final.exists():  # an incomplete leftover, or force=True
                 shutil.rmtree(final)
             os.replace(staging, final)

@@ -275,8 +275,8 @@ class KnowledgeProbe(_ScenarioProbe):
 
     Metrics: ``accuracy`` (share of facts answered right, higher is better; chance is about 1/14) and ``loss``
     (mean next-token loss in nats over the fact sentences ``"<bos> brafu lives in lisbon . <eos>"``, the
-    knowledge-corpus loss; lower is better). The scenario base model scores about 1.0 and 1.0 nats (most of the
-    loss is the unpredictable entity name that starts each sentence).
+    knowledge-corpus loss; lower is better). The scenario base model scores 1.0 and 0.96 nats (most of that loss
+    is the unpredictable entity name that starts each sentence).
 
     The facts are tokenized with the scenario's shipped tokenizer, so the model must be over the scenario
     vocabulary (the base model and its fine-tunes are). Cost: one forward per ``batch_size`` facts (512 facts of
