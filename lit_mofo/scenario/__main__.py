@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lit_mofo.scenario.base_model import CACHE_ENV, METADATA_FILE, base_model_path, cache_root
+from lit_mofo.scenario.base_model import CACHE_ENV, METADATA_FILE, BaseModelRecipe, base_model_path, cache_root
 from lit_mofo.scenario.vocab import save_tokenizer
 
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--cache-dir", default=None, help=f"cache root (default: ${CACHE_ENV} or ~/.cache/lit_mofo)")
     build.add_argument("--force", action="store_true", help="rebuild even if the model is cached")
     build.add_argument("--threads", type=int, default=1, help="torch threads while building (default 1)")
-    path = commands.add_parser("path", help="print the base model's cache directory")
+    path = commands.add_parser("path", help="print the base model's cache directory (exit 1 if not built yet)")
     path.add_argument("--cache-dir", default=None)
     commands.add_parser("build-tokenizer", help="rewrite lit_mofo/scenario/tokenizer/ from the vocabulary")
     args = parser.parse_args(argv)
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(base_model_path(cache_dir=args.cache_dir, build=False))
         except FileNotFoundError as error:
             print(error, file=sys.stderr)
-            print(cache_root(args.cache_dir))
+            print(cache_root(args.cache_dir) / "scenario" / f"base-{BaseModelRecipe().key()}")  # where it would be
             return 1
     else:
         print(save_tokenizer())
