@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lit_mofo.scenario import base_model as base_model_module
 from lit_mofo.scenario.base_model import METADATA_FILE, BaseModelRecipe, base_model_path, build_base_model
@@ -167,7 +167,9 @@ def test_shipped_tokenizer_equals_a_fresh_build() -> None:
     assert list(TOKENIZER.convert_ids_to_tokens(range(VOCAB))) == list(VOCABULARY)
     for attribute in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(TOKENIZER, attribute) == getattr(fresh, attribute)
-    assert (TOKENIZER_DIR / "tokenizer.json").is_file()
+    assert AutoTokenizer.from_pretrained(TOKENIZER_DIR).get_vocab() == fresh.get_vocab()  # transformers 4 and 5
+    config = (TOKENIZER_DIR / "tokenizer_config.json").read_text()
+    assert '"tokenizer_class": "PreTrainedTokenizerFast"' in config
 
 
 def test_tokenizer_round_trips_every_scenario_text_word_for_word() -> None:
@@ -294,6 +296,17 @@ def test_two_processes_asking_at_once_build_the_model_once(tmp_path: Path) -> No
     assert builds == 1, outputs
     paths = {out.strip().splitlines()[-1] for out in outputs}
     assert paths == {str(tmp_path / "cache" / "scenario" / f"base-{TINY_RECIPE.key()}")}
+
+
+def test_path_command_prints_the_cache_directory_and_fails_until_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lit_mofo.scenario.__main__ import main
+
+    assert main(["path", "--cache-dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "scenario" / f"base-{BaseModelRecipe().key()}")
+    assert "build-base" in err
 
 
 # ---- probes --------------------------------------------------------------------------------------------------------
