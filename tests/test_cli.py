@@ -61,3 +61,69 @@ def test_an_unknown_config_key_gets_a_parser_message_not_a_traceback(capsys: pyt
         main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--model.init_args.no_such_key=1"])
     assert exit_info.value.code == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_config_fine_tunes_and_reports(tmp_path: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--trainer.max_steps=6",
+            "--trainer.val_check_interval=3",
+            "--trainer.callbacks.every_n_train_steps=3",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    try:
+        assert torch.get_num_threads() == 1  # torch_num_threads: 1 in the config
+    finally:
+        torch.set_num_threads(threads)
+    trainer = cli.trainer
+    assert trainer.global_step == 6
+    assert type(trainer.optimizers[0]).__name__ == "MoFO"
+    assert "forgetting/knowledge/accuracy" in trainer.callback_metrics
+    assert "drift/relative_l2" in trainer.callback_metrics
+    assert (Path(trainer.log_dir) / "forgetting_report.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_cpu_config_runs_two_processes_end_to_end(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [
+        sys.executable,
+        "-m",
+        "lit_mofo.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs/ddp_cpu.yaml"),
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("the 2-process run did not finish in 600 s")
+    assert process.returncode == 0, output[-3000:]
+    assert "world_size=2" in output or "distributed_backend=gloo" in output
+    assert output.count("Forgetting at step 4") == 1  # one report, from rank zero
+    assert len(list(tmp_path.glob("lightning_logs/*/forgetting_report.json"))) == 1
