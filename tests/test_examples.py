@@ -25,3 +25,54 @@ def test_existing_module_example_adds_all_four_callbacks_and_writes_the_report(t
     assert "forgetting/general/loss" in trainer.callback_metrics
     hft = next(c for c in trainer.callbacks if type(c).__name__ == "HalfFineTuning")
     assert 0.4 < hft.trainable_fraction < 0.7
+
+
+@pytest.mark.slow
+def test_lm_eval_probe_example_scores_a_local_model_on_a_local_task(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval_probe
+    from test_lm_eval_probe import TASK, examples, word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in examples()))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(
+        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n'
+    )
+    model_dir = tmp_path / "model"
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    values = lm_eval_probe.main(
+        [
+            "--model",
+            str(model_dir),
+            "--tasks",
+            TASK,
+            "--limit",
+            "12",
+            "--include-path",
+            str(tasks),
+            "--no-builtin-tasks",
+        ]
+    )
+    assert set(values) == {f"{TASK}/acc"}
+    assert 0.0 <= values[f"{TASK}/acc"] <= 1.0
