@@ -76,3 +76,17 @@ def test_lm_eval_probe_example_scores_a_local_model_on_a_local_task(tmp_path: Pa
     )
     assert set(values) == {f"{TASK}/acc"}
     assert 0.0 <= values[f"{TASK}/acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_custom_configure_optimizers_example_builds_groups_and_a_per_step_schedule(tmp_path: Path) -> None:
+    import custom_configure_optimizers
+
+    trainer = custom_configure_optimizers.main(["--steps", "4", "--root", str(tmp_path)])
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer).__name__ == "MoFO"
+    settings = {(group["weight_decay"], group["fraction"]) for group in optimizer.param_groups}
+    assert (0.01, 0.15) in settings  # the filtered, decayed matrices
+    assert any(fraction is None for _, fraction in settings)  # embeddings and head: dense step
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+    assert 0.0 < optimizer.update_fraction < 1.0
