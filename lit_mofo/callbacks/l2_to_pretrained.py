@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lit_mofo.callbacks.forgetting_monitor import refuse_sharded_strategy
 from lit_mofo.params import CATEGORIES, match_any, named_parameter_categories
 from lit_mofo.snapshot import PretrainedSnapshot
 
@@ -99,12 +100,7 @@ class L2ToPretrained(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise MisconfigurationException(
-                f"L2ToPretrained does not support the {strategy} strategy: each rank holds a slice of the parameters. "
-                'Use strategy="ddp" (or a single device).'
-            )
+        refuse_sharded_strategy(trainer, "L2ToPretrained")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
