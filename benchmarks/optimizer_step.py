@@ -10,8 +10,10 @@ Usage::
 
 Every method steps the same parameters with the same (fixed, random) gradients; rounds interleave the methods
 (the order rotates each round) so that load from other processes hits all of them alike, and each method's time
-is the median over the measured rounds after the warm-up rounds. Ratios are to torch's fused AdamW of the same
-run. The methods:
+is the median over the measured rounds after the warm-up rounds (the slow methods, the topk reference and the
+eager MoFO paths, sit out the rounds after ``--slow-steps``). Ratios are to torch's fused AdamW of the same run. On
+a machine shared with other work, ``--threads 1`` gives steadier ratios: OpenMP regions stall whenever one of their
+threads is descheduled. The methods:
 
 - ``adamw_forloop`` / ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW`` with each implementation flag;
 - ``mofo_reference_topk``: MoFO as the paper's reference code computes it, one ``torch.topk`` per tensor per step;

@@ -322,8 +322,10 @@ DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
     /* Sample of |m_t| at the hashed indices, m_t computed from m_{t-1} and g as the moment update will. */        \
     void mofo_sample_hashed_##SUF(const float* restrict m, const PT* restrict g, int64_t n, uint64_t key,          \
                                   int64_t s, float w, float* restrict out, int64_t threads) {                     \
-        int64_t chunks = s < 16384 ? 1 : num_chunks(s * 64, threads);                                             \
-        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                      \
+        /* One thread: a sample is too little work for a parallel region, which stalls whenever another         \
+           process holds one of the cores (measured 2-5x slower than serial on a shared 2-core machine). */       \
+        (void)threads;                                                                                            \
+        const int64_t chunks = 1;                                                                                 \
         for (int64_t c = 0; c < chunks; ++c) {                                                                    \
             enum { B = 64 };                                                                                      \
             int64_t idx[2][B];                                                                                    \
