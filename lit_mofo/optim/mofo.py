@@ -198,8 +198,8 @@ class MoFO(Optimizer):
                 raise ValueError(
                     f"MoFO does not support FSDP1's flattened parameters (got one of shape {tuple(p.shape)}): each "
                     "rank holds a flattened 1-D slice, so the top-k would be taken per slice and the slices would "
-                    'take the dense step. Use FSDP2 (torch.distributed.fsdp.fully_shard, strategy="model_parallel" '
-                    'in Lightning), where MoFO agrees a global threshold, or strategy="ddp".'
+                    "take the dense step. Use FSDP2 (torch.distributed.fsdp.fully_shard; in Lightning "
+                    'strategy=ModelParallelStrategy()), where MoFO agrees a global threshold, or strategy="ddp".'
                 )
             if _is_dtensor(p):
                 _check_dtensor(p, where)
