@@ -276,7 +276,7 @@ def test_exact_selection_moves_exactly_the_topk_entries_of_every_filtered_tensor
             assert torch.equal(moved, m.abs() >= topk_threshold(m, math.floor(0.15 * p.numel()))), name
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [None, pytest.param(False, marks=pytest.mark.slow)])
 def test_sampled_fraction_is_within_half_a_point_of_the_target_above_the_sample_size(fused):
     # Tensors above sample_size (65536) take the sampled threshold; 0.5 points is 3.6 standard deviations.
     shapes = [(300, 300), (512, 512), (1024, 300)]
