@@ -164,6 +164,13 @@ class PretrainedSnapshot:
         checkpoint[self.CHECKPOINT_KEY] = {"tensors": dict(self._tensors)}
 
     @classmethod
+    def save_to(cls, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Store ``pl_module``'s snapshot in ``checkpoint`` if a callback holds one (a callback's save hook)."""
+        snapshot = _REGISTRY.get(pl_module)
+        if snapshot is not None:
+            snapshot.on_save_checkpoint(checkpoint)
+
+    @classmethod
     def on_load_checkpoint(cls, pl_module: nn.Module, checkpoint: Mapping[str, Any], owner: object) -> None:
         """Adopt the checkpoint's copies as θ₀ for ``pl_module`` (no-op if the checkpoint has none)."""
         saved = checkpoint.get(cls.CHECKPOINT_KEY)

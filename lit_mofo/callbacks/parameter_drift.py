@@ -276,9 +276,7 @@ class ParameterDrift(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        snapshot = PretrainedSnapshot.get(pl_module)
-        if snapshot is not None:
-            snapshot.on_save_checkpoint(checkpoint)
+        PretrainedSnapshot.save_to(pl_module, checkpoint)
 
     @override
     def on_load_checkpoint(
