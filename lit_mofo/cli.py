@@ -75,5 +75,15 @@ def main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitMoFOCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> int:
+    """The ``lit-mofo`` console script: :func:`main` on ``sys.argv``, exit status 0 once the subcommand has run.
+
+    (Installers wrap the entry point in ``sys.exit(...)``; returning the CLI object from there would print it and
+    exit with status 1 after a successful fit.) A failing run raises, which exits non-zero.
+    """
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(console_main())

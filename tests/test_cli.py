@@ -127,3 +127,29 @@ def test_ddp_cpu_config_runs_two_processes_end_to_end(tmp_path: Path) -> None:
     assert "world_size=2" in output or "distributed_backend=gloo" in output
     assert output.count("Forgetting at step 4") == 1  # one report, from rank zero
     assert len(list(tmp_path.glob("lightning_logs/*/forgetting_report.json"))) == 1
+
+
+def test_console_script_exits_zero_after_a_successful_fit(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    script = shutil.which("lit-mofo", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the lit-mofo console script is not installed next to this Python (pip install -e .)")
+    result = subprocess.run(
+        [
+            script,
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LitMoFOCLI object" not in result.stderr  # what `sys.exit(<the CLI>)` printed before exiting with 1
+    assert list(tmp_path.glob("lightning_logs/*/forgetting_report.json"))
