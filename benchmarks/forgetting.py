@@ -58,7 +58,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -336,8 +335,18 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "optimizer_state_mib": meter.optimizer_state_bytes * mib,
         "max_grad_mib": meter.max_grad_bytes * mib,
         "theta0_mib": theta0 * mib,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
     }
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes); None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def monitor_seconds(monitor: Any) -> float:
