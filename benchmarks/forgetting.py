@@ -224,23 +224,18 @@ def _knowledge_by_subject(model: Any) -> dict[str, float]:
     """Knowledge accuracy (%) on the facts whose entity is one of the task's words, and on the others.
 
     A diagnostic for the analysis: the task's problems are written in entity names (the first 64 of the 128), so
-    half of the facts share their subject token with the fine-tuning data. Uses the knowledge probe's own
-    batching and scoring (module-private helpers), on one process.
+    half of the facts share their subject token with the fine-tuning data.
     """
+    from lit_mofo.scenario import evaluate_knowledge
     from lit_mofo.scenario.corpus import generate_facts
-    from lit_mofo.scenario.probes import _knowledge_batches, _knowledge_counts, _standalone
     from lit_mofo.scenario.task import TaskSpec
-    from lit_mofo.scenario.vocab import load_tokenizer
 
-    tokenizer = load_tokenizer()
     task_words = set(TaskSpec().words)
-    facts = generate_facts()
-    accuracy = {}
-    for subset, keep in (("task_words", True), ("other_words", False)):
-        chosen = [fact for fact in facts if (fact.entity in task_words) == keep]
-        batches = _knowledge_batches(chosen, tokenizer, 256)
-        accuracy[subset] = 100 * _standalone(model, batches, tokenizer, "knowledge split", _knowledge_counts)[0]
-    return accuracy
+    other_words = {fact.entity for fact in generate_facts()} - task_words
+    return {
+        subset: 100 * evaluate_knowledge(model, entities=entities)["accuracy"]
+        for subset, entities in (("task_words", task_words), ("other_words", other_words))
+    }
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:

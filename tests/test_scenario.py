@@ -328,6 +328,28 @@ def test_knowledge_probe_scores_an_oracle_perfectly_and_counts_each_wrong_answer
     assert probe.higher_is_better == {"accuracy": True, "loss": False}
 
 
+def test_evaluate_knowledge_scores_only_the_facts_about_the_given_entities() -> None:
+    facts = generate_facts()
+    sequences = [fact_sequence(f.sentence) for f in facts]
+    wrong = {3, 100, 511}
+    for index in wrong:
+        fact = facts[index]
+        other = next(v for v in fact.choices if v != fact.value)
+        sequences[index] = fact_sequence(f"{fact.prompt} {other} .")
+    model = OracleLM(sequences)
+    entities = {facts[3].entity, facts[200].entity}
+    chosen = [i for i, fact in enumerate(facts) if fact.entity in entities]
+    assert 3 in chosen and 100 not in chosen and 511 not in chosen
+    accuracy = evaluate_knowledge(model, entities=entities)["accuracy"]
+    assert accuracy == pytest.approx(1 - 1 / len(chosen))
+    everyone = {fact.entity for fact in facts}
+    assert evaluate_knowledge(model, entities=everyone) == pytest.approx(evaluate_knowledge(model))
+    with pytest.raises(ValueError, match="names no entity of the world"):
+        evaluate_knowledge(model, entities={"nobody"})
+    with pytest.raises(ValueError, match="must be a collection of entity names"):
+        evaluate_knowledge(model, entities=facts[3].entity)
+
+
 def test_knowledge_probe_matches_a_per_fact_computation_on_a_real_model() -> None:
     model = tiny_llama().eval()
     facts = generate_facts(KnowledgeSpec(num_entities=10))

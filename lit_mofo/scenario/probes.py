@@ -15,7 +15,7 @@ their counts across processes with torchmetrics. The plain functions :func:`eval
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -184,12 +184,31 @@ def _standalone(
 
 
 def evaluate_knowledge(
-    model: nn.Module, spec: KnowledgeSpec | None = None, *, batch_size: int = 256
+    model: nn.Module,
+    spec: KnowledgeSpec | None = None,
+    *,
+    batch_size: int = 256,
+    entities: Collection[str] | None = None,
 ) -> dict[str, float]:
     """Knowledge accuracy and fact-sentence loss of ``model`` on one process (no Trainer): what
-    :class:`KnowledgeProbe` reports, as ``{"accuracy": ..., "loss": ...}``."""
+    :class:`KnowledgeProbe` reports, as ``{"accuracy": ..., "loss": ...}``.
+
+    ``entities`` restricts the score to the facts about those entities (e.g. the words a task is written in, to
+    see where forgetting happens); None scores every fact of the world.
+    """
     tokenizer = load_tokenizer()
-    batches = _knowledge_batches(generate_facts(spec), tokenizer, batch_size)
+    facts = world = generate_facts(spec)
+    if entities is not None:
+        if isinstance(entities, str):
+            raise ValueError(f"entities={entities!r} must be a collection of entity names, e.g. [{entities!r}].")
+        facts = [fact for fact in world if fact.entity in entities]
+        if not facts:
+            known = sorted({fact.entity for fact in world})
+            raise ValueError(
+                f"entities={sorted(entities)[:5]!r} names no entity of the world; it has {len(known)} entities, "
+                f"e.g. {known[:3]!r}."
+            )
+    batches = _knowledge_batches(facts, tokenizer, batch_size)
     accuracy, loss = _standalone(model, batches, tokenizer, "evaluate_knowledge", _knowledge_counts)
     return {"accuracy": accuracy, "loss": loss}
 
