@@ -361,24 +361,19 @@ class ParameterDrift(Callback):
                 return f"{record['group']} ({self._block_names[int(record['group'])]})"
             return record["group"]
 
-        summary = Table(
-            title=f"Parameter drift from the pre-trained model at step {final_step}",
-            headers=["scope", "group", "relative L2", "changed", "max |Δ|", "entries"],
-            rows=[
-                [r["scope"], label(r), r["relative_l2"], r["fraction_changed"], r["max_abs_change"], r["numel"]]
-                for r in final
-                if r["scope"] in ("overall", "role")
-            ],
-        )
-        detail = Table(
-            title=f"Drift per module and block at step {final_step}",
-            headers=["scope", "group", "relative L2", "changed", "max |Δ|", "entries"],
-            rows=[
-                [r["scope"], label(r), r["relative_l2"], r["fraction_changed"], r["max_abs_change"], r["numel"]]
-                for r in final
-                if r["scope"] in ("module", "block")
-            ],
-        )
+        def scope_table(title: str, scopes: tuple[str, ...]) -> Table:
+            return Table(
+                title=title,
+                headers=["scope", "group", "relative L2", "changed", "max |Δ|", "entries"],
+                rows=[
+                    [r["scope"], label(r), r["relative_l2"], r["fraction_changed"], r["max_abs_change"], r["numel"]]
+                    for r in final
+                    if r["scope"] in scopes
+                ],
+            )
+
+        summary = scope_table(f"Parameter drift from the pre-trained model at step {final_step}", ("overall", "role"))
+        detail = scope_table(f"Drift per module and block at step {final_step}", ("module", "block"))
         overall = [r for r in self._history if r["scope"] == "overall"]
         history = Table(
             title="Overall drift at every measurement",
