@@ -1,0 +1,102 @@
+"""The shared argument checks: one message shape (argument, bad value, valid range, fix), the same forms everywhere."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lit_mofo._validation import as_dtype, as_float, as_int, as_patterns, matches, unmatched_patterns_message
+
+WHERE = "Thing()"
+
+
+@pytest.mark.parametrize("value", ["1e-3", None, True, math.inf, -math.inf, math.nan, [1.0], torch.tensor(1.0)])
+def test_as_float_refuses_non_numbers_bools_and_non_finite_values(value: object) -> None:
+    with pytest.raises(ValueError, match=r"Thing\(\): lr=.* is invalid; the valid range is a number >= 0"):
+        as_float(value, where=WHERE, argument="lr", minimum=0.0)
+
+
+def test_as_float_checks_both_ends_of_the_interval_and_names_the_fix() -> None:
+    assert as_float(1, where=WHERE, argument="f", minimum=0.0, maximum=1.0, min_inclusive=False) == 1.0
+    with pytest.raises(MisconfigurationException, match=r"f=0 is invalid; the valid range is \(0, 1\]\. Use 0.15"):
+        as_float(
+            0,
+            where=WHERE,
+            argument="f",
+            minimum=0.0,
+            maximum=1.0,
+            min_inclusive=False,
+            fix="Use 0.15.",
+            error=MisconfigurationException,
+        )
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        as_float(1.0, where=WHERE, argument="b", minimum=0.0, maximum=1.0, max_inclusive=False)
+    assert as_float(math.inf, where=WHERE, argument="x", minimum=0.0, allow_inf=True) == math.inf
+
+
+@pytest.mark.parametrize("value", [2.5, 2.0, "3", True, None])
+def test_as_int_refuses_floats_strings_and_bools(value: object) -> None:
+    with pytest.raises(ValueError, match=r"steps=.* is invalid; the valid range is an integer >= 1"):
+        as_int(value, where=WHERE, argument="steps", minimum=1)
+
+
+def test_as_int_checks_its_range() -> None:
+    assert as_int(3, where=WHERE, argument="n", minimum=1, maximum=3) == 3
+    with pytest.raises(ValueError, match=r"an integer in \[1, 3\]"):
+        as_int(4, where=WHERE, argument="n", minimum=1, maximum=3)
+
+
+def test_as_patterns_takes_a_single_string_as_one_pattern() -> None:
+    vocabulary = ("bias", "norm")
+    assert as_patterns("lm_head", where=WHERE, argument="dense", vocabulary=vocabulary) == ("lm_head",)
+    assert as_patterns(["bias", r"q_proj"], where=WHERE, argument="dense", vocabulary=vocabulary) == ("bias", "q_proj")
+    assert as_patterns(None, where=WHERE, argument="include", vocabulary=vocabulary) is None
+
+
+@pytest.mark.parametrize(("value", "reason"), [(["("], "not a valid regular expression"), ([3], "is not a string")])
+def test_as_patterns_names_the_bad_entry(value: object, reason: str) -> None:
+    with pytest.raises(MisconfigurationException, match=rf"Thing\(\): include=.* is invalid.*{reason}"):
+        as_patterns(value, where=WHERE, argument="include", vocabulary=("bias",), error=MisconfigurationException)
+
+
+def test_matches_takes_vocabulary_words_as_words_and_the_rest_as_regexes() -> None:
+    vocabulary = ("bias", "norm")
+    assert matches("norm", "model.ln.weight", "norm", vocabulary)
+    assert not matches("norm", "model.norm.weight", "weight", vocabulary)  # a word, not a regex
+    assert matches(r"ln\.", "model.ln.weight", "norm", vocabulary)
+
+
+def test_unmatched_patterns_message_suggests_the_near_vocabulary_word() -> None:
+    message = unmatched_patterns_message(
+        ["embeddings"], where=WHERE, argument="dense", vocabulary=("bias", "embedding"), names=["wte.weight"]
+    )
+    assert "['embeddings'] match no parameter" in message
+    assert "did you mean 'embedding'?" in message
+    assert "'wte.weight'" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("float16", torch.float16),
+        ("torch.bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("half", torch.float16),
+        ("fp32", torch.float32),
+        ("double", torch.float64),
+        (torch.float32, torch.float32),
+        (None, None),
+    ],
+)
+def test_as_dtype_accepts_the_same_forms_everywhere(value: object, expected: torch.dtype | None) -> None:
+    assert as_dtype(value, where=WHERE, argument="snapshot_dtype") is expected
+
+
+@pytest.mark.parametrize("value", ["int8", torch.int64, 16, "float8"])
+def test_as_dtype_refuses_what_is_not_a_floating_point_dtype(value: object) -> None:
+    with pytest.raises(ValueError, match=r"snapshot_dtype=.* is invalid; the valid range is one of \['float64'"):
+        as_dtype(value, where=WHERE, argument="snapshot_dtype")
