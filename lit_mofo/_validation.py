@@ -177,7 +177,7 @@ def unmatched_patterns_message(
     """The message for patterns that matched no parameter: what they are, a near vocabulary word, an example name."""
     hints = []
     for pattern in unmatched:
-        close = difflib.get_close_matches(pattern, vocabulary, n=1)
+        close = [] if pattern in vocabulary else difflib.get_close_matches(pattern, vocabulary, n=1)
         if close:
             hints.append(f"{pattern!r} is not a {'/'.join(vocabulary)} word, did you mean {close[0]!r}?")
     example = f" (e.g. {names[0]!r})" if names else ""

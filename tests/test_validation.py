@@ -88,6 +88,13 @@ def test_unmatched_patterns_message_suggests_the_near_vocabulary_word() -> None:
     assert "'wte.weight'" in message
 
 
+def test_unmatched_patterns_message_suggests_nothing_for_a_vocabulary_word_that_matched_nothing() -> None:
+    message = unmatched_patterns_message(
+        ["norm"], where=WHERE, argument="include", vocabulary=("bias", "norm"), names=["wte.weight"]
+    )
+    assert "['norm'] match no parameter" in message and "did you mean" not in message
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
