@@ -742,9 +742,9 @@ class HalfFineTuning(Callback):
             f", ... ({len(left_frozen) - 5} more)" if len(left_frozen) > 5 else ""
         )
         rank_zero_info(
-            f"HalfFineTuning: {len(left_frozen)} of {len(self._params)} parameter tensors "
-            f"({numel / self._numel_total:.1%} of the parameters) had requires_grad=False at the start of fit; they "
-            f"stay frozen and out of every draw, which picks among the other {len(self._managed)}: {shown}."
+            f"HalfFineTuning leaves alone the {len(left_frozen)} of {len(self._params)} parameter tensors "
+            f"({numel / self._numel_total:.1%} of the parameters) that had requires_grad=False at the start of fit: "
+            f"{shown}. They stay frozen and out of every draw, which picks among the other {len(self._managed)}."
         )
 
     # ------------------------------------------------------------------ drawing and applying
