@@ -11,6 +11,8 @@ fix. The checks that several places need live here once:
   for the patterns that matched no parameter, with the nearest vocabulary word for a typo (``"embeddings"``);
 - :func:`as_dtype`: a floating-point dtype given as a ``torch.dtype``, ``"float16"``, ``"torch.float16"`` or an
   alias (``"fp16"``, ``"half"``, ``"bf16"``, ...), the same forms everywhere.
+- :func:`as_bool`: a real ``bool`` (never the string ``"false"``, which is truthy); :func:`argument_error` builds
+  the same message for checks of other kinds (a file's content, a token id beyond a model's vocabulary).
 
 Each takes ``where`` (e.g. ``"L2ToPretrained()"``) for the message and ``error``, the exception type to raise
 (``MisconfigurationException`` in Lightning callbacks, ``ValueError`` elsewhere); a wrong *type* raises that type
@@ -28,7 +30,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "as_dtype", "as_float", "as_int", "as_patterns", "matches", "unmatched_patterns_message"]
+__all__ = [
+    "DTYPES",
+    "argument_error",
+    "as_bool",
+    "as_dtype",
+    "as_float",
+    "as_int",
+    "as_patterns",
+    "matches",
+    "unmatched_patterns_message",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -197,3 +209,19 @@ def as_dtype(
         "",
         error,
     )
+
+
+def argument_error(
+    where: str, argument: str, value: Any, valid: str, fix: str = "", error: type[Exception] = ValueError
+) -> Exception:
+    """The exception (not raised) for a bad argument, in the message shape of every check here: for checks that
+    need more than a number or a pattern (a file's content, a token id beyond the model's vocabulary)."""
+    return _bad(where, argument, value, valid, fix, error)
+
+
+def as_bool(value: Any, *, where: str, argument: str, error: type[Exception] = ValueError) -> bool:
+    """``value`` if it is a ``bool`` (numpy's included); a string such as ``"false"`` or an int is refused, since
+    ``bool("false")`` is True."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise _bad(where, argument, value, "True or False", "", error)
