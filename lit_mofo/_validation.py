@@ -13,7 +13,9 @@ fix. The checks that several places need live here once:
   alias (``"fp16"``, ``"half"``, ``"bf16"``, ...), the same forms everywhere;
 - :func:`as_bool`: a real ``bool`` (a YAML ``"false"`` in quotes is a string, and a non-empty string is truthy);
 - :func:`as_choice`: one of a fixed set of values (the ``Literal`` arguments);
-- :func:`as_device`: a ``torch.device`` (or its string) that this build of torch can use.
+- :func:`as_device`: a ``torch.device`` (or its string) that this build of torch can use;
+- :func:`argument_error` builds the same message for checks of other kinds (a file's content, a token id beyond a
+  model's vocabulary).
 
 Each takes ``where`` (e.g. ``"L2ToPretrained()"``) for the message and ``error``, the exception type to raise
 (``MisconfigurationException`` in Lightning callbacks, ``ValueError`` elsewhere); a wrong *type* raises that type
@@ -33,6 +35,7 @@ import torch
 
 __all__ = [
     "DTYPES",
+    "argument_error",
     "as_bool",
     "as_choice",
     "as_device",
@@ -213,13 +216,21 @@ def as_dtype(
     )
 
 
+def argument_error(
+    where: str, argument: str, value: Any, valid: str, fix: str = "", error: type[Exception] = ValueError
+) -> Exception:
+    """The exception (not raised) for a bad argument, in the message shape of every check here: for checks that
+    need more than a number or a pattern (a file's content, a token id beyond the model's vocabulary)."""
+    return _bad(where, argument, value, valid, fix, error)
+
+
 def as_bool(value: Any, *, where: str, argument: str, error: type[Exception] = ValueError) -> bool:
     """``value`` if it is a ``bool``; anything else (``"false"``, ``0``, ``None``) raises ``error`` naming it.
 
     A string is refused rather than read: ``bool("false")`` is ``True``, and a quoted YAML ``"false"`` is a string.
     """
-    if isinstance(value, bool):
-        return value
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
+        return bool(value)
     fix = "Write true or false without quotes in YAML." if isinstance(value, str) else ""
     raise _bad(where, argument, value, "True or False", fix, error)
 

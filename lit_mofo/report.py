@@ -5,14 +5,15 @@
 shared :class:`FitReport`; when the last callback of the fit has handed in its section, rank zero writes
 
 - ``<dir>/forgetting_report.json``: every measurement of every section (non-finite values as ``null``), plus the
-  run's metadata (step, optimizers);
+  run's metadata (:func:`run_metadata`: step, epoch, method, optimizers, model, strategy);
 - ``<dir>/forgetting_report.md``: the summary tables and the measurement history as Markdown tables;
 - ``<dir>/forgetting_report.png``: one panel per curve (a metric against the optimizer step, with the pre-trained
-  baseline as a dashed line), when ``matplotlib`` is installed (``pip install "lit-mofo[plot]"``); without it the
-  PNG is skipped with an info message;
+  baseline as a dashed line), titled with the method, the optimizer and the model, when ``matplotlib`` is
+  installed (``pip install "lit-mofo[plot]"``); without it the PNG is skipped with an info message (once);
 
 and prints the summary tables to the console. ``<dir>`` is ``trainer.log_dir`` (the logger's version directory, or
-``default_root_dir`` without a logger) unless a callback names another one.
+``default_root_dir`` without a logger) unless a callback names another one; when that is the current directory only
+because no logger and no ``default_root_dir`` were given, a warning says so at the start of fit.
 
 The building blocks (:class:`Table`, :class:`Curve`, :func:`markdown_table`, :func:`console_table`,
 :func:`write_report`) work without a trainer, for scripts that summarise several runs.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lit_mofo.probes.base import find_language_model
 
 __all__ = [
     "REPORT_STEM",
@@ -39,9 +45,12 @@ __all__ = [
     "ReportSection",
     "Table",
     "console_table",
+    "epoch_of_last_step",
     "format_value",
     "json_safe",
     "markdown_table",
+    "report_title",
+    "run_metadata",
     "write_report",
 ]
 
@@ -136,23 +145,49 @@ def console_table(table: Table) -> str:
     return "\n".join([table.title, rule, line(table.headers), rule, *(line(row) for row in cells), rule])
 
 
-def _plot(path: Path, curves: Sequence[Curve]) -> bool:
+_NO_MATPLOTLIB_NOTED = False
+# Overlapping lines stay apart: each line of a panel has its own colour, marker and dash pattern, and the later a line,
+# the thinner it is and the higher it sits (z-order), so a line drawn over an equal one shows inside it; the dashed
+# pre-trained baseline, thinnest of all, goes on top.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", "-.", ":")
+
+
+def _plot(path: Path, curves: Sequence[Curve], title: str | None = None) -> bool:
+    global _NO_MATPLOTLIB_NOTED
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
     except ImportError:
-        rank_zero_info(f"matplotlib is not installed, so {path.name} is skipped: `pip install 'lit-mofo[plot]'`.")
+        if not _NO_MATPLOTLIB_NOTED:  # once per process, not once per fit
+            _NO_MATPLOTLIB_NOTED = True
+            rank_zero_info(
+                f"matplotlib is not installed, so {path.name} is not drawn (the JSON and Markdown reports are "
+                "written): `pip install 'lit-mofo[plot]'`."
+            )
         return False
     columns = min(3, len(curves))
     rows = math.ceil(len(curves) / columns)
-    figure = Figure(figsize=(5 * columns, 3.4 * rows), layout="constrained")
+    figure = Figure(figsize=(5.2 * columns, 3.6 * rows + (0.6 if title else 0.0)), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, curve in zip(axes, curves, strict=False):
-        for label, points in curve.lines.items():
+        for index, (label, points) in enumerate(curve.lines.items()):
             steps = [s for s, _ in points]
             values = [v if math.isfinite(v) else float("nan") for _, v in points]
-            ax.plot(steps, values, marker="o", markersize=3, label=label)
-        if curve.baseline is not None and math.isfinite(curve.baseline):
-            ax.axhline(curve.baseline, color="grey", linestyle="--", linewidth=1, label="pre-trained")
+            ax.plot(
+                steps,
+                values,
+                label=label,
+                color=f"C{index % 10}",
+                linestyle=_DASHES[index % len(_DASHES)],
+                linewidth=max(0.8, 2.4 - 0.3 * index),
+                marker=_MARKERS[index % len(_MARKERS)],
+                markersize=max(3.0, 7.5 - 0.8 * index),
+                markerfacecolor="none" if index % 2 else f"C{index % 10}",
+                zorder=2 + index,
+            )
+        if curve.baseline is not None and math.isfinite(curve.baseline):  # thinnest, so on top of the lines
+            top = 2 + len(curve.lines)
+            ax.axhline(curve.baseline, color="0.3", linestyle=(0, (4, 3)), linewidth=1, label="pre-trained", zorder=top)
         ax.set_title(curve.title, fontsize=10)
         ax.set_xlabel("optimizer step")
         if curve.ylabel:
@@ -161,8 +196,21 @@ def _plot(path: Path, curves: Sequence[Curve]) -> bool:
         ax.legend(fontsize=7)
     for ax in axes[len(curves) :]:
         ax.set_visible(False)
+    if title:
+        figure.suptitle(title, fontsize=11)
     figure.savefig(path, dpi=100)
     return True
+
+
+def report_title(meta: dict[str, Any]) -> str | None:
+    """The report's title from the run metadata: the method, the optimizer and the model (what is known)."""
+    parts = [
+        f"{label}: {meta[key]}" for key, label in (("optimizers", "optimizer"), ("model", "model")) if meta.get(key)
+    ]
+    if not meta.get("method") and not parts:
+        return None
+    first = f"Forgetting while fine-tuning with {meta['method']}" if meta.get("method") else "Forgetting report"
+    return "\n".join([first, "  ·  ".join(parts)]) if parts else first
 
 
 def write_report(
@@ -173,7 +221,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` into ``directory``.
 
-    Returns the written paths by suffix (``"json"``, ``"md"``, ``"png"``). Call it on one process only.
+    The PNG's title comes from ``meta`` (``method``, ``optimizers``, ``model``; see :func:`run_metadata`). Returns
+    the written paths by suffix (``"json"``, ``"md"``, ``"png"``). Call it on one process only.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -193,7 +242,7 @@ def write_report(
     paths["md"].write_text("\n".join(lines).rstrip() + "\n")
 
     curves = [curve for section in sections for curve in section.curves]
-    if curves and _plot(directory / f"{stem}.png", curves):
+    if curves and _plot(directory / f"{stem}.png", curves, report_title(meta)):
         paths["png"] = directory / f"{stem}.png"
     return paths
 
@@ -219,8 +268,21 @@ class FitReport:
         report = _REPORTS.get(trainer)
         if report is None:
             report = _REPORTS[trainer] = cls()
+            report._warn_if_current_directory(trainer)
         report._owners[id(owner)] = directory
         return report
+
+    @staticmethod
+    def _warn_if_current_directory(trainer: pl.Trainer) -> None:
+        """Say so when the report would land in the current directory only because nothing chose another one."""
+        chosen = any(getattr(c, "report", False) and getattr(c, "report_dir", None) for c in trainer.callbacks)
+        if chosen or trainer.loggers or os.path.realpath(trainer.default_root_dir) != os.path.realpath(os.getcwd()):
+            return
+        rank_zero_warn(
+            f"The run has no logger and no `default_root_dir`, so the forgetting report will be written to the "
+            f"current directory ({os.getcwd()}). Pass `Trainer(default_root_dir=...)`, a logger, or the callback's "
+            "`report_dir=` to put it elsewhere."
+        )
 
     @classmethod
     def detach(cls, trainer: pl.Trainer, owner: object) -> None:
@@ -252,23 +314,79 @@ class FitReport:
             print("\n\n".join([header, *tables, f"Report: {', '.join(str(p) for p in paths.values())}"]))
 
 
+def epoch_of_last_step(trainer: pl.Trainer) -> int:
+    """The index of the epoch the latest training step ran in: the ``epoch`` of a checkpoint saved then.
+
+    ``trainer.current_epoch`` counts the *completed* epochs, so once an epoch has ended (at ``on_train_end``,
+    including a fit stopped by ``max_steps`` mid-epoch) it is one ahead of the checkpoint's ``epoch=0-step=20``.
+    """
+    started = trainer.fit_loop.epoch_progress.current.started
+    return max(0, min(trainer.current_epoch, started - 1))
+
+
+_METHOD_SETTINGS = ("ratio", "strength", "norm", "fraction")
+
+
+def _describe(obj: object, settings: dict[str, Any]) -> str:
+    shown = [f"{k}={v}" for k, v in settings.items() if isinstance(v, (int, float, str, bool)) and v is not None]
+    return f"{type(obj).__name__}({', '.join(shown)})" if shown else type(obj).__name__
+
+
+def _method(trainer: pl.Trainer, module: nn.Module | None) -> str:
+    """The fine-tuning method: lit_mofo's callbacks that change training (not the measuring ones, which hand in a
+    report section) and Lightning ``BaseFinetuning`` ones; else a lit_mofo optimizer, else how much is trained."""
+    methods = [
+        _describe(c, {k: getattr(c, k) for k in _METHOD_SETTINGS if hasattr(c, k)})
+        for c in trainer.callbacks
+        if not callable(getattr(c, "report_section", None))
+        and (type(c).__module__.startswith("lit_mofo.") or isinstance(c, BaseFinetuning))
+    ]
+    if methods:
+        return " + ".join(methods)
+    lit_mofo_optimizers = [type(o).__name__ for o in trainer.optimizers if type(o).__module__.startswith("lit_mofo")]
+    if lit_mofo_optimizers:
+        return " + ".join(lit_mofo_optimizers)
+    if module is not None:
+        numel = [(p.numel(), p.requires_grad) for p in module.parameters()]
+        total, trained = sum(n for n, _ in numel), sum(n for n, grad in numel if grad)
+        if total and trained < total:
+            return f"fine-tuning {100 * trained / total:.3g}% of the parameters"
+    return "full fine-tuning"
+
+
+def _model(module: nn.Module | None) -> str | None:
+    """The model's class, and its ``name_or_path`` (the last two parts of a local path) when it has one."""
+    if module is None:
+        return None
+    model = find_language_model(module)
+    config = getattr(model, "config", None)
+    source = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not isinstance(source, str) or not source:
+        return type(model).__name__
+    if os.path.isabs(source):
+        source = "/".join(Path(source).parts[-2:])
+    return f"{type(model).__name__} ({source})"
+
+
 def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
-    """The run facts a report starts with: when, how far, which optimizers and strategy."""
+    """The run facts a report starts with: when, how far (the step, and the epoch as checkpoints number it), the
+    method (lit_mofo's callbacks that change training), the optimizers with their key settings, the model, the
+    strategy."""
     import lit_mofo
 
     optimizers = []
     for optimizer in trainer.optimizers:
         hyper = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
-        keys = ("lr", "fraction", "weight_decay")
-        optimizers.append(
-            type(optimizer).__name__ + "(" + ", ".join(f"{k}={hyper[k]}" for k in keys if k in hyper) + ")"
-        )
+        optimizers.append(_describe(optimizer, {k: hyper[k] for k in ("lr", "fraction", "weight_decay") if k in hyper}))
+    module = getattr(trainer.strategy, "lightning_module", None)
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "lit_mofo_version": lit_mofo.__version__,
         "global_step": trainer.global_step,
-        "epoch": trainer.current_epoch,
+        "epoch": epoch_of_last_step(trainer),
+        "method": _method(trainer, module),
         "optimizers": ", ".join(optimizers) or None,
+        "model": _model(module),
         "strategy": type(trainer.strategy).__name__,
         "world_size": trainer.world_size,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import operator
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -304,9 +305,9 @@ def test_callable_probe_reports_a_scalar_as_value_and_a_dict_as_is() -> None:
 
 
 def test_callable_probe_imports_a_function_by_path() -> None:
-    probe = CallableProbe("math.sqrt", higher_is_better=True)
-    assert probe.fn is math.sqrt
-    with pytest.raises(MisconfigurationException, match=r"Cannot import the probe function 'math\.nope'"):
+    probe = CallableProbe("operator.add", higher_is_better=True)  # any function of two arguments
+    assert probe.fn is operator.add
+    with pytest.raises(MisconfigurationException, match=r"fn='math\.nope' is invalid.*Cannot import it"):
         CallableProbe("math.nope", higher_is_better=True)
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,11 +27,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_mofo._validation import as_bool, as_int
 from lit_mofo.probes._data import check_name
 from lit_mofo.probes.base import Probe
-from lit_mofo.report import Curve, FitReport, ReportSection, Table
+from lit_mofo.report import Curve, FitReport, ReportSection, Table, epoch_of_last_step
 
-__all__ = ["ForgettingMonitor", "forgetting", "isolated_evaluation", "refuse_sharded_strategy", "retention"]
+__all__ = [
+    "ForgettingMonitor",
+    "forgetting",
+    "isolated_evaluation",
+    "refuse_sharded_strategy",
+    "retention",
+    "worst_forgetting",
+]
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
@@ -38,18 +47,39 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 def forgetting(value: float, baseline: float, higher_is_better: bool) -> float:
     """How much worse than the pre-trained ``baseline`` ``value`` is: ``baseline - value`` when higher is better,
     ``value - baseline`` when lower is better, so positive always means "forgot" (Avalanche's convention; backward
-    transfer is its negative)."""
+    transfer is its negative). A value equal to the baseline forgot nothing (0, also when both are infinite)."""
+    if value == baseline:
+        return 0.0
     return baseline - value if higher_is_better else value - baseline
 
 
 def retention(value: float, baseline: float, higher_is_better: bool) -> float:
     """Share of the pre-trained performance kept: ``value / baseline`` when higher is better, ``baseline / value``
-    when lower is better; 1.0 = as good as pre-trained, below 1 = worse. A zero denominator gives ``nan`` (``1.0``
-    when both are 0). Meaningful for positive metrics (accuracy, loss, perplexity)."""
+    when lower is better; 1.0 = as good as pre-trained, below 1 = worse. A value equal to the baseline keeps 1.0
+    (zeros and infinities included); another zero denominator gives ``nan``. Meaningful for positive metrics
+    (accuracy, loss, perplexity)."""
+    if value == baseline:
+        return 1.0
     numerator, denominator = (value, baseline) if higher_is_better else (baseline, value)
     if denominator == 0:
-        return 1.0 if numerator == 0 else math.nan
+        return math.nan
     return numerator / denominator
+
+
+def worst_forgetting(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The measurement of ``records`` (dicts with ``forgetting`` and ``step``) that forgot the most: the largest
+    forgetting, ``+inf`` included (e.g. a loss that became infinite); ``-inf`` is an infinite *improvement* (a
+    higher-is-better value of ``+inf``) and never the worst unless every measurement is. A NaN forgetting (a NaN
+    value or baseline: the model or the probe failed there) counts as the worst, since how much was lost is
+    unknown. Ties go to the earliest step."""
+    if not records:
+        raise ValueError("worst_forgetting() needs at least one measurement.")
+
+    def rank(record: Mapping[str, Any]) -> tuple[bool, float]:
+        lost = float(record["forgetting"])
+        return (math.isnan(lost), -math.inf if math.isnan(lost) else lost)
+
+    return max(records, key=rank)
 
 
 def refuse_sharded_strategy(trainer: pl.Trainer, callback: str) -> None:
@@ -109,9 +139,10 @@ class ForgettingMonitor(Callback):
     - ``forgetting/<probe>/<metric>``: baseline - value if higher is better, value - baseline if lower is better,
       so positive always means worse than pre-trained (monitor it with ``mode="min"``);
     - ``retention/<probe>/<metric>``: value / baseline if higher is better, baseline / value if lower is better
-      (1 = as good as pre-trained; ``nan`` for a zero denominator unless both are 0).
+      (1 = as good as pre-trained, also when value and baseline are equal zeros or infinities; ``nan`` for another
+      zero denominator).
 
-    A non-finite value is logged as it is, with a warning; the fit goes on.
+    A non-finite value is logged as it is, with a warning (once per metric and fit); the fit goes on.
 
     **Isolation.** Probes run under ``torch.no_grad()``, with every submodule in eval mode and the precision
     plugin's forward context (autocast for mixed precision, as in training), through the unwrapped model (not the
@@ -127,11 +158,14 @@ class ForgettingMonitor(Callback):
     report's ``seconds`` column give the figure for your run.
 
     **End of fit.** On rank zero a report is written to ``report_dir`` (default: ``trainer.log_dir``, or
-    ``default_root_dir`` without a logger): ``forgetting_report.json`` (every measurement: step, probe, metric,
+    ``default_root_dir`` without a logger; a warning at the start of fit says when that is the current directory
+    only because neither was set): ``forgetting_report.json`` (every measurement: step, epoch, probe, metric,
     value, baseline, forgetting, retention), ``forgetting_report.md`` and, with matplotlib installed
-    (``lit-mofo[plot]``), ``forgetting_report.png`` (each metric against the step, baseline dashed). A
-    :class:`~lit_mofo.callbacks.parameter_drift.ParameterDrift` on the same trainer adds its section to the same
-    files. The summary is also printed as a table.
+    (``lit-mofo[plot]``), ``forgetting_report.png`` (each metric against the step, baseline dashed, titled with the
+    method, the optimizer and the model). A :class:`~lit_mofo.callbacks.parameter_drift.ParameterDrift` on the
+    same trainer adds its section to the same files. The summary is also printed as a table; its ``worst`` column
+    is the largest forgetting measured (see :func:`worst_forgetting`). Epochs are numbered as checkpoints number
+    them: the epoch the step ran in.
 
     **Resume.** The baselines and the history are in the callback's checkpoint state: a resumed fit compares with
     the pre-trained values from the checkpoint and never re-measures a baseline on resumed weights. A new
@@ -148,7 +182,7 @@ class ForgettingMonitor(Callback):
             and at the end of fit.
         evaluate_on_validation: also evaluate at the end of every validation run during fit (not sanity checks).
         report: write the end-of-fit report files and print the summary.
-        report_dir: directory for the report files; None uses ``trainer.log_dir``.
+        report_dir: directory for the report files (created if missing); None uses ``trainer.log_dir``.
 
     Example::
 
@@ -168,20 +202,32 @@ class ForgettingMonitor(Callback):
         every_n_train_steps: int | None = 100,
         evaluate_on_validation: bool = True,
         report: bool = True,
-        report_dir: str | None = None,
+        report_dir: str | Path | None = None,
     ) -> None:
         self._probes = self._named_probes(probes)
-        if every_n_train_steps is not None and (
-            isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0
-        ):
-            raise MisconfigurationException(
-                f"`every_n_train_steps={every_n_train_steps!r}` must be a non-negative int (optimizer steps between "
-                "evaluations), or None / 0 to evaluate only at validation ends and at the end of fit."
+        where = "ForgettingMonitor()"
+        if every_n_train_steps is not None:
+            as_int(
+                every_n_train_steps,
+                where=where,
+                argument="every_n_train_steps",
+                minimum=0,
+                fix="It counts optimizer steps between evaluations; None or 0 evaluates only at validation ends and "
+                "at the end of fit.",
+                error=MisconfigurationException,
             )
-        self.every_n_train_steps = every_n_train_steps or 0
-        self.evaluate_on_validation = evaluate_on_validation
-        self.report = report
-        self.report_dir = report_dir
+        self.every_n_train_steps = int(every_n_train_steps or 0)
+        self.evaluate_on_validation = as_bool(
+            evaluate_on_validation, where=where, argument="evaluate_on_validation", error=MisconfigurationException
+        )
+        self.report = as_bool(report, where=where, argument="report", error=MisconfigurationException)
+        if report_dir is not None and (not isinstance(report_dir, (str, Path)) or Path(report_dir).is_file()):
+            raise MisconfigurationException(
+                f"{where}: report_dir={report_dir!r} is invalid; the valid range is a directory path (created if "
+                "missing) or None for the trainer's log directory."
+                + (" It is an existing file." if isinstance(report_dir, (str, Path)) else "")
+            )
+        self.report_dir = None if report_dir is None else str(report_dir)
         self._directions: dict[str, dict[str, bool]] = {}
         self._baselines: dict[str, dict[str, float]] = {}
         self._history: list[dict[str, Any]] = []
@@ -189,6 +235,7 @@ class ForgettingMonitor(Callback):
         self._seconds = 0.0
         self._restored = False
         self._fitting = False
+        self._non_finite_warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -264,6 +311,7 @@ class ForgettingMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fitting = True
+        self._non_finite_warned = set()
         if not self._restored and trainer.ckpt_path is not None:
             raise MisconfigurationException(
                 f"The fit resumes from {trainer.ckpt_path!r}, which holds no pre-trained baselines for "
@@ -402,16 +450,18 @@ class ForgettingMonitor(Callback):
                     continue
                 baselines[metric] = value
             baseline = baselines[metric]
-            if not math.isfinite(value):
+            if not math.isfinite(value) and (name, metric) not in self._non_finite_warned:
+                self._non_finite_warned.add((name, metric))
                 rank_zero_warn(
                     f"Probe {name!r} returned a non-finite {metric} = {value} at step {trainer.global_step}; it is "
-                    "logged as such (the model may have diverged, or the reference set may be empty)."
+                    "logged as such (the model may have diverged, or the reference set may be empty). Later "
+                    "non-finite values of it are logged without this warning."
                 )
             lost, kept = forgetting(value, baseline, higher), retention(value, baseline, higher)
             self._history.append(
                 {
                     "step": trainer.global_step,
-                    "epoch": trainer.current_epoch,
+                    "epoch": epoch_of_last_step(trainer),
                     "trigger": trigger,
                     "probe": name,
                     "metric": metric,
@@ -453,7 +503,7 @@ class ForgettingMonitor(Callback):
         for probe, metric in keys:
             records = [r for r in self._history if (r["probe"], r["metric"]) == (probe, metric)]
             final = records[-1]
-            worst = max(records, key=lambda r: r["forgetting"] if math.isfinite(r["forgetting"]) else math.inf)
+            worst = worst_forgetting(records)
             summary_rows.append(
                 [
                     probe,

@@ -1,12 +1,22 @@
-"""Reference data for the built-in probes: reading files, tokenizing, padding, limiting and splitting across ranks."""
+"""Reference data for the built-in probes: checking and reading files, tokenizing, padding, limiting, splitting the
+batches across ranks, and calling the model.
+
+Every check here fails with the message shape of :mod:`lit_mofo._validation` (the probe and argument, the bad value,
+the valid range and the fix), raised as ``MisconfigurationException`` as Lightning's callbacks do. What can be
+checked without the model is checked when the probe is built (files, records, token ids >= 0); what needs the model
+or its tokenizer in ``setup`` (token ids within the model's vocabulary, the model's ``forward`` signature).
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -15,11 +25,29 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
-from lit_mofo.probes.base import find_language_model
+from lit_mofo._validation import argument_error, as_int
 
 IGNORE_INDEX = -100
+SUFFIXES = (".txt", ".jsonl", ".json")
+FILE_FORMATS = ".txt (one text per line), .jsonl (one JSON object per line) or .json (a list of objects), in UTF-8"
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+"""``forward_fn(model, batch) -> logits``: how a probe gets logits from a model that is not called as
+``model(input_ids=..., attention_mask=...)``."""
 
 
+def where(probe: Any) -> str:
+    """How messages name a probe: ``LanguageModelProbe(name='lm')``."""
+    return f"{type(probe).__name__}(name={getattr(probe, 'name', '?')!r})"
+
+
+def error(where: str, argument: str, value: Any, valid: str, fix: str = "") -> MisconfigurationException:
+    exception = argument_error(where, argument, value, valid, fix, MisconfigurationException)
+    assert isinstance(exception, MisconfigurationException)
+    return exception
+
+
+# ---------------------------------------------------------------------- scalar arguments
 def check_name(name: str) -> str:
     """A probe or metric name usable in ``probe/<name>/<metric>``: non-empty, no ``/``, no whitespace."""
     if not isinstance(name, str) or not name or "/" in name or any(c.isspace() for c in name):
@@ -30,18 +58,30 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_limit(limit: int | float | None, what: str = "limit_batches") -> int | float | None:
-    """Validate a Lightning-style limit: None (all), an int >= 1 (a count) or a float in (0, 1] (a fraction)."""
+def check_limit(
+    limit: int | float | None, what: str = "limit_batches", where: str = "probe", unit: str = "batches"
+) -> int | float | None:
+    """A Lightning-style limit: None (all), an int >= 1 (a count) or a float in (0, 1] (a fraction)."""
     if limit is None:
         return None
+    valid = f"None (everything), an int >= 1 (a count of {unit}) or a float in (0, 1] (a fraction of them)"
     if isinstance(limit, bool) or not isinstance(limit, (int, float)):
-        raise MisconfigurationException(f"`{what}={limit!r}` must be None, an int >= 1 or a float in (0, 1].")
+        raise error(where, what, limit, valid)
     if (isinstance(limit, int) and limit < 1) or (isinstance(limit, float) and not 0.0 < limit <= 1.0):
-        raise MisconfigurationException(
-            f"`{what}={limit!r}` is out of range: an int counts batches (>= 1), a float is a fraction in (0, 1]; "
-            "use None to evaluate every batch."
-        )
+        raise error(where, what, limit, valid, "Use None to evaluate everything.")
     return limit
+
+
+def check_size(value: Any, argument: str, where: str, minimum: int = 1) -> int:
+    """A count such as ``batch_size`` or ``max_length``: an int >= ``minimum`` (not a bool, a float or a string)."""
+    return as_int(value, where=where, argument=argument, minimum=minimum, error=MisconfigurationException)
+
+
+def check_key(value: Any, argument: str, where: str) -> str:
+    """A record key such as ``text_key``: a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise error(where, argument, value, "a non-empty string (a key of the JSON records)")
+    return value
 
 
 def apply_limit(total: int, limit: int | float | None) -> int:
@@ -53,11 +93,21 @@ def apply_limit(total: int, limit: int | float | None) -> int:
     return min(total, limit)
 
 
-def rank_batches(batches: Sequence[Any], trainer: pl.Trainer | None) -> list[Any]:
-    """This process's share of the (global) batches: batch ``i`` goes to rank ``i % world_size``."""
-    if trainer is None or trainer.world_size <= 1:
-        return list(batches)
-    return list(batches[trainer.global_rank :: trainer.world_size])
+# ---------------------------------------------------------------------- splitting across ranks
+def rank_batches(batches: Sequence[Any], trainer: pl.Trainer | None, equal_counts: bool = False) -> list[Any]:
+    """This process's share of the (global) batches: batch ``i`` goes to rank ``i % world_size``.
+
+    With ``equal_counts`` every rank gets as many batches (``ceil(len / world)``): a rank with one fewer gets
+    ``None`` entries at the end, for which it must run a forward whose result it discards (e.g. on
+    ``batches[0]``), so sharded models, where every forward is a collective, never wait on a missing one.
+    This is the one place where probes split their data across processes.
+    """
+    world = 1 if trainer is None else trainer.world_size
+    rank = 0 if trainer is None else trainer.global_rank
+    mine = list(batches[rank::world]) if world > 1 else list(batches)
+    if equal_counts and world > 1:
+        mine += [None] * (math.ceil(len(batches) / world) - len(mine))
+    return mine
 
 
 def iterate_rank_batches(loader: Iterable[Any], trainer: pl.Trainer | None, limit: int | float | None) -> Iterator[Any]:
@@ -69,10 +119,10 @@ def iterate_rank_batches(loader: Iterable[Any], trainer: pl.Trainer | None, limi
     if isinstance(limit, float):
         try:
             total = len(loader)  # type: ignore[arg-type]
-        except TypeError as error:
+        except TypeError as err:
             raise MisconfigurationException(
                 f"`limit_batches={limit}` is a fraction, but the reference dataloader has no length; give an int."
-            ) from error
+            ) from err
         limit = apply_limit(total, limit)
     for index, batch in enumerate(loader):
         if limit is not None and index >= limit:
@@ -81,50 +131,275 @@ def iterate_rank_batches(loader: Iterable[Any], trainer: pl.Trainer | None, limi
             yield batch
 
 
-def read_records(paths: str | Path | Sequence[str | Path], text_key: str = "text") -> list[dict[str, Any]]:
-    """Records of ``.txt`` files (one ``{text_key: line}`` per non-empty line), ``.jsonl`` files (one JSON object
-    per non-empty line) and ``.json`` files (a list of objects)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    records: list[dict[str, Any]] = []
+# ---------------------------------------------------------------------- files and records
+class Record(NamedTuple):
+    """A reference record and where it came from, for messages: ``ref.jsonl:3``, ``ref.json[2]``, ``examples[1]``."""
+
+    origin: str
+    data: Any
+
+
+def check_files(files: Any, where: str) -> list[Path]:
+    """The ``files`` argument as paths of existing ``.txt``/``.jsonl``/``.json`` files (one path or a list)."""
+    valid = f"an existing file or a list of them, each {FILE_FORMATS}"
+    paths = [files] if isinstance(files, (str, Path)) else files
+    if not isinstance(paths, Sequence) or isinstance(paths, (bytes, Mapping)) or not paths:
+        raise error(where, "files", files, valid)
+    checked = []
     for raw in paths:
+        if not isinstance(raw, (str, Path)) or not str(raw):
+            raise error(where, "files", files, valid, f"Entry {raw!r} is not a path.")
         path = Path(raw).expanduser()
+        if path.is_dir():
+            inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUFFIXES)[:3]
+            hint = f" (it holds e.g. {inside})" if inside else ""
+            raise error(
+                where, "files", files, valid, f"{str(path)!r} is a directory{hint}: list the reference files in it."
+            )
         if not path.is_file():
-            raise MisconfigurationException(f"Reference file {str(path)!r} does not exist (cwd: {Path.cwd()}).")
+            raise error(where, "files", files, valid, f"{str(path)!r} does not exist (cwd: {Path.cwd()}).")
+        if path.suffix.lower() not in SUFFIXES:
+            raise error(where, "files", files, valid, f"{str(path)!r} has an unsupported suffix {path.suffix!r}.")
+        checked.append(path)
+    return checked
+
+
+def _read_text(path: Path, where: str) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(
+            where,
+            "files",
+            str(path),
+            FILE_FORMATS,
+            f"It is not UTF-8 text ({err.reason} at byte {err.start}); re-encode it as UTF-8, or give token ids.",
+        ) from err
+    except OSError as err:
+        raise error(where, "files", str(path), "a readable file", f"Reading it failed: {err}.") from err
+    if "\x00" in text:
+        raise error(where, "files", str(path), FILE_FORMATS, "It holds NUL bytes: it is a binary file, not text.")
+    return text
+
+
+def read_records(paths: Sequence[Path], where: str, text_key: str = "text") -> list[Record]:
+    """Records of ``.txt`` files (one ``{text_key: line}`` per non-empty line), ``.jsonl`` files (one JSON object
+    per non-empty line) and ``.json`` files (a list of objects), each with its origin (``file:line``)."""
+    records: list[Record] = []
+    for path in paths:
+        text = _read_text(path, where)
         suffix = path.suffix.lower()
         if suffix == ".txt":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            records += [{text_key: line} for line in lines if line.strip()]
+            lines = text.splitlines()
+            records += [Record(f"{path}:{n}", {text_key: line}) for n, line in enumerate(lines, 1) if line.strip()]
         elif suffix == ".jsonl":
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for number, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise MisconfigurationException(f"{path}:{number} is not valid JSON: {error}") from error
+                except json.JSONDecodeError as err:
+                    raise error(
+                        where,
+                        "files",
+                        str(path),
+                        FILE_FORMATS,
+                        f"{path}:{number} is not valid JSON: {err.msg} at "
+                        f"column {err.colno}. Fix that line (one JSON object per line).",
+                    ) from err
                 if not isinstance(record, dict):
-                    raise MisconfigurationException(f"{path}:{number} must hold a JSON object, got {record!r:.60}.")
-                records.append(record)
-        elif suffix == ".json":
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(loaded, list) or not all(isinstance(r, dict) for r in loaded):
-                raise MisconfigurationException(f"{path} must hold a JSON list of objects.")
-            records += loaded
+                    raise error(
+                        where,
+                        "files",
+                        str(path),
+                        FILE_FORMATS,
+                        f"{path}:{number} holds {record!r:.60}, not a JSON object {{...}}.",
+                    )
+                records.append(Record(f"{path}:{number}", record))
         else:
-            raise MisconfigurationException(
-                f"Unsupported reference file {str(path)!r}: use .txt (one text per line), .jsonl or .json."
-            )
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise error(
+                    where,
+                    "files",
+                    str(path),
+                    FILE_FORMATS,
+                    f"{path}:{err.lineno} is not valid JSON: {err.msg} at column {err.colno}.",
+                ) from err
+            if not isinstance(loaded, list):
+                raise error(
+                    where,
+                    "files",
+                    str(path),
+                    FILE_FORMATS,
+                    f"{path} holds a JSON {type(loaded).__name__}, not a list of objects [{{...}}, ...].",
+                )
+            for index, record in enumerate(loaded):
+                if not isinstance(record, dict):
+                    raise error(
+                        where,
+                        "files",
+                        str(path),
+                        FILE_FORMATS,
+                        f"{path}[{index}] is {record!r:.60}, not a JSON object {{...}}.",
+                    )
+                records.append(Record(f"{path}[{index}]", record))
     return records
 
 
-def resolve_tokenizer(tokenizer: Any, pl_module: nn.Module | None) -> Any:
-    """A tokenizer object: ``tokenizer`` itself, loaded with ``AutoTokenizer`` from a local path if a string, or the
+def in_memory_records(values: Any, argument: str, where: str, valid: str) -> list[Record]:
+    """A list argument (``texts``, ``examples``, ``token_ids``) as records named ``argument[i]``."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise error(where, argument, values, valid)
+    if not values:
+        raise error(where, argument, values, valid, "The reference set is empty.")
+    return [Record(f"{argument}[{index}]", value) for index, value in enumerate(values)]
+
+
+def dataset_records(dataset: Dataset[Any], where: str) -> list[Record]:
+    """Every item of a map-style dataset, named ``dataset[i]``."""
+    return [Record(f"dataset[{index}]", dataset[index]) for index in range(len(dataset))]  # type: ignore[arg-type]
+
+
+def check_dataset(dataset: Any, where: str) -> None:
+    """A map-style dataset: ``len()`` and integer indexing, and not empty."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or isinstance(dataset, (str, Mapping)):
+        raise error(
+            where,
+            "dataset",
+            dataset,
+            "a map-style dataset (with __len__ and __getitem__)",
+            "For an iterable dataset, wrap it in a DataLoader and pass `dataloader=`.",
+        )
+    if len(dataset) == 0:
+        raise error(where, "dataset", dataset, "a non-empty map-style dataset")
+
+
+def check_loader(value: Any, what: str, where: str = "probe") -> None:
+    """A reference dataloader: re-iterable (a DataLoader, a list of batches), since every evaluation iterates it."""
+    valid = "a DataLoader or a list of batches (iterated again at every evaluation)"
+    if not isinstance(value, (DataLoader, Iterable)) or isinstance(value, (str, bytes, Mapping)):
+        raise error(where, what, value, valid)
+    if iter(value) is value:
+        raise error(
+            where,
+            what,
+            value,
+            valid,
+            "An iterator or generator is exhausted after the first evaluation; give a list or a DataLoader.",
+        )
+
+
+# ---------------------------------------------------------------------- token ids
+def as_id_list(value: Any, what: str, where: str = "probe", labels: bool = False) -> list[int]:
+    """Token ids as a list of ints >= 0 (labels may also be -100, ignored); ``what`` names them in messages."""
+    if isinstance(value, Tensor) or type(value).__name__ == "ndarray":  # torch or numpy
+        value = value.reshape(-1).tolist()
+    valid = "a list of token ids: ints >= 0" + (" or -100 (ignored)" if labels else "")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise error(where, what, value, valid)
+    for token in value:
+        if isinstance(token, bool) or not isinstance(token, Integral) or (token < 0 and not (labels and token == -100)):
+            raise error(where, what, f"{value!r:.80}", valid, f"Entry {token!r} is not one.")
+    return [int(token) for token in value]
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """How many token ids ``model`` can take and predict: the smallest of its input embedding's rows, its output
+    embedding's outputs and ``config.vocab_size`` that it has; None when it has none of them."""
+    sizes = []
+    for getter, attribute in (("get_input_embeddings", "num_embeddings"), ("get_output_embeddings", "out_features")):
+        get = getattr(model, getter, None)
+        if callable(get):
+            try:
+                layer = get()
+            except (NotImplementedError, AttributeError):
+                layer = None
+            if isinstance(getattr(layer, attribute, None), int):
+                sizes.append(getattr(layer, attribute))
+    config_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(config_size, int) and not isinstance(config_size, bool):
+        sizes.append(config_size)
+    return min(sizes) if sizes else None
+
+
+def check_in_vocabulary(
+    sequences: Iterable[tuple[str, Sequence[int]]], vocab: int | None, where: str, fix: str
+) -> None:
+    """Refuse, before any forward, a token id beyond the model's vocabulary (``origin`` names the record)."""
+    if vocab is None:
+        return
+    for origin, ids in sequences:
+        beyond = [token for token in ids if token >= vocab]
+        if beyond:
+            raise error(
+                where,
+                "token ids",
+                f"{origin}: {max(beyond)}",
+                f"[0, {vocab - 1}] (the model's vocabulary has {vocab} tokens)",
+                fix,
+            )
+
+
+def check_batch_ids(ids: Tensor, vocab: int | None, where: str, what: str, labels: bool = False) -> None:
+    """A batch of token ids (or labels: -100 allowed) from a user's dataloader within ``[0, vocab)``."""
+    if ids.numel() == 0 or ids.is_floating_point():
+        return
+    valid_ids = ids[ids != IGNORE_INDEX] if labels else ids
+    if valid_ids.numel() == 0:
+        return
+    low, high = int(valid_ids.min().item()), int(valid_ids.max().item())
+    if low < 0 or (vocab is not None and high >= vocab):
+        upper = f"{vocab - 1}" if vocab is not None else "the vocabulary size - 1"
+        raise error(
+            where,
+            f"dataloader {what}",
+            f"ids in [{low}, {high}]",
+            f"[0, {upper}]" + (" or -100 (ignored)" if labels else ""),
+            "Tokenize the reference data with the model's own tokenizer.",
+        )
+
+
+# ---------------------------------------------------------------------- tokenizers
+def check_tokenizer(tokenizer: Any, where: str) -> Any:
+    """The ``tokenizer`` argument: None, a tokenizer object (callable) or an existing local directory/file."""
+    valid = "None (the LightningModule's `tokenizer`), a tokenizer object or a local directory for AutoTokenizer"
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, Path)):
+        path = Path(tokenizer).expanduser()
+        if not path.exists():
+            raise error(
+                where,
+                "tokenizer",
+                str(tokenizer),
+                valid,
+                f"{str(path)!r} does not exist (cwd: {Path.cwd()}); save "
+                "one with `tokenizer.save_pretrained(directory)`.",
+            )
+        return tokenizer
+    if not callable(tokenizer):
+        raise error(where, "tokenizer", tokenizer, valid)
+    return tokenizer
+
+
+def resolve_tokenizer(tokenizer: Any, pl_module: nn.Module | None, where: str = "probe") -> Any:
+    """A tokenizer object: ``tokenizer`` itself, loaded with ``AutoTokenizer`` from a local path if a path, or the
     LightningModule's ``tokenizer`` attribute when None. ``None`` if there is none."""
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(tokenizer))
+        try:
+            return AutoTokenizer.from_pretrained(str(tokenizer))
+        except (OSError, ValueError) as err:
+            raise error(
+                where,
+                "tokenizer",
+                str(tokenizer),
+                "a directory saved with `tokenizer.save_pretrained`",
+                f"AutoTokenizer could not load it: {err}",
+            ) from err
     if tokenizer is not None:
         return tokenizer
     return getattr(pl_module, "tokenizer", None) if pl_module is not None else None
@@ -139,20 +414,22 @@ def require_tokenizer(tokenizer: Any, probe: str) -> Any:
     return tokenizer
 
 
+def tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+TOKENIZER_MISMATCH = (
+    "The tokenizer does not match the model: tokenize with the model's own tokenizer (`tokenizer=`), or check the "
+    "token ids of the reference data."
+)
+
+
 def pad_id(tokenizer: Any) -> int:
     for attribute in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attribute, None)
         if isinstance(value, int):
             return value
     return 0
-
-
-def as_id_list(value: Any, what: str) -> list[int]:
-    if isinstance(value, Tensor):
-        value = value.reshape(-1).tolist()
-    if not isinstance(value, Sequence) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise MisconfigurationException(f"{what} must be a list of token ids (ints), got {value!r:.80}.")
-    return list(value)
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
@@ -166,15 +443,128 @@ def pad_right(sequences: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Ten
     return input_ids, attention_mask
 
 
-def forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Logits ``[batch, seq, vocab]`` (or ``[batch, classes]``) of a transformers model or any module that takes
-    ``input_ids``/``attention_mask`` keywords and returns logits, an output with ``.logits`` or a dict."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
+# ---------------------------------------------------------------------- calling the model
+def import_object(path: str, argument: str, where: str) -> Any:
+    """The object named by ``"package.module.name"`` (or ``"package.module:name"``), for YAML configs."""
+    module_name, _, attribute = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise error(
+            where,
+            argument,
+            path,
+            "a callable or its import path 'package.module.function'",
+            f"Cannot import it: {err}. The module must be importable from the working directory (or PYTHONPATH).",
+        ) from err
+
+
+def takes_two_arguments(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called with two positional arguments (True when its signature is unknown)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # builtins without a signature
+        return True
+    return True
+
+
+def check_forward_fn(forward_fn: ForwardFn | str | None, where: str) -> ForwardFn | None:
+    """The ``forward_fn`` argument: None, a function ``(model, batch) -> logits`` or its import path."""
+    if forward_fn is None:
+        return None
+    fn = import_object(forward_fn, "forward_fn", where) if isinstance(forward_fn, str) else forward_fn
+    if not callable(fn) or not takes_two_arguments(fn):
+        raise error(
+            where,
+            "forward_fn",
+            forward_fn,
+            "None or a function (model, batch) -> logits, or its import path 'package.module.function'",
+            "E.g. `def forward_fn(model, batch): return model(batch['input_ids'])`.",
+        )
+    return fn
+
+
+def _forward_parameters(model: nn.Module) -> tuple[set[str], bool] | None:
+    """The keyword names ``model.forward`` takes and whether it takes ``**kwargs``; None if it cannot be read."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _keywords(model: nn.Module, inputs: Mapping[str, Any], where: str, optional: Sequence[str]) -> dict[str, Any]:
+    """``inputs`` as keyword arguments ``model.forward`` takes: ``optional`` ones it does not take are dropped,
+    ``use_cache=False`` is added for transformers models; any other key it does not take is refused with the fix."""
+    kwargs = dict(inputs)
     if _is_transformers_model(model):
         kwargs["use_cache"] = False
-    return _logits(model(**kwargs))
+    accepted = _forward_parameters(model)
+    if accepted is None or accepted[1]:
+        return kwargs
+    names, _ = accepted
+    kwargs = {k: v for k, v in kwargs.items() if k in names or (k not in optional and k != "use_cache")}
+    missing = [k for k in kwargs if k not in names]
+    if missing:
+        name = type(model).__name__
+        raise MisconfigurationException(
+            f"{where} calls the model as `{name}({', '.join(f'{k}=...' for k in inputs)})` and needs logits back, "
+            f"but `{name}.forward{inspect.signature(model.forward)}` takes no {missing}. Pass `forward_fn=`: a "
+            "function (model, batch) -> logits, where batch is the dict of tensors above, e.g. "
+            "`forward_fn=lambda model, batch: model(batch['input_ids'])`; from YAML, its import path "
+            "'package.module.function'."
+        )
+    return kwargs
+
+
+def check_forward(model: nn.Module, forward_fn: ForwardFn | None, where: str) -> None:
+    """Refuse in ``setup``, before any forward, a model the probe cannot call with its default signature."""
+    if forward_fn is None:
+        _keywords(model, {"input_ids": None, "attention_mask": None}, where, optional=("attention_mask",))
+
+
+def call_model(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    forward_fn: ForwardFn | None,
+    where: str,
+    optional: Sequence[str] = ("attention_mask",),
+) -> Tensor:
+    """The logits of ``model`` on the dict ``inputs``: ``forward_fn(model, inputs)``, or ``model(**inputs)`` with
+    the keywords its ``forward`` takes."""
+    if forward_fn is not None:
+        return logits_of(forward_fn(model, dict(inputs)), where)
+    kwargs = _keywords(model, inputs, where, optional)
+    try:
+        output = model(**kwargs)
+    except IndexError as err:  # an embedding lookup beyond the vocabulary of a model that does not say its size
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.numel() == 0 or "index out of range" not in str(err):
+            raise
+        raise MisconfigurationException(
+            f"{where}: the model's forward failed with `IndexError: {err}` on token ids in [{int(ids.min())}, "
+            f"{int(ids.max())}]: an id is probably beyond its embedding. {TOKENIZER_MISMATCH}"
+        ) from err
+    return logits_of(output, where)
+
+
+def forward_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    forward_fn: ForwardFn | None = None,
+    where: str = "The probe",
+) -> Tensor:
+    """Logits ``[batch, seq, vocab]`` (or ``[batch, classes]``) of a batch of token ids: ``forward_fn(model,
+    {"input_ids", "attention_mask"})``, or ``model(input_ids=..., attention_mask=...)`` (the mask only if
+    ``forward`` takes it; ``use_cache=False`` for transformers models)."""
+    inputs: dict[str, Any] = {"input_ids": input_ids}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    return call_model(model, inputs, forward_fn, where)
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -185,7 +575,8 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _logits(output: Any) -> Tensor:
+def logits_of(output: Any, where: str = "The probe") -> Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits``, ``["logits"]`` or a tuple's first tensor."""
     if isinstance(output, Tensor):
         return output
     logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
@@ -193,30 +584,11 @@ def _logits(output: Any) -> Tensor:
         logits = output[0]
     if not isinstance(logits, Tensor):
         raise MisconfigurationException(
-            f"The model returned {type(output).__name__}; a probe needs logits: a tensor, an output with `.logits` "
-            "or a dict with 'logits'."
+            f"{where}: the model returned {type(output).__name__}; a probe needs logits: a tensor, an output with "
+            "`.logits` or a dict with 'logits'. Pass `forward_fn=` (a function (model, batch) -> logits) to adapt "
+            "the call."
         )
     return logits
-
-
-def model_for(pl_module: nn.Module) -> nn.Module:
-    return find_language_model(pl_module)
-
-
-class ListDataset(Dataset[Any]):
-    def __init__(self, items: Sequence[Any]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.items[index]
-
-
-def check_loader(value: Any, what: str) -> None:
-    if not isinstance(value, (DataLoader, Iterable)) or isinstance(value, (str, bytes, Mapping)):
-        raise MisconfigurationException(f"`{what}` must be a DataLoader or an iterable of batches, got {value!r:.80}.")
 
 
 class SumPair(Metric):

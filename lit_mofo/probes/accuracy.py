@@ -20,12 +20,29 @@ __all__ = ["AccuracyProbe", "MultipleChoiceProbe"]
 _LABEL_KEYS = ("labels", "label")
 
 
-def _exactly_one(probe: str, **sources: Any) -> None:
+def _exactly_one(where: str, **sources: Any) -> None:
     given = sorted(k for k, v in sources.items() if v is not None)
     if len(given) != 1:
         raise MisconfigurationException(
-            f"{probe} needs exactly one of {', '.join(f'`{k}`' for k in sources)}, got {given or 'none'}."
+            f"{where} needs exactly one of {', '.join(f'`{k}`' for k in sources)}, got {given or 'none'}."
         )
+
+
+def _records(where: str, files: Any, examples: Any, text_key: str) -> list[_data.Record]:
+    """The records of ``files`` or ``examples`` (whichever is given), read and named by origin."""
+    if files is not None:
+        records = _data.read_records(_data.check_files(files, where), where, text_key)
+        if not records:
+            raise _data.error(where, "files", files, "files holding at least one record", "The reference set is empty.")
+        return records
+    return _data.in_memory_records(examples, "examples", where, "a non-empty list of dicts")
+
+
+def _index(value: Any) -> int | None:
+    """An int (a 0-d tensor's item included), else None."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class AccuracyProbe(Probe):
@@ -46,6 +63,13 @@ class AccuracyProbe(Probe):
       classes and whose other entries are passed to the model as keyword arguments, or an ``(inputs, labels)`` pair
       with the model called as ``model(inputs)`` (any model, not only transformers).
 
+    The model is called as ``model(input_ids=..., attention_mask=...)`` (or ``model(**batch)`` / ``model(inputs)``
+    for your ``dataloader``); for a model called another way, give ``forward_fn(model, batch) -> logits``, with
+    ``batch`` the dict ``{"input_ids", "attention_mask"}`` (your dataloader's dict without the labels, or the
+    ``inputs`` of a pair). Records, token ids and labels (ints >= 0) are checked when the probe is built, token ids
+    against the model's vocabulary in ``setup`` and labels against the model's number of classes at the first
+    forward, each error naming the record (``file:line``).
+
     Under DDP the batches are dealt round-robin to the processes and the counts summed (torchmetrics), so the
     whole set is evaluated once. Cost: one forward per batch.
 
@@ -56,6 +80,7 @@ class AccuracyProbe(Probe):
         max_length: texts longer than this many tokens are truncated.
         batch_size: examples per forward (not used with ``dataloader``).
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
+        forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model called another way.
         name: the probe's name in metric keys (``probe/<name>/accuracy``).
     """
 
@@ -71,19 +96,27 @@ class AccuracyProbe(Probe):
         max_length: int = 512,
         batch_size: int = 8,
         limit_batches: int | float | None = None,
+        forward_fn: _data.ForwardFn | str | None = None,
         name: str = "accuracy",
     ) -> None:
-        _exactly_one("AccuracyProbe", files=files, examples=examples, dataset=dataset, dataloader=dataloader)
-        if dataloader is not None:
-            _data.check_loader(dataloader, "dataloader")
-        if batch_size < 1 or max_length < 1:
-            raise MisconfigurationException(f"`batch_size={batch_size}` and `max_length={max_length}` must be >= 1.")
-        self.files, self.examples, self.dataset, self.dataloader = files, examples, dataset, dataloader
-        self.tokenizer = tokenizer
-        self.text_key, self.label_key = text_key, label_key
-        self.max_length, self.batch_size = max_length, batch_size
-        self.limit_batches = _data.check_limit(limit_batches)
         self.name = _data.check_name(name)
+        where = _data.where(self)
+        _exactly_one(where, files=files, examples=examples, dataset=dataset, dataloader=dataloader)
+        self.text_key = _data.check_key(text_key, "text_key", where)
+        self.label_key = _data.check_key(label_key, "label_key", where)
+        self.max_length = _data.check_size(max_length, "max_length", where)
+        self.batch_size = _data.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _data.check_limit(limit_batches, where=where)
+        self.tokenizer = _data.check_tokenizer(tokenizer, where)
+        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.files, self.examples, self.dataset, self.dataloader = files, examples, dataset, dataloader
+        self._records: list[_data.Record] = []
+        if files is not None or examples is not None:
+            self._records = [self._checked(r) for r in _records(where, files, examples, self.text_key)]
+        elif dataset is not None:
+            _data.check_dataset(dataset, where)
+        else:
+            _data.check_loader(dataloader, "dataloader", where)
         self._batches: list[list[tuple[list[int], int]]] | None = None
         self._pad_id = 0
         self._correct: _data.SumPair | None = None
@@ -96,51 +129,63 @@ class AccuracyProbe(Probe):
         self._correct = _data.SumPair(pl_module.device)
         if self.dataloader is not None:
             return
-        if self.files is not None:
-            records: Sequence[Any] = _data.read_records(self.files, self.text_key)
-        elif self.examples is not None:
-            records = list(self.examples)
-        else:
-            assert self.dataset is not None
-            records = [self.dataset[i] for i in range(len(self.dataset))]  # type: ignore[arg-type]
-        if not records:
-            raise MisconfigurationException(f"Probe {self.name!r}: the reference set is empty.")
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module)
+        where = _data.where(self)
+        model = find_language_model(pl_module)
+        _data.check_forward(model, self.forward_fn, where)
+        records = self._records
+        if self.dataset is not None:
+            records = [self._checked(r) for r in _data.dataset_records(self.dataset, where)]
+        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, where)
         if tokenizer is not None:
             self._pad_id = _data.pad_id(tokenizer)
-        items = [self._item(record, tokenizer) for record in records]
-        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        items = []
+        for origin, (content, label) in records:
+            if isinstance(content, str):
+                ids = _data.tokenize(_data.require_tokenizer(tokenizer, self.name), content, add_special_tokens=True)
+                if not ids:
+                    raise MisconfigurationException(f"{where}: {origin} has no tokens after tokenization.")
+            else:
+                ids = content
+            items.append((origin, ids[: self.max_length], label))
+        _data.check_in_vocabulary(
+            ((o, ids) for o, ids, _ in items), _data.vocabulary_size(model), where, _data.TOKENIZER_MISMATCH
+        )
+        pairs = [(ids, label) for _, ids, label in items]
+        batches = [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
 
-    def _item(self, record: Any, tokenizer: Any) -> tuple[list[int], int]:
-        if not isinstance(record, Mapping):
+    def _checked(self, record: _data.Record) -> _data.Record:
+        """``record`` as ``(origin, (text or token ids, label))``, or an error naming it."""
+        where, origin, data = _data.where(self), record.origin, record.data
+        if not isinstance(data, Mapping):
             raise MisconfigurationException(
-                f"Probe {self.name!r}: reference records must be dicts, got {type(record).__name__}."
+                f"{where}: {origin} is a {type(data).__name__}; reference records must be dicts with the text under "
+                f"{self.text_key!r} (or 'input_ids') and the class index under {self.label_key!r}."
             )
-        label = record.get(self.label_key)
-        if isinstance(label, Tensor):
-            label = label.item()
-        if not isinstance(label, int) or isinstance(label, bool):
+        label = _index(data.get(self.label_key))
+        if label is None or label < 0:
             raise MisconfigurationException(
-                f"Probe {self.name!r}: record {dict(record)!r:.80} needs an int class index under {self.label_key!r}."
+                f"{where}: {origin} {dict(data)!r:.80} needs an int class index >= 0 under {self.label_key!r} "
+                "(`label_key`)."
             )
-        if "input_ids" in record:
-            ids = _data.as_id_list(record["input_ids"], "input_ids")
-        elif self.text_key in record:
-            tokenizer = _data.require_tokenizer(tokenizer, self.name)
-            ids = list(tokenizer(str(record[self.text_key]), add_special_tokens=True)["input_ids"])
-        else:
+        if "input_ids" in data:
+            ids = _data.as_id_list(data["input_ids"], f"{origin} input_ids", where)
+            if not ids:
+                raise MisconfigurationException(f"{where}: {origin} has no tokens.")
+            return _data.Record(origin, (ids, label))
+        text = data.get(self.text_key)
+        if not isinstance(text, str):
             raise MisconfigurationException(
-                f"Probe {self.name!r}: record {dict(record)!r:.80} has neither {self.text_key!r} nor 'input_ids'."
+                f"{where}: {origin} {dict(data)!r:.80} has neither a string under {self.text_key!r} (`text_key`) nor "
+                "'input_ids'."
             )
-        if not ids:
-            raise MisconfigurationException(f"Probe {self.name!r}: record {dict(record)!r:.80} has no tokens.")
-        return ids[: self.max_length], label
+        return _data.Record(origin, (text, label))
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._correct is None:
             self.setup(trainer, pl_module)
         assert self._correct is not None
+        where = _data.where(self)
         model = find_language_model(pl_module)
         device = pl_module.device
         self._correct.restart(device)
@@ -148,7 +193,9 @@ class AccuracyProbe(Probe):
             for batch in _data.rank_batches(self._batches, trainer):
                 input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
                 labels = torch.tensor([label for _, label in batch])
-                logits = _data.forward_logits(model, input_ids.to(device), attention_mask.to(device))
+                logits = _data.forward_logits(
+                    model, input_ids.to(device), attention_mask.to(device), self.forward_fn, where
+                )
                 self._update(logits, labels)
         else:
             assert self.dataloader is not None
@@ -161,6 +208,7 @@ class AccuracyProbe(Probe):
         return {"accuracy": correct / count}
 
     def _user_forward(self, model: torch.nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        where = _data.where(self)
         if isinstance(batch, Mapping):
             key = next((k for k in _LABEL_KEYS if k in batch), None)
             if key is None:
@@ -169,10 +217,11 @@ class AccuracyProbe(Probe):
                     f"{sorted(batch)}."
                 )
             inputs = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
-            output = model(**inputs, use_cache=False) if _data._is_transformers_model(model) else model(**inputs)
-            return _data._logits(output), batch[key]
+            return _data.call_model(model, inputs, self.forward_fn, where), batch[key]
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            return _data._logits(model(batch[0])), batch[1]
+            if self.forward_fn is not None:
+                return _data.logits_of(self.forward_fn(model, batch[0]), where), batch[1]
+            return _data.logits_of(model(batch[0]), where), batch[1]
         raise MisconfigurationException(
             f"Probe {self.name!r}: cannot read a batch of type {type(batch).__name__}; yield a dict with 'labels' or "
             "an (inputs, labels) pair."
@@ -185,7 +234,16 @@ class AccuracyProbe(Probe):
                 f"Probe {self.name!r}: the model returned logits of shape {tuple(logits.shape)}; AccuracyProbe needs "
                 "class logits [batch, classes]. For a causal language model use MultipleChoiceProbe."
             )
-        labels = labels.to(logits.device).reshape(-1)
+        labels = torch.as_tensor(labels, device=logits.device).reshape(-1)
+        classes = logits.size(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise _data.error(
+                _data.where(self),
+                "labels",
+                f"class indices in [{int(labels.min())}, {int(labels.max())}]",
+                f"[0, {classes - 1}] (the model returns {classes} class logits)",
+                f"Check `label_key` ({self.label_key!r}) and that the model has a logit per class.",
+            )
         self._correct.update((logits.argmax(dim=-1) == labels).sum(), labels.numel())
 
 
@@ -203,6 +261,10 @@ class MultipleChoiceProbe(Probe):
     special tokens. Token ids work too: ``{"context_ids": [...], "choice_ids": [[...], ...], "label": 1}``.
     A context longer than ``max_length`` minus the choice is cut from the left.
 
+    The model is called as ``model(input_ids=..., attention_mask=...)``; give ``forward_fn(model, batch) -> logits``
+    (``batch`` the dict ``{"input_ids", "attention_mask"}``) for a model called another way. Records are checked
+    when the probe is built, token ids against the model's vocabulary in ``setup``, each error naming the record.
+
     Under DDP the questions are dealt round-robin (by batch) to the processes and the counts summed. Cost: one
     forward per batch of ``batch_size`` questions times their choices.
 
@@ -214,6 +276,7 @@ class MultipleChoiceProbe(Probe):
         max_length: longest scored sequence in tokens.
         batch_size: questions per forward.
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
+        forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model called another way.
         name: the probe's name in metric keys (``probe/<name>/acc``).
     """
 
@@ -229,20 +292,25 @@ class MultipleChoiceProbe(Probe):
         max_length: int = 512,
         batch_size: int = 4,
         limit_batches: int | float | None = None,
+        forward_fn: _data.ForwardFn | str | None = None,
         name: str = "multiple_choice",
     ) -> None:
-        _exactly_one("MultipleChoiceProbe", files=files, examples=examples)
-        if batch_size < 1 or max_length < 2:
-            raise MisconfigurationException(
-                f"`batch_size={batch_size}` must be >= 1 and `max_length={max_length}` >= 2."
-            )
-        self.files, self.examples = files, examples
-        self.tokenizer = tokenizer
-        self.context_key, self.choices_key, self.label_key = context_key, choices_key, label_key
-        self.target_delimiter = target_delimiter
-        self.max_length, self.batch_size = max_length, batch_size
-        self.limit_batches = _data.check_limit(limit_batches)
         self.name = _data.check_name(name)
+        where = _data.where(self)
+        _exactly_one(where, files=files, examples=examples)
+        self.context_key = _data.check_key(context_key, "context_key", where)
+        self.choices_key = _data.check_key(choices_key, "choices_key", where)
+        self.label_key = _data.check_key(label_key, "label_key", where)
+        if not isinstance(target_delimiter, str):
+            raise _data.error(where, "target_delimiter", target_delimiter, "a string (a space by default)")
+        self.target_delimiter = target_delimiter
+        self.max_length = _data.check_size(max_length, "max_length", where, minimum=2)
+        self.batch_size = _data.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _data.check_limit(limit_batches, where=where)
+        self.tokenizer = _data.check_tokenizer(tokenizer, where)
+        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.files, self.examples = files, examples
+        self._records = [self._checked(r) for r in _records(where, files, examples, self.context_key)]
         self._batches: list[list[tuple[list[int], list[list[int]], int]]] = []
         self._pad_id = 0
         self._acc: _data.SumPair | None = None
@@ -253,53 +321,81 @@ class MultipleChoiceProbe(Probe):
         return {"acc": True, "acc_norm": True}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        records = _data.read_records(self.files) if self.files is not None else list(self.examples or [])
-        if not records:
-            raise MisconfigurationException(f"Probe {self.name!r}: the reference set is empty.")
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module)
+        where = _data.where(self)
+        model = find_language_model(pl_module)
+        _data.check_forward(model, self.forward_fn, where)
+        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, where)
         if tokenizer is not None:
             self._pad_id = _data.pad_id(tokenizer)
-        questions = [self._question(record, tokenizer) for record in records]
-        batches = [questions[i : i + self.batch_size] for i in range(0, len(questions), self.batch_size)]
+        questions = [(origin, self._tokenized(origin, question, tokenizer)) for origin, question in self._records]
+        _data.check_in_vocabulary(
+            ((o, [t for part in (q[0], *q[1]) for t in part]) for o, q in questions),
+            _data.vocabulary_size(model),
+            where,
+            _data.TOKENIZER_MISMATCH,
+        )
+        items = [question for _, question in questions]
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
         self._acc = _data.SumPair(pl_module.device)
         self._acc_norm = _data.SumPair(pl_module.device)
 
-    def _question(self, record: Any, tokenizer: Any) -> tuple[list[int], list[list[int]], int]:
-        if not isinstance(record, Mapping):
-            raise MisconfigurationException(f"Probe {self.name!r}: records must be dicts, got {record!r:.60}.")
-        label = record.get(self.label_key)
-        if "context_ids" in record:
-            context = _data.as_id_list(record["context_ids"], "context_ids")
-            choices = [_data.as_id_list(c, "choice_ids") for c in record.get("choice_ids", [])]
-        elif self.context_key in record and self.choices_key in record:
-            tokenizer = _data.require_tokenizer(tokenizer, self.name)
-            context = list(tokenizer(str(record[self.context_key]), add_special_tokens=True)["input_ids"])
-            choices = [
-                list(tokenizer(self.target_delimiter + str(c), add_special_tokens=False)["input_ids"])
-                for c in record[self.choices_key]
-            ]
+    def _checked(self, record: _data.Record) -> _data.Record:
+        """``record`` as ``(origin, (context, choices, label))`` (texts or token ids), or an error naming it."""
+        where, origin, data = _data.where(self), record.origin, record.data
+        if not isinstance(data, Mapping):
+            raise MisconfigurationException(f"{where}: {origin} must be a dict, got {data!r:.60}.")
+        if "context_ids" in data:
+            context: Any = _data.as_id_list(data["context_ids"], f"{origin} context_ids", where)
+            raw_choices = data.get("choice_ids")
+            if isinstance(raw_choices, Tensor) or not isinstance(raw_choices, Sequence):
+                raw_choices = [] if raw_choices is None else list(raw_choices)
+            choices: list[Any] = [_data.as_id_list(c, f"{origin} choice_ids", where) for c in raw_choices]
+        elif self.context_key in data and self.choices_key in data:
+            context, raw = data[self.context_key], data[self.choices_key]
+            if isinstance(raw, str) or not isinstance(raw, Sequence):
+                raise MisconfigurationException(
+                    f"{where}: {origin} needs a list of choices under {self.choices_key!r}, got {raw!r:.60}."
+                )
+            choices = [str(c) for c in raw]
+            context = str(context)
         else:
             raise MisconfigurationException(
-                f"Probe {self.name!r}: record {dict(record)!r:.80} needs {self.context_key!r} and "
+                f"Probe {self.name!r}: {origin} {dict(data)!r:.80} needs {self.context_key!r} and "
                 f"{self.choices_key!r} (or 'context_ids' and 'choice_ids')."
             )
-        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        label = _index(data.get(self.label_key))
+        if label is None or not 0 <= label < len(choices):
             raise MisconfigurationException(
-                f"Probe {self.name!r}: record {dict(record)!r:.80} needs {self.label_key!r}: the index of the right "
+                f"Probe {self.name!r}: {origin} {dict(data)!r:.80} needs {self.label_key!r}: the index of the right "
                 f"choice among {len(choices)}."
             )
-        if not context or any(not c or len(c) >= self.max_length for c in choices):
+        self._check_lengths(origin, context, choices)
+        return _data.Record(origin, (context, choices, label))
+
+    def _check_lengths(self, origin: str, context: Any, choices: list[Any]) -> None:
+        if not context or any(not c or (isinstance(c, list) and len(c) >= self.max_length) for c in choices):
             raise MisconfigurationException(
-                f"Probe {self.name!r}: record {dict(record)!r:.80} needs a non-empty context and choices of 1 to "
+                f"Probe {self.name!r}: {origin} needs a non-empty context and choices of 1 to "
                 f"{self.max_length - 1} tokens (`max_length={self.max_length}`)."
             )
+
+    def _tokenized(
+        self, origin: str, question: tuple[Any, list[Any], int], tokenizer: Any
+    ) -> tuple[list[int], list[list[int]], int]:
+        context, choices, label = question
+        if isinstance(context, str):
+            tokenizer = _data.require_tokenizer(tokenizer, self.name)
+            context = _data.tokenize(tokenizer, context, add_special_tokens=True)
+            choices = [_data.tokenize(tokenizer, self.target_delimiter + c, add_special_tokens=False) for c in choices]
+            self._check_lengths(origin, context, choices)
         return context, choices, label
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._acc is None or self._acc_norm is None:
             self.setup(trainer, pl_module)
         assert self._acc is not None and self._acc_norm is not None
+        where = _data.where(self)
         model = find_language_model(pl_module)
         device = pl_module.device
         self._acc.restart(device)
@@ -313,7 +409,7 @@ class MultipleChoiceProbe(Probe):
                     spans.append((len(kept), len(choice)))
             input_ids, attention_mask = _data.pad_right(sequences, self._pad_id)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            logits = _data.forward_logits(model, input_ids, attention_mask)
+            logits = _data.forward_logits(model, input_ids, attention_mask, self.forward_fn, where)
             log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
             scores = [

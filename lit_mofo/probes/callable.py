@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lit_mofo.probes._data import check_name
+from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe
 
 __all__ = ["CallableProbe"]
@@ -45,15 +43,32 @@ class CallableProbe(Probe):
         higher_is_better: bool | dict[str, bool],
         name: str = "callable",
     ) -> None:
-        self.fn = _import(fn) if isinstance(fn, str) else fn
-        if not callable(self.fn):
-            raise MisconfigurationException(f"`fn={fn!r}` is not callable; give a function(trainer, pl_module).")
+        self.name = _data.check_name(name)
+        where = _data.where(self)
+        self.fn = _data.import_object(fn, "fn", where) if isinstance(fn, str) else fn
+        if not callable(self.fn) or not _data.takes_two_arguments(self.fn):
+            raise _data.error(
+                where,
+                "fn",
+                fn,
+                "a function (trainer, pl_module) -> number or {metric: number}, or its import path "
+                "'package.module.function'",
+            )
+        directions_valid = "True (higher is better), False (lower is better) or a dict {metric: True/False}"
         if isinstance(higher_is_better, Mapping):
-            bad = {k: v for k, v in higher_is_better.items() if not isinstance(v, bool)}
+            bad = {
+                k: v
+                for k, v in higher_is_better.items()
+                if not isinstance(v, bool) or not isinstance(k, str) or not k or any(c.isspace() for c in k)
+            }
             if bad or not higher_is_better:
-                raise MisconfigurationException(
-                    f"`higher_is_better={higher_is_better!r}` must map every metric to True (higher is better) or "
-                    "False (lower is better)."
+                raise _data.error(
+                    where,
+                    "higher_is_better",
+                    higher_is_better,
+                    directions_valid,
+                    "Map every metric (a name without whitespace) to True (higher is better) or False (lower is "
+                    f"better){f'; not {bad}' if bad else ''}.",
                 )
             self._directions = dict(higher_is_better)
             self._default: bool | None = None
@@ -61,10 +76,7 @@ class CallableProbe(Probe):
             self._directions = {"value": higher_is_better}
             self._default = higher_is_better
         else:
-            raise MisconfigurationException(
-                f"`higher_is_better={higher_is_better!r}` must be True/False or a dict {{metric: True/False}}."
-            )
-        self.name = check_name(name)
+            raise _data.error(where, "higher_is_better", higher_is_better, directions_valid, "It must be True/False.")
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -77,14 +89,3 @@ class CallableProbe(Probe):
             for metric in values:
                 self._directions.setdefault(metric, self._default)
         return values
-
-
-def _import(path: str) -> Any:
-    module_name, _, attribute = path.replace(":", ".").rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise MisconfigurationException(
-            f"Cannot import the probe function {path!r}: {error}. Give 'package.module.function' importable from "
-            "the working directory."
-        ) from error

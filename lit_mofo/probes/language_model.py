@@ -42,8 +42,19 @@ class LanguageModelProbe(Probe):
     its own; windows of a single token predict nothing and are dropped.
 
     The model called is :func:`~lit_mofo.probes.base.find_language_model` of the LightningModule (its ``model``
-    attribute, else itself) with ``input_ids``/``attention_mask`` (and ``use_cache=False`` for transformers models);
-    it must return next-token logits (a tensor, ``.logits`` or ``["logits"]``).
+    attribute, else itself), as ``model(input_ids=..., attention_mask=...)`` (the mask only if its ``forward`` takes
+    it; ``use_cache=False`` for transformers models); it must return next-token logits ``[batch, seq, vocab]`` (a
+    tensor, ``.logits`` or ``["logits"]``). For a model called another way, give ``forward_fn(model, batch)``,
+    which gets ``batch = {"input_ids": [batch, seq] int64, "attention_mask": [batch, seq]}`` (1 = token, 0 = right
+    padding; for your ``dataloader``, its own batch) on the module's device and returns the logits (or an output
+    holding them); e.g. ``forward_fn=lambda model, batch: model(batch["input_ids"])``. From YAML, give its import
+    path ``"package.module.function"``. A model whose ``forward`` takes no ``input_ids`` and no ``forward_fn`` is
+    refused in ``setup``, before any forward.
+
+    Bad input fails early, naming the argument, the bad value, the valid range and the fix: files, records and
+    token ids (>= 0) when the probe is built (a directory, a missing file, text that is not UTF-8, invalid JSON
+    with its ``file:line``, a record without ``text_key``); token ids beyond the model's vocabulary (its input and
+    output embeddings, ``config.vocab_size``) in ``setup``; the batches of your ``dataloader`` as they come.
 
     Cost: one forward pass (no backward) per batch: about a third of a training step on the same number of tokens.
     ``limit_batches`` bounds it. Under DDP the batches are dealt round-robin to the processes (batch ``i`` to rank
@@ -62,6 +73,8 @@ class LanguageModelProbe(Probe):
         batch_size: sequences per forward (not used with ``dataloader``).
         limit_batches: evaluate only the first batches: an int counts batches, a float is a fraction of them; None
             evaluates the whole set. The same batches every evaluation.
+        forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model that is not called as
+            ``model(input_ids=..., attention_mask=...)``; None calls it so.
         name: the probe's name in metric keys (``probe/<name>/loss``); a monitor's dict key overrides it.
 
     Example::
@@ -82,45 +95,65 @@ class LanguageModelProbe(Probe):
         max_length: int = 512,
         batch_size: int = 8,
         limit_batches: int | float | None = None,
+        forward_fn: _data.ForwardFn | str | None = None,
         name: str = "lm",
     ) -> None:
-        given = {
-            k: v
-            for k, v in {
-                "files": files,
-                "texts": texts,
-                "token_ids": token_ids,
-                "dataset": dataset,
-                "dataloader": dataloader,
-            }.items()
-            if v is not None
-        }
+        self.name = _data.check_name(name)
+        where = _data.where(self)
+        sources = {"files": files, "texts": texts, "token_ids": token_ids, "dataset": dataset, "dataloader": dataloader}
+        given = sorted(k for k, v in sources.items() if v is not None)
         if len(given) != 1:
             raise MisconfigurationException(
-                f"LanguageModelProbe needs exactly one of `files`, `texts`, `token_ids`, `dataset` or `dataloader`, "
-                f"got {sorted(given) or 'none'}."
+                f"{where} needs exactly one of `files`, `texts`, `token_ids`, `dataset` or `dataloader`, "
+                f"got {given or 'none'}."
             )
-        if isinstance(texts, str):
-            raise MisconfigurationException("`texts` must be a list of strings; for a file use `files=`.")
-        if dataloader is not None:
-            _data.check_loader(dataloader, "dataloader")
-        if max_length < 2:
-            raise MisconfigurationException(f"`max_length={max_length}` must be >= 2 (one token predicts the next).")
-        if batch_size < 1:
-            raise MisconfigurationException(f"`batch_size={batch_size}` must be >= 1.")
-        self.files = files
-        self.texts = texts
-        self.token_ids = token_ids
-        self.dataset = dataset
-        self.dataloader = dataloader
-        self.tokenizer = tokenizer
-        self.text_key = text_key
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.limit_batches = _data.check_limit(limit_batches)
-        self.name = _data.check_name(name)
+        self.text_key = _data.check_key(text_key, "text_key", where)
+        self.max_length = _data.check_size(max_length, "max_length", where, minimum=2)  # one token predicts the next
+        self.batch_size = _data.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _data.check_limit(limit_batches, where=where)
+        self.tokenizer = _data.check_tokenizer(tokenizer, where)
+        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.files, self.texts, self.token_ids = files, texts, token_ids
+        self.dataset, self.dataloader = dataset, dataloader
+        # the reference items known without the model: texts, token-id lists or (ids, labels) pairs, with origins
+        self._items: list[_data.Record] = []
+        if files is not None:
+            records = _data.read_records(_data.check_files(files, where), where, self.text_key)
+            if not records:
+                raise _data.error(
+                    where,
+                    "files",
+                    files,
+                    "files holding at least one non-empty line or record",
+                    "The reference set is empty.",
+                )
+            self._items = [_data.Record(r.origin, self._record_item(r)) for r in records]
+        elif texts is not None:
+            if isinstance(texts, str):
+                raise _data.error(where, "texts", texts, "a list of strings", "For a file use `files=`.")
+            self._items = _data.in_memory_records(texts, "texts", where, "a non-empty list of strings")
+            for origin, text in self._items:
+                if not isinstance(text, str):
+                    raise _data.error(where, "texts", f"{origin} = {text!r:.60}", "a list of strings")
+        elif token_ids is not None:
+            rows = token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids
+            records = _data.in_memory_records(rows, "token_ids", where, "a non-empty list of token-id lists")
+            self._items = [_data.Record(o, _data.as_id_list(ids, o, where)) for o, ids in records]
+            if not any(len(ids) >= 2 for _, ids in self._items):
+                raise _data.error(
+                    where,
+                    "token_ids",
+                    f"{token_ids!r:.80}",
+                    "sequences of at least 2 tokens (one predicts the next)",
+                    "The reference set is empty: no sequence has 2 tokens.",
+                )
+        elif dataset is not None:
+            _data.check_dataset(dataset, where)
+        else:
+            _data.check_loader(dataloader, "dataloader", where)
         self._batches: list[Any] | None = None
         self._pad_id = 0
+        self._vocab: int | None = None
         self._loss: _data.SumPair | None = None
 
     @property
@@ -133,9 +166,19 @@ class LanguageModelProbe(Probe):
         return None if self._batches is None else len(self._batches)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        where = _data.where(self)
+        model = find_language_model(pl_module)
+        _data.check_forward(model, self.forward_fn, where)
+        self._vocab = _data.vocabulary_size(model)
         if self.dataloader is None:
             sequences = self._sequences(pl_module)
-            windows = [w for s in sequences for w in self._windows(s)]
+            _data.check_in_vocabulary(
+                ((origin, ids + [t for t in labels if t != _data.IGNORE_INDEX]) for origin, (ids, labels) in sequences),
+                self._vocab,
+                where,
+                _data.TOKENIZER_MISMATCH,
+            )
+            windows = [w for _, sequence in sequences for w in self._windows(sequence)]
             if not windows:
                 raise MisconfigurationException(
                     f"Probe {self.name!r}: the reference set is empty (no sequence of at least 2 tokens). "
@@ -157,6 +200,7 @@ class LanguageModelProbe(Probe):
         if self._loss is None:
             self.setup(trainer, pl_module)
         assert self._loss is not None
+        where = _data.where(self)
         model = find_language_model(pl_module)
         device = pl_module.device
         self._loss.restart(device)
@@ -167,8 +211,11 @@ class LanguageModelProbe(Probe):
             batches = _data.iterate_rank_batches(self.dataloader, trainer, self.limit_batches)
         for batch in batches:
             input_ids, attention_mask, labels = self._collate(batch)
+            if self._batches is None:  # the user's batches: refuse ids beyond the model before the forward
+                _data.check_batch_ids(input_ids, self._vocab, where, "input_ids")
+                _data.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
             input_ids, attention_mask, labels = move_batch((input_ids, attention_mask, labels), device)
-            logits = _data.forward_logits(model, input_ids, attention_mask)
+            logits = _data.forward_logits(model, input_ids, attention_mask, self.forward_fn, where)
             total, count = next_token_nll(logits, labels)
             if count > 0:
                 self._loss.update(total, count)
@@ -182,57 +229,61 @@ class LanguageModelProbe(Probe):
         return {"loss": loss, "perplexity": _exp(loss)}
 
     # ------------------------------------------------------------------ data
-    def _sequences(self, pl_module: pl.LightningModule) -> list[Any]:
-        if self.token_ids is not None:
-            return [_data.as_id_list(ids, f"token_ids[{i}]") for i, ids in enumerate(self.token_ids)]
-        if self.texts is not None:
-            items: Sequence[Any] = list(self.texts)
-        elif self.files is not None:
-            items = []
-            for record in _data.read_records(self.files, self.text_key):
-                if "input_ids" in record:
-                    items.append(_data.as_id_list(record["input_ids"], "`input_ids` of a reference record"))
-                elif self.text_key in record:
-                    items.append(str(record[self.text_key]))
-                else:
-                    raise MisconfigurationException(
-                        f"Probe {self.name!r}: record {record!r:.80} has neither {self.text_key!r} (`text_key`) nor "
-                        "'input_ids'."
-                    )
-        else:
-            assert self.dataset is not None
-            items = [self.dataset[i] for i in range(len(self.dataset))]  # type: ignore[arg-type]
-        needs_tokenizer = any(isinstance(item, str) for item in items)
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module)
+    def _record_item(self, record: _data.Record) -> str | list[int]:
+        """A file record's text or token ids, checked when the probe is built."""
+        data = record.data
+        if "input_ids" in data:
+            return _data.as_id_list(data["input_ids"], f"{record.origin} input_ids", _data.where(self))
+        text = data.get(self.text_key)
+        if not isinstance(text, str):
+            problem = "has no" if self.text_key not in data else f"has a {type(text).__name__}, not a string, under"
+            raise _data.error(
+                _data.where(self),
+                "files",
+                self.files,
+                f"records with the text (a string) under `text_key` ({self.text_key!r}) or token ids under 'input_ids'",
+                f"Record {record.origin} {problem} {self.text_key!r}; its keys are {sorted(data)}.",
+            )
+        return text
+
+    def _sequences(self, pl_module: pl.LightningModule) -> list[tuple[str, tuple[list[int], list[int]]]]:
+        """Every reference sequence as ``(origin, (ids, labels))``."""
+        items = self._items if self.dataset is None else _data.dataset_records(self.dataset, _data.where(self))
+        needs_tokenizer = any(isinstance(item, str) for _, item in items)
+        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, _data.where(self))
         if needs_tokenizer:
             tokenizer = _data.require_tokenizer(tokenizer, self.name)
         if tokenizer is not None:
             self._pad_id = _data.pad_id(tokenizer)
-        return [self._item(item, tokenizer) for item in items]
+        return [(origin, self._item(origin, item, tokenizer)) for origin, item in items]
 
-    def _item(self, item: Any, tokenizer: Any) -> Any:
+    def _item(self, origin: str, item: Any, tokenizer: Any) -> tuple[list[int], list[int]]:
+        where = _data.where(self)
         if isinstance(item, str):
-            return list(tokenizer(item, add_special_tokens=True)["input_ids"])
+            ids = _data.tokenize(tokenizer, item, add_special_tokens=True)
+            return ids, ids
         if isinstance(item, Mapping):
             if "input_ids" not in item:
                 raise MisconfigurationException(
-                    f"Probe {self.name!r}: dataset item with keys {sorted(item)} has no 'input_ids'."
+                    f"{where}: {origin} is a dict with keys {sorted(item)} and no 'input_ids'."
                 )
-            ids = _data.as_id_list(item["input_ids"], "input_ids")
+            ids = _data.as_id_list(item["input_ids"], f"{origin} input_ids", where)
             keep = item.get("attention_mask")
             labels = item.get("labels")
-            labels = ids if labels is None else _data.as_id_list(labels, "labels")
+            labels = ids if labels is None else _data.as_id_list(labels, f"{origin} labels", where, labels=True)
             if keep is not None:
-                mask = _data.as_id_list(keep, "attention_mask")
+                mask = _data.as_id_list(keep, f"{origin} attention_mask", where)
                 ids = [t for t, m in zip(ids, mask, strict=True) if m]
                 labels = [t for t, m in zip(labels, mask, strict=True) if m]
-            return (ids, labels)
+            return ids, labels
         if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
-            return _data.as_id_list(item[0], "input_ids")
-        return _data.as_id_list(item, "a reference item")
+            ids = _data.as_id_list(item[0], origin, where)
+            return ids, ids
+        ids = _data.as_id_list(item, origin, where)
+        return ids, ids
 
-    def _windows(self, sequence: Any) -> list[tuple[list[int], list[int]]]:
-        ids, labels = sequence if isinstance(sequence, tuple) else (sequence, sequence)
+    def _windows(self, sequence: tuple[list[int], list[int]]) -> list[tuple[list[int], list[int]]]:
+        ids, labels = sequence
         windows = []
         for start in range(0, len(ids), self.max_length):
             window = ids[start : start + self.max_length]
@@ -246,7 +297,7 @@ class LanguageModelProbe(Probe):
             labels, _ = _data.pad_right([lab for _, lab in batch], _data.IGNORE_INDEX)
             return input_ids, attention_mask, labels
         # a batch from the user's dataloader
-        if isinstance(batch, Mapping):
+        if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
             input_ids = batch["input_ids"]
             attention_mask = batch.get("attention_mask")
             labels = batch.get("labels")

@@ -6,7 +6,9 @@ Needs the optional extra: ``pip install "lit-mofo[lmeval]"`` (``lm-eval[hf]``, w
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import importlib.util
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lit_mofo._validation import as_bool, as_int
 from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe, find_language_model
 
 __all__ = ["LMEvalProbe"]
 
+_SET_BY_PROBE = ("model", "tasks", "num_fewshot", "limit", "task_manager", "bootstrap_iters", "log_samples")
 _INSTALL_HINT = 'install the optional extra: `pip install "lit-mofo[lmeval]"` (lm-eval with its `hf` extra)'
 
 
@@ -43,7 +47,9 @@ class LMEvalProbe(Probe):
     and a metric lm-eval gives no direction for is skipped with a warning.
 
     Tasks are looked up in lm-eval's registry and in ``include_path`` (directories of task YAML files — local tasks
-    with local data files run offline). An unknown task name is refused in ``setup`` with the closest known names.
+    with local data files run offline). An unknown task name is refused in ``setup`` with the closest known names;
+    the other arguments (a missing ``include_path`` directory, ``evaluate_kwargs`` that the probe sets itself, a
+    missing ``lm_eval``) when the probe is built.
 
     Cost: a full lm-eval run per evaluation, bounded by ``limit`` (examples per task). Under DDP it runs on rank
     zero only (``HFLM`` with an in-memory model is single-process) while the other ranks wait, and the results are
@@ -88,26 +94,62 @@ class LMEvalProbe(Probe):
         evaluate_kwargs: dict[str, Any] | None = None,
         name: str = "lm_eval",
     ) -> None:
-        self.tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
-            raise MisconfigurationException(f"`tasks={tasks!r}` must name at least one lm-eval task.")
-        if num_fewshot is not None and num_fewshot < 0:
-            raise MisconfigurationException(f"`num_fewshot={num_fewshot}` must be >= 0 or None (the task's default).")
-        if limit is not None:
-            _data.check_limit(limit, "limit")
-        if batch_size < 1:
-            raise MisconfigurationException(f"`batch_size={batch_size}` must be >= 1.")
-        self.num_fewshot = num_fewshot
-        self.limit = limit
-        self.batch_size = batch_size
-        paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
-        self.include_path = [str(Path(p).expanduser()) for p in paths]
-        self.include_defaults = include_defaults
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.bootstrap_iters = bootstrap_iters
-        self.evaluate_kwargs = dict(evaluate_kwargs or {})
         self.name = _data.check_name(name)
+        where = _data.where(self)
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ModuleNotFoundError(f"{where} needs lm-evaluation-harness: {_INSTALL_HINT}.")
+        self.tasks = [tasks] if isinstance(tasks, str) else list(tasks) if isinstance(tasks, Sequence) else []
+        if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            raise _data.error(
+                where,
+                "tasks",
+                tasks,
+                "a task, group or tag name of lm-eval, or a non-empty list of them",
+                "E.g. tasks=['arc_easy', 'hellaswag'].",
+            )
+        if num_fewshot is not None:
+            as_int(num_fewshot, where=where, argument="num_fewshot", minimum=0, error=MisconfigurationException)
+        self.num_fewshot = num_fewshot
+        self.limit = _data.check_limit(limit, "limit", where, unit="examples per task")
+        self.batch_size = _data.check_size(batch_size, "batch_size", where)
+        paths = [include_path] if isinstance(include_path, (str, Path)) else include_path or []
+        if not isinstance(paths, Sequence):
+            raise _data.error(where, "include_path", include_path, "a directory of task YAML files, or a list of them")
+        self.include_path = []
+        for path in paths:
+            if not isinstance(path, (str, Path)) or not Path(path).expanduser().is_dir():
+                raise _data.error(
+                    where,
+                    "include_path",
+                    include_path,
+                    "a directory of task YAML files, or a list of them",
+                    f"{str(path)!r} is not a directory of task YAML files (cwd: {Path.cwd()}).",
+                )
+            self.include_path.append(str(Path(path).expanduser()))
+        self.include_defaults = as_bool(
+            include_defaults, where=where, argument="include_defaults", error=MisconfigurationException
+        )
+        self.tokenizer = _data.check_tokenizer(tokenizer, where)
+        if max_length is not None:
+            _data.check_size(max_length, "max_length", where)
+        self.max_length = max_length
+        self.bootstrap_iters = _data.check_size(bootstrap_iters, "bootstrap_iters", where, minimum=0)
+        if evaluate_kwargs is not None and (
+            not isinstance(evaluate_kwargs, Mapping) or not all(isinstance(k, str) for k in evaluate_kwargs)
+        ):
+            raise _data.error(
+                where, "evaluate_kwargs", evaluate_kwargs, "None or a dict of keyword arguments for simple_evaluate"
+            )
+        clashes = sorted(set(evaluate_kwargs or {}) & set(_SET_BY_PROBE))
+        if clashes:
+            raise _data.error(
+                where,
+                "evaluate_kwargs",
+                evaluate_kwargs,
+                f"keyword arguments of simple_evaluate other than {list(_SET_BY_PROBE)}",
+                f"{clashes} are set by the probe; use its own arguments (e.g. `limit=`, `num_fewshot=`).",
+            )
+        self.evaluate_kwargs = dict(evaluate_kwargs or {})
         self._directions: dict[str, bool] = {}
         self._task_manager: Any = None
         self._tokenizer: Any = None
@@ -120,10 +162,17 @@ class LMEvalProbe(Probe):
         return dict(self._directions)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _, _, task_manager_cls = _import_lm_eval()
-        for path in self.include_path:
-            if not Path(path).is_dir():
-                raise MisconfigurationException(f"`include_path` {path!r} is not a directory of task YAML files.")
+        simple_evaluate, _, task_manager_cls = _import_lm_eval()
+        accepted = inspect.signature(simple_evaluate).parameters
+        unknown_kwargs = sorted(set(self.evaluate_kwargs) - set(accepted))
+        if unknown_kwargs:
+            raise _data.error(
+                _data.where(self),
+                "evaluate_kwargs",
+                self.evaluate_kwargs,
+                "keyword arguments of lm_eval.simple_evaluate",
+                f"It takes no {unknown_kwargs}; see `help(lm_eval.simple_evaluate)`.",
+            )
         self._task_manager = task_manager_cls(
             include_path=self.include_path or None, include_defaults=self.include_defaults
         )
@@ -142,7 +191,9 @@ class LMEvalProbe(Probe):
             raise MisconfigurationException(
                 f"LMEvalProbe needs a transformers PreTrainedModel as `pl_module.model`, got {type(model).__name__}."
             )
-        self._tokenizer = _data.require_tokenizer(_data.resolve_tokenizer(self.tokenizer, pl_module), self.name)
+        self._tokenizer = _data.require_tokenizer(
+            _data.resolve_tokenizer(self.tokenizer, pl_module, _data.where(self)), self.name
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._lm = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -25,9 +26,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_mofo._validation import as_int
 from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe, find_language_model
-from lit_mofo.scenario.corpus import Fact, KnowledgeSpec, generate_facts
+from lit_mofo.scenario.corpus import RELATION_TEMPLATES, Fact, KnowledgeSpec, generate_facts
 from lit_mofo.scenario.task import TaskExample, TaskKind, TaskSpec, generate_task
 from lit_mofo.scenario.vocab import load_tokenizer
 
@@ -100,8 +102,10 @@ def _task_batches(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenize
     return batches
 
 
-def _logits(model: nn.Module, batch: _Batch, device: torch.device) -> Tensor:
-    logits = _data.forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device)).float()
+def _logits(model: nn.Module, batch: _Batch, device: torch.device, forward_fn: _data.ForwardFn | None = None) -> Tensor:
+    logits = _data.forward_logits(
+        model, batch.input_ids.to(device), batch.attention_mask.to(device), forward_fn, "The scenario probe"
+    ).float()
     if logits.dim() != 3 or logits.size(1) != batch.input_ids.size(1):
         raise MisconfigurationException(
             f"The scenario probes need next-token logits [batch, seq, vocab] from a causal LM; the model returned "
@@ -112,18 +116,11 @@ def _logits(model: nn.Module, batch: _Batch, device: torch.device) -> Tensor:
 
 def _check_vocabulary(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probe: str) -> None:
     """Refuse, before any forward, a model whose embeddings or outputs do not cover the scenario vocabulary."""
-    sizes = []
-    get_input_embeddings = getattr(model, "get_input_embeddings", None)
-    if callable(get_input_embeddings):
-        embeddings = get_input_embeddings()
-        sizes.append(getattr(embeddings, "num_embeddings", len(tokenizer)))
-    config = getattr(model, "config", None)
-    if config is not None and isinstance(getattr(config, "vocab_size", None), int):
-        sizes.append(config.vocab_size)
-    if sizes and min(sizes) < len(tokenizer):
+    size = _data.vocabulary_size(model)
+    if size is not None and size < len(tokenizer):
         raise MisconfigurationException(
             f"{probe} scores the embedded scenario and needs a model over its vocabulary ({len(tokenizer)} tokens, "
-            f"lit_mofo/scenario/tokenizer/); this model has {min(sizes)}. Fine-tune the scenario base model "
+            f"lit_mofo/scenario/tokenizer/); this model has {size}. Fine-tune the scenario base model "
             "(`model: scenario:base`) or drop the scenario probes."
         )
 
@@ -231,16 +228,25 @@ class _ScenarioProbe(Probe):
 
     _metric_names: tuple[str, str]
 
-    def __init__(self, batch_size: int, limit_batches: int | float | None, name: str) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise MisconfigurationException(f"`batch_size={batch_size!r}` must be an int >= 1.")
-        self.batch_size = batch_size
-        self.limit_batches = _data.check_limit(limit_batches)
+    def __init__(
+        self,
+        batch_size: int,
+        limit_batches: int | float | None,
+        forward_fn: _data.ForwardFn | str | None,
+        name: str,
+    ) -> None:
         self.name = _data.check_name(name)
+        where = _data.where(self)
+        self.batch_size = _data.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _data.check_limit(limit_batches, where=where)
+        self.forward_fn = _data.check_forward_fn(forward_fn, where)
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._batches: list[_Batch] = []
         self._hits: _data.SumPair | None = None
         self._loss: _data.SumPair | None = None
+
+    def _spec_int(self, value: Any, argument: str) -> int:
+        return as_int(value, where=_data.where(self), argument=argument, error=MisconfigurationException)
 
     def _build_batches(self, tokenizer: PreTrainedTokenizerBase) -> list[_Batch]:
         raise NotImplementedError
@@ -249,7 +255,10 @@ class _ScenarioProbe(Probe):
         raise NotImplementedError
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = find_language_model(pl_module)
         self._tokenizer = load_tokenizer()
+        _check_vocabulary(model, self._tokenizer, type(self).__name__)
+        _data.check_forward(model, self.forward_fn, _data.where(self))
         batches = self._build_batches(self._tokenizer)
         self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
         self._hits = _data.SumPair(pl_module.device)
@@ -257,11 +266,8 @@ class _ScenarioProbe(Probe):
 
     def _rank_batches(self, trainer: pl.Trainer | None) -> list[tuple[_Batch, bool]]:
         """This rank's batches with a flag "counts"; padded with a discarded repeat so all ranks run as many."""
-        world = 1 if trainer is None else trainer.world_size
-        rank = 0 if trainer is None else trainer.global_rank
-        mine = self._batches[rank::world]
-        per_rank = math.ceil(len(self._batches) / world)
-        return [(batch, True) for batch in mine] + [(self._batches[0], False)] * (per_rank - len(mine))
+        share = _data.rank_batches(self._batches, trainer, equal_counts=True)
+        return [(self._batches[0], False) if batch is None else (batch, True) for batch in share]
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._hits is None or self._loss is None or self._tokenizer is None:
@@ -269,12 +275,11 @@ class _ScenarioProbe(Probe):
         assert self._hits is not None and self._loss is not None and self._tokenizer is not None
         model = find_language_model(pl_module)
         device = pl_module.device
-        _check_vocabulary(model, self._tokenizer, type(self).__name__)
         self._hits.restart(device)
         self._loss.restart(device)
         with torch.no_grad():  # the monitor already does this; direct calls need it too
             for batch, counts in self._rank_batches(trainer):
-                logits = _logits(model, batch, device)
+                logits = _logits(model, batch, device, self.forward_fn)
                 if counts:
                     hits, loss, tokens = self._counts(logits, batch)
                     self._hits.update(hits, len(batch.input_ids))
@@ -308,6 +313,8 @@ class KnowledgeProbe(_ScenarioProbe):
         seed: the world's seed.
         batch_size: facts per forward.
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all facts.
+        forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model not called as
+            ``model(input_ids=..., attention_mask=...)``; see :class:`~lit_mofo.probes.LanguageModelProbe`.
         name: the probe's name in metric keys (``probe/<name>/accuracy``).
 
     Example::
@@ -324,13 +331,21 @@ class KnowledgeProbe(_ScenarioProbe):
         seed: int = KnowledgeSpec.seed,
         batch_size: int = 256,
         limit_batches: int | float | None = None,
+        forward_fn: _data.ForwardFn | str | None = None,
         name: str = "knowledge",
     ) -> None:
-        super().__init__(batch_size, limit_batches, name)
+        super().__init__(batch_size, limit_batches, forward_fn, name)
+        relations = (relations,) if isinstance(relations, str) else relations  # one relation, not its letters
+        if not isinstance(relations, Sequence) or not all(isinstance(r, str) for r in relations):
+            raise _data.error(_data.where(self), "relations", relations, f"a list of {list(RELATION_TEMPLATES)}")
         try:
-            self.spec = KnowledgeSpec(num_entities=num_entities, relations=tuple(relations), seed=seed)
+            self.spec = KnowledgeSpec(
+                num_entities=self._spec_int(num_entities, "num_entities"),
+                relations=tuple(relations),
+                seed=self._spec_int(seed, "seed"),
+            )
         except ValueError as error:
-            raise MisconfigurationException(f"KnowledgeProbe: {error}") from error
+            raise MisconfigurationException(f"{_data.where(self)}: {error}") from error
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -365,6 +380,8 @@ class TaskProbe(_ScenarioProbe):
         num_examples: held-out problems evaluated.
         batch_size: problems per forward.
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
+        forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model not called as
+            ``model(input_ids=..., attention_mask=...)``; see :class:`~lit_mofo.probes.LanguageModelProbe`.
         name: the probe's name in metric keys (``probe/<name>/exact_match``).
     """
 
@@ -380,28 +397,33 @@ class TaskProbe(_ScenarioProbe):
         num_examples: int = 256,
         batch_size: int = 256,
         limit_batches: int | float | None = None,
+        forward_fn: _data.ForwardFn | str | None = None,
         name: str = "task",
     ) -> None:
-        super().__init__(batch_size, limit_batches, name)
+        super().__init__(batch_size, limit_batches, forward_fn, name)
+        where = _data.where(self)
         try:
             self.spec = TaskSpec(
-                kind=kind, num_words=num_words, min_length=min_length, max_length=max_length, seed=seed
+                kind=kind,
+                num_words=self._spec_int(num_words, "num_words"),
+                min_length=self._spec_int(min_length, "min_length"),
+                max_length=self._spec_int(max_length, "max_length"),
+                seed=self._spec_int(seed, "seed"),
             )
         except ValueError as error:
-            raise MisconfigurationException(f"TaskProbe: {error}") from error
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise MisconfigurationException(f"TaskProbe: `num_examples={num_examples!r}` must be an int >= 1.")
-        self.num_examples = num_examples
+            raise MisconfigurationException(f"{where}: {error}") from error
+        self.num_examples = _data.check_size(num_examples, "num_examples", where)
+        try:  # the held-out problems need no model: refuse an impossible count now, not at the start of fit
+            generate_task(self.spec, num_train=0, num_eval=self.num_examples)
+        except ValueError as error:
+            raise MisconfigurationException(f"{where}: {error}") from error
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
         return {"exact_match": True, "loss": False}
 
     def _build_batches(self, tokenizer: PreTrainedTokenizerBase) -> list[_Batch]:
-        try:
-            _, examples = generate_task(self.spec, num_train=0, num_eval=self.num_examples)
-        except ValueError as error:
-            raise MisconfigurationException(f"TaskProbe: {error}") from error
+        _, examples = generate_task(self.spec, num_train=0, num_eval=self.num_examples)
         return _task_batches(examples, tokenizer, self.batch_size)
 
     def _counts(self, logits: Tensor, batch: _Batch) -> tuple[int, float, int]:
