@@ -1,11 +1,11 @@
 """A LightningModule that fine-tunes any Hugging Face causal language model, with MoFO by default.
 
-:class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a hub name, a local
-directory, or ``"scenario:base"`` for the embedded scenario's base model) or builds one from a config, trains it on
-batches of ``input_ids``/``attention_mask``/``labels`` (labels -100 where no loss is taken, e.g. on prompt tokens),
-and takes its optimizer and scheduler from outside (LightningCLI's ``optimizer:``/``lr_scheduler:`` blocks, or
-callables in Python); without them it uses MoFO with the paper's settings. It can export the fine-tuned model with
-``save_pretrained`` at the end of fit.
+:class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a hub name, a local directory,
+or ``"scenario:base"`` / ``"scenario:disjoint"`` for an embedded scenario's base model) or builds one from a config,
+trains it on batches of ``input_ids``/``attention_mask``/``labels`` (labels -100 where no loss is taken, e.g. on
+prompt tokens), and takes its optimizer and scheduler from outside (LightningCLI's ``optimizer:``/``lr_scheduler:``
+blocks, or callables in Python); without them it uses MoFO with the paper's settings. It can export the fine-tuned
+model with ``save_pretrained`` at the end of fit.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class CausalLMModule(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM; the loss is the model's next-token loss on the labelled tokens.
 
     **The model.** ``model`` is a Hugging Face name, a local ``save_pretrained`` directory, or ``"scenario:base"``
-    (the embedded scenario's base model, built and cached on first use, see :mod:`lit_mofo.scenario`); it is loaded
+    (the embedded scenario's base model; ``"scenario:disjoint"`` for the second scenario's, see
+    :mod:`lit_mofo.scenario.scenarios`; built and cached on first use); it is loaded
     with ``AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
     **from_pretrained_kwargs)`` and put in train mode. ``model_config`` instead builds a randomly initialised model
     from a config (a dict with ``model_type``, or a ``PretrainedConfig``), for tests and from-scratch runs. The
@@ -69,7 +70,7 @@ class CausalLMModule(pl.LightningModule):
     the final ones (not a checkpoint's "best").
 
     Args:
-        model: Hugging Face name, local directory, or ``"scenario:base"``.
+        model: Hugging Face name, local directory, ``"scenario:base"`` or ``"scenario:disjoint"``.
         model_config: a config to build an untrained model from (instead of ``model``).
         tokenizer: tokenizer name or path; None: the model's own (if it has one).
         optimizer: optimizer factory (LightningCLI dependency injection); None: MoFO with the paper's settings.
@@ -147,10 +148,15 @@ class CausalLMModule(pl.LightningModule):
     @staticmethod
     def _resolve(model: str) -> str:
         from lit_mofo.scenario.base_model import SCENARIO_MODEL, base_model_path
+        from lit_mofo.scenario.scenarios import scenario_for_model
 
         if model == SCENARIO_MODEL:
             return str(base_model_path())
-        return model
+        try:
+            scenario = scenario_for_model(model)
+        except ValueError as error:
+            raise MisconfigurationException(f"CausalLMModule: {error}") from error
+        return model if scenario is None else str(base_model_path(scenario.recipe))
 
     @staticmethod
     def _load(

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.scenario.corpus import Fact, KnowledgeSpec, generate_facts
+from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
 from lit_mofo.scenario.task import TaskExample, TaskKind, TaskSpec, generate_task
 from lit_mofo.scenario.vocab import load_tokenizer
 
@@ -366,6 +367,8 @@ class TaskProbe(_ScenarioProbe):
         batch_size: problems per forward.
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
         name: the probe's name in metric keys (``probe/<name>/exact_match``).
+        scenario: which embedded scenario's words the problems are written in (``overlap``, the default, or
+            ``disjoint``); must match the data module's and the base model's (:mod:`lit_mofo.scenario.scenarios`).
     """
 
     _metric_names = ("exact_match", "loss")
@@ -381,11 +384,17 @@ class TaskProbe(_ScenarioProbe):
         batch_size: int = 256,
         limit_batches: int | float | None = None,
         name: str = "task",
+        scenario: ScenarioName = "overlap",
     ) -> None:
         super().__init__(batch_size, limit_batches, name)
         try:
             self.spec = TaskSpec(
-                kind=kind, num_words=num_words, min_length=min_length, max_length=max_length, seed=seed
+                kind=kind,
+                num_words=num_words,
+                min_length=min_length,
+                max_length=max_length,
+                seed=seed,
+                first_word=get_scenario(scenario).first_word,
             )
         except ValueError as error:
             raise MisconfigurationException(f"TaskProbe: {error}") from error
