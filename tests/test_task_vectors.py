@@ -328,3 +328,37 @@ def test_the_editor_refuses_a_theta0_of_another_model() -> None:
         TaskVectorEditor(model, {"model.norm.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="is not a parameter of LlamaForCausalLM"):
         edit_factors(model, WiSEFT(0.5), ["model.missing"])
+
+
+# ---- LoRA (PEFT) ----------------------------------------------------------------------------------------------------
+
+
+def test_on_a_lora_model_editing_the_b_matrices_scales_the_effective_task_vector() -> None:
+    """ΔW = scale·B·A with B₀ = 0 (peft's default init): editing B alone, with θ₀(B) = 0, gives θ₀ + λ·ΔW per layer,
+    i.e. the edit of the merged weights, and LiNeS gives each B its block's factor."""
+    from peft import LoraConfig
+
+    config = tiny_llama(layers=3).config
+    module = CausalLMModule(model_config=config, peft=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    pretrained = {name: p.detach().clone() for name, p in module.merged_model().named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    finetuned = {name: p.detach().clone() for name, p in module.merged_model().named_parameters()}
+    theta0 = {name: torch.zeros_like(p) for name, p in module.named_parameters() if ".lora_B." in name}
+    for edit in (WiSEFT(0.3), LiNeS(0.2, 0.8)):
+        with TaskVectorEditor(module, theta0) as editor:
+            factors = editor.apply(edit)
+            edited = dict(module.merged_model().named_parameters())
+        for name, value in edited.items():
+            if name.startswith("model.layers.") and name.endswith("proj.weight"):
+                layer = int(name.split(".")[2])
+                factor = edit.alpha if isinstance(edit, WiSEFT) else edit.block_factor(layer, 3)
+                expected = pretrained[name] + factor * (finetuned[name] - pretrained[name])
+                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(value, pretrained[name]), name  # no adapter: frozen
+        b_factors = {factors[n] for n in theta0 if ".layers.2." in n}
+        assert b_factors == {1.0 if isinstance(edit, LiNeS) else 0.3}
