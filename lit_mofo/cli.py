@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -64,6 +65,9 @@ class LitMoFOCLI(LightningCLI):
 def main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitMoFOCLI:
     """Entry point of the ``lit-mofo`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
+    # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
+    warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
     return LitMoFOCLI(
         LightningModule,
         LightningDataModule,

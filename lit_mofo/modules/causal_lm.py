@@ -1,18 +1,21 @@
 """A LightningModule that fine-tunes any Hugging Face causal language model, with MoFO by default.
 
-:class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a hub name, a local
-directory, or ``"scenario:base"`` for the embedded scenario's base model) or builds one from a config, trains it on
-batches of ``input_ids``/``attention_mask``/``labels`` (labels -100 where no loss is taken, e.g. on prompt tokens),
-and takes its optimizer and scheduler from outside (LightningCLI's ``optimizer:``/``lr_scheduler:`` blocks, or
-callables in Python); without them it uses MoFO with the paper's settings. It can export the fine-tuned model with
-``save_pretrained`` at the end of fit.
+:class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a hub name, a local directory,
+or ``"scenario:base"`` / ``"scenario:disjoint"`` for an embedded scenario's base model) or builds one from a config,
+trains it on batches of ``input_ids``/``attention_mask``/``labels`` (labels -100 where no loss is taken, e.g. on
+prompt tokens), and takes its optimizer and scheduler from outside (LightningCLI's ``optimizer:``/``lr_scheduler:``
+blocks, or callables in Python); without them it uses MoFO with the paper's settings. With a ``peft`` config (e.g.
+``peft.LoraConfig``) it trains adapters instead of the weights. It can export the fine-tuned model with
+``save_pretrained`` at the end of fit (adapters merged into a plain model).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +28,14 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from typing_extensions import override
 
 from lit_mofo.optim.helpers import Schedule, mofo_configure_optimizers, mofo_param_groups, warmup_lr_scheduler
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+try:  # the `lora` extra; LightningCLI needs the class itself to parse `peft: {class_path: peft.LoraConfig, ...}`
+    from peft import PeftConfig
+except ImportError:  # pragma: no cover - without peft, a `peft` argument is refused with the install command
+    PeftConfig = Any  # type: ignore[misc,assignment]
 
 __all__ = ["CausalLMModule"]
 
@@ -44,7 +55,8 @@ class CausalLMModule(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM; the loss is the model's next-token loss on the labelled tokens.
 
     **The model.** ``model`` is a Hugging Face name, a local ``save_pretrained`` directory, or ``"scenario:base"``
-    (the embedded scenario's base model, built and cached on first use, see :mod:`lit_mofo.scenario`); it is loaded
+    (the embedded scenario's base model; ``"scenario:disjoint"`` for the second scenario's, see
+    :mod:`lit_mofo.scenario.scenarios`; built and cached on first use); it is loaded
     with ``AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
     **from_pretrained_kwargs)`` and put in train mode. ``model_config`` instead builds a randomly initialised model
     from a config (a dict with ``model_type``, or a ``PretrainedConfig``), for tests and from-scratch runs. The
@@ -64,12 +76,28 @@ class CausalLMModule(pl.LightningModule):
     steps). Without ``optimizer``: MoFO with the paper's settings (lr 2e-5, fraction 0.15, no weight decay) and that
     schedule (cosine, warmup 3% by default), via :func:`~lit_mofo.optim.helpers.mofo_configure_optimizers`.
 
+    **LoRA and other adapters (PEFT).** With ``peft`` (a ``peft.PeftConfig``, e.g. ``peft.LoraConfig(r=8,
+    lora_alpha=16, target_modules="all-linear")``, or in YAML ``peft: {class_path: peft.LoraConfig, init_args:
+    {...}}``) the loaded model is wrapped with ``peft.get_peft_model`` (task type ``CAUSAL_LM``; the config passed in
+    is copied, not changed): the pre-trained weights are frozen and only the adapters train, so the optimizer —
+    MoFO by default, or the injected one — gets the adapter parameters alone, and MoFO's filter works over them.
+    :attr:`model` is then the ``PeftModel``; it takes ``input_ids``/``attention_mask`` and returns logits like the
+    plain model, so probes and the loss work unchanged. Checkpoints hold the base weights and the adapters
+    (``load_from_checkpoint`` rebuilds the wrapped model from the ``peft`` config, which the hyper-parameters hold as a
+    plain dict so that the checkpoint loads with ``torch.load(weights_only=True)``). Adapters that add virtual
+    tokens (prompt/prefix tuning) are refused: they change the sequence the probes read. Needs the ``lora`` extra
+    (``pip install 'lit-mofo[lora]'``).
+
     **Export.** With ``export_dir``, the model (``save_pretrained``, with the full state dict gathered from every
     process) and the tokenizer are written there at the end of a fit that completes, by rank zero; the weights are
-    the final ones (not a checkpoint's "best").
+    the final ones (not a checkpoint's "best"). A PEFT model is exported merged: a copy of it has its adapters
+    folded into the weights (``merge_and_unload``), and that plain model — loadable with
+    ``AutoModelForCausalLM.from_pretrained``, no peft needed — is saved; :attr:`model` keeps its adapters. The copy
+    costs one more model in memory on rank zero while it is written, and needs the whole model there (single
+    device or DDP; sharded strategies are refused for a PEFT export).
 
     Args:
-        model: Hugging Face name, local directory, or ``"scenario:base"``.
+        model: Hugging Face name, local directory, ``"scenario:base"`` or ``"scenario:disjoint"``.
         model_config: a config to build an untrained model from (instead of ``model``).
         tokenizer: tokenizer name or path; None: the model's own (if it has one).
         optimizer: optimizer factory (LightningCLI dependency injection); None: MoFO with the paper's settings.
@@ -83,6 +111,8 @@ class CausalLMModule(pl.LightningModule):
         from_pretrained_kwargs: more keyword arguments for ``from_pretrained`` (``revision``,
             ``trust_remote_code``, ``local_files_only``...).
         export_dir: directory for the ``save_pretrained`` export at the end of fit; None: no export.
+        peft: a PEFT adapter config (``peft.LoraConfig``...) to train adapters instead of the weights, or its
+            ``to_dict()`` form (with ``peft_type``; the hyper-parameters keep it so); None: train the weights.
 
     Example::
 
@@ -105,6 +135,7 @@ class CausalLMModule(pl.LightningModule):
         attn_implementation: str | None = None,
         from_pretrained_kwargs: dict[str, Any] | None = None,
         export_dir: str | None = None,
+        peft: PeftConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if (model is None) == (model_config is None):
@@ -118,14 +149,18 @@ class CausalLMModule(pl.LightningModule):
             raise MisconfigurationException(f"schedule={schedule!r} is not one of 'cosine', 'linear', 'constant'.")
         if not 0.0 <= warmup_ratio < 1.0:
             raise MisconfigurationException(f"warmup_ratio={warmup_ratio!r} is outside [0, 1); the paper uses 0.03.")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "peft"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.schedule: Schedule = schedule
         self.warmup_ratio = warmup_ratio
         self.export_dir = export_dir
 
-        self.model: PreTrainedModel
+        self.peft_config = self._check_peft(peft)
+        if self.peft_config is not None:
+            # As plain data, so that checkpoints load with torch.load(weights_only=True), which refuses peft classes.
+            self.hparams["peft"] = json.loads(json.dumps(self.peft_config.to_dict(), default=sorted))
+        self.model: PreTrainedModel | PeftModel
         if model is not None:
             source = self._resolve(model)
             self.model = self._load(source, dtype, attn_implementation, from_pretrained_kwargs or {})
@@ -140,17 +175,68 @@ class CausalLMModule(pl.LightningModule):
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
+        if self.peft_config is not None:
+            from peft import get_peft_model
+
+            self.model = get_peft_model(self.model, self.peft_config)
+            self.model.train()
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(tokenizer, source)
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether :attr:`model` is a PEFT model (adapters train, the pre-trained weights are frozen)."""
+        return self.peft_config is not None
 
     # ---- construction --------------------------------------------------------------------------------------------
 
     @staticmethod
+    def _check_peft(peft: Any) -> Any:
+        """A private copy of the ``peft`` config, with task type ``CAUSAL_LM``; errors that say what to do."""
+        if peft is None:
+            return None
+        try:
+            from peft import PeftConfig as _PeftConfig
+            from peft import get_peft_config
+        except ImportError as error:
+            raise MisconfigurationException(
+                f"CausalLMModule(peft=...) needs the `peft` package: pip install 'lit-mofo[lora]' (got {peft!r})."
+            ) from error
+        if isinstance(peft, dict) and "peft_type" in peft:  # the saved form (hyper-parameters, adapter_config.json)
+            peft = get_peft_config(peft)
+        if not isinstance(peft, _PeftConfig):
+            raise MisconfigurationException(
+                f"CausalLMModule: peft={peft!r} is not a peft.PeftConfig (nor its to_dict() form, with a "
+                "'peft_type'); pass e.g. peft.LoraConfig(r=8, lora_alpha=16, target_modules='all-linear'), in YAML "
+                "`peft: {class_path: peft.LoraConfig, init_args: {r: 8, lora_alpha: 16, target_modules: all-linear}}`."
+            )
+        if peft.is_prompt_learning:
+            raise MisconfigurationException(
+                f"CausalLMModule: peft={type(peft).__name__} adds virtual tokens to every sequence, which changes "
+                "the sequences the loss and the probes read; use an adapter in the model's layers (LoraConfig, "
+                "IA3Config, ...)."
+            )
+        task_type = getattr(peft.task_type, "value", peft.task_type)
+        if task_type not in (None, "CAUSAL_LM"):
+            raise MisconfigurationException(
+                f"CausalLMModule: peft.task_type={task_type!r}; this module trains a causal LM, so leave task_type "
+                "unset or set it to 'CAUSAL_LM'."
+            )
+        config = copy.deepcopy(peft)  # get_peft_model rewrites target_modules ("all-linear" -> the names)
+        config.task_type = "CAUSAL_LM"
+        return config
+
+    @staticmethod
     def _resolve(model: str) -> str:
         from lit_mofo.scenario.base_model import SCENARIO_MODEL, base_model_path
+        from lit_mofo.scenario.scenarios import scenario_for_model
 
         if model == SCENARIO_MODEL:
             return str(base_model_path())
-        return model
+        try:
+            scenario = scenario_for_model(model)
+        except ValueError as error:
+            raise MisconfigurationException(f"CausalLMModule: {error}") from error
+        return model if scenario is None else str(base_model_path(scenario.recipe))
 
     @staticmethod
     def _load(
@@ -271,24 +357,51 @@ class CausalLMModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
 
     @override
+    def setup(self, stage: str) -> None:
+        if self.is_peft and self.export_dir is not None and self._trainer is not None:
+            self._refuse_sharded_peft_export()
+
+    @override
     def on_fit_end(self) -> None:
         if self.export_dir is not None:
             self.export(self.export_dir)
 
+    def _refuse_sharded_peft_export(self) -> None:
+        name = type(self.trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
+            raise MisconfigurationException(
+                f"CausalLMModule: exporting a PEFT model merges its adapters in a copy of the whole model on rank "
+                f"zero, which `{name}` does not hold (it shards the parameters). Train with a single device or "
+                "`strategy='ddp'`, or drop `export_dir` and merge later: load the checkpoint on one device with "
+                "CausalLMModule.load_from_checkpoint(...) and call .export(directory)."
+            )
+
+    def merged_model(self) -> PreTrainedModel:
+        """A plain transformers model with the adapters folded into the weights (``merge_and_unload`` on a copy of
+        :attr:`model`, which keeps its adapters); the model itself when it has no adapters."""
+        if not self.is_peft:
+            return self.model  # type: ignore[return-value]
+        return copy.deepcopy(self.model).merge_and_unload()  # type: ignore[operator]
+
     def export(self, directory: str | os.PathLike[str]) -> None:
-        """``save_pretrained`` the model and the tokenizer to ``directory`` on rank zero.
+        """``save_pretrained`` the model (a PEFT model merged: :meth:`merged_model`) and the tokenizer to ``directory``
+        on rank zero.
 
         Call it on every process: the full state dict is gathered from all of them (a collective under sharded
         strategies), then rank zero writes, and all wait until the files exist.
         """
-        state_dict = self.trainer.strategy.lightning_module_state_dict() if self._trainer is not None else None
+        if self.is_peft and self._trainer is not None:
+            self._refuse_sharded_peft_export()
+        state_dict = None
+        if self._trainer is not None and not self.is_peft:  # PEFT: every process holds the whole model (see above)
+            state_dict = self.trainer.strategy.lightning_module_state_dict()
         if self._trainer is None or self.trainer.is_global_zero:
             directory = Path(directory).expanduser()
             directory.mkdir(parents=True, exist_ok=True)
             model_state = None
             if state_dict:
                 model_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
-            self.model.save_pretrained(directory, state_dict=model_state)
+            self.merged_model().save_pretrained(directory, state_dict=model_state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
             rank_zero_info(f"CausalLMModule: exported the fine-tuned model to {directory}")

@@ -8,22 +8,28 @@
   build-base``; built automatically on first use).
 - :mod:`~lit_mofo.scenario.data`: :class:`ScenarioDataModule`, the fine-tuning data.
 - :mod:`~lit_mofo.scenario.probes`: :class:`KnowledgeProbe` and :class:`TaskProbe` for the forgetting monitor.
+- :mod:`~lit_mofo.scenario.scenarios`: the two scenarios, ``overlap`` (the task is written in half the facts'
+  subjects; the default) and ``disjoint`` (no task word is a word of any fact), each with its base model.
 """
 
 from lit_mofo.scenario.base_model import SCENARIO_MODEL, BaseModelRecipe, base_model_path, build_base_model
 from lit_mofo.scenario.corpus import Fact, KnowledgeSpec, generate_facts
 from lit_mofo.scenario.data import ScenarioDataModule
 from lit_mofo.scenario.probes import KnowledgeProbe, TaskProbe, evaluate_knowledge, evaluate_task
+from lit_mofo.scenario.scenarios import SCENARIOS, Scenario, ScenarioName, get_scenario
 from lit_mofo.scenario.task import TaskExample, TaskSpec, generate_task
 from lit_mofo.scenario.vocab import build_tokenizer, load_tokenizer
 
 __all__ = [
+    "SCENARIOS",
     "SCENARIO_MODEL",
     "BaseModelRecipe",
     "Fact",
     "KnowledgeProbe",
     "KnowledgeSpec",
+    "Scenario",
     "ScenarioDataModule",
+    "ScenarioName",
     "TaskExample",
     "TaskProbe",
     "TaskSpec",
@@ -34,5 +40,6 @@ __all__ = [
     "evaluate_task",
     "generate_facts",
     "generate_task",
+    "get_scenario",
     "load_tokenizer",
 ]

@@ -123,8 +123,11 @@ class BaseModelRecipe:
 
     def key(self) -> str:
         """16 hex digits hashing the recipe, the vocabulary and the build format: the cache directory's name."""
+        recipe = self.to_dict()
+        if self.skill.first_word == 0:  # recipes from before `first_word` existed keep their key (and cached model)
+            del recipe["skill"]["first_word"]
         payload = json.dumps(
-            {"format": _FORMAT_VERSION, "recipe": self.to_dict(), "vocabulary": list(VOCABULARY)}, sort_keys=True
+            {"format": _FORMAT_VERSION, "recipe": recipe, "vocabulary": list(VOCABULARY)}, sort_keys=True
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

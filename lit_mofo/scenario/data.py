@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import PreTrainedTokenizerBase
 
 from lit_mofo.data.instruction import InstructionDataModule
+from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
 from lit_mofo.scenario.task import TaskKind, TaskSpec, generate_task
 from lit_mofo.scenario.vocab import load_tokenizer
 
@@ -38,6 +39,9 @@ class ScenarioDataModule(InstructionDataModule):
         packing: pack problems into rows of ``block_size`` tokens instead of one problem per row.
         block_size: row length with ``packing``.
         num_workers: DataLoader worker processes.
+        scenario: which embedded scenario's words the problems are written in: ``overlap`` (the names of 64 of the
+            world's entities, the default) or ``disjoint`` (names no fact is about; fine-tune ``model:
+            scenario:disjoint``), see :mod:`lit_mofo.scenario.scenarios`.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class ScenarioDataModule(InstructionDataModule):
         packing: bool = False,
         block_size: int = 64,
         num_workers: int = 0,
+        scenario: ScenarioName = "overlap",
     ) -> None:
         super().__init__(
             max_length=block_size,
@@ -65,7 +70,12 @@ class ScenarioDataModule(InstructionDataModule):
         )
         try:
             self.spec = TaskSpec(
-                kind=kind, num_words=num_words, min_length=min_length, max_length=max_length, seed=seed
+                kind=kind,
+                num_words=num_words,
+                min_length=min_length,
+                max_length=max_length,
+                seed=seed,
+                first_word=get_scenario(scenario).first_word,
             )
         except ValueError as error:
             raise MisconfigurationException(f"ScenarioDataModule: {error}") from error

@@ -30,6 +30,7 @@ from lit_mofo._validation import as_int
 from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.scenario.corpus import RELATION_TEMPLATES, Fact, KnowledgeSpec, generate_facts
+from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
 from lit_mofo.scenario.task import TaskExample, TaskKind, TaskSpec, generate_task
 from lit_mofo.scenario.vocab import load_tokenizer
 
@@ -383,6 +384,8 @@ class TaskProbe(_ScenarioProbe):
         forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model not called as
             ``model(input_ids=..., attention_mask=...)``; see :class:`~lit_mofo.probes.LanguageModelProbe`.
         name: the probe's name in metric keys (``probe/<name>/exact_match``).
+        scenario: which embedded scenario's words the problems are written in (``overlap``, the default, or
+            ``disjoint``); must match the data module's and the base model's (:mod:`lit_mofo.scenario.scenarios`).
     """
 
     _metric_names = ("exact_match", "loss")
@@ -399,6 +402,7 @@ class TaskProbe(_ScenarioProbe):
         limit_batches: int | float | None = None,
         forward_fn: _data.ForwardFn | str | None = None,
         name: str = "task",
+        scenario: ScenarioName = "overlap",
     ) -> None:
         super().__init__(batch_size, limit_batches, forward_fn, name)
         where = _data.where(self)
@@ -409,6 +413,7 @@ class TaskProbe(_ScenarioProbe):
                 min_length=self._spec_int(min_length, "min_length"),
                 max_length=self._spec_int(max_length, "max_length"),
                 seed=self._spec_int(seed, "seed"),
+                first_word=get_scenario(scenario).first_word,
             )
         except ValueError as error:
             raise MisconfigurationException(f"{where}: {error}") from error

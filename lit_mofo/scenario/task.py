@@ -8,11 +8,13 @@ A problem is ``"<kind> : w1 w2 w3 ="`` and its answer is
 - ``reverse``: the words in reverse order (``w3 w2 w1``) — a harder option, which a few hundred steps teach only
   for lists of two words.
 
-The words are entity names of the scenario's vocabulary, so the tasks read the same words as the knowledge but ask
-nothing about the facts. The base model is pre-trained on the facts and on ``repeat`` problems — like a real
-pre-trained model, it can already copy text — and is fine-tuned on ``cipher``, which it cannot do (it scores 0) but
-learns within a few hundred steps by reusing its copying. Problems are seeded; the training and evaluation sets of a
-spec share no word list (:func:`generate_task`).
+The words are entity names of the scenario's vocabulary: by default the first 64, which are also the names of 64 of
+the world's entities, so the tasks read the same words as the knowledge but ask nothing about the facts;
+``first_word`` moves the pool elsewhere in the name list (the ``disjoint`` scenario, :mod:`~lit_mofo.scenario.
+scenarios`, writes its problems in names that no fact is about). The base model is pre-trained on the facts and on
+``repeat`` problems — like a real pre-trained model, it can already copy text — and is fine-tuned on ``cipher``,
+which it cannot do (it scores 0) but learns within a few hundred steps by reusing its copying. Problems are seeded;
+the training and evaluation sets of a spec share no word list (:func:`generate_task`).
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ class TaskSpec:
     Args:
         kind: ``cipher`` (answer = each word's code word), ``repeat`` (the same words) or ``reverse`` (the words
             in reverse order).
-        num_words: how many words problems draw from (the first ``num_words`` entity names).
+        num_words: how many words problems draw from: ``num_words`` entity names from ``first_word`` on.
         min_length: shortest list.
         max_length: longest list.
         seed: seeds the problems and the cipher.
+        first_word: index of the pool's first word in :data:`~lit_mofo.scenario.vocab.ENTITY_POOL` (0: the first
+            names, which the default world's entities also use; 128: the names after the default world's 128
+            entities, which no fact is about).
     """
 
     kind: TaskKind = "cipher"
@@ -58,12 +63,19 @@ class TaskSpec:
     min_length: int = 3
     max_length: int = 3
     seed: int = 0
+    first_word: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"kind={self.kind!r} is not a task of the scenario; choose one of {TASK_KINDS}.")
         if not 2 <= self.num_words <= len(ENTITY_POOL):
             raise ValueError(f"num_words={self.num_words} is outside [2, {len(ENTITY_POOL)}].")
+        if not 0 <= self.first_word <= len(ENTITY_POOL) - self.num_words:
+            raise ValueError(
+                f"first_word={self.first_word} with num_words={self.num_words}: the words are "
+                f"ENTITY_POOL[first_word : first_word + num_words], so first_word must lie in "
+                f"[0, {len(ENTITY_POOL) - self.num_words}] (the pool has {len(ENTITY_POOL)} names)."
+            )
         if not 2 <= self.min_length <= self.max_length:
             raise ValueError(
                 f"min_length={self.min_length}, max_length={self.max_length}: need 2 <= min_length <= max_length."
@@ -75,7 +87,7 @@ class TaskSpec:
     @property
     def words(self) -> tuple[str, ...]:
         """The word pool problems draw from."""
-        return ENTITY_POOL[: self.num_words]
+        return ENTITY_POOL[self.first_word : self.first_word + self.num_words]
 
     def cipher(self) -> dict[str, str]:
         """The substitution cipher of ``kind="cipher"``: word -> code word, a seeded derangement of :attr:`words`."""
