@@ -89,7 +89,7 @@ def test_scenario_names_are_validated_everywhere() -> None:
         get_scenario("nope")
     with pytest.raises(MisconfigurationException, match="ScenarioDataModule: scenario='nope'"):
         ScenarioDataModule(scenario="nope")  # type: ignore[arg-type]
-    with pytest.raises(MisconfigurationException, match="TaskProbe: scenario='nope'"):
+    with pytest.raises(MisconfigurationException, match=r"TaskProbe\(name='task'\): scenario='nope'"):
         TaskProbe(scenario="nope")  # type: ignore[arg-type]
     with pytest.raises(MisconfigurationException, match=r"model='scenario:nope' names no embedded scenario"):
         CausalLMModule(model="scenario:nope")
