@@ -56,6 +56,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -318,6 +319,7 @@ class _RunLogger(CSVLogger):
         return self._experiment  # type: ignore[return-value]
 
     @override
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
         if status != "failed" or self.continues:
@@ -488,11 +490,17 @@ class LitMoFOCLI(LightningCLI):
         self._check_optimizers(config)
 
     def _check_optimizers(self, config: Namespace) -> None:
-        """Build every configured optimizer once on a dummy parameter: its own checks run now, before the model loads
-        (LightningCLI builds optimizers in ``configure_optimizers``, after the model)."""
+        """Build every configured torch or lit_mofo optimizer once on a dummy parameter: its own checks of the
+        hyper-parameters run now, before the model loads (LightningCLI builds optimizers in ``configure_optimizers``,
+        after the model). Other libraries' optimizers may need real parameters (a device, a type) to be built; they
+        are left to ``configure_optimizers``."""
         for key, class_path, init_args in _class_specs(config):
             cls = _import(class_path)
-            if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            if not (
+                isinstance(cls, type)
+                and issubclass(cls, torch.optim.Optimizer)
+                and cls.__module__.startswith(("torch.optim", "lit_mofo."))
+            ):
                 continue
             try:
                 cls([torch.nn.Parameter(torch.zeros(2, 2))], **init_args)
