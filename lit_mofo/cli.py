@@ -108,8 +108,13 @@ def quiet_known_notices() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
 def _condensed_parser_error(message: str) -> str:
-    """One line for jsonargparse's nested type errors: the full key and the value, then what was expected.
+    """One line for jsonargparse's nested errors: the full key, then the bad value and what was expected, or the
+    option the class does not accept.
 
     jsonargparse reports ``fraction: "abc"`` in a MoFO inside a model as a tree of "Parser key" blocks (one per level,
     each listing the alternatives of a union); the reason is in the deepest block. Returns "" when the message has no
@@ -117,22 +122,30 @@ def _condensed_parser_error(message: str) -> str:
     """
     lines = message.splitlines()
     keys = [
-        (i, len(line) - len(line.lstrip()), m.group(1))
+        (i, _indent(line), m.group(1))
         for i, line in enumerate(lines)
         for m in re.finditer(r'Parser key "([^"]+)"', line)
     ]
+
+    def path_to(index: int, indent: int) -> str:
+        path: list[str] = []
+        for _, key_indent, key in reversed([k for k in keys if k[0] <= index]):
+            if key_indent < indent or (not path and key_indent == indent):
+                path.insert(0, key)
+                indent = key_indent
+        return ".".join(path)
+
+    for i, line in enumerate(lines):  # an unknown option of a class
+        unknown = re.match(r"\s*Option '([^']+)' is not accepted", line)
+        owner = re.search(r"Problem with given class_path '([^']+)'", lines[i - 1]) if i else None
+        if unknown and owner:
+            return f"{path_to(i, _indent(line))}: {owner.group(1)} has no option {unknown.group(1)!r}."
     if len(keys) < 2:
         return ""
     deepest = max(keys, key=lambda k: (k[1], -k[0]))
-    path = [deepest[2]]
-    indent = deepest[1]
-    for _, key_indent, key in reversed([k for k in keys if k[0] < deepest[0]]):
-        if key_indent < indent:
-            path.insert(0, key)
-            indent = key_indent
     block = []
     for line in lines[deepest[0] + 1 :]:
-        if line.strip() and len(line) - len(line.lstrip()) <= deepest[1]:
+        if line.strip() and _indent(line) <= deepest[1]:
             break
         block.append(line.strip())
     given = next(
@@ -143,7 +156,7 @@ def _condensed_parser_error(message: str) -> str:
     if given is None:
         return ""
     want = f"; expected {' or '.join('None' if e == 'NoneType' else e for e in expected)}" if expected else ""
-    return f"{'.'.join(path)}: invalid value {given!r}{want}."
+    return f"{path_to(deepest[0], deepest[1])}: invalid value {given!r}{want}."
 
 
 class LitMoFOArgumentParser(LightningArgumentParser):

@@ -220,6 +220,12 @@ def test_a_value_of_the_wrong_type_gives_the_reason_first_and_no_usage(
     assert model_loads == []
 
 
+def test_an_unknown_option_names_the_class_that_lacks_it_first(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _refused(["--trainer.callbacks+=HalfFineTuning", "--trainer.callbacks.nope=1"], capsys)
+    assert err.splitlines()[0] == "error: trainer.callbacks: lit_mofo.HalfFineTuning has no option 'nope'."
+    assert "usage:" not in err
+
+
 def test_an_optimizer_argument_out_of_range_is_refused_before_the_model_loads(
     capsys: pytest.CaptureFixture[str], model_loads: list[str]
 ) -> None:
