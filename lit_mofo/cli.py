@@ -14,7 +14,8 @@ Beyond LightningCLI:
 - **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
   ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
   them, and the end-of-fit report lands next to them. With the project's data modules (see
-  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one. A
+  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one (from a
+  checkpoint written in the middle of a step, Lightning does not redo the rest of that step's logging). A
   ``--ckpt_path`` that is missing, empty, truncated or not a checkpoint is refused up front, naming the previous
   checkpoint in that directory.
 - **Default logger**: a CSV logger in ``<default_root_dir>/lightning_logs/version_N`` (what Lightning picks without
@@ -186,7 +187,7 @@ def _innermost(error: BaseException) -> BaseException:
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def _checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be a checkpoint written by ``torch.save`` (a zip archive with a pickle), or None.
 
     Reads only the archive's table of contents: cheap for any size, and enough to catch an empty file, a file cut
@@ -224,7 +225,7 @@ def _other_checkpoint(path: Path) -> tuple[Path, bool] | None:
         written = path.stat().st_mtime if path.exists() else None
     except OSError:
         return None
-    valid = [p for p in others if checkpoint_problem(p) is None]
+    valid = [p for p in others if _checkpoint_problem(p) is None]
     for candidate in valid:
         if written is not None and candidate.stat().st_mtime <= written:
             return candidate, True
@@ -244,7 +245,7 @@ def _check_ckpt_path(value: str) -> str | None:
             return f"--ckpt_path {value}: no such file, and no directory {path.parent}."
         message = f"--ckpt_path {value}: no such file."
     else:
-        problem = checkpoint_problem(path)
+        problem = _checkpoint_problem(path)
         if problem is None:
             return None
         message = f"--ckpt_path {value} is not a valid checkpoint: {problem}."
@@ -383,9 +384,8 @@ class _ContinueMetrics(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        logger = trainer.logger
         writer = self._writer(trainer)
-        if writer is None or not isinstance(logger, _RunLogger) or not logger.continues:
+        if writer is None or not trainer.logger.continues:  # type: ignore[union-attr]  # _writer: a _RunLogger
             return
         rows = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("metrics_rows")
         if rows is not None:
