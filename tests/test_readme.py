@@ -99,7 +99,7 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     ),
     "python benchmarks/hft_step.py": CoveredBy(
         "tests/test_benchmarks_hft.py::test_hft_step_benchmark_quick_mode_reports_times_and_optimizer_state",
-        "about 5 minutes",
+        "about 45 minutes",
     ),
     "python benchmarks/forgetting.py --workers 2": CoveredBy(
         "tests/test_benchmarks_forgetting.py::test_quick_mode_runs_every_method_and_writes_json_markdown_and_plot",
