@@ -13,9 +13,11 @@ import argparse
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
 from tiny_lm import SyntheticTokenDataModule, TinyCausalLM
 
 from lit_mofo import MoFO, mofo_param_groups, warmup_lr_scheduler
+from lit_mofo.cli import quiet_known_notices
 
 
 class MyLM(TinyCausalLM):
@@ -33,11 +35,15 @@ class MyLM(TinyCausalLM):
 def main(argv: list[str] | None = None) -> pl.Trainer:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--root", default="lightning_logs/custom_configure_optimizers")
+    parser.add_argument("--root", default="lightning_logs", help="logs go to ROOT/custom_configure_optimizers/")
     args = parser.parse_args(argv)
+    quiet_known_notices()  # Lightning's install tips and a torch deprecation warning about Lightning's own code
     pl.seed_everything(0)
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.steps, default_root_dir=args.root, enable_checkpointing=False
+        accelerator="cpu",
+        max_steps=args.steps,
+        logger=CSVLogger(args.root, name="custom_configure_optimizers"),
+        enable_checkpointing=False,
     )
     trainer.fit(MyLM(), datamodule=SyntheticTokenDataModule())
     for group in trainer.optimizers[0].param_groups:

@@ -9,7 +9,8 @@ Nothing in it knows about lit_mofo. Four callbacks turn the run into a forgettin
   ``--eval-every`` steps, and writes ``forgetting_report.{json,md}`` in the log dir;
 - :class:`~lit_mofo.ParameterDrift` tracks how far the weights moved from the pre-trained ones.
 
-Run from the repository root (about 20 s on 2 CPU cores)::
+Run from the repository root (about 20 s on 2 CPU cores; logs and report in
+``lightning_logs/existing_module/version_N/``)::
 
     python examples/existing_module.py --steps 40
 """
@@ -21,11 +22,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_mofo import ForgettingMonitor, HalfFineTuning, MoFOCallback, ParameterDrift
+from lit_mofo.cli import quiet_known_notices
 from lit_mofo.probes import LanguageModelProbe
 
 VOCAB = 128
@@ -71,9 +74,10 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--root", type=Path, default=Path("lightning_logs/existing_module"))
+    parser.add_argument("--root", type=Path, default=Path("lightning_logs"), help="logs go to ROOT/existing_module/")
     args = parser.parse_args(argv)
 
+    quiet_known_notices()  # Lightning's install tips and a torch deprecation warning about Lightning's own code
     pl.seed_everything(0)
     train = DataLoader(TensorDataset(sequences(512, seed=0, strides=(5, 7))), batch_size=16, shuffle=True)
     general = sequences(64, seed=1, strides=(1, 2, 3)).tolist()  # what the model should not forget
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         accelerator="cpu",
         max_steps=args.steps,
         callbacks=callbacks,
-        default_root_dir=args.root,
+        logger=CSVLogger(args.root, name="existing_module"),
         enable_checkpointing=False,
         log_every_n_steps=5,
     )

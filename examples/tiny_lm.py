@@ -14,11 +14,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import lit_mofo
 from lit_mofo import MoFO
+from lit_mofo.data import ResumableDataLoader
 from lit_mofo.optim.helpers import Schedule
 
 __all__ = ["SyntheticTokenDataModule", "TinyCausalLM", "TinyCausalLMWithHelper", "synthetic_progressions"]
@@ -67,10 +68,13 @@ class SyntheticTokenDataModule(pl.LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
 
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+    def train_dataloader(self) -> ResumableDataLoader:
         tokens = synthetic_progressions(self.num_sequences, self.seq_len, self.vocab_size, self.seed)
         generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
-        return DataLoader(TensorDataset(tokens), batch_size=self.batch_size, shuffle=self.shuffle, generator=generator)
+        # A drop-in DataLoader whose position and shuffling state go into checkpoints: exact mid-epoch resume.
+        return ResumableDataLoader(
+            TensorDataset(tokens), batch_size=self.batch_size, shuffle=self.shuffle, generator=generator
+        )
 
 
 class TinyCausalLM(pl.LightningModule):

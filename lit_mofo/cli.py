@@ -5,21 +5,60 @@ Subcommands ``fit``, ``validate``, ``test`` and ``predict``, with ``--help``, ``
 imported up front, so configs may name them by short class name (``class_path: MoFO``, ``ForgettingMonitor``,
 ``CausalLMModule``, ``ScenarioDataModule``, ...) as well as by full path (``lit_mofo.MoFO``).
 
+Beyond LightningCLI:
+
+- **Arguments are checked before anything is built.** A value of the wrong type, an optimizer argument out of range
+  (the optimizer is built once on a dummy parameter right after parsing) or a callback argument out of range
+  (callbacks are built before the model) ends the command with exit status 2 and the reason first, without the
+  usage text. ``JSONARGPARSE_DEBUG=1`` raises the error with its traceback instead.
+- **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
+  ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
+  them, and the end-of-fit report lands next to them. With the project's data modules (see
+  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one (from a
+  checkpoint written in the middle of a step, Lightning does not redo the rest of that step's logging). A
+  ``--ckpt_path`` that is missing, empty, truncated or not a checkpoint is refused up front, naming the previous
+  checkpoint in that directory.
+- **Default logger**: a CSV logger in ``<default_root_dir>/lightning_logs/version_N`` (what Lightning picks without
+  TensorBoard installed, without its notice about it); a fit that fails before logging anything removes the version
+  directory it created. Give ``--trainer.logger`` to use another logger.
+- Lightning's install tips (litlogger, litmodels) and torch 2.13's ``LeafSpec`` deprecation warning inside Lightning
+  are filtered by their exact text; the progress bar shows ``Epoch N`` without the ``/-2`` of step-limited runs
+  and counts the batches of a resumed epoch from where it resumed.
+
 Example::
 
     lit-mofo fit --config configs/quickstart.yaml
+    lit-mofo fit --config configs/quickstart.yaml --ckpt_path lightning_logs/version_0/checkpoints/epoch=0-step=100.ckpt
     lit-mofo fit --config configs/recipes/qwen2.5-0.5b_metamath_mofo.yaml --print_config
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import importlib
+import logging
+import os
+import re
+import sys
 import warnings
-from typing import Any
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
+from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 # Imported for their side effect: jsonargparse resolves short class names among the imported subclasses.
@@ -30,11 +69,394 @@ import lit_mofo.optim
 import lit_mofo.probes
 import lit_mofo.scenario  # noqa: F401
 
-__all__ = ["LitMoFOCLI", "main"]
+__all__ = ["LitMoFOCLI", "console_main", "main", "quiet_known_notices"]
+
+_DEBUG_ENV = "JSONARGPARSE_DEBUG"
+
+
+# ---------------------------------------------------------------------------------------------------- notices
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# Lightning's advertisements, printed on every run that does not use its cloud products.
+_LIGHTNING_TIPS = _DropMessages(("💡 Tip: For seamless cloud logging", "💡 Tip: For seamless cloud uploads"))
+
+
+def quiet_known_notices() -> None:
+    """Filter the notices every run prints that are not about the run, each by its exact text and origin.
+
+    - Lightning's install tips for litlogger and litmodels (info messages);
+    - torch >= 2.13's ``FutureWarning`` that ``LeafSpec`` is deprecated, raised inside Lightning's own
+      ``lightning/pytorch/utilities/_pytree.py`` (nothing a user can change);
+    - peft's "``loftq_config`` specified but will be ignored", which every ``peft.LoraConfig`` built by jsonargparse
+      triggers.
+
+    Every other message and warning stays. Idempotent; the ``lit-mofo`` command calls it, scripts may too.
+    """
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _LIGHTNING_TIPS not in rank_zero_logger.filters:
+        rank_zero_logger.addFilter(_LIGHTNING_TIPS)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
+    # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
+    warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _condensed_parser_error(message: str) -> str:
+    """One line for jsonargparse's nested errors: the full key, then the bad value and what was expected, or the
+    option the class does not accept.
+
+    jsonargparse reports ``fraction: "abc"`` in a MoFO inside a model as a tree of "Parser key" blocks (one per level,
+    each listing the alternatives of a union); the reason is in the deepest block. Returns "" when the message has no
+    such structure (then it is short already).
+    """
+    lines = message.splitlines()
+    keys = [
+        (i, _indent(line), m.group(1))
+        for i, line in enumerate(lines)
+        for m in re.finditer(r'Parser key "([^"]+)"', line)
+    ]
+
+    def path_to(index: int, indent: int) -> str:
+        path: list[str] = []
+        for _, key_indent, key in reversed([k for k in keys if k[0] <= index]):
+            if key_indent < indent or (not path and key_indent == indent):
+                path.insert(0, key)
+                indent = key_indent
+        return ".".join(path)
+
+    for i, line in enumerate(lines):  # an unknown option of a class
+        unknown = re.match(r"\s*Option '([^']+)' is not accepted", line)
+        owner = re.search(r"Problem with given class_path '([^']+)'", lines[i - 1]) if i else None
+        if unknown and owner:
+            return f"{path_to(i, _indent(line))}: {owner.group(1)} has no option {unknown.group(1)!r}."
+    if len(keys) < 2:
+        return ""
+    deepest = max(keys, key=lambda k: (k[1], -k[0]))
+    block = []
+    for line in lines[deepest[0] + 1 :]:
+        if line.strip() and _indent(line) <= deepest[1]:
+            break
+        block.append(line.strip())
+    given = next(
+        (line.split(":", 1)[1].split(". Got value:")[0].strip() for line in block if line.startswith("Given value:")),
+        None,
+    )
+    expected = [m.group(1) for line in block for m in [re.match(r"- Expected a <class '([^']+)'>", line)] if m]
+    if given is None:
+        return ""
+    want = f"; expected {' or '.join('None' if e == 'NoneType' else e for e in expected)}" if expected else ""
+    return f"{path_to(deepest[0], deepest[1])}: invalid value {given!r}{want}."
+
+
+class LitMoFOArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors give the reason first and no usage text (``--help`` has it)."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get(_DEBUG_ENV):
+            super().error(message, ex)
+        summary = _condensed_parser_error(message)
+        prog = self.prog.replace(" [options]", "")
+        text = f"error: {summary}\n\nThe parser's full message:\n{message}" if summary else f"error: {message}"
+        sys.stderr.write(f"{text}\n\ntip: `{prog} --help` lists the options; {_DEBUG_ENV}=1 shows the traceback.\n")
+        self.exit(2)
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception that started a chain (jsonargparse wraps a constructor's error in its own ValueErrors)."""
+    seen = {id(error)}
+    while (cause := error.__cause__ or error.__context__) is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        error = cause
+    return error
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint written by ``torch.save`` (a zip archive with a pickle), or None.
+
+    Reads only the archive's table of contents: cheap for any size, and enough to catch an empty file, a file cut
+    short while it was written (the table is at its end) and a file that is something else.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            head = file.read(1)
+    except OSError as error:
+        return f"the file cannot be read ({error.strerror})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head == b"\x80":  # a pickle written by torch.save before torch 1.6: torch checks it itself
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return (
+            f"the file ({size} bytes) ends without the table of contents that torch.save writes last: it was cut "
+            "short while being written, or it is not a checkpoint"
+        )
+    if not any(name.endswith("data.pkl") for name in names):
+        return "the file is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
+    return None
+
+
+def _other_checkpoint(path: Path) -> tuple[Path, bool] | None:
+    """A valid checkpoint next to ``path`` and whether it was written before it: the newest one older than ``path``,
+    else the newest one (by modification time)."""
+    try:
+        others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()]
+        others.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+        written = path.stat().st_mtime if path.exists() else None
+    except OSError:
+        return None
+    valid = [p for p in others if _checkpoint_problem(p) is None]
+    for candidate in valid:
+        if written is not None and candidate.stat().st_mtime <= written:
+            return candidate, True
+    return (valid[0], False) if valid else None
+
+
+def _check_ckpt_path(value: str) -> str | None:
+    """The message for a local ``--ckpt_path`` that is missing or not a checkpoint, else None (Lightning's special
+    names, remote URLs and directories of sharded checkpoints are left to Lightning)."""
+    if value in _SPECIAL_CKPT_PATHS or "://" in value or value.startswith("registry:"):
+        return None
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return None
+    if not path.exists():
+        if not path.parent.is_dir():
+            return f"--ckpt_path {value}: no such file, and no directory {path.parent}."
+        message = f"--ckpt_path {value}: no such file."
+    else:
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return None
+        message = f"--ckpt_path {value} is not a valid checkpoint: {problem}."
+    other = _other_checkpoint(path)
+    if other is None:
+        return f"{message} There is no other checkpoint in {path.parent}; start without --ckpt_path."
+    candidate, before = other
+    which = "The previous checkpoint" if before else "The newest checkpoint"
+    return f"{message} {which} in that directory is {candidate}: resume from it with --ckpt_path {candidate}"
+
+
+def _run_dir_of(ckpt_path: str | None) -> Path | None:
+    """The logger version directory holding ``ckpt_path`` (``<save_dir>/<name>/<version>/checkpoints/X.ckpt``), or
+    None when the checkpoint is elsewhere."""
+    if not ckpt_path or ckpt_path in _SPECIAL_CKPT_PATHS or "://" in ckpt_path:
+        return None
+    path = Path(ckpt_path).expanduser().resolve()
+    run_dir = path.parent.parent
+    if path.parent.name != "checkpoints" or not any(
+        (run_dir / name).is_file() for name in ("metrics.csv", "hparams.yaml", "config.yaml")
+    ):
+        return None
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+class _ContinuingWriter(ExperimentWriter):
+    """ExperimentWriter that appends to an existing ``metrics.csv`` (Lightning's deletes it) and counts its rows."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.rows = 0
+        super().__init__(log_dir)
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            self.metrics_keys = list(reader.fieldnames or [])
+            self.rows = sum(1 for _ in reader)
+
+    @override
+    def save(self) -> None:
+        pending = len(self.metrics)
+        super().save()
+        self.rows += pending
+
+    def keep(self, rows: int | None = None, up_to_step: int | None = None) -> None:
+        """Drop the rows of ``metrics.csv`` after the first ``rows`` (or after those with ``step <= up_to_step``)."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            fieldnames = list(reader.fieldnames or [])
+            kept = list(reader)
+        if rows is not None:
+            kept = kept[:rows]
+        if up_to_step is not None:
+            kept = [row for row in kept if not row.get("step") or float(row["step"]) <= up_to_step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+        self.rows = len(kept)
+
+
+class _RunLogger(CSVLogger):
+    """The ``lit-mofo`` default logger: Lightning's CSVLogger, continuing an existing version directory (a resumed
+    fit) instead of emptying it, and removing the directory it created when a run fails before logging anything."""
+
+    _LEFTOVERS = frozenset({"config.yaml", "hparams.yaml", "checkpoints"})
+
+    def __init__(self, save_dir: str, name: str = "lightning_logs", version: str | int | None = None) -> None:
+        super().__init__(save_dir, name=name, version=version)
+        self.continues = version is not None and Path(self.log_dir).is_dir()
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> _ContinuingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment  # type: ignore[return-value]
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status != "failed" or self.continues:
+            return
+        log_dir = Path(self.log_dir)
+        if not log_dir.is_dir():
+            return
+        entries = list(log_dir.iterdir())
+        checkpoints = log_dir / "checkpoints"
+        if all(e.name in self._LEFTOVERS for e in entries) and not (
+            checkpoints.is_dir() and any(checkpoints.iterdir())
+        ):
+            for entry in entries:
+                entry.rmdir() if entry.is_dir() else entry.unlink()
+            log_dir.rmdir()
+            with contextlib.suppress(OSError):  # the `lightning_logs` it made, unless other runs are there
+                log_dir.parent.rmdir()
+
+
+class _ContinueMetrics(Callback):
+    """Makes a resumed fit's ``metrics.csv`` continue exactly where its checkpoint was written.
+
+    Every checkpoint records how many rows the run's ``metrics.csv`` had (after writing out the buffered ones, so a
+    crash loses none of them); resuming into that run's directory keeps those rows and drops the ones logged after
+    the checkpoint, which the resumed fit logs again. Checkpoints without the count keep the rows up to their step.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: Trainer | None = None
+
+    def _writer(self, trainer: Trainer) -> _ContinuingWriter | None:
+        logger = trainer.logger
+        if not isinstance(logger, _RunLogger) or not trainer.is_global_zero:
+            return None
+        return logger.experiment
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        writer = None if self._trainer is None else self._writer(self._trainer)
+        if writer is None:
+            return {}
+        writer.save()
+        return {"metrics_rows": writer.rows}
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        writer = self._writer(trainer)
+        if writer is None or not trainer.logger.continues:  # type: ignore[union-attr]  # _writer: a _RunLogger
+            return
+        rows = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("metrics_rows")
+        if rows is not None:
+            writer.keep(rows=rows)
+        else:
+            writer.keep(up_to_step=int(checkpoint.get("global_step", 0)))
+
+
+class _ProgressBarFixes(ProgressBar):
+    """Lightning's progress bar with two fixes for step-limited runs (``max_steps`` set, so ``max_epochs == -1``).
+
+    The epoch's total counts the batches already seen in it, so a fit resumed mid-epoch shows ``150/200``, not
+    ``150/99``; and gradient accumulation is taken into account (``max_steps`` counts optimizer steps).
+    """
+
+    @property
+    @override
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            seen = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(trainer.num_training_batches, seen + remaining)
+        return trainer.num_training_batches
+
+
+class _RichBar(_ProgressBarFixes, RichProgressBar):
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:  # "Epoch 0/-2": no epoch limit
+            description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+        return description
+
+
+class _TQDMBar(_ProgressBarFixes, TQDMProgressBar):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+def _class_specs(node: Any, key: str = "") -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(config key, class_path, init_args)`` of every ``class_path`` entry in a parsed config."""
+    if isinstance(node, Namespace):
+        node = node.as_dict()
+    if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            yield key, node["class_path"], dict(node.get("init_args") or {})
+        for name, value in node.items():
+            if name != "class_path":
+                yield from _class_specs(value, f"{key}.{name}" if key else name)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _class_specs(value, f"{key}[{index}]")
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 class LitMoFOCLI(LightningCLI):
-    """LightningCLI with any LightningModule/LightningDataModule subclass selectable by ``class_path``.
+    """LightningCLI with any LightningModule/LightningDataModule subclass selectable by ``class_path``, argument checks
+    before anything is built, and resumes that continue their run (see the module docstring).
 
     One option beyond LightningCLI's: ``torch_num_threads`` (``torch.set_num_threads`` before anything is built).
     Small models on a CPU are bound by per-op overhead, and on a shared or small machine one thread per process is
@@ -42,8 +464,14 @@ class LitMoFOCLI(LightningCLI):
     on a loaded 2-core machine); the scenario configs set it to 1.
 
     The resolved config is saved next to the logs (``config.yaml`` in the run's log dir), overwriting a previous
-    one in the same directory.
+    one in the same directory (a resumed fit records its own).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_known_notices()
+        kwargs.setdefault("parser_class", LitMoFOArgumentParser)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -54,20 +482,92 @@ class LitMoFOCLI(LightningCLI):
             help="torch.set_num_threads for each process before training (None: torch's default, one per core).",
         )
 
+    def _subcommand_config(self) -> Namespace:
+        return self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+
+    def _fail(self, message: str) -> NoReturn:
+        self._parser(self.subcommand).error(message)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyper-parameters (torch.load of the whole file).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            problem = _check_ckpt_path(str(ckpt_path))
+            if problem is not None:
+                self._parser(subcommand).error(problem)
+
     @override
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        config = self._subcommand_config()
         threads = config.get("torch_num_threads")
         if threads is not None:
             torch.set_num_threads(threads)
+        self._check_optimizers(config)
+
+    def _check_optimizers(self, config: Namespace) -> None:
+        """Build every configured torch or lit_mofo optimizer once on a dummy parameter: its own checks of the
+        hyper-parameters run now, before the model loads (LightningCLI builds optimizers in ``configure_optimizers``,
+        after the model). Other libraries' optimizers may need real parameters (a device, a type) to be built; they
+        are left to ``configure_optimizers``."""
+        for key, class_path, init_args in _class_specs(config):
+            cls = _import(class_path)
+            if not (
+                isinstance(cls, type)
+                and issubclass(cls, torch.optim.Optimizer)
+                and cls.__module__.startswith(("torch.optim", "lit_mofo."))
+            ):
+                continue
+            try:
+                cls([torch.nn.Parameter(torch.zeros(2, 2))], **init_args)
+            except Exception as error:
+                if os.environ.get(_DEBUG_ENV):
+                    raise
+                self._fail(f"{key} ({class_path}): {error}")
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            if os.environ.get(_DEBUG_ENV):
+                raise
+            cause = _innermost(error)
+            self._fail(
+                f"{type(cause).__name__}: {cause}" if not isinstance(cause, MisconfigurationException) else str(cause)
+            )
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = self._default_logger(trainer_config.get("default_root_dir"))
+            callbacks.append(_ContinueMetrics())
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            callbacks.append(_RichBar() if _RICH_AVAILABLE else _TQDMBar())
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def _default_logger(self, default_root_dir: str | None) -> _RunLogger:
+        run_dir = _run_dir_of(self._subcommand_config().get("ckpt_path")) if self.subcommand == "fit" else None
+        if run_dir is None:
+            return _RunLogger(save_dir=default_root_dir or os.getcwd())
+        # The resumed fit continues the run it belongs to: same version directory, checkpoints included, whatever
+        # the current directory or default_root_dir. ModelCheckpoint would warn that its directory is not empty.
+        warnings.filterwarnings(
+            "ignore", message=re.escape(f"Checkpoint directory {run_dir / 'checkpoints'} exists and is not empty.")
+        )
+        return _RunLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name)
 
 
 def main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitMoFOCLI:
     """Entry point of the ``lit-mofo`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
-    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
-    # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
-    warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
     return LitMoFOCLI(
         LightningModule,
         LightningDataModule,

@@ -18,6 +18,7 @@ def test_existing_module_example_adds_all_four_callbacks_and_writes_the_report(t
 
     trainer = existing_module.main(["--steps", "6", "--eval-every", "3", "--root", str(tmp_path)])
     assert trainer.global_step == 6
+    assert Path(trainer.log_dir) == tmp_path / "existing_module" / "version_0"  # not .../lightning_logs/version_0
     assert type(trainer.optimizers[0]).__name__ == "MoFO"  # the module's AdamW, converted by MoFOCallback
     report = json.loads((Path(trainer.log_dir) / "forgetting_report.json").read_text())
     text = json.dumps(report)
@@ -83,6 +84,7 @@ def test_custom_configure_optimizers_example_builds_groups_and_a_per_step_schedu
     import custom_configure_optimizers
 
     trainer = custom_configure_optimizers.main(["--steps", "4", "--root", str(tmp_path)])
+    assert Path(trainer.log_dir) == tmp_path / "custom_configure_optimizers" / "version_0"
     optimizer = trainer.optimizers[0]
     assert type(optimizer).__name__ == "MoFO"
     settings = {(group["weight_decay"], group["fraction"]) for group in optimizer.param_groups}

@@ -238,6 +238,19 @@ def test_an_incomplete_cache_directory_is_rebuilt(tmp_path: Path) -> None:
     AutoModelForCausalLM.from_pretrained(final)
 
 
+def test_the_next_build_removes_the_staging_directories_of_a_killed_build(tmp_path: Path) -> None:
+    root = tmp_path / "scenario"
+    killed = [root / f".base-{TINY_RECIPE.key()}-k1l2", root / f".base-{TINY_RECIPE.key()}-x9y8"]
+    killed[0].mkdir(parents=True)  # killed before writing anything: an empty directory
+    killed[1].mkdir()
+    (killed[1] / "model.safetensors").write_bytes(b"half a model")
+    other_recipe = root / ".base-0123456789abcdef-zzzz"  # another recipe's build, possibly running: not ours
+    other_recipe.mkdir()
+    path = base_model_path(TINY_RECIPE, cache_dir=tmp_path, log=None)
+    assert (path / METADATA_FILE).is_file()
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".base-")) == [other_recipe.name]
+
+
 CONCURRENT_BUILD = textwrap.dedent(
     """
     import sys, time

@@ -30,8 +30,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+from lit_mofo.data.loader import ResumableDataLoader
 
 __all__ = [
     "IGNORE_INDEX",
@@ -219,6 +221,10 @@ class InstructionDataModule(pl.LightningDataModule):
     **Batches** (see the module docstring): padding to the longest example of each batch, or ``packing`` into rows
     of ``max_length`` tokens. Labels are -100 on prompt tokens and padding in both.
 
+    **Resume.** The loaders are :class:`~lit_mofo.data.loader.ResumableDataLoader` s: every checkpoint holds the
+    position in the epoch and the shuffling generator, so ``fit(ckpt_path=...)`` from any checkpoint, mid-epoch
+    included, sees exactly the batches the uninterrupted fit would have seen.
+
     Args:
         train_file: JSONL file of training records.
         val_file: JSONL file of validation records.
@@ -237,8 +243,9 @@ class InstructionDataModule(pl.LightningDataModule):
         batch_size: rows per batch and process.
         eval_batch_size: rows per validation batch (default ``batch_size``).
         num_workers: DataLoader worker processes.
-        seed: seeds the validation split and the packing order. The training order is shuffled every epoch from
-            torch's global RNG, which ``seed_everything`` (LightningCLI's ``seed_everything``) seeds.
+        seed: seeds the validation split and the packing order. The training order is shuffled every epoch by a
+            generator drawn from torch's global RNG when the training loader is built, which ``seed_everything``
+            (LightningCLI's ``seed_everything``) seeds; checkpoints carry the generator.
         train_on_prompt: take the loss on prompt tokens too.
         add_eos: append the EOS token to every response.
     """
@@ -449,20 +456,20 @@ class InstructionDataModule(pl.LightningDataModule):
             return pack_examples([kept[i] for i in order], self.max_length, self._pad_id)
         return kept
 
-    def _loader(self, examples: Sequence[TokenizedExample], batch_size: int, shuffle: bool) -> DataLoader[Any]:
-        return DataLoader(
+    def _loader(self, examples: Sequence[TokenizedExample], batch_size: int, shuffle: bool) -> ResumableDataLoader:
+        return ResumableDataLoader(
             _ExampleDataset(examples),
             batch_size=batch_size,
-            shuffle=shuffle,  # from torch's global RNG, so `seed_everything` (the Trainer's seed) sets the order
+            shuffle=shuffle,  # seeded from torch's global RNG, so `seed_everything` (the Trainer's seed) sets the order
             collate_fn=InstructionCollator(self._pad_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader[Any]:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.train_examples, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+    def val_dataloader(self) -> ResumableDataLoader | list[ResumableDataLoader]:
         if not self.val_examples:
             return []  # no validation source: Lightning skips the validation loop
         return self._loader(self.val_examples, self.eval_batch_size, shuffle=False)

@@ -10,7 +10,8 @@ knowledge accuracy and copying exact match), loadable with ``AutoModelForCausalL
 ``$LIT_MOFO_CACHE/scenario/base-<key>`` (default cache ``~/.cache/lit_mofo``), where ``<key>`` hashes the recipe,
 the vocabulary and the build format. Two processes asking at once (DDP ranks, parallel tests) do not both build:
 a file lock serialises them, and the model is written to a temporary directory renamed into place only when
-complete, so a reader never sees half a model. Build it ahead of time with::
+complete, so a reader never sees half a model (the next build removes the temporary directory of a killed one).
+Build it ahead of time with::
 
     python -m lit_mofo.scenario build-base
 
@@ -346,9 +347,12 @@ def base_model_path(
     with FileLock(str(root / f"base-{recipe.key()}.lock")):
         if _is_complete(final) and not force:  # another process built it while this one waited
             return final
+        prefix = f".base-{recipe.key()}-"
+        for leftover in root.glob(f"{prefix}*"):  # a build that was killed; the lock says none is running now
+            shutil.rmtree(leftover, ignore_errors=True)
         if log is not None:
             log(f"Building the scenario base model into {final} (first use; cached for later runs) ...")
-        staging = Path(tempfile.mkdtemp(prefix=f".base-{recipe.key()}-", dir=root))
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
         try:
             build_base_model(recipe, staging, num_threads=num_threads, log=log)
             staging.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other
