@@ -140,11 +140,6 @@ def test_fit_resumed_from_any_checkpoint_sees_the_same_batches_epochs_and_ends_w
     assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning does not call on_train_epoch_start for the epoch after a checkpoint written on the last batch of "
-    "the previous one; HalfFineTuning must check its epoch re-draw at the epoch's first batch (see the report).",
-)
 def test_half_finetuning_epoch_redraws_resume_on_schedule_from_a_last_batch_of_epoch_checkpoint(
     tmp_path: Path,
 ) -> None:

@@ -487,26 +487,21 @@ class HalfFineTuning(Callback):
         self._draw(trainer, pl_module)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = self.redraw_every_n_epochs
-        epoch = trainer.current_epoch
-        if every is None or epoch == 0 or epoch % every or epoch == self._last_draw_epoch:
-            return
-        if trainer.global_step == self._last_draw_step:  # the step schedule already drew at this step
-            self._last_draw_epoch = epoch
-            return
-        self._draw(trainer, pl_module)
-
-    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # The draw for the steps from `global_step` on, made when their first batch starts: what runs at the end of
         # the previous step (measurements, checkpoints) saw that step's weights in either callback order, and a
-        # checkpoint written there resumes into this same draw.
-        every = self.redraw_every_n_steps
-        step = trainer.global_step
-        if every is None or step == 0 or step % every or step == self._last_draw_step:
+        # checkpoint written there resumes into this same draw. The epoch schedule is checked here too, not in
+        # on_train_epoch_start: Lightning skips that hook for the epoch after a checkpoint written at the last batch
+        # of the previous one, so a resumed run would miss the draw.
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if step == self._last_draw_step:
+            return
+        by_steps, by_epochs = self.redraw_every_n_steps, self.redraw_every_n_epochs
+        step_due = by_steps is not None and step > 0 and step % by_steps == 0
+        epoch_due = by_epochs is not None and epoch > 0 and epoch % by_epochs == 0 and epoch != self._last_draw_epoch
+        if not (step_due or epoch_due):
             return
         self._draw(trainer, pl_module)
 
