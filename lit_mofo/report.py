@@ -315,13 +315,16 @@ class FitReport:
 
 
 def epoch_of_last_step(trainer: pl.Trainer) -> int:
-    """The index of the epoch the latest training step ran in: the ``epoch`` of a checkpoint saved then.
+    """The index of the epoch the latest training step ran in, once training has ended (``on_train_end``): the
+    ``epoch`` of a checkpoint saved at that step.
 
-    ``trainer.current_epoch`` counts the *completed* epochs, so once an epoch has ended (at ``on_train_end``,
-    including a fit stopped by ``max_steps`` mid-epoch) it is one ahead of the checkpoint's ``epoch=0-step=20``.
+    ``trainer.current_epoch`` counts the *completed* epochs, and training always ends by ending an epoch (also a
+    fit stopped by ``max_steps`` mid-epoch), so it is then one ahead of the checkpoint's ``epoch=0-step=20``. Inside
+    an epoch (batch and validation hooks) ``trainer.current_epoch`` itself is the epoch. Lightning's count of
+    *started* epochs cannot serve: after a resume from a checkpoint written at the last step of an epoch (before the
+    epoch ended, e.g. by ``ModelCheckpoint(every_n_train_steps=...)``) it lags one behind.
     """
-    started = trainer.fit_loop.epoch_progress.current.started
-    return max(0, min(trainer.current_epoch, started - 1))
+    return max(0, trainer.current_epoch - 1)
 
 
 _METHOD_SETTINGS = ("ratio", "strength", "norm", "fraction")

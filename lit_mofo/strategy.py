@@ -9,6 +9,7 @@ instead of testing strategy classes itself:
     local = adapter.local(param)  # the rank's shard of a DTensor parameter, the tensor itself otherwise
     total = adapter.sum_over_shards(torch.stack([sq_diff, sq_ref]))  # a figure over whole tensors
     counts = adapter.sum_over_ranks(counts)  # a figure over data split across the ranks
+    values = adapter.run_together("probe 'lm'", evaluate)  # a failure on one rank fails every rank
 
 Three kinds of strategy are supported:
 
@@ -29,11 +30,15 @@ Figures over *whole tensors* (norms, counts, maxima of parameters) are reduced w
 :meth:`~StrategyAdapter.sum_over_shards` / :meth:`~StrategyAdapter.max_over_shards`: a no-op unless the parameters
 are sharded, since under DDP every rank already holds the whole tensor. Figures over *data split across the ranks*
 (a probe's batches) are reduced with :meth:`~StrategyAdapter.sum_over_ranks` on every multi-process strategy.
+
+Work that can fail on some ranks only (reading data, a user's function, checking a batch) is followed by
+:meth:`~StrategyAdapter.agree` (or wrapped in :meth:`~StrategyAdapter.run_together`): every rank reports in one
+all-reduce whether it failed, and all raise together instead of leaving the others waiting in their next collective.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
@@ -41,7 +46,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["StrategyAdapter", "StrategyKind", "is_dtensor"]
 
@@ -105,10 +110,15 @@ class StrategyAdapter:
 
     # ------------------------------------------------------------------ construction and refusal
     @classmethod
-    def of(cls, trainer: pl.Trainer, user: str) -> StrategyAdapter:
+    def of(cls, trainer: pl.Trainer | None, user: str) -> StrategyAdapter:
         """The adapter of ``trainer``'s strategy; raises a ``MisconfigurationException`` naming ``user`` (the
-        callback) and the fix for a strategy lit_mofo does not support."""
-        strategy = trainer.strategy
+        callback) and the fix for a strategy lit_mofo does not support.
+
+        ``trainer=None`` (or an object without a ``strategy``, e.g. a probe evaluated from Python outside a fit)
+        gives the one-process adapter."""
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is None:
+            return cls("single")
         name = type(strategy).__name__
         for refused, why in _REFUSED:
             if any(base.__name__ == refused for base in type(strategy).__mro__):
@@ -200,11 +210,14 @@ class StrategyAdapter:
     def _all_reduce(self, values: Tensor, op: Any) -> Tensor:
         if not self.distributed:
             return values
-        group = self.mesh.get_group(0) if self.sharded else None  # type: ignore[union-attr]
         device = self._collective_device()
         reduced = values.detach().to(device=device, copy=True)
-        dist.all_reduce(reduced, op=op, group=group)
+        dist.all_reduce(reduced, op=op, group=self._group())
         return reduced.to(values.device)
+
+    def _group(self) -> Any:
+        """The process group over the ranks: the data-parallel mesh's (FSDP2), else the default (world) group."""
+        return self.mesh.get_group(0) if self.sharded else None  # type: ignore[union-attr]
 
     def _collective_device(self) -> torch.device:
         backend = dist.get_backend()
@@ -234,31 +247,98 @@ class StrategyAdapter:
             return obj
         return self.strategy.broadcast(obj, src=src)
 
+    def all_gather_object(self, obj: T) -> list[T]:
+        """``obj`` of every rank, in rank order (a picklable object; a collective); ``[obj]`` on one process."""
+        if not self.distributed:
+            return [obj]
+        group = self._group()
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, obj, group=group)
+        return gathered
+
     # ------------------------------------------------------------------ failing together
+    def agree(self, what: str, error: BaseException | None = None, flags: Sequence[bool] = ()) -> tuple[bool, ...]:
+        """A meeting point of all ranks (a collective: every rank calls it at the same point of its work).
+
+        Each rank reports whether it failed since the last meeting (``error``) and a few flags, in one all-reduce.
+        If some rank failed, every rank raises: a failing rank its own ``error``, the others a ``RuntimeError``
+        naming ``what``, the failing rank (the highest, if several failed) and its error. Otherwise it returns,
+        for each of ``flags``, whether it is True on some rank (e.g. "I still have a batch", so that a loop over
+        data of uneven length per rank runs as many steps on every rank). On one process it raises ``error``
+        if given and returns ``flags``.
+        """
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return tuple(bool(flag) for flag in flags)
+        report = torch.tensor([self.rank if error is not None else -1, *(int(bool(f)) for f in flags)])
+        reduced = self.max_over_ranks(report.to(torch.int64)).tolist()
+        failing = int(reduced[0])
+        if failing < 0:
+            return tuple(bool(flag) for flag in reduced[1:])
+        message = self.broadcast(f"{type(error).__name__}: {error}" if error is not None else "", src=failing)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{what} failed on rank {failing}: {message}")
+
     def run_together(self, what: str, function: Callable[[], T]) -> T:
-        """Run ``function`` on every rank; if it raises on any rank, raise on every rank.
+        """Run ``function`` on every rank; if it raises on any rank, raise on every rank (see :meth:`agree`).
 
         A rank that fails alone would leave the others waiting in the next collective (an FSDP2 forward, a metric
-        sync) until the process group times out. Every rank reports success or failure in one all-reduce; a failing
-        rank re-raises its own error, the others a ``RuntimeError`` naming ``what``, the failing rank (the highest,
-        if several failed) and its error. Use it around work that can fail on some ranks only (reading a file,
-        a user's function) and that runs no collective of its own before it can fail.
+        sync) until the process group times out. Use it around work that can fail on some ranks only (reading a
+        file, a user's function) and whose collectives, if any, are all done on every rank before it can fail
+        there: a rank that fails while the others are inside a collective of ``function`` (say, between two
+        FSDP2 forwards) cannot be reached by the meeting at its end.
         """
         error: BaseException | None = None
         result: Any = None
         try:
             result = function()
-        except Exception as caught:  # re-raised below, on every rank
+        except Exception as caught:  # re-raised by agree(), on every rank
             error = caught
-        if not self.distributed:
-            if error is not None:
-                raise error
-            return result
-        failed = self.max_over_ranks(torch.tensor([self.rank if error is not None else -1], dtype=torch.int64))
-        failing = int(failed.item())
-        if failing < 0:
-            return result
-        message = self.broadcast(f"{type(error).__name__}: {error}" if error is not None else "", src=failing)
-        if error is not None:
-            raise error
-        raise RuntimeError(f"{what} failed on rank {failing}: {message}")
+        self.agree(what, error)
+        return result
+
+    # ------------------------------------------------------------------ FSDP2 modules
+    @staticmethod
+    def _fsdp_modules(module: nn.Module) -> Iterator[nn.Module]:
+        if not dist.is_available():
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        yield from (m for m in module.modules() if isinstance(m, FSDPModule))
+
+    @classmethod
+    def reshard(cls, module: nn.Module) -> None:
+        """Put every FSDP2 unit of ``module`` back in its sharded state (no communication; a no-op without FSDP2).
+
+        FSDP2 keeps the root unit's parameters gathered after a forward, expecting the backward of a training step
+        to free them; after a forward without autograd (an evaluation) they would stay gathered, so
+        ``module.parameters()`` would yield whole plain tensors instead of the sharded DTensors that the optimizer,
+        the callbacks and the checkpoint hold, and the memory of the gathered root would stay in use."""
+        for unit in cls._fsdp_modules(module):
+            unit.reshard()  # type: ignore[operator]
+
+    @staticmethod
+    def sharded_outside(module: nn.Module) -> list[str]:
+        """Names of ``module``'s sharded (DTensor) parameters that no FSDP2 unit inside ``module`` (itself
+        included) gathers: calling ``module`` on its own would compute with shards. Empty when ``module`` can be
+        called alone, e.g. when ``fully_shard`` was applied to it and its blocks rather than to an outer module."""
+        if not dist.is_available():
+            return []
+        from torch.distributed.fsdp import FSDPModule
+
+        names: list[str] = []
+
+        def visit(current: nn.Module, prefix: str, gathered: bool) -> None:
+            gathered = gathered or isinstance(current, FSDPModule)
+            names.extend(
+                prefix + name
+                for name, param in current.named_parameters(recurse=False)
+                if not gathered and is_dtensor(param)
+            )
+            for child_name, child in current.named_children():
+                visit(child, f"{prefix}{child_name}.", gathered)
+
+        visit(module, "", False)
+        return names

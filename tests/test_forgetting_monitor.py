@@ -22,17 +22,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_mofo.callbacks.forgetting_monitor import (
-    ForgettingMonitor,
-    forgetting,
-    isolated_evaluation,
-    refuse_sharded_strategy,
-    retention,
-)
+from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor, forgetting, isolated_evaluation, retention
 from lit_mofo.probes import CallableProbe, LanguageModelProbe, Probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,6 +337,28 @@ def test_resuming_with_probes_the_checkpoint_has_no_baselines_for_is_refused(tmp
         fit([extended], tmp_path, max_steps=4, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
 
 
+def test_whether_a_fit_resumes_is_decided_after_the_restore_whatever_the_hook_order(tmp_path: Path) -> None:
+    # Under ModelParallelStrategy Lightning restores the callbacks' states after on_fit_start, under the other
+    # strategies before it; on_train_start comes after the restore under all of them.
+    first = ForgettingMonitor({"norm": Counting()}, report=False)
+    fit([first], tmp_path, max_steps=1)
+    state = first.state_dict()
+    trainer = SimpleNamespace(ckpt_path="last.ckpt", global_step=1, callback_metrics={})
+    probe = Counting()
+    resumed = ForgettingMonitor({"norm": probe}, report=False)
+    resumed.setup(trainer, LM(), "fit")  # type: ignore[arg-type]
+    resumed.on_fit_start(trainer, LM())  # type: ignore[arg-type]  # not restored yet: no verdict here
+    resumed.load_state_dict(state)
+    resumed.on_train_start(trainer, LM())  # type: ignore[arg-type]
+    assert probe.calls == [] and resumed.baselines == first.baselines
+    assert trainer.callback_metrics["probe/norm/value"] == first.history[-1]["value"]
+    unrestored = ForgettingMonitor({"norm": Counting()}, report=False)
+    unrestored.setup(trainer, LM(), "fit")  # type: ignore[arg-type]
+    unrestored.on_fit_start(trainer, LM())  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="holds no pre-trained baselines"):
+        unrestored.on_train_start(trainer, LM())  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------- bad input
 def test_two_probes_with_the_same_name_are_refused() -> None:
     with pytest.raises(MisconfigurationException, match=r"Two probes are named 'lm'.*distinct `name=`"):
@@ -386,11 +403,54 @@ def test_a_probe_returning_a_non_number_is_refused(tmp_path: Path) -> None:
         fit([ForgettingMonitor({"p": probe}, report=False)], tmp_path, max_steps=1)
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
-def test_sharded_strategies_are_refused(strategy: str) -> None:
-    fake = SimpleNamespace(strategy=type(strategy, (), {})())
-    with pytest.raises(MisconfigurationException, match=rf"does not support `{strategy}`.*strategy='ddp'"):
-        refuse_sharded_strategy(fake, "ForgettingMonitor")  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("strategy", "reason"),
+    [
+        ("DeepSpeedStrategy", "partitions its own flat fp32 buffers"),
+        ("FSDPStrategy", "FSDP1 flattens the parameters"),
+        ("XLAStrategy", "XLA devices"),
+    ],
+)
+def test_unsupported_strategies_are_refused_at_setup_with_the_fix(strategy: str, reason: str) -> None:
+    trainer = SimpleNamespace(strategy=type(strategy, (), {})(), world_size=2)  # no optional dependency needed
+    with pytest.raises(
+        MisconfigurationException,
+        match=rf"ForgettingMonitor does not support `{strategy}`: .*{reason}.*"
+        r"ModelParallelStrategy\(data_parallel_size=N, tensor_parallel_size=1\)",
+    ):
+        ForgettingMonitor(lm_probe()).setup(trainer, LM(), "fit")  # type: ignore[arg-type]
+
+
+def test_tensor_parallelism_is_refused_and_fsdp2_over_one_dimension_accepted_at_setup() -> None:
+    def trainer(data_parallel: int, tensor_parallel: int) -> pl.Trainer:
+        strategy = ModelParallelStrategy(data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel)
+        return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+
+    with pytest.raises(
+        MisconfigurationException, match=r"does not support .*tensor_parallel_size=2.*tensor_parallel_size=1"
+    ):
+        ForgettingMonitor(lm_probe(), report=False).setup(trainer(1, 2), LM(), "fit")
+    ForgettingMonitor(lm_probe(), report=False).setup(trainer(2, 1), LM(), "fit")
+
+
+def test_isolated_evaluation_leaves_an_fsdp2_model_sharded() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh, module = init_device_mesh("cpu", (1,)), LM()
+        for layer in module.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module.model, mesh=mesh)
+        with isolated_evaluation(module):
+            module.model(input_ids=torch.tensor([REFERENCE[0]]))
+            assert not all(isinstance(p, DTensor) for p in module.parameters())  # FSDP2 keeps the root gathered
+        assert all(isinstance(p, DTensor) for p in module.parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- LightningCLI
@@ -468,6 +528,7 @@ def test_ddp_ranks_split_the_reference_set_and_together_score_all_of_it(ddp_run:
     rank0, rank1 = ddp_run["ranks"]
     reference = sorted(map(tuple, rank0["reference"]))
     assert len(rank0["seen"]) == len(rank1["seen"]) == 3  # baseline, step 2, step 4
+    assert rank0["forwards"] == rank1["forwards"] == [3, 3, 3]  # rank 1 pads its share with a discarded forward
     for seen0, seen1 in zip(rank0["seen"], rank1["seen"], strict=True):
         assert len(seen0) == 6 and len(seen1) == 4  # batches 0, 2, 4 and 1, 3 of two sequences
         assert not set(map(tuple, seen0)) & set(map(tuple, seen1))

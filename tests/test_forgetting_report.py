@@ -204,6 +204,43 @@ def test_the_report_epoch_agrees_with_the_checkpoint_after_whole_epochs(tmp_path
     assert report["forgetting"]["measurements"][-1]["epoch"] == 1
 
 
+def test_a_fit_resumed_from_an_epochs_last_step_numbers_the_epochs_as_the_uninterrupted_fit(tmp_path: Path) -> None:
+    # A checkpoint written at the last step of an epoch, before the epoch ended (every_n_train_steps): on resume,
+    # Lightning's count of started epochs lags one behind for the rest of the fit.
+    def run(root: Path, ckpt_path: Path | None = None) -> list[tuple[int, str, int]]:
+        monitor = ForgettingMonitor({"p": CallableProbe(lambda t, m: 1.0, True)}, every_n_train_steps=2)
+        callbacks: list[pl.Callback] = [monitor]
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1))
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=7,
+            limit_train_batches=2,  # steps 1-2 in epoch 0, 3-4 in epoch 1, 5-6 in epoch 2, 7 in epoch 3
+            default_root_dir=root,
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=ckpt_path is None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(
+            AdamWLM(), SyntheticTokenDataModule(num_sequences=96, seq_len=16, batch_size=8), ckpt_path=ckpt_path
+        )
+        report = json.loads((root / "forgetting_report.json").read_text())
+        assert report["meta"]["epoch"] == 3
+        return [(r["step"], r["trigger"], r["epoch"]) for r in report["forgetting"]["measurements"]]
+
+    uninterrupted = run(tmp_path / "uninterrupted")
+    assert uninterrupted == [
+        (0, "baseline", 0),
+        (2, "interval", 0),
+        (4, "interval", 1),
+        (6, "interval", 2),
+        (7, "fit_end", 3),
+    ]
+    assert run(tmp_path / "resumed", tmp_path / "ckpt" / "epoch=0-step=2.ckpt") == uninterrupted
+
+
 # ---------------------------------------------------------------------- where the report goes
 def test_without_logger_or_root_dir_the_current_directory_is_announced_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

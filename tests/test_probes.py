@@ -27,7 +27,9 @@ from lit_mofo.probes import (
     Probe,
     find_language_model,
     rank_share,
+    run_batches,
 )
+from lit_mofo.probes._data import rank_batches
 from lit_mofo.report import Curve, ReportSection, Table, console_table, format_value, markdown_table, write_report
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz"]
@@ -174,6 +176,83 @@ def test_lm_probe_splits_batches_across_ranks_so_that_each_sequence_is_scored_on
 def test_rank_share_covers_every_item_exactly_once() -> None:
     shares = [set(rank_share(11, SimpleNamespace(world_size=3, global_rank=r))) for r in range(3)]
     assert set().union(*shares) == set(range(11)) and sum(len(s) for s in shares) == 11
+
+
+def test_rank_batches_gives_every_rank_as_many_batches_padding_with_a_discarded_first_batch() -> None:
+    batches = ["b0", "b1", "b2", "b3", "b4"]
+    shares = [rank_batches(batches, SimpleNamespace(world_size=3, global_rank=r)) for r in range(3)]
+    assert shares == [
+        [("b0", True), ("b3", True)],
+        [("b1", True), ("b4", True)],
+        [("b2", True), ("b0", False)],
+    ]
+    assert rank_batches(batches, None, limit=2) == [("b0", True), ("b1", True)]
+    assert rank_batches([], SimpleNamespace(world_size=2, global_rank=1)) == []
+
+
+def test_run_batches_prepares_forwards_and_consumes_each_batch_in_order() -> None:
+    calls: list[tuple[Any, ...]] = []
+    forwards = run_batches(
+        [1, 2, 3],
+        None,
+        forward=lambda inputs: calls.append(("forward", inputs)) or inputs * 10,
+        prepare=lambda batch: calls.append(("prepare", batch)) or batch + 1,
+        consume=lambda inputs, output: calls.append(("consume", inputs, output)),
+    )
+    assert forwards == 3
+    assert calls[:3] == [("prepare", 1), ("forward", 2), ("consume", 2, 20)] and len(calls) == 9
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=2)  # not a sequence: iterated step by step
+    seen: list[list[int]] = []
+    assert run_batches(loader, None, forward=lambda b: seen.append(b[0].tolist()), limit=2) == 2
+    assert seen == [[0, 1], [2, 3]]
+
+
+def test_run_batches_fails_before_the_forward_when_a_batch_cannot_be_prepared() -> None:
+    def prepare(batch: int) -> int:
+        if batch == 2:
+            raise ValueError("batch 2 is unreadable")
+        return batch
+
+    run: list[int] = []
+    with pytest.raises(ValueError, match="batch 2 is unreadable"):
+        run_batches([1, 2, 3], None, forward=run.append, prepare=prepare)
+    assert run == [1]
+    with pytest.raises(KeyError, match="logits"):
+        run_batches([1, 2, 3], None, forward=run.append, consume=lambda inputs, output: {}["logits"])
+
+
+def test_probes_refuse_a_model_sharded_from_outside_before_any_forward() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    holder = Holder(LlamaForCausalLM(config))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(holder.model.model.layers[0], mesh=mesh)
+        fully_shard(holder, mesh=mesh)  # the root on the LightningModule: calling holder.model gathers nothing
+        question = {"context_ids": [1, 2, 3], "choice_ids": [[4], [5]], "label": 0}
+        probes = [
+            LanguageModelProbe(token_ids=SEQUENCES),
+            MultipleChoiceProbe(examples=[question]),
+            AccuracyProbe(dataloader=[{"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([0])}]),
+        ]
+        for probe in probes:
+            with pytest.raises(MisconfigurationException, match=r"model\.embed_tokens\.weight.*apply `fully_shard`"):
+                probe.setup(single_process(), holder)  # type: ignore[arg-type]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lm_probe_refuses_an_empty_dataloader_batch_before_the_forward(llama: nn.Module) -> None:
+    probe = LanguageModelProbe(dataloader=[torch.tensor(SEQUENCES[0][:5])[None], torch.zeros(0, 5, dtype=torch.long)])
+    with pytest.raises(MisconfigurationException, match=r"input_ids of shape \(0, 5\).*Drop empty batches"):
+        evaluate(probe, Holder(llama))
 
 
 @pytest.mark.parametrize(

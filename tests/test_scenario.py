@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from lit_mofo.probes._data import rank_batches
 from lit_mofo.scenario import base_model as base_model_module
 from lit_mofo.scenario.base_model import METADATA_FILE, BaseModelRecipe, base_model_path, build_base_model
 from lit_mofo.scenario.corpus import KnowledgeSpec, generate_facts
@@ -419,7 +420,7 @@ def test_probes_give_every_rank_the_same_number_of_forwards_and_cover_each_batch
     module = Wrapper(OracleLM([fact_sequence(f.sentence) for f in generate_facts()]))
     probe.setup(fake_trainer(), module)
     for world in (2, 4, 5):
-        shares = [probe._rank_batches(fake_trainer(world, rank)) for rank in range(world)]
+        shares = [rank_batches(probe._batches, fake_trainer(world, rank)) for rank in range(world)]
         assert len({len(share) for share in shares}) == 1
         counted = [id(batch) for share in shares for batch, counts in share if counts]
         assert sorted(counted) == sorted(id(batch) for batch in probe._batches)

@@ -1,18 +1,22 @@
 """The strategy adapter: which strategies lit_mofo's callbacks support, and what they ask of them on one process.
 
 The multi-process behaviour (reductions over shards and ranks, failing together) is exercised by the sharded
-callback tests, which run under ``ModelParallelStrategy`` and DDP with 2 gloo processes.
+callback tests, which run under ``ModelParallelStrategy`` and DDP with 2 gloo processes; FSDP2's module state is
+checked here on a process group of one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from lit_mofo.strategy import StrategyAdapter, is_dtensor
 
@@ -115,3 +119,93 @@ def test_run_together_returns_the_result_or_reraises_the_error_on_one_process() 
     assert adapter.run_together("probe 'x'", lambda: 3) == 3
     with pytest.raises(KeyError, match="missing"):
         adapter.run_together("probe 'x'", lambda: {}["missing"])
+
+
+def test_no_trainer_or_a_trainer_without_a_strategy_is_one_process() -> None:
+    assert StrategyAdapter.of(None, user="X").kind == "single"
+    assert StrategyAdapter.of(SimpleNamespace(world_size=2, global_rank=1), user="X").kind == "single"  # type: ignore[arg-type]
+
+
+def test_agree_on_one_process_raises_the_error_or_returns_the_flags() -> None:
+    adapter = StrategyAdapter("fsdp2")  # no process group: one process, whatever the kind
+    assert adapter.agree("probe 'x'") == ()
+    assert adapter.agree("probe 'x'", flags=[True, False]) == (True, False)
+    with pytest.raises(ValueError, match="bad batch"):
+        adapter.agree("probe 'x'", ValueError("bad batch"), flags=[True])
+    assert adapter.all_gather_object({"loss": 1.5}) == [{"loss": 1.5}]
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+class Net(nn.Module):
+    """A model with blocks and parameters of its own (like a causal LM's embeddings and head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+class Outer(nn.Module):
+    """A LightningModule-like holder whose ``model`` is the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Net()
+
+
+@pytest.fixture
+def one_process_group() -> Iterator[Any]:
+    """A gloo group of one process and its 1-D mesh: FSDP2 and DTensors work, every collective is local."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reshard_puts_the_root_back_into_shards_after_a_forward_without_autograd(one_process_group: Any) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    net = Net()
+    for block in net.blocks:
+        fully_shard(block, mesh=one_process_group)
+    fully_shard(net, mesh=one_process_group)
+    with torch.no_grad():
+        net(torch.randn(3, 4))
+    # FSDP2 keeps the root's parameters gathered after a forward (for the backward that would follow in training).
+    assert not is_dtensor(net.head.weight) and all(is_dtensor(p) for p in net.blocks.parameters())
+    StrategyAdapter.reshard(net)
+    assert all(is_dtensor(p) for p in net.parameters())
+    StrategyAdapter.reshard(net)  # already sharded: nothing to do
+    StrategyAdapter.reshard(Net())  # no FSDP2 unit: nothing to do
+
+
+def test_sharded_outside_names_the_parameters_a_call_of_the_model_alone_would_not_gather(
+    one_process_group: Any,
+) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    rooted_in_model, rooted_outside = Outer(), Outer()
+    for outer in (rooted_in_model, rooted_outside):
+        for block in outer.model.blocks:
+            fully_shard(block, mesh=one_process_group)
+    fully_shard(rooted_in_model.model, mesh=one_process_group)
+    fully_shard(rooted_outside, mesh=one_process_group)
+    assert StrategyAdapter.sharded_outside(rooted_in_model.model) == []
+    assert StrategyAdapter.sharded_outside(rooted_outside) == []
+    assert StrategyAdapter.sharded_outside(rooted_outside.model) == ["head.weight", "head.bias"]
+    assert StrategyAdapter.sharded_outside(Net()) == []  # nothing sharded

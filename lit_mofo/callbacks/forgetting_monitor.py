@@ -31,17 +31,15 @@ from lit_mofo._validation import as_bool, as_int
 from lit_mofo.probes._data import check_name
 from lit_mofo.probes.base import Probe
 from lit_mofo.report import Curve, FitReport, ReportSection, Table, epoch_of_last_step
+from lit_mofo.strategy import StrategyAdapter
 
 __all__ = [
     "ForgettingMonitor",
     "forgetting",
     "isolated_evaluation",
-    "refuse_sharded_strategy",
     "retention",
     "worst_forgetting",
 ]
-
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 def forgetting(value: float, baseline: float, higher_is_better: bool) -> float:
@@ -82,8 +80,15 @@ def worst_forgetting(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(records, key=rank)
 
 
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
 def refuse_sharded_strategy(trainer: pl.Trainer, callback: str) -> None:
-    """Raise for strategies that shard parameters across processes (FSDP, DeepSpeed, model parallel)."""
+    """Raise for strategies that shard parameters across processes (FSDP, DeepSpeed, model parallel).
+
+    Deprecated: :class:`~lit_mofo.strategy.StrategyAdapter` decides what is supported; the monitor no longer uses
+    this. It stays only while ``ParameterDrift`` and ``L2ToPretrained`` import it (until they move to the adapter).
+    """
     name = type(trainer.strategy).__name__
     if name in _SHARDED_STRATEGIES or "FSDP" in name or "DeepSpeed" in name:
         raise MisconfigurationException(
@@ -93,11 +98,20 @@ def refuse_sharded_strategy(trainer: pl.Trainer, callback: str) -> None:
         )
 
 
+def _same_values(first: Mapping[str, float], second: Mapping[str, float]) -> bool:
+    """Equal metrics and values, NaN equal to NaN."""
+    return first.keys() == second.keys() and all(
+        first[k] == second[k] or (math.isnan(first[k]) and math.isnan(second[k])) for k in first
+    )
+
+
 @contextmanager
 def isolated_evaluation(module: nn.Module) -> Iterator[None]:
     """Run a block as a pure evaluation: every submodule in eval mode, no autograd, and afterwards each submodule's
-    own ``training`` flag and the RNG states (torch CPU, CUDA/MPS when in use, Python ``random``, NumPy when
-    imported) exactly as before — so training continues as if nothing had happened."""
+    own ``training`` flag, the RNG states (torch CPU, CUDA/MPS when in use, Python ``random``, NumPy when
+    imported) and, for a model sharded with FSDP2, the sharded state of its parameters (see
+    :meth:`~lit_mofo.strategy.StrategyAdapter.reshard`) exactly as before — so training continues as if nothing
+    had happened."""
     modes = [(m, m.training) for m in module.modules()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -111,6 +125,7 @@ def isolated_evaluation(module: nn.Module) -> Iterator[None]:
         with torch.inference_mode(False), torch.no_grad():
             yield
     finally:
+        StrategyAdapter.reshard(module)
         for submodule, training in modes:
             submodule.training = training
         torch.set_rng_state(cpu_rng)
@@ -146,7 +161,8 @@ class ForgettingMonitor(Callback):
 
     **Isolation.** Probes run under ``torch.no_grad()``, with every submodule in eval mode and the precision
     plugin's forward context (autocast for mixed precision, as in training), through the unwrapped model (not the
-    DDP wrapper). Afterwards each submodule's own ``training`` flag and the RNG states are restored and the train
+    DDP wrapper). Afterwards each submodule's own ``training`` flag and the RNG states are restored, a model sharded
+    with FSDP2 is put back into its shards (FSDP2 keeps the root's parameters gathered after a forward) and the train
     dataloader is never touched, so a fit with the monitor ends with exactly the weights of the same fit without it.
 
     **Cost.** One evaluation = one forward pass over each probe's reference set (no backward), so a batch costs
@@ -167,13 +183,27 @@ class ForgettingMonitor(Callback):
     is the largest forgetting measured (see :func:`worst_forgetting`). Epochs are numbered as checkpoints number
     them: the epoch the step ran in.
 
-    **Resume.** The baselines and the history are in the callback's checkpoint state: a resumed fit compares with
-    the pre-trained values from the checkpoint and never re-measures a baseline on resumed weights. A new
-    ``trainer.fit`` that is not a resume measures new baselines (the next stage starts from its own model).
+    **Resume.** The baselines and the history are in the callback's checkpoint state (in a sharded checkpoint's
+    ``meta.pt`` under ``ModelParallelStrategy``): a resumed fit compares with the pre-trained values from the
+    checkpoint and never re-measures a baseline on resumed weights. A new ``trainer.fit`` that is not a resume
+    measures new baselines (the next stage starts from its own model). Whether the fit resumes is decided in
+    ``on_train_start``, after Lightning restored the callbacks under every strategy (``ModelParallelStrategy``
+    restores them after ``on_fit_start``).
 
-    .. warning:: Under DDP every process runs every probe on its share of the reference data (the built-in probes
-        split it round-robin by batch and sum across processes); the lm-eval probe runs on rank zero and broadcasts.
-        Sharded strategies (FSDP, DeepSpeed, model parallel) are refused.
+    **Multi-process.** Supported: DDP (every variant) and Lightning's ``ModelParallelStrategy(data_parallel_size=N,
+    tensor_parallel_size=1)`` with the model sharded by FSDP2's ``fully_shard`` in ``configure_model`` — per block
+    and then on the model the probes call (``pl_module.model``, as
+    :class:`~lit_mofo.modules.causal_lm.CausalLMModule` does; a probe refuses in ``setup`` a model sharded from
+    outside). Every process runs every probe: the built-in probes deal their batches round-robin with as many
+    forwards on every rank and sum their counts (:func:`~lit_mofo.probes.run_batches`), so the figures equal the
+    single-process ones on the same weights (up to float64 summation order); the lm-eval probe runs the whole
+    request list on every rank. Every rank records rank zero's figures (with a warning if a probe returned others
+    elsewhere). A probe that fails on some ranks only — preparing its data in ``setup``, checking a batch before its
+    forward, reading the output after it, a user's function — fails every rank with the error instead of leaving
+    the others waiting; the limit is a forward that fails part-way on one rank, after its first FSDP2 all-gather,
+    which leaves the others inside that forward (the probes check their inputs before the forward for that reason).
+    Refused at ``setup``, with the fix: DeepSpeed, FSDP1 (``strategy="fsdp"``), tensor parallelism (a 2-D mesh) and
+    XLA (see :class:`~lit_mofo.strategy.StrategyAdapter`).
 
     Args:
         probes: the probes: a dict ``{name: probe}`` (the key becomes the probe's ``name``), a list of probes with
@@ -236,6 +266,9 @@ class ForgettingMonitor(Callback):
         self._restored = False
         self._fitting = False
         self._non_finite_warned: set[tuple[str, str]] = set()
+        self._disagreement_warned: set[str] = set()
+        self._epoch_of_step: int | None = None  # the epoch the latest step of this fit ran in
+        self._adapter = StrategyAdapter("single")
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -304,14 +337,25 @@ class ForgettingMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        refuse_sharded_strategy(trainer, type(self).__name__)
+        self._adapter = StrategyAdapter.of(trainer, user=type(self).__name__)
         if self.report:
             FitReport.attach(trainer, self, self.report_dir)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Whether the fit resumes is decided in on_train_start: under ModelParallelStrategy the callbacks' states are
+        # restored only after on_fit_start, under the other strategies before it; on_train_start comes after both.
         self._fitting = True
         self._non_finite_warned = set()
+        self._disagreement_warned = set()
+        self._epoch_of_step = None
+        for name, probe in self._probes.items():
+            self._adapter.run_together(
+                f"The setup of probe {name!r}", lambda probe=probe: probe.setup(trainer, pl_module)
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._restored and trainer.ckpt_path is not None:
             raise MisconfigurationException(
                 f"The fit resumes from {trainer.ckpt_path!r}, which holds no pre-trained baselines for "
@@ -319,13 +363,6 @@ class ForgettingMonitor(Callback):
                 "measuring them now would take the resumed weights for the pre-trained model. Resume with the probes "
                 "that wrote the checkpoint, or start a fit from the pre-trained model to measure new probes."
             )
-        if not self._restored:  # a new fit, not a resume: new baselines
-            self._baselines, self._history, self._last_step, self._seconds = {}, [], None, 0.0
-        for probe in self._probes.values():
-            probe.setup(trainer, pl_module)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored:
             missing = sorted(set(self._probes) - set(self._baselines))
             if missing:
@@ -337,12 +374,14 @@ class ForgettingMonitor(Callback):
                 )
             self._publish(trainer, self._latest_metrics(), log=False)
             return
+        self._baselines, self._history, self._last_step, self._seconds = {}, [], None, 0.0  # a new fit: new baselines
         self._evaluate(trainer, pl_module, trigger="baseline")
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._epoch_of_step = trainer.current_epoch  # right inside the epoch; one ahead once it has ended
         step = trainer.global_step
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
             self._evaluate(trainer, pl_module, trigger="interval")
@@ -397,11 +436,35 @@ class ForgettingMonitor(Callback):
         with isolated_evaluation(pl_module), trainer.precision_plugin.forward_context():
             for name, probe in self._probes.items():
                 start = time.perf_counter()
-                values = self._checked(name, probe, probe.evaluate(trainer, pl_module))
+                values = self._adapter.run_together(
+                    f"Probe {name!r}",
+                    lambda name=name, probe=probe: self._checked(name, probe, probe.evaluate(trainer, pl_module)),
+                )
+                values = self._rank_zero_values(name, values)
                 seconds = time.perf_counter() - start
                 self._seconds += seconds
                 metrics.update(self._record(trainer, name, values, trigger, seconds))
         self._publish(trainer, metrics, log=True)
+
+    def _rank_zero_values(self, name: str, values: dict[str, float]) -> dict[str, float]:
+        """Rank zero's values (and metric directions) on every rank, so every rank records what is logged; a
+        warning (once per probe and fit) when the ranks disagree: the probe did not reduce across processes."""
+        gathered = self._adapter.all_gather_object((values, self._directions[name]))
+        reference, directions = gathered[0]
+        if (
+            any(not _same_values(other, reference) for other, _ in gathered[1:])
+            and name not in self._disagreement_warned
+        ):
+            self._disagreement_warned.add(name)
+            rank_zero_warn(
+                f"Probe {name!r} returned different values on different processes ({[v for v, _ in gathered]!r:.300}); "
+                "the monitor records rank zero's. A probe must reduce its figures across processes (the built-in "
+                "probes sum their counts with torchmetrics; in a CallableProbe use `trainer.strategy.reduce`) so they "
+                "describe the whole reference set."
+            )
+        for metric in reference:
+            self._directions[name].setdefault(metric, directions[metric])
+        return dict(reference)
 
     def _checked(self, name: str, probe: Probe, values: Any) -> dict[str, float]:
         directions = probe.higher_is_better
@@ -461,7 +524,7 @@ class ForgettingMonitor(Callback):
             self._history.append(
                 {
                     "step": trainer.global_step,
-                    "epoch": epoch_of_last_step(trainer),
+                    "epoch": self._epoch(trainer, trigger),
                     "trigger": trigger,
                     "probe": name,
                     "metric": metric,
@@ -477,6 +540,12 @@ class ForgettingMonitor(Callback):
             logged[f"forgetting/{name}/{metric}"] = lost
             logged[f"retention/{name}/{metric}"] = kept
         return logged
+
+    def _epoch(self, trainer: pl.Trainer, trigger: str) -> int:
+        """The epoch the measured step ran in, as checkpoints number it."""
+        if trigger != "fit_end":  # inside an epoch (or before the first): Lightning's own count is right
+            return trainer.current_epoch
+        return self._epoch_of_step if self._epoch_of_step is not None else epoch_of_last_step(trainer)
 
     def _latest_metrics(self) -> dict[str, float]:
         latest: dict[str, float] = {}

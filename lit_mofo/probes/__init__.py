@@ -4,9 +4,11 @@ A probe evaluates the current model and returns named metrics, each with a fixed
 (:class:`Probe`). Built in: language-model loss/perplexity on reference text (:class:`LanguageModelProbe`),
 classification accuracy (:class:`AccuracyProbe`), multiple-choice accuracy by log-likelihood
 (:class:`MultipleChoiceProbe`), lm-evaluation-harness tasks (:class:`LMEvalProbe`, optional extra ``lmeval``) and
-any user function (:class:`CallableProbe`).
+any user function (:class:`CallableProbe`). :func:`run_batches` is how each of them splits its reference batches
+across processes (equal forward counts per rank, as FSDP2 needs, and failing together); custom probes can use it too.
 """
 
+from lit_mofo.probes._data import run_batches
 from lit_mofo.probes.accuracy import AccuracyProbe, MultipleChoiceProbe
 from lit_mofo.probes.base import Probe, find_language_model, move_batch, rank_share
 from lit_mofo.probes.callable import CallableProbe
@@ -23,4 +25,5 @@ __all__ = [
     "find_language_model",
     "move_batch",
     "rank_share",
+    "run_batches",
 ]

@@ -70,8 +70,9 @@ class AccuracyProbe(Probe):
     against the model's vocabulary in ``setup`` and labels against the model's number of classes at the first
     forward, each error naming the record (``file:line``).
 
-    Under DDP the batches are dealt round-robin to the processes and the counts summed (torchmetrics), so the
-    whole set is evaluated once. Cost: one forward per batch.
+    Under DDP and FSDP2 the batches are dealt round-robin to the processes with as many forwards on every rank
+    (:func:`~lit_mofo.probes.run_batches`) and the counts summed (torchmetrics), so the whole set is evaluated once.
+    Cost: one forward per batch.
 
     Args:
         files: reference files. examples: reference records. dataset: a map-style dataset. dataloader: batches.
@@ -127,10 +128,11 @@ class AccuracyProbe(Probe):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._correct = _data.SumPair(pl_module.device)
-        if self.dataloader is not None:
-            return
         where = _data.where(self)
         model = find_language_model(pl_module)
+        if self.dataloader is not None:  # the batches say how the model is called
+            _data.check_gathered(model, where)
+            return
         _data.check_forward(model, self.forward_fn, where)
         records = self._records
         if self.dataset is not None:
@@ -185,30 +187,32 @@ class AccuracyProbe(Probe):
         if self._correct is None:
             self.setup(trainer, pl_module)
         assert self._correct is not None
-        where = _data.where(self)
         model = find_language_model(pl_module)
         device = pl_module.device
         self._correct.restart(device)
-        if self._batches is not None:
-            for batch in _data.rank_batches(self._batches, trainer):
-                input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
-                labels = torch.tensor([label for _, label in batch])
-                logits = _data.forward_logits(
-                    model, input_ids.to(device), attention_mask.to(device), self.forward_fn, where
-                )
-                self._update(logits, labels)
-        else:
-            assert self.dataloader is not None
-            for batch in _data.iterate_rank_batches(self.dataloader, trainer, self.limit_batches):
-                logits, labels = self._user_forward(model, move_batch(batch, device))
-                self._update(logits, labels)
+        _data.run_batches(
+            self._batches if self._batches is not None else self.dataloader,  # type: ignore[arg-type]
+            trainer,
+            forward=lambda inputs: self._forward(model, inputs),
+            prepare=lambda batch: self._prepare(batch, device),
+            consume=lambda inputs, logits: self._update(logits, inputs[1]),
+            limit=None if self._batches is not None else self.limit_batches,  # the built batches are limited already
+            where=_data.where(self),
+        )
         correct, count = self._correct.compute()
         if count == 0:
             raise MisconfigurationException(f"Probe {self.name!r}: the reference dataloader yielded no example.")
         return {"accuracy": correct / count}
 
-    def _user_forward(self, model: torch.nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-        where = _data.where(self)
+    def _prepare(self, batch: Any, device: torch.device) -> tuple[Any, Tensor, bool]:
+        """``(model inputs, labels, as keywords)`` of a batch on ``device``: the inputs are a dict of keyword
+        arguments (built batches, a dict batch of the user's dataloader without its labels) or the first element of
+        an ``(inputs, labels)`` pair, passed positionally."""
+        if self._batches is not None:
+            input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            return inputs, torch.tensor([label for _, label in batch]), True
+        batch = move_batch(batch, device)
         if isinstance(batch, Mapping):
             key = next((k for k in _LABEL_KEYS if k in batch), None)
             if key is None:
@@ -216,16 +220,32 @@ class AccuracyProbe(Probe):
                     f"Probe {self.name!r}: a dict batch needs the classes under 'labels' or 'label', got keys "
                     f"{sorted(batch)}."
                 )
-            inputs = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
-            return _data.call_model(model, inputs, self.forward_fn, where), batch[key]
-        if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            if self.forward_fn is not None:
-                return _data.logits_of(self.forward_fn(model, batch[0]), where), batch[1]
-            return _data.logits_of(model(batch[0]), where), batch[1]
-        raise MisconfigurationException(
-            f"Probe {self.name!r}: cannot read a batch of type {type(batch).__name__}; yield a dict with 'labels' or "
-            "an (inputs, labels) pair."
-        )
+            inputs, labels, as_keywords = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}, batch[key], True
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            inputs, labels, as_keywords = batch[0], batch[1], False
+        else:
+            raise MisconfigurationException(
+                f"Probe {self.name!r}: cannot read a batch of type {type(batch).__name__}; yield a dict with 'labels' "
+                "or an (inputs, labels) pair."
+            )
+        if torch.as_tensor(labels).numel() == 0:  # refused here: a forward failing on one rank would hang the others
+            raise _data.error(
+                _data.where(self),
+                "dataloader batch",
+                "a batch of 0 examples",
+                "batches of at least one example",
+                "Drop empty batches from the reference dataloader.",
+            )
+        return inputs, labels, as_keywords
+
+    def _forward(self, model: torch.nn.Module, prepared: tuple[Any, Tensor, bool]) -> Tensor:
+        where = _data.where(self)
+        inputs, _, as_keywords = prepared
+        if as_keywords:
+            return _data.call_model(model, inputs, self.forward_fn, where)
+        if self.forward_fn is not None:
+            return _data.logits_of(self.forward_fn(model, inputs), where)
+        return _data.logits_of(model(inputs), where)
 
     def _update(self, logits: Tensor, labels: Tensor) -> None:
         assert self._correct is not None
@@ -265,8 +285,9 @@ class MultipleChoiceProbe(Probe):
     (``batch`` the dict ``{"input_ids", "attention_mask"}``) for a model called another way. Records are checked
     when the probe is built, token ids against the model's vocabulary in ``setup``, each error naming the record.
 
-    Under DDP the questions are dealt round-robin (by batch) to the processes and the counts summed. Cost: one
-    forward per batch of ``batch_size`` questions times their choices.
+    Under DDP and FSDP2 the questions are dealt round-robin (by batch) to the processes, with as many forwards on
+    every rank (:func:`~lit_mofo.probes.run_batches`), and the counts summed. Cost: one forward per batch of
+    ``batch_size`` questions times their choices.
 
     Args:
         files: reference files. examples: reference records.
@@ -400,28 +421,49 @@ class MultipleChoiceProbe(Probe):
         device = pl_module.device
         self._acc.restart(device)
         self._acc_norm.restart(device)
-        for batch in _data.rank_batches(self._batches, trainer):
-            sequences, spans = [], []
-            for context, choices, _ in batch:
-                for choice in choices:
-                    kept = context[-(self.max_length - len(choice)) :]
-                    sequences.append(kept + choice)
-                    spans.append((len(kept), len(choice)))
-            input_ids, attention_mask = _data.pad_right(sequences, self._pad_id)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            logits = _data.forward_logits(model, input_ids, attention_mask, self.forward_fn, where)
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            scores = [
-                token_log_probs[row, start - 1 : start - 1 + length].sum() for row, (start, length) in enumerate(spans)
-            ]
-            offset = 0
-            for _, choices, label in batch:
-                raw = torch.stack(scores[offset : offset + len(choices)])
-                lengths = torch.tensor([len(c) for c in choices], device=raw.device, dtype=raw.dtype)
-                offset += len(choices)
-                self._acc.update(float(raw.argmax().item() == label), 1)
-                self._acc_norm.update(float((raw / lengths).argmax().item() == label), 1)
+        _data.run_batches(
+            self._batches,
+            trainer,
+            forward=lambda inputs: _data.forward_logits(model, inputs[0], inputs[1], self.forward_fn, where),
+            prepare=lambda batch: self._prepare(batch, device),
+            consume=self._consume,
+            where=where,
+        )
         acc, count = self._acc.compute()
         acc_norm, _ = self._acc_norm.compute()
         return {"acc": acc / count, "acc_norm": acc_norm / count}
+
+    def _prepare(
+        self, batch: list[tuple[list[int], list[list[int]], int]], device: torch.device
+    ) -> tuple[Tensor, Tensor, list[tuple[int, int]], list[tuple[list[int], list[list[int]], int]]]:
+        """``(input_ids, attention_mask, spans, batch)``: one row per question and choice (context cut from the
+        left to fit ``max_length``), with the ``(start, length)`` of each choice's tokens."""
+        sequences, spans = [], []
+        for context, choices, _ in batch:
+            for choice in choices:
+                kept = context[-(self.max_length - len(choice)) :]
+                sequences.append(kept + choice)
+                spans.append((len(kept), len(choice)))
+        input_ids, attention_mask = _data.pad_right(sequences, self._pad_id)
+        return input_ids.to(device), attention_mask.to(device), spans, batch
+
+    def _consume(
+        self,
+        inputs: tuple[Tensor, Tensor, list[tuple[int, int]], list[tuple[list[int], list[list[int]], int]]],
+        logits: Tensor,
+    ) -> None:
+        """Score every choice by the log-likelihood of its tokens; count the questions answered right."""
+        assert self._acc is not None and self._acc_norm is not None
+        input_ids, _, spans, batch = inputs
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        scores = [
+            token_log_probs[row, start - 1 : start - 1 + length].sum() for row, (start, length) in enumerate(spans)
+        ]
+        offset = 0
+        for _, choices, label in batch:
+            raw = torch.stack(scores[offset : offset + len(choices)])
+            lengths = torch.tensor([len(c) for c in choices], device=raw.device, dtype=raw.dtype)
+            offset += len(choices)
+            self._acc.update(float(raw.argmax().item() == label), 1)
+            self._acc_norm.update(float((raw / lengths).argmax().item() == label), 1)

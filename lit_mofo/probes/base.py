@@ -20,8 +20,10 @@ has cost. Subclass it to measure anything:
 
 The monitor calls :meth:`Probe.evaluate` under ``torch.no_grad()``, with every submodule in eval mode and the RNG
 state saved and restored around it, so a probe needs none of that itself. It is called on *every* process: a probe
-must run the same number of forwards (and collectives) on every rank and return values already reduced across
-ranks (torchmetrics objects sync on ``compute()``; ``trainer.strategy.reduce`` for plain tensors).
+must run the same number of forwards (and collectives) on every rank — under FSDP2 each forward gathers the
+sharded weights — and return values already reduced across ranks (torchmetrics objects sync on ``compute()``;
+``trainer.strategy.reduce`` for plain tensors). :func:`~lit_mofo.probes.run_batches` splits reference batches
+across the ranks with as many forwards on each and makes a failure on one rank fail all of them.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def move_batch(batch: Any, device: torch.device) -> Any:
 def rank_share(num_items: int, trainer: pl.Trainer | None) -> range:
     """The indices of ``num_items`` reference items this process evaluates: a strided share (rank, rank + world,
     ...), so the ranks together cover every item exactly once. The whole range without a trainer or on one
-    process. Shares differ by at most one item; probes that run collectives per batch must pad to equal counts."""
+    process. Shares differ by at most one item; probes that run collectives per batch (forwards of a model sharded
+    with FSDP2) must pad to equal counts, as :func:`~lit_mofo.probes.run_batches` does."""
     if trainer is None or trainer.world_size <= 1:
         return range(num_items)
     return range(trainer.global_rank, num_items, trainer.world_size)

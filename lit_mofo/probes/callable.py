@@ -20,7 +20,12 @@ class CallableProbe(Probe):
 
     ``fn`` returns a number (reported as metric ``value``) or a dict ``{metric: number}``. It is called like any
     probe: under ``no_grad``, in eval mode, with the RNG state restored afterwards, on every process — so under DDP
-    it must return the same (reduced) values on every rank, e.g. via ``trainer.strategy.reduce``.
+    and FSDP2 it must return the same (reduced) values on every rank, e.g. via ``trainer.strategy.reduce`` (the
+    monitor records rank zero's and warns if they differ), and under FSDP2 it must run the same forwards on every
+    rank, since each gathers the sharded weights: a forward of the whole model on the same input everywhere is
+    fine. If ``fn`` raises on some ranks only, the monitor fails every rank with the error, provided the other ranks
+    are not inside a forward or reduction of their own ``fn`` by then: let ``fn`` fail, if it must, after its
+    forwards (checking their results) rather than before them.
 
     Args:
         fn: the function, or its import path as a string (``"package.module.function"`` or

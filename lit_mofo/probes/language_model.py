@@ -57,9 +57,13 @@ class LanguageModelProbe(Probe):
     output embeddings, ``config.vocab_size``) in ``setup``; the batches of your ``dataloader`` as they come.
 
     Cost: one forward pass (no backward) per batch: about a third of a training step on the same number of tokens.
-    ``limit_batches`` bounds it. Under DDP the batches are dealt round-robin to the processes (batch ``i`` to rank
-    ``i % world_size``), so the set is evaluated once in total, and the metric sums across ranks; the set and the
-    limit are the same whatever the number of processes, so values are comparable between runs.
+    ``limit_batches`` bounds it. Under DDP and FSDP2 the batches are dealt round-robin to the processes (batch ``i``
+    to rank ``i % world_size``; see :func:`~lit_mofo.probes.run_batches`), so the set is evaluated once in total, and
+    the metric sums across ranks; the set and the limit are the same whatever the number of processes, so values are
+    comparable between runs (on the same weights they equal the single-process ones up to float64 summation order).
+    Every rank runs as many forwards, as FSDP2's all-gathers need: a rank with a batch fewer runs one more on the
+    first batch and discards it. Your ``dataloader`` is iterated by every rank, which keeps its own share; the ranks
+    agree at each step whether a batch is left, so a loader of another length on some rank cannot make them wait.
 
     Args:
         files: reference files (see above).
@@ -200,25 +204,19 @@ class LanguageModelProbe(Probe):
         if self._loss is None:
             self.setup(trainer, pl_module)
         assert self._loss is not None
-        where = _data.where(self)
         model = find_language_model(pl_module)
-        device = pl_module.device
-        self._loss.restart(device)
-        if self._batches is not None:
-            batches: Iterable[Any] = _data.rank_batches(self._batches, trainer)
-        else:
-            assert self.dataloader is not None
-            batches = _data.iterate_rank_batches(self.dataloader, trainer, self.limit_batches)
-        for batch in batches:
-            input_ids, attention_mask, labels = self._collate(batch)
-            if self._batches is None:  # the user's batches: refuse ids beyond the model before the forward
-                _data.check_batch_ids(input_ids, self._vocab, where, "input_ids")
-                _data.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
-            input_ids, attention_mask, labels = move_batch((input_ids, attention_mask, labels), device)
-            logits = _data.forward_logits(model, input_ids, attention_mask, self.forward_fn, where)
-            total, count = next_token_nll(logits, labels)
-            if count > 0:
-                self._loss.update(total, count)
+        self._loss.restart(pl_module.device)
+        _data.run_batches(
+            self._batches if self._batches is not None else self.dataloader,  # type: ignore[arg-type]
+            trainer,
+            forward=lambda inputs: _data.forward_logits(
+                model, inputs[0], inputs[1], self.forward_fn, _data.where(self)
+            ),
+            prepare=lambda batch: self._prepare(batch, pl_module.device),
+            consume=self._consume,
+            limit=None if self._batches is not None else self.limit_batches,  # the built batches are limited already
+            where=_data.where(self),
+        )
         total, count = self._loss.compute()  # summed across processes
         if count == 0:
             raise MisconfigurationException(
@@ -227,6 +225,31 @@ class LanguageModelProbe(Probe):
             )
         loss = total / count
         return {"loss": loss, "perplexity": _exp(loss)}
+
+    def _prepare(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids, attention_mask, labels)`` of a batch on ``device``; a batch of the user's dataloader is
+        checked first, so that ids beyond the model fail on every rank before the forward."""
+        input_ids, attention_mask, labels = self._collate(batch)
+        if self._batches is None:
+            where = _data.where(self)
+            if input_ids.dim() != 2 or 0 in input_ids.shape:  # refused here: a forward failing on one rank would hang
+                raise _data.error(
+                    where,
+                    "dataloader batch",
+                    f"input_ids of shape {tuple(input_ids.shape)}",
+                    "token ids [batch, sequence] with at least one sequence of at least one token",
+                    "Drop empty batches from the reference dataloader.",
+                )
+            _data.check_batch_ids(input_ids, self._vocab, where, "input_ids")
+            _data.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
+        return move_batch((input_ids, attention_mask, labels), device)
+
+    def _consume(self, inputs: tuple[Tensor, Tensor, Tensor], logits: Tensor) -> None:
+        """Add a batch's summed next-token loss and its number of scored tokens."""
+        assert self._loss is not None
+        total, count = next_token_nll(logits, inputs[2])
+        if count > 0:
+            self._loss.update(total, count)
 
     # ------------------------------------------------------------------ data
     def _record_item(self, record: _data.Record) -> str | list[int]:

@@ -6,9 +6,10 @@ Needs the optional extra: ``pip install "lit-mofo[lmeval]"`` (``lm-eval[hf]``, w
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lit_mofo._validation import as_bool, as_int
 from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe, find_language_model
+from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["LMEvalProbe"]
 
@@ -36,6 +38,55 @@ def _import_lm_eval() -> tuple[Any, Any, Any]:
     return lm_eval.simple_evaluate, HFLM, TaskManager
 
 
+class _Meeting:
+    """A meeting of all ranks (:meth:`~lit_mofo.strategy.StrategyAdapter.agree`) that remembers whether it raised,
+    so that a failure already agreed on is not announced a second time."""
+
+    def __init__(self, adapter: StrategyAdapter, what: str) -> None:
+        self.adapter, self.what, self.raised = adapter, what, False
+
+    def __call__(self, error: BaseException | None = None) -> None:
+        try:
+            self.adapter.agree(self.what, error)
+        except BaseException:
+            self.raised = True
+            raise
+
+
+@functools.cache
+def _lockstep_hflm(hflm_cls: type) -> type:
+    """lm-eval's ``HFLM`` whose request calls (each a sequence of forwards) start with a meeting of all ranks, and
+    whose generation keeps every rank stepping until all have finished (``synced_gpus``) when the model is sharded.
+
+    Every rank runs the same requests through it, so the forwards line up as FSDP2 requires; a rank that failed
+    before the forwards (loading a task, building its requests) is announced to the others at the meeting instead
+    of leaving them waiting inside their first forward."""
+
+    class LockstepHFLM(hflm_cls):  # type: ignore[misc, valid-type]
+        meet: Callable[[], None] = staticmethod(lambda: None)
+        quiet = False  # no progress bars on the ranks other than zero
+        synced_generation = False
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self.meet()
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self.meet()
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self.meet()
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+        def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
+            if self.synced_generation:  # ranks may finish at different lengths; each step is a collective
+                generation_kwargs.setdefault("synced_gpus", True)
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    return LockstepHFLM
+
+
 class LMEvalProbe(Probe):
     """Run lm-evaluation-harness tasks with ``lm_eval.simple_evaluate`` on the model being fine-tuned.
 
@@ -51,10 +102,17 @@ class LMEvalProbe(Probe):
     the other arguments (a missing ``include_path`` directory, ``evaluate_kwargs`` that the probe sets itself, a
     missing ``lm_eval``) when the probe is built.
 
-    Cost: a full lm-eval run per evaluation, bounded by ``limit`` (examples per task). Under DDP it runs on rank
-    zero only (``HFLM`` with an in-memory model is single-process) while the other ranks wait, and the results are
-    broadcast to them; an evaluation longer than the process group's timeout (30 min by default) would time out,
-    so keep ``limit`` small.
+    Cost: a full lm-eval run per evaluation, bounded by ``limit`` (examples per task). Under DDP and FSDP2 every
+    rank runs the whole request list through its own ``HFLM`` on the in-memory model (which lm-eval treats as one
+    process): the ranks issue the same forwards in the same order, as FSDP2 requires (each forward gathers the
+    sharded weights), and rank zero's results are kept and broadcast. So an evaluation takes about the wall time of
+    a single-process lm-eval run (plus, under FSDP2, the all-gather of every block per forward) and costs
+    ``world_size`` times its compute; no rank waits at a collective for the length of a run, so no process-group
+    timeout is at risk. Splitting the requests across the ranks would need equal forward counts per rank, which
+    lm-eval's batching (it groups requests that share a context) does not guarantee. Each request type (a sequence
+    of forwards) starts with a meeting of all ranks, so a rank that failed before its forwards (loading a task,
+    building its requests) fails the others instead of leaving them waiting; generation keeps every rank stepping
+    until all have finished (``synced_gpus``) when the model is sharded.
 
     Args:
         tasks: task, group or tag names, e.g. ``["hellaswag", "arc_easy"]``.
@@ -191,6 +249,7 @@ class LMEvalProbe(Probe):
             raise MisconfigurationException(
                 f"LMEvalProbe needs a transformers PreTrainedModel as `pl_module.model`, got {type(model).__name__}."
             )
+        _data.check_gathered(model, _data.where(self))
         self._tokenizer = _data.require_tokenizer(
             _data.resolve_tokenizer(self.tokenizer, pl_module, _data.where(self)), self.name
         )
@@ -202,22 +261,36 @@ class LMEvalProbe(Probe):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._task_manager is None:
             self.setup(trainer, pl_module)
-        values: dict[str, float] = {}
-        directions: dict[str, bool] = {}
-        if trainer is None or trainer.is_global_zero:
-            values, directions = self._run(pl_module)
-        if trainer is not None and trainer.world_size > 1:
-            values, directions = trainer.strategy.broadcast((values, directions), src=0)
+        where = _data.where(self)
+        adapter = StrategyAdapter.of(trainer, user=where)
+        meeting = _Meeting(adapter, where)
+        output: dict[str, Any] | None = None
+        error: BaseException | None = None
+        try:
+            output = self._run(pl_module, adapter, meeting)
+        except Exception as caught:
+            if meeting.raised:  # every rank raises already
+                raise
+            error = caught
+        meeting(error)  # every rank is past its last forward: a failure anywhere fails all
+        parsed = adapter.run_together(where, lambda: self._parse(output or {}) if adapter.is_global_zero else None)
+        values, directions = adapter.broadcast(parsed, src=0)
         self._directions.update(directions)
         return values
 
-    def _run(self, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, bool]]:
+    def _run(self, pl_module: pl.LightningModule, adapter: StrategyAdapter, meeting: _Meeting) -> dict[str, Any] | None:
+        """lm-eval's output (None on the ranks where lm-eval returns none: those with a ``LOCAL_RANK`` other than 0)."""
         simple_evaluate, hflm_cls, _ = _import_lm_eval()
-        model = find_language_model(pl_module)
         if self._lm is None:
-            self._lm = hflm_cls(
-                pretrained=model, tokenizer=self._tokenizer, batch_size=self.batch_size, max_length=self.max_length
+            self._lm = _lockstep_hflm(hflm_cls)(
+                pretrained=find_language_model(pl_module),
+                tokenizer=self._tokenizer,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
             )
+        self._lm.meet = meeting
+        self._lm.quiet = not adapter.is_global_zero
+        self._lm.synced_generation = adapter.sharded and adapter.distributed
         output = simple_evaluate(
             model=self._lm,
             tasks=self.tasks,
@@ -228,8 +301,9 @@ class LMEvalProbe(Probe):
             log_samples=False,
             **self.evaluate_kwargs,
         )
-        self.last_output = output
-        return self._parse(output or {})
+        if adapter.is_global_zero:
+            self.last_output = output
+        return output
 
     def _parse(self, output: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
         values: dict[str, float] = {}

@@ -6,10 +6,11 @@ log-likelihoods are read off the logits after the prompt); it also reports the l
 sentences. :class:`TaskProbe` measures exact match on held-out problems of a task (``cipher`` — the fine-tuning
 task — or ``repeat``, the copying skill of the base model) by teacher forcing, which equals greedy decoding.
 
-Both run the same number of forwards on every process (the batches are dealt round-robin; a process with one batch
-fewer runs a dummy forward whose result it discards, so sharded models never wait on a missing collective) and sum
-their counts across processes with torchmetrics. The plain functions :func:`evaluate_knowledge` and
-:func:`evaluate_task` compute the same numbers on one process without a Trainer.
+Under DDP and FSDP2 both run the same number of forwards on every process (the batches are dealt round-robin; a
+process with one batch fewer runs a padding forward whose result it discards, so sharded models never wait on a
+missing collective: :func:`~lit_mofo.probes.run_batches`) and sum their counts across processes with torchmetrics.
+The plain functions :func:`evaluate_knowledge` and :func:`evaluate_task` compute the same numbers on one process
+without a Trainer.
 """
 
 from __future__ import annotations
@@ -104,9 +105,13 @@ def _task_batches(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenize
 
 
 def _logits(model: nn.Module, batch: _Batch, device: torch.device, forward_fn: _data.ForwardFn | None = None) -> Tensor:
-    logits = _data.forward_logits(
+    """The model's float logits of ``batch`` (the forward; see :func:`_checked_logits` for the shape check)."""
+    return _data.forward_logits(
         model, batch.input_ids.to(device), batch.attention_mask.to(device), forward_fn, "The scenario probe"
     ).float()
+
+
+def _checked_logits(logits: Tensor, batch: _Batch) -> Tensor:
     if logits.dim() != 3 or logits.size(1) != batch.input_ids.size(1):
         raise MisconfigurationException(
             f"The scenario probes need next-token logits [batch, seq, vocab] from a causal LM; the model returned "
@@ -172,7 +177,7 @@ def _standalone(
     try:
         with torch.no_grad():
             for batch in batches:
-                logits = _logits(model, batch, device)
+                logits = _checked_logits(_logits(model, batch, device), batch)
                 batch_hits, batch_loss, batch_tokens = counts(logits, batch)
                 hits, loss = hits + batch_hits, loss + batch_loss
                 tokens, items = tokens + batch_tokens, items + len(batch.input_ids)
@@ -224,8 +229,8 @@ def evaluate_task(
 
 
 class _ScenarioProbe(Probe):
-    """Shared machinery: batches built once in :meth:`setup`, dealt round-robin with equal forward counts per rank,
-    counts summed across ranks with torchmetrics."""
+    """Shared machinery: batches built once in :meth:`setup`, dealt round-robin with equal forward counts per rank
+    (:func:`~lit_mofo.probes.run_batches`), counts summed across ranks with torchmetrics."""
 
     _metric_names: tuple[str, str]
 
@@ -265,11 +270,6 @@ class _ScenarioProbe(Probe):
         self._hits = _data.SumPair(pl_module.device)
         self._loss = _data.SumPair(pl_module.device)
 
-    def _rank_batches(self, trainer: pl.Trainer | None) -> list[tuple[_Batch, bool]]:
-        """This rank's batches with a flag "counts"; padded with a discarded repeat so all ranks run as many."""
-        share = _data.rank_batches(self._batches, trainer, equal_counts=True)
-        return [(self._batches[0], False) if batch is None else (batch, True) for batch in share]
-
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._hits is None or self._loss is None or self._tokenizer is None:
             self.setup(trainer, pl_module)
@@ -279,16 +279,23 @@ class _ScenarioProbe(Probe):
         self._hits.restart(device)
         self._loss.restart(device)
         with torch.no_grad():  # the monitor already does this; direct calls need it too
-            for batch, counts in self._rank_batches(trainer):
-                logits = _logits(model, batch, device, self.forward_fn)
-                if counts:
-                    hits, loss, tokens = self._counts(logits, batch)
-                    self._hits.update(hits, len(batch.input_ids))
-                    self._loss.update(loss, tokens)
+            _data.run_batches(
+                self._batches,
+                trainer,
+                forward=lambda batch: _logits(model, batch, device, self.forward_fn),
+                consume=self._consume,
+                where=_data.where(self),
+            )
         hits, items = self._hits.compute()
         loss, tokens = self._loss.compute()
         score_name, loss_name = self._metric_names
         return {score_name: hits / items, loss_name: loss / tokens}
+
+    def _consume(self, batch: _Batch, logits: Tensor) -> None:
+        assert self._hits is not None and self._loss is not None
+        hits, loss, tokens = self._counts(_checked_logits(logits, batch), batch)
+        self._hits.update(hits, len(batch.input_ids))
+        self._loss.update(loss, tokens)
 
 
 class KnowledgeProbe(_ScenarioProbe):
@@ -305,7 +312,8 @@ class KnowledgeProbe(_ScenarioProbe):
 
     The facts are tokenized with the scenario's shipped tokenizer, so the model must be over the scenario
     vocabulary (the base model and its fine-tunes are). Cost: one forward per ``batch_size`` facts (512 facts of
-    8 tokens by default). Under DDP the batches are dealt round-robin and the counts summed across processes.
+    8 tokens by default). Under DDP and FSDP2 the batches are dealt round-robin and the counts summed across
+    processes.
 
     Args:
         num_entities: the world's entities (see :class:`~lit_mofo.scenario.corpus.KnowledgeSpec`); must match the

@@ -6,10 +6,11 @@ Usage::
     python tests/scripts/ddp_forgetting.py OUT_DIR [--steps 4]
 
 Lightning's ``ddp`` strategy re-launches this very command for rank 1, so it must run as its own process. The
-reference set has 10 sequences in 5 batches of 2, so the ranks get unequal shares (3 and 2 batches). Each rank
-writes ``OUT_DIR/rank{r}.pt``: the monitor's baselines and history, the drift history, the reference windows this
-rank scored at each evaluation, and the single-process value of the probe on the pre-trained model, computed before
-the process group exists. The report goes to ``OUT_DIR/logs/version_0``.
+reference set has 10 sequences in 5 batches of 2, so the ranks get unequal shares (3 and 2 batches; rank 1 runs a
+padding forward, as under FSDP2). Each rank writes ``OUT_DIR/rank{r}.pt``: the monitor's baselines and history, the
+drift history, the reference windows this rank scored and the forwards it ran at each evaluation, and the
+single-process value of the probe on the pre-trained model, computed before the process group exists. The report
+goes to ``OUT_DIR/logs/version_0``.
 """
 
 from __future__ import annotations
@@ -40,19 +41,27 @@ class AdamWLM(TinyCausalLM):
 
 
 class RecordingProbe(LanguageModelProbe):
-    """The LM probe, remembering which reference windows this rank scored in each evaluation."""
+    """The LM probe, remembering which reference windows this rank scored in each evaluation, and how many forwards
+    it ran (a padding forward is run but not scored)."""
 
     def __init__(self) -> None:
         super().__init__(token_ids=REFERENCE, batch_size=2, name="general")
         self.seen: list[list[list[int]]] = []
+        self.forwards: list[int] = []
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         self.seen.append([])
+        self.forwards.append(0)
         return super().evaluate(trainer, pl_module)
 
-    def _collate(self, batch: Any) -> Any:
-        self.seen[-1].extend(list(ids) for ids, _ in batch)
-        return super()._collate(batch)
+    def _prepare(self, batch: Any, device: torch.device) -> Any:
+        self.forwards[-1] += 1
+        return super()._prepare(batch, device)
+
+    def _consume(self, inputs: Any, logits: torch.Tensor) -> None:
+        input_ids, attention_mask, _ = inputs
+        self.seen[-1].extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True))
+        super()._consume(inputs, logits)
 
 
 def main() -> None:
@@ -93,6 +102,7 @@ def main() -> None:
             "history": monitor.history,
             "drift": drift.history,
             "seen": probe.seen,
+            "forwards": probe.forwards,
             "single_process_baseline": single_process_baseline,
             "reference": REFERENCE,
         },
