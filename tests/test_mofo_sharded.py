@@ -81,6 +81,14 @@ def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(
     assert all(abs(f - sharded_mofo.FRACTION) < 0.01 for f in filtered)
 
 
+@pytest.mark.slow
+def test_nonfinite_raise_stops_every_rank_when_one_shard_holds_the_nan(ranks):
+    for rank in ranks:
+        result = rank["results"]["raise"]
+        assert "has 1 non-finite entries" in result["error"], (rank["rank"], result)
+        assert result["unchanged"] and result["state"] == 0
+
+
 def run_script(script: Path, out_dir: Path, *extra: str, timeout: float = 600) -> None:
     """Run a multi-process script in its own session, so that a hang kills every rank."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
