@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from lit_mofo._validation import as_float, as_int
-from lit_mofo.optim import _fused
+from lit_mofo.optim import _batched, _fused
 from lit_mofo.optim._selection import (
     EagerOps,
     LocalView,
@@ -37,6 +37,7 @@ from lit_mofo.optim._selection import (
 __all__ = ["MoFO", "MoFOStepStats", "mofo", "selection_mask"]
 
 SELECTIONS = ("exact", "sampled")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NONFINITE = ("skip", "raise")
 # Options added after the first release: checkpoints saved before them get these values on load.
 _LATER_DEFAULTS: dict[str, Any] = {
@@ -125,8 +126,13 @@ class MoFO(Optimizer):
     the dense step, two for the exact selection. ``fused=None`` uses it wherever it can and falls back to torch
     operations otherwise (no C compiler, ``LIT_MOFO_FUSED=0``, CUDA and other devices, float64, non-contiguous
     tensors) with one info-level log message; ``fused=True`` raises instead of falling back; ``fused=False``
-    always uses torch operations. There is no fused GPU kernel yet: on CUDA both selections run as torch
-    operations (the exact one still without a full sort).
+    always uses torch operations. On CUDA, ``fused=True`` steps float32/bfloat16/float16 parameters with Triton
+    kernels (:mod:`lit_mofo.optim._triton`, needs the ``triton`` package): each operation is one launch for all the
+    group's tensors of a dtype, and every threshold stays on the device, so a step makes no host synchronisation
+    whatever the number of tensors (the stats are copied back asynchronously and read on demand). The Triton path is
+    opt-in and not yet validated on GPU hardware (it is tested on CPU through Triton's interpreter, bit for bit
+    against the C kernels); ``fused=None`` on CUDA uses torch operations (the exact selection still without a full
+    sort).
 
     **Non-finite gradients.** A NaN or infinite gradient entry would make its moments NaN for good (the entry
     would then never move again, and the NaN would be saved in every later checkpoint). With ``nonfinite="skip"``
@@ -164,8 +170,9 @@ class MoFO(Optimizer):
             reproduces the reference code's dense step for biases and norm weights; 0 filters every tensor.
         selection: ``"exact"`` (the k-th largest :math:`|m_t|` itself) or ``"sampled"`` (its estimate from a
             sample; one pass instead of two).
-        fused: ``None`` picks the fused CPU kernels where they apply, ``True`` requires them, ``False`` uses torch
-            operations only (like torch's ``fused``/``foreach`` flags).
+        fused: ``None`` picks the fused CPU kernels where they apply (torch operations on CUDA), ``True`` requires
+            the fused kernels (C on CPU, Triton on CUDA), ``False`` uses torch operations only (like torch's
+            ``fused``/``foreach`` flags). ``LIT_MOFO_FUSED=0`` turns both kernel families off.
         sample_size: entries in the sampled selection's sample, >= 1024; the realised fraction's standard
             deviation scales as ``1/sqrt(sample_size)``.
         seed: seed of the sample positions, an int in [0, 2**63); the same on every rank by construction.
@@ -243,18 +250,27 @@ class MoFO(Optimizer):
             if _is_dtensor(p):
                 _check_dtensor(p, where)
         if group["fused"] is True:
-            if _fused.load() is None:
-                raise RuntimeError(
-                    f"{where}: fused=True, but the fused MoFO kernels are unavailable "
-                    f"({_fused.unavailable_reason()}). Use fused=None to fall back to torch operations "
-                    "automatically, or fused=False."
-                )
             for p in group["params"]:
-                if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                if _takes_triton(True, p):
+                    if _batched.load_triton() is None:
+                        raise RuntimeError(
+                            f"{where}: fused=True, but MoFO's Triton kernels for {p.device.type} parameters are "
+                            f"unavailable ({_batched.triton_unavailable_reason()}). Install triton (pip install "
+                            "'lit-mofo[triton]'; torch's CUDA wheels for Linux include it), or use fused=None or "
+                            "fused=False for torch operations."
+                        )
+                elif p.device.type == "cpu" and _fused.load() is None:
+                    raise RuntimeError(
+                        f"{where}: fused=True, but the fused MoFO kernels are unavailable "
+                        f"({_fused.unavailable_reason()}). Use fused=None to fall back to torch operations "
+                        "automatically, or fused=False."
+                    )
+                if p.device.type not in ("cpu", "cuda") or p.dtype not in _FUSED_DTYPES:
                     raise ValueError(
-                        f"{where}: fused=True, but the fused MoFO kernels step CPU tensors of dtype float32, "
-                        f"bfloat16 or float16; got a {p.dtype} parameter of shape {tuple(p.shape)} on {p.device}. "
-                        "Use fused=None to fall back to torch operations for such tensors, or fused=False."
+                        f"{where}: fused=True, but the fused MoFO kernels (C on CPU, Triton on CUDA) step "
+                        f"float32, bfloat16 or float16 parameters; got a {p.dtype} parameter of shape "
+                        f"{tuple(p.shape)} on {p.device}. Use fused=None to fall back to torch operations for "
+                        "such tensors, or fused=False."
                     )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -274,6 +290,10 @@ class MoFO(Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=_moment_dtype(p), copy=True)
+            # torch moves "step" to the parameter's device for groups with fused=True (its rule for its own fused
+            # optimizers); MoFO reads it on the host, so on CUDA that would cost a synchronisation per tensor.
+            if "step" in self.state[p]:
+                self.state[p]["step"] = torch.as_tensor(self.state[p]["step"], dtype=torch.float32).to("cpu")
 
     @property
     def last_step_stats(self) -> list[MoFOStepStats]:
@@ -425,15 +445,33 @@ class _GroupResult:
         self.nonfinite: list[int] = [0] * len(numels)
         self.names: list[str] | None = None
         self._stats: MoFOStepStats | None = None
+        self._pending: list[tuple[list[int], Tensor, Any]] = []
+
+    def add_pending(self, positions: list[int], counts: Tensor) -> None:
+        """Per-tensor ``(moved, nonfinite)`` counts still on the device: copied to the host without waiting."""
+        if counts.device.type == "cuda":
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((positions, host, event))
+        else:
+            self._pending.append((positions, counts, None))
 
     @property
     def ready(self) -> bool:
-        """Whether every count is on the host (resolving costs no device synchronisation)."""
-        return True
+        """Whether resolving costs no device synchronisation (every count is on the host, or has arrived)."""
+        return all(event is None or event.query() for _, _, event in self._pending)
 
     def resolve(self, reported: set[str] | None = None) -> MoFOStepStats:
         """The group's stats; warns once for each tensor (not yet in ``reported``) that had non-finite gradients."""
         if self._stats is None:
+            for positions, counts, event in self._pending:
+                if event is not None:
+                    event.synchronize()  # this step's kernels only, not later work
+                for position, (moved, nonfinite) in zip(positions, counts.tolist(), strict=True):
+                    self.moved[position], self.nonfinite[position] = moved, nonfinite
+            self._pending = []
             updated = sum(self.moved)
             filtered_updated = sum(m for m, f in zip(self.moved, self.filtered, strict=True) if f)
             filtered_numel = sum(n for n, f in zip(self.numels, self.filtered, strict=True) if f)
@@ -782,12 +820,19 @@ def _step_group(
     eager = EagerOps()
     scratch = Scratch()
     scalars_by_step: dict[float, StepScalars] = {}  # the tensors of a group usually share their step
-    views, locals_, backends = [], [], []
+    views: list[LocalView | ShardView] = []
+    locals_: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    backends: list[Ops | None] = []  # None: the batched (Triton) path
+    kernels = None
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         view, tensors = _local_view(param, grad, exp_avg, exp_avg_sq)
         views.append(view)
         locals_.append(tensors)
-        backends.append(_pick_ops(fused, *tensors, eager))
+        if _takes_triton(fused, tensors[0]):
+            kernels = _triton_kernels(*tensors)
+            backends.append(None)
+        else:
+            backends.append(_pick_ops(fused, *tensors, eager))
     # torch operations cannot skip an entry inside a pass: one check of their gradients (one host sync for all of
     # them), then the tensors that have non-finite entries take the masked operations. The kernels check each entry.
     eager_positions = [i for i, ops in enumerate(backends) if ops is eager]
@@ -799,11 +844,12 @@ def _step_group(
     numels = [view.numel for view in views]
     filtered = [fraction is not None and param.dim() >= filter_min_ndim for param in params]
     result = _GroupResult(numels, filtered)
+    entries: list[tuple[int, _batched.Entry]] = []
     for position, (view, (p, g, m, v), ops, step_t, index) in enumerate(
         zip(views, locals_, backends, state_steps, indices, strict=True)
     ):
         step_t += 1
-        step = step_t.item()
+        step = step_t.item()  # a CPU tensor (kept there by load_state_dict too): no device synchronisation
         scalars = scalars_by_step.get(step)
         if scalars is None:
             scalars = scalars_by_step[step] = StepScalars(
@@ -817,15 +863,76 @@ def _step_group(
             )
         numel = view.numel
         k = max(1, math.floor(fraction * numel)) if filtered[position] else numel  # type: ignore[operator]
+        key = sample_key(seed, index, int(step))
+        if ops is None:
+            entries.append((position, _batched.Entry(p, g, m, v, view, k, k >= numel, key, scalars)))
+            continue
         if k >= numel:
             moved, skipped = ops.fused(p, g, m, v, 0.0, True, scalars)
         elif selection == "sampled" and numel > sample_size:
-            key = sample_key(seed, index, int(step))
             tau = sampled_threshold(ops, view, m, g, key, sample_size, fraction, scalars.weight, scratch)  # type: ignore[arg-type]
             moved, skipped = ops.fused(p, g, m, v, tau, False, scalars)
         else:
-            key = sample_key(seed, index, int(step))
             tau, skipped = exact_threshold(ops, view, g, m, v, k, key, scalars, scratch)
             moved = ops.update(p, m, v, tau, False, scalars, g if skipped else None)
         result.moved[position], result.nonfinite[position] = view.local_counts((moved, skipped))
+    if entries:
+        _step_batched(kernels, entries, selection, fraction, sample_size, result)  # type: ignore[arg-type]
     return result
+
+
+def _takes_triton(fused: bool | None, param: Tensor) -> bool:
+    """``fused=True`` on CUDA (and, for the tests, on CPU under Triton's interpreter) takes the Triton kernels."""
+    device = param.device.type
+    return fused is True and (device == "cuda" or (device == "cpu" and _batched.ROUTE_CPU_TENSORS))
+
+
+def _triton_kernels(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> _batched.BatchedKernels:
+    kernels = _batched.load_triton()
+    if kernels is None:
+        raise RuntimeError(
+            f"MoFO(fused=True): the Triton kernels for {param.device.type} parameters are unavailable "
+            f"({_batched.triton_unavailable_reason()}). Install triton (pip install 'lit-mofo[triton]'; torch's "
+            "CUDA wheels for Linux include it), or use fused=None or fused=False for torch operations."
+        )
+    if not _batched.supports(param, grad, exp_avg, exp_avg_sq):
+        raise ValueError(
+            f"MoFO(fused=True): the Triton kernels step contiguous float32, bfloat16 or float16 parameters with "
+            f"float32 moments; got a {param.dtype} parameter of shape {tuple(param.shape)} on {param.device} "
+            f"(contiguous: {param.is_contiguous()}, grad {grad.dtype} on {grad.device}). Use fused=None or "
+            "fused=False for torch operations."
+        )
+    return kernels
+
+
+def _step_batched(
+    kernels: _batched.BatchedKernels,
+    entries: list[tuple[int, _batched.Entry]],
+    selection: str,
+    fraction: float | None,
+    sample_size: int,
+    result: _GroupResult,
+) -> None:
+    """The group's tensors on the batched path: one exact and one one-pass step per batch, counts kept on device."""
+    exact, one_pass = [], []
+    for position, entry in entries:
+        if entry.dense:
+            one_pass.append((position, entry))
+        elif selection == "sampled" and entry.view.numel > sample_size:
+            entry.sample = sample_size
+            one_pass.append((position, entry))
+        else:
+            exact.append((position, _batched.exact_entry(entry)))
+
+    def group_of(entry: _batched.Entry) -> Any:
+        return entry.view.group if isinstance(entry.view, ShardView) else None
+
+    for members, exact_kind in ((exact, True), (one_pass, False)):
+        positions = {id(entry): position for position, entry in members}
+        for batch in _batched.batches([entry for _, entry in members], kernels.block, group_of):
+            if exact_kind:
+                counts = _batched.step_exact(kernels, batch)
+            else:
+                counts = _batched.step_fused(kernels, batch, fraction, sample_size)
+            totals = batch.all_reduce(counts[:, [_batched.C_MOVED, _batched.C_SKIPPED]].contiguous())
+            result.add_pending([positions[id(entry)] for entry in batch.entries], totals)
