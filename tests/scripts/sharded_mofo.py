@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/scripts/sharded_mofo.py OUT_DIR [--port 29533]
+    python tests/scripts/sharded_mofo.py OUT_DIR [--port 29533] [--triton]
 
 Each rank writes ``OUT_DIR/rank{r}.pt`` with, per scenario, the full (gathered) parameters after the steps and
 the optimizer's ``last_step_stats`` of every step. The test repeats each scenario in one process on whole tensors
@@ -19,6 +19,9 @@ Scenarios:
   entries are left out on every rank and in the single process;
 - ``raise``: ``nonfinite="raise"`` with a NaN that only rank 0's shard holds: every rank raises (none enters the
   step's collectives alone) and nothing changes;
+- with ``--triton``, only ``dtensor-*-triton``: the exact (with its repair branches), sampled and non-finite
+  scenarios through the Triton kernels (``fused=True``), run on CPU shards under Triton's interpreter; the test
+  compares them with the single-process C kernels, which compute the same bits;
 - ``fsdp2``: a small MLP sharded with ``torch.distributed.fsdp.fully_shard``, trained on the same batch on both
   ranks (so that the averaged gradient is the single-process one).
 """
@@ -28,7 +31,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import warnings
+
+if __name__ == "__main__" and "--triton" in sys.argv:
+    # Triton chooses interpreted kernels when it is first imported (torch.distributed's imports pull it in).
+    os.environ["TRITON_INTERPRET"] = "1"
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from lit_mofo.optim import _selection
+from lit_mofo.optim import _batched, _selection
 from lit_mofo.optim.mofo import MoFO
 
 STEPS = 3
@@ -54,6 +62,15 @@ PARAMS: list[tuple[tuple[int, ...], str]] = [
     ((120, 150), "R"),
 ]
 FRACTION = 0.15
+
+
+def triton_scenarios() -> dict[str, dict[str, Any]]:
+    """The Triton kernels' sharded scenarios; ``reference`` is the single-process run that gives the same bits."""
+    scenarios: dict[str, dict[str, Any]] = {}
+    for name, scenario in dtensor_scenarios().items():
+        if scenario["fused"] is None:
+            scenarios[f"{name.removesuffix('-fused')}-triton"] = {**scenario, "fused": True, "reference": name}
+    return scenarios
 
 
 def dtensor_scenarios() -> dict[str, dict[str, Any]]:
@@ -191,7 +208,7 @@ def run_fsdp2(mesh: Any | None) -> dict[str, Any]:
     }
 
 
-def worker(rank: int, out_dir: Path, port: int) -> None:
+def worker(rank: int, out_dir: Path, port: int, triton: bool) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -199,9 +216,15 @@ def worker(rank: int, out_dir: Path, port: int) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in dtensor_scenarios().items()}
-        results["fsdp2"] = run_fsdp2(mesh)
-        results["raise"] = run_raise(mesh)
+        if triton:
+            _batched.ROUTE_CPU_TENSORS = True  # CPU shards through the (interpreted) Triton kernels
+            results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in triton_scenarios().items()}
+            kernels = _batched.load_triton()
+            results["launches"] = dict(kernels.launches) if kernels is not None else {}
+        else:
+            results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in dtensor_scenarios().items()}
+            results["fsdp2"] = run_fsdp2(mesh)
+            results["raise"] = run_raise(mesh)
         torch.save({"rank": rank, "results": results}, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -211,8 +234,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--triton", action="store_true", help="the Triton scenarios, under Triton's interpreter")
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.out_dir, args.port), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(worker, args=(args.out_dir, args.port, args.triton), nprocs=WORLD_SIZE, join=True)
 
 
 if __name__ == "__main__":
