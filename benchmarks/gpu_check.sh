@@ -34,6 +34,20 @@ status environment $?
 timeout 240 python -m pytest -q -p no:cacheprovider -rs tests/test_mofo_triton.py -k "not interpreter" \
   --junitxml="$OUT_DIR/tests.xml" > "$OUT_DIR/tests.txt" 2>&1
 status "tests (tests.txt)" $?
+python - "$OUT_DIR/tests.xml" >> "$OUT_DIR/summary.txt" 2>&1 <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+outcome = {"passed": 0, "failed": 0, "skipped": 0}
+cuda = dict(outcome)
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+    kind = "passed" if not kinds else ("skipped" if kinds == ["skipped"] else "failed")
+    outcome[kind] += 1
+    if "cuda" in case.get("name", ""):
+        cuda[kind] += 1
+print(f"  tests: {outcome}; of them on CUDA: {cuda} (all skipped means no GPU was seen)")
+PY
 
 # 2. Host synchronisations per optimizer step (torch's sync debug mode counts them), for 8 and 64 tensors.
 timeout 60 python - > "$OUT_DIR/syncs.txt" 2>&1 <<'PY'
