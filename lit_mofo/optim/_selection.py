@@ -22,7 +22,8 @@ the C kernels: no random generator state to carry, every DDP rank draws the same
 checkpoint (which holds the seed and each tensor's step) draws what the uninterrupted run would have.
 
 Both algorithms run on a backend (:class:`EagerOps`, torch operations on any device, or the fused CPU kernels of
-:mod:`lit_mofo.optim._fused`) and on a view of the tensor (:class:`LocalView` for whole tensors,
+:mod:`lit_mofo.optim._fused`; :mod:`lit_mofo.optim._batched` runs them over many tensors at once with the thresholds
+on the device, for the Triton kernels) and on a view of the tensor (:class:`LocalView` for whole tensors,
 :class:`ShardView` for a DTensor sharded over a 1-D device mesh, where the sample, the counts and the candidates
 are combined across ranks so that every rank gets the global tensor's threshold).
 """
