@@ -18,7 +18,9 @@ threads is descheduled. The methods:
 - ``adamw_forloop`` / ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW`` with each implementation flag;
 - ``mofo_reference_topk``: MoFO as the paper's reference code computes it, one ``torch.topk`` per tensor per step;
 - ``mofo_{exact,sampled}_{fused,eager}``: ``lit_mofo.MoFO`` with ``selection=...`` and ``fused=None`` (the fused
-  CPU kernels where they apply) or ``fused=False`` (torch operations only).
+  CPU kernels where they apply) or ``fused=False`` (torch operations only);
+- on CUDA, ``mofo_{exact,sampled}_triton`` (``fused=True``: the Triton kernels) instead of ``_fused``; the first
+  step of each (Triton's compilation) is reported separately and never timed.
 
 To keep the memory of eight optimizers within a laptop's, the optimizers share two moment tensors per parameter
 and dtype (a timing does not depend on whose moments it updates); the memory columns are measured per method
@@ -122,6 +124,7 @@ class Method:
     fused_step_tensor: bool = False
     slow: bool = False  # sits out the rounds after --slow-steps measured ones
     times: list[float] = field(default_factory=list)
+    first: float | None = None  # the first step (allocation, compilation), never in the timings
     path: str = ""
     state_bytes: int = 0
     transient_bytes: int | None = None
@@ -144,8 +147,9 @@ def make_methods(device: torch.device) -> list[Method]:
     if fused_adamw:
         methods.append(Method("adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), same_dtype, True))
     methods.append(Method("mofo_reference_topk", lambda ps: ReferenceTopkMoFO(ps, LR, FRACTION), same_dtype, slow=True))
+    kernels = (True, "triton") if device.type == "cuda" else (None, "fused")
     for selection in ("exact", "sampled"):
-        for fused, label in ((None, "fused"), (False, "eager")):
+        for fused, label in (kernels, (False, "eager")):
             methods.append(
                 Method(
                     f"mofo_{selection}_{label}",
@@ -162,6 +166,8 @@ def describe_path(method: Method, params: list[Tensor], device: torch.device) ->
         return "torch"
     if method.name.endswith("_eager"):
         return "torch ops"
+    if method.name.endswith("_triton"):
+        return "Triton kernels"
     kernels = _fused.load()
     if kernels is None:
         return f"torch ops ({_fused.unavailable_reason()})"
@@ -306,6 +312,8 @@ def run_config(
             start = time.perf_counter()
             optimizers[method.name].step()
             synchronize(device)
+            if r == 0:
+                method.first = time.perf_counter() - start
             if r >= warmup:
                 method.times.append(time.perf_counter() - start)
     del optimizers, moments
@@ -331,9 +339,12 @@ def format_table(result: Result) -> list[str]:
     reference = statistics.median(by_name["mofo_reference_topk"].times)
     adamw_state = by_name["adamw_fused"].state_bytes if "adamw_fused" in by_name else None
     mib = 2**20
+    firsts = ", ".join(f"{m.name} {m.first:.1f} s" for m in result.methods if m.name.endswith("_triton") and m.first)
     lines = [
         f"**{result.shapes}**, {result.dtype} parameters ({result.tensors} tensors, {result.numel / 1e6:.1f}M "
-        f"entries), median of {result.rounds} interleaved steps:",
+        f"entries), median of {result.rounds} interleaved steps"
+        + (f" (first step, with Triton's compilation: {firsts})" if firsts else "")
+        + ":",
         "",
         "| method | path | step (ms) | x fused AdamW | speed-up over topk MoFO | state (MiB) | state vs AdamW (MiB) "
         "| transient peak (MiB) |",

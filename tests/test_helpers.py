@@ -94,10 +94,56 @@ def test_param_groups_feed_mofo_with_names():
 
 
 def test_param_groups_reject_empty_selection_and_bad_regex():
-    with pytest.raises(ValueError, match=r"no parameter of LlamaForCausalLM was selected.*widen `include`"):
+    with (
+        pytest.warns(UserWarning, match=r"include entries \['does-not-exist'\] match no parameter"),
+        pytest.raises(ValueError, match=r"no parameter of LlamaForCausalLM was selected.*widen `include`"),
+    ):
         mofo_param_groups(tiny_llama(), include=("does-not-exist",))
-    with pytest.raises(ValueError, match=r"exclude entry '\(' is not a valid regular expression"):
+    with pytest.raises(ValueError, match=r"exclude=\('\(',\) is invalid.*Entry '\(' is not a valid regular expression"):
         mofo_param_groups(tiny_llama(), exclude=("(",))
+
+
+@pytest.mark.parametrize("argument", ["dense", "no_decay", "include", "exclude"])
+def test_a_single_string_is_one_pattern_not_its_characters(argument):
+    groups = mofo_param_groups(tiny_llama(), **{argument: "lm_head"})
+    names = [n for g in groups for n, _ in g["params"]]
+    if argument == "include":
+        assert names == ["lm_head.weight"]
+    elif argument == "exclude":
+        assert "lm_head.weight" not in names and len(names) == len(list(tiny_llama().parameters())) - 1
+    else:
+        key, value = ("fraction", None) if argument == "dense" else ("weight_decay", 0.0)
+        overridden = [n for g in groups if g.get(key, "unset") == value for n, _ in g["params"]]
+        assert overridden == ["lm_head.weight"], "one pattern: only lm_head, not every name containing an 'l'"
+
+
+def test_patterns_that_match_no_parameter_are_warned_with_the_near_category():
+    typo = r"dense entries \['embeddings'\] match no parameter.*did you mean 'embedding'"
+    with pytest.warns(UserWarning, match=typo):
+        groups = mofo_param_groups(tiny_llama(), dense=("embeddings",))
+    assert not any("fraction" in g for g in groups)
+    with pytest.warns(UserWarning, match=r"no_decay entries \['bias'\] match no parameter"):
+        mofo_param_groups(tiny_llama(), no_decay=("bias", "norm"))  # Llama has no biases: said when asked for
+
+
+def test_the_default_no_decay_categories_are_not_warned_about_on_a_model_without_biases(recwarn):
+    mofo_param_groups(tiny_llama())
+    assert not [w for w in recwarn if "match no parameter" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"dense": 3}, ValueError, r"dense=3 is invalid; the valid range is a bias / norm / embedding / weight"),
+        ({"include": ["lm_head", 1]}, ValueError, r"include=\['lm_head', 1\] is invalid.*Entry 1 is not a string"),
+        ({"trainable_only": "yes"}, ValueError, r"trainable_only='yes' is invalid; the valid range is True or False"),
+    ],
+)
+def test_param_groups_reject_bad_arguments_naming_them(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        mofo_param_groups(tiny_llama(), **kwargs)
+    with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
+        mofo_param_groups([torch.zeros(2)])
 
 
 def lrs(scheduler_config, optimizer, steps):
@@ -125,10 +171,15 @@ def test_warmup_scheduler_is_per_step_with_ceil_warmup_then_the_schedule(schedul
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"schedule": "step"}, r"schedule='step' is not supported"),
-        ({"warmup_ratio": 1.0}, r"warmup_ratio=1\.0 is outside \[0, 1\)"),
-        ({"num_training_steps": float("inf")}, r"num_training_steps=inf must be a finite int >= 1.*max_steps"),
-        ({"num_training_steps": 0}, r"num_training_steps=0"),
+        ({"schedule": "step"}, r"schedule='step' is invalid; the valid range is one of \('cosine', 'linear'"),
+        ({"schedule": None}, r"schedule=None is invalid"),
+        ({"warmup_ratio": 1.0}, r"warmup_ratio=1\.0 is invalid; the valid range is \[0, 1\)"),
+        ({"warmup_ratio": "0.03"}, r"warmup_ratio='0\.03' is invalid"),
+        ({"warmup_ratio": math.nan}, r"warmup_ratio=nan is invalid"),
+        ({"num_training_steps": float("inf")}, r"num_training_steps=inf is invalid; .*integer >= 1.*max_steps"),
+        ({"num_training_steps": 0}, r"num_training_steps=0 is invalid"),
+        ({"num_training_steps": 2.5}, r"num_training_steps=2\.5 is invalid; the valid range is an integer >= 1"),
+        ({"num_training_steps": "100"}, r"num_training_steps='100' is invalid"),
     ],
 )
 def test_warmup_scheduler_rejects_bad_input(kwargs, message):
@@ -154,6 +205,35 @@ def test_configure_optimizers_helper_has_the_paper_defaults():
     assert optimizer.param_groups[0]["lr"] == 0.0  # warmup starts at zero: ceil(0.03 * 1000) = 30 steps
     values = lrs(config["lr_scheduler"], optimizer, 31)
     assert values[30] == pytest.approx(2e-5)
+
+
+def test_warmup_scheduler_rejects_something_that_is_not_an_optimizer():
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        warmup_lr_scheduler([torch.zeros(2)], 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr": "2e-5"}, ValueError, r"mofo_configure_optimizers\(\): lr='2e-5' is invalid; .*>= 0"),
+        ({"fraction": 2}, ValueError, r"fraction=2 is invalid; the valid range is \(0, 1\]"),
+        ({"betas": 0.9}, ValueError, r"betas=0\.9 is invalid; the valid range is two numbers"),
+        ({"warmup_ratio": -0.1}, ValueError, r"mofo_configure_optimizers\(\): warmup_ratio=-0\.1 is invalid"),
+        ({"num_training_steps": 2.5}, ValueError, r"num_training_steps=2\.5 is invalid"),
+        ({"schedule": "cos"}, ValueError, r"schedule='cos' is invalid"),
+        ({"dense": "lm_head", "no_decay": ("(",)}, ValueError, r"no_decay=.*Entry '\(' is not a valid regular"),
+        ({"denes": ("lm_head",)}, TypeError, r"unexpected keyword arguments \['denes'\].*'dense'"),
+    ],
+)
+def test_configure_optimizers_helper_checks_every_argument_before_building_anything(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        mofo_configure_optimizers(Wrapper(), **{"num_training_steps": 100, **kwargs})
+
+
+def test_configure_optimizers_helper_passes_a_single_string_pattern_as_one_pattern():
+    config = mofo_configure_optimizers(Wrapper(), num_training_steps=100, dense="lm_head")
+    dense = [n for g in config["optimizer"].param_groups if g["fraction"] is None for n in g["param_names"]]
+    assert dense == ["model.lm_head.weight"]
 
 
 def test_configure_optimizers_helper_without_trainer_asks_for_num_training_steps():

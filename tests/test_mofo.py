@@ -354,6 +354,49 @@ def test_bad_hyperparameters_raise_value_error_naming_value_and_range(kwargs, me
         MoFO([torch.zeros(2, 2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": "1e-3"}, r"MoFO\(\): lr='1e-3' is invalid; the valid range is a number >= 0\. .*2e-5"),
+        ({"lr": math.inf}, r"lr=inf is invalid; the valid range is a number >= 0, finite"),
+        ({"lr": math.nan}, r"lr=nan is invalid"),
+        ({"lr": torch.tensor(1e-3)}, r"lr=tensor\(0\.0010\) is invalid"),
+        ({"fraction": "0.15"}, r"fraction='0\.15' is invalid; the valid range is \(0, 1\]\. .*None for the dense"),
+        ({"fraction": True}, r"fraction=True is invalid"),
+        ({"eps": None}, r"eps=None is invalid; the valid range is a number >= 0\. The usual value is 1e-8"),
+        ({"weight_decay": math.inf}, r"weight_decay=inf is invalid; .*finite"),
+        ({"betas": 0.9}, r"betas=0\.9 is invalid; the valid range is two numbers \(beta1, beta2\), each in \[0, 1\)"),
+        ({"betas": ("0.9", 0.999)}, r"betas=\('0\.9', 0\.999\) is invalid"),
+        ({"betas": (0.9, 0.99, 0.9)}, r"betas=\(0\.9, 0\.99, 0\.9\) is invalid"),
+        ({"filter_min_ndim": 2.0}, r"filter_min_ndim=2\.0 is invalid; the valid range is an integer >= 0"),
+        ({"sample_size": 2048.0}, r"sample_size=2048\.0 is invalid; the valid range is an integer >= 1024"),
+        ({"seed": True}, r"seed=True is invalid"),
+        ({"fused": 1}, r"fused=1 is invalid; the valid range is None, True or False"),
+        ({"selection": None}, r"selection=None is invalid"),
+    ],
+)
+def test_wrongly_typed_or_non_finite_hyperparameters_raise_value_error_naming_value_range_and_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoFO([torch.zeros(2, 2, requires_grad=True)], **kwargs)
+
+
+def test_group_overrides_are_checked_like_the_defaults_also_when_added_later():
+    optimizer = MoFO([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"MoFO param group 1: lr='fast' is invalid"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": "fast"})
+    with pytest.raises(ValueError, match=r"MoFO param group 1: nonfinite='ignore' is invalid"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "nonfinite": "ignore"})
+    assert len(optimizer.param_groups) == 1, "a rejected group must not stay in the optimizer"
+
+
+def test_hyperparameter_check_validates_a_partial_config_as_the_cli_does():
+    from lit_mofo.optim.mofo import _validate_hyperparameters
+
+    _validate_hyperparameters({"lr": 2e-5, "fraction": 0.15}, where="optimizer.init_args")
+    with pytest.raises(ValueError, match=r"optimizer\.init_args: fraction='abc' is invalid"):
+        _validate_hyperparameters({"fraction": "abc"}, where="optimizer.init_args")
+
+
 def test_bad_group_override_is_rejected_with_the_group_index():
     with pytest.raises(ValueError, match=r"param group 1: fraction=2\.0"):
         MoFO(

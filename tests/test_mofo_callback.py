@@ -188,7 +188,7 @@ def fit(module: pl.LightningModule, root: Path, callbacks: list[pl.Callback], **
         ({"fraction": 0.0}, r"fraction=0.0 is invalid; the valid range is \(0, 1\]"),
         ({"fraction": 1.5}, r"fraction=1.5 is invalid"),
         ({"fraction": True}, r"fraction=True is invalid"),
-        ({"filter_min_ndim": -1}, r"filter_min_ndim=-1 is invalid; the valid range is an int >= 0"),
+        ({"filter_min_ndim": -1}, r"filter_min_ndim=-1 is invalid; the valid range is an integer >= 0"),
         (
             {"dense": ["lm_head", "(unclosed"]},
             r"dense=\['lm_head', '\(unclosed'\] is invalid.*Entry '\(unclosed' is not a valid regular expression",
@@ -222,7 +222,7 @@ def test_mofo_options_reach_mofo_only_when_given() -> None:
     ("kwargs", "message"),
     [
         ({"selection": "topk"}, r"selection='topk' is invalid; the valid range is one of \('exact', 'sampled'\)"),
-        ({"sample_size": 10}, r"sample_size=10 is invalid; the valid range is an int >= 1024"),
+        ({"sample_size": 10}, r"sample_size=10 is invalid; the valid range is an integer >= 1024"),
     ],
 )
 def test_bad_mofo_options_are_refused_by_mofos_own_validation(kwargs: dict, message: str) -> None:

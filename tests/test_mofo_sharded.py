@@ -6,6 +6,7 @@ references are computed here with the same functions on whole tensors.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lit_mofo.optim import _fused
 from lit_mofo.optim.mofo import MoFO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out_dir = tmp_path_factory.mktemp("sharded")
+def launch(out_dir: Path, *extra: str) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if sys.platform == "linux":  # no network: keep gloo on the loopback interface
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(SCRIPT), str(out_dir), "--port", str(free_port())]
+    command = [sys.executable, str(SCRIPT), str(out_dir), "--port", str(free_port()), *extra]
     with subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     ) as process:
@@ -52,6 +52,16 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
             pytest.fail(f"the sharded script did not finish in 600 s:\n{stderr[-3000:]}")
     assert process.returncode == 0, stderr[-3000:]
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch(tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.fixture(scope="module")
+def triton_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch(tmp_path_factory.mktemp("sharded_triton"), "--triton")
 
 
 def assert_identical(sharded: dict[str, Any], reference: dict[str, Any], label: str) -> None:
@@ -70,6 +80,20 @@ def test_sharded_dtensor_parameters_step_bit_identically_to_whole_tensors(ranks,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (the dev extra)")
+@pytest.mark.skipif(_fused.load() is None, reason="the reference is the C kernels")
+def test_sharded_dtensors_through_the_triton_kernels_give_the_single_process_c_kernels_bits(triton_ranks):
+    # Run on CPU shards under Triton's interpreter; the kernels compute exactly what the C kernels compute.
+    scenarios = sharded_mofo.triton_scenarios()
+    for name, config in scenarios.items():
+        reference = sharded_mofo.run_dtensor_scenario(sharded_mofo.dtensor_scenarios()[config["reference"]], mesh=None)
+        for rank in triton_ranks:
+            assert_identical(rank["results"][name], reference, f"{name}, rank {rank['rank']}")
+    for rank in triton_ranks:
+        assert rank["results"]["launches"].get("moments_bracket", 0) > 0, "the Triton kernels did not run"
+
+
+@pytest.mark.slow
 def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(ranks):
     reference = sharded_mofo.run_fsdp2(mesh=None)
     for rank in ranks:
@@ -79,6 +103,14 @@ def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(
     filtered = [sum(g["filtered_updated"] for g in step) / sum(g["filtered_numel"] for g in step) for step in
                 reference["stats"]]  # fmt: skip
     assert all(abs(f - sharded_mofo.FRACTION) < 0.01 for f in filtered)
+
+
+@pytest.mark.slow
+def test_nonfinite_raise_stops_every_rank_when_one_shard_holds_the_nan(ranks):
+    for rank in ranks:
+        result = rank["results"]["raise"]
+        assert "has 1 non-finite entries" in result["error"], (rank["rank"], result)
+        assert result["unchanged"] and result["state"] == 0
 
 
 def run_script(script: Path, out_dir: Path, *extra: str, timeout: float = 600) -> None:

@@ -14,7 +14,9 @@ rounded to float32 first), compiled with ``-ffp-contract=off`` so that the compi
 The moments then match torch's bit for bit; the step may differ in the last bit where torch's vectorised ``sqrt``
 (SLEEF, 0.5 ulp) is not correctly rounded and the C one is. Parameters may be float32, bfloat16 or float16
 (rounded to nearest-even once per step); the moments are always float32. Multi-threading uses OpenMP with
-``torch.get_num_threads()`` threads, linked to the OpenMP runtime torch itself has loaded.
+``torch.get_num_threads()`` threads, linked to the OpenMP runtime torch itself has loaded. Every pass that reads the
+gradient tests each entry: one that is NaN or infinite keeps its moments and its weight and counts as ``|m| = 0``
+in the selection (``MoFO(nonfinite="skip")``), at no extra pass over memory.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ __all__ = ["CpuKernels", "load", "load_seconds", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 
 _SOURCE = r"""
 #include <math.h>
@@ -52,7 +54,7 @@ _SOURCE = r"""
 #include <omp.h>
 #endif
 
-#define ABI_VERSION 7
+#define ABI_VERSION 8
 #define PAR_MIN 65536
 #define MAX_CHUNKS 256
 
@@ -108,11 +110,18 @@ static inline int64_t chunk_begin(int64_t n, int64_t chunks, int64_t t) {
     return (n / chunks) * t + (t < n % chunks ? t : n % chunks);
 }
 
+/* A gradient entry MoFO steps with (nonfinite="skip" leaves the others out: moments and weight unchanged). */
+static inline int finite_f(float x) { return fabsf(x) < INFINITY; }
+
 /* torch's lerp_ (vectorised path): weight < 0.5 ? m + w (g - m) : g - (1 - w)(g - m), as one fma. */
 static inline float lerp_w(float m, float g, float w) {
     float d = g - m;
     return fabsf(w) < 0.5f ? fmaf(w, d, m) : fmaf(w - 1.0f, d, g);
 }
+
+/* One sample entry: |m_t| as the moment update will compute it, or 0 where the gradient is non-finite (such an
+   entry is left out of the step and counts as 0 in the selection on every backend). */
+static inline float sample_value(float m, float g, float w) { return finite_f(g) ? fabsf(lerp_w(m, g, w)) : 0.0f; }
 
 /* exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2); torch's vectorised addcmul is compiled to an fma */
 static inline float second_moment(float v, float g, float b2, float omb2) {
@@ -203,41 +212,19 @@ static inline int in_range(float a, float lo, float hi, int mode) {
     return above & below;
 }
 
-/* Writes every |m[i]| in range to out (which must hold them all) in index order; returns how many. */
-int64_t mofo_collect(const float* restrict m, int64_t n, float lo, float hi, int mode, float* restrict out,
-                     int64_t threads) {
-    int64_t chunks = num_chunks(n, threads);
-    int64_t counts[MAX_CHUNKS + 1];
-    counts[0] = 0;
-#pragma omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)
-    for (int64_t t = 0; t < chunks; ++t) {
-        int64_t c = 0;
-        for (int64_t i = chunk_begin(n, chunks, t); i < chunk_begin(n, chunks, t + 1); ++i)
-            c += in_range(fabsf(m[i]), lo, hi, mode);
-        counts[t + 1] = c;
-    }
-    for (int64_t t = 0; t < chunks; ++t) counts[t + 1] += counts[t];
-#pragma omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)
-    for (int64_t t = 0; t < chunks; ++t) {
-        int64_t c = counts[t];
-        for (int64_t i = chunk_begin(n, chunks, t); i < chunk_begin(n, chunks, t + 1); ++i) {
-            float a = fabsf(m[i]);
-            if (in_range(a, lo, hi, mode)) out[c++] = a;
-        }
-    }
-    return counts[chunks];
-}
-
 /* ---- exact selection's pass 1 over one chunk: moments, counts and candidates ----------------------------------
    counts[0]: |m_t| NaN, [1]: above hi, [2]: in [lo, hi], [3]: candidates stored in mine (at most cap). */
 
 #define BRACKET_SCALAR(LOAD, PT)                                                                                   \
     {                                                                                                             \
         float gf = LOAD(g[i]);                                                                                    \
+        int fin = finite_f(gf);                                                                                   \
         float mi = lerp_w(m[i], gf, w);                                                                           \
-        v[i] = second_moment(v[i], gf, b2, omb2);                                                                 \
-        m[i] = mi;                                                                                                \
-        float a = fabsf(mi);                                                                                      \
+        float vi = second_moment(v[i], gf, b2, omb2);                                                             \
+        m[i] = fin ? mi : m[i];                                                                                   \
+        v[i] = fin ? vi : v[i];                                                                                   \
+        float a = fin ? fabsf(mi) : 0.0f;                                                                         \
+        c_skip += !fin;                                                                                           \
         c_nan += a != a;                                                                                          \
         c_gt += a > hi;                                                                                           \
         if ((a >= lo) & (a <= hi)) {                                                                              \
@@ -265,14 +252,19 @@ static inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm2
         const __m512 vw = _mm512_set1_ps(small ? w : w - 1.0f), vb2 = _mm512_set1_ps(b2);                         \
         const __m512 vomb2 = _mm512_set1_ps(omb2), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);            \
         const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);                                                    \
-        int64_t c_nan = 0, c_gt = 0, c_in = 0, stored = 0, i = begin;                                             \
+        const __m512 vinf = _mm512_set1_ps(INFINITY);                                                             \
+        int64_t c_nan = 0, c_gt = 0, c_in = 0, c_skip = 0, stored = 0, i = begin;                                 \
         for (; i + 16 <= end; i += 16) {                                                                          \
             __m512 gv = load16_##SUF(g + i), mv = _mm512_loadu_ps(m + i), vv = _mm512_loadu_ps(v + i);            \
+            __m512 ga = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(gv), absmask));                  \
+            __mmask16 fin = _mm512_cmp_ps_mask(ga, vinf, _CMP_LT_OQ);                                             \
             __m512 mi = _mm512_fmadd_ps(vw, _mm512_sub_ps(gv, mv), small ? mv : gv);                              \
             __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(vomb2, gv), gv, _mm512_mul_ps(vv, vb2));                    \
-            _mm512_storeu_ps(m + i, mi);                                                                          \
-            _mm512_storeu_ps(v + i, vi);                                                                          \
-            __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(mi), absmask));                   \
+            _mm512_mask_storeu_ps(m + i, fin, mi);                                                                \
+            _mm512_mask_storeu_ps(v + i, fin, vi);                                                                \
+            c_skip += 16 - __builtin_popcount((unsigned)fin);                                                     \
+            __m512 a = _mm512_maskz_mov_ps(fin, _mm512_castsi512_ps(                                              \
+                                                    _mm512_and_si512(_mm512_castps_si512(mi), absmask)));         \
             c_nan += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q));                        \
             c_gt += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(a, vhi, _CMP_GT_OQ));                         \
             __mmask16 in = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);       \
@@ -295,18 +287,20 @@ static inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm2
         counts[1] = c_gt;                                                                                         \
         counts[2] = c_in;                                                                                         \
         counts[3] = stored;                                                                                       \
+        counts[4] = c_skip;                                                                                       \
     }
 #else
 #define DEFINE_BRACKET_CHUNK(SUF, PT, LOAD)                                                                        \
     static void bracket_chunk_##SUF(float* restrict m, float* restrict v, const PT* restrict g, int64_t begin,     \
                                     int64_t end, float w, float b2, float omb2, float lo, float hi,               \
                                     float* restrict mine, int64_t cap, int64_t* restrict counts) {                \
-        int64_t c_nan = 0, c_gt = 0, c_in = 0, stored = 0;                                                        \
+        int64_t c_nan = 0, c_gt = 0, c_in = 0, c_skip = 0, stored = 0;                                            \
         for (int64_t i = begin; i < end; ++i) BRACKET_SCALAR(LOAD, PT)                                            \
         counts[0] = c_nan;                                                                                        \
         counts[1] = c_gt;                                                                                         \
         counts[2] = c_in;                                                                                         \
         counts[3] = stored;                                                                                       \
+        counts[4] = c_skip;                                                                                       \
     }
 #endif
 
@@ -315,6 +309,9 @@ DEFINE_BRACKET_CHUNK(bf16, uint16_t, load_bf16)
 #if defined(__FLT16_MAX__)
 DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
 #endif
+
+/* |m[i]| as the selection sees it: 0 where a gradient is given and non-finite, as in the bracket pass. */
+#define MAGNITUDE(m, g, i, LOAD) ((g) != NULL && !finite_f(LOAD((g)[i])) ? 0.0f : fabsf((m)[i]))
 
 /* ---- per parameter dtype ---------------------------------------------------------------------------------- */
 
@@ -343,7 +340,7 @@ DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
                 }                                                                                                 \
                 for (int64_t t = 0; t < len; ++t) {                                                               \
                     int64_t i = idx[cur][t];                                                                      \
-                    out[j0 + t] = fabsf(lerp_w(m[i], LOAD(g[i]), w));                                             \
+                    out[j0 + t] = sample_value(m[i], LOAD(g[i]), w);                                              \
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
@@ -353,68 +350,111 @@ DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
                               int64_t s, float w, float* restrict out) {                                          \
         for (int64_t j = 0; j < s; ++j) {                                                                         \
             int64_t i = idx[j];                                                                                   \
-            out[j] = i < 0 ? 0.0f : fabsf(lerp_w(m[i], LOAD(g[i]), w));                                           \
+            out[j] = i < 0 ? 0.0f : sample_value(m[i], LOAD(g[i]), w);                                            \
         }                                                                                                         \
     }                                                                                                             \
-    /* Exact selection, pass 1: both moments on every entry; counts of |m_t| that are NaN (out[0]), above hi     \
-       (out[1]) and in [lo, hi] (out[2]); the in-bracket values themselves into cand (out[3] of them: fewer       \
-       than out[2] when cand's capacity ran out). */                                                              \
+    /* Exact selection, pass 1: both moments on every entry with a finite gradient; counts of |m_t| that are NaN \
+       (out[0]), above hi (out[1]) and in [lo, hi] (out[2]), an entry with a non-finite gradient counting as 0;    \
+       the in-bracket values themselves into cand (out[3] of them: fewer than out[2] when cand's capacity ran     \
+       out); out[4]: the entries with a non-finite gradient, whose moments were left unchanged. */                \
     void mofo_moments_bracket_##SUF(float* restrict m, float* restrict v, const PT* restrict g, int64_t n,       \
                                     float w, float b2, float omb2, float lo, float hi, float* restrict cand,        \
                                     int64_t cap, int64_t threads, int64_t* restrict out) {                       \
         int64_t chunks = num_chunks(n, threads);                                                                  \
         int64_t cap_t = cap / chunks;                                                                             \
-        int64_t counts[MAX_CHUNKS][4];                                                                            \
+        int64_t counts[MAX_CHUNKS][5];                                                                            \
         _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                      \
         for (int64_t t = 0; t < chunks; ++t)                                                                      \
             bracket_chunk_##SUF(m, v, g, chunk_begin(n, chunks, t), chunk_begin(n, chunks, t + 1), w, b2, omb2,   \
                                 lo, hi, cand + t * cap_t, cap_t, counts[t]);                                      \
-        int64_t total[4] = {0, 0, 0, 0};                                                                          \
+        int64_t total[5] = {0, 0, 0, 0, 0};                                                                          \
         for (int64_t t = 0; t < chunks; ++t) {                                                                    \
             if (t > 0 && counts[t][3] > 0)                                                                        \
                 memmove(cand + total[3], cand + t * cap_t, (size_t)counts[t][3] * sizeof(float));                 \
-            for (int q = 0; q < 4; ++q) total[q] += counts[t][q];                                                 \
+            for (int q = 0; q < 5; ++q) total[q] += counts[t][q];                                                 \
         }                                                                                                         \
-        for (int q = 0; q < 4; ++q) out[q] = total[q];                                                            \
+        for (int q = 0; q < 5; ++q) out[q] = total[q];                                                            \
     }                                                                                                             \
-    /* Pass 2 (and the dense step): the AdamW step on the entries with |m| >= tau (every entry if dense); the   \
-       others are written back unchanged. Returns how many moved. */                                              \
-    int64_t mofo_update_##SUF(PT* restrict p, const float* restrict m, const float* restrict v, int64_t n,        \
-                              float tau, int dense, int has_wd, float decay, float nss, float bc2, float eps,     \
-                              int64_t threads) {                                                                  \
+    /* Pass 2 (and the dense step): the AdamW step on the entries with |m| >= tau (every entry if dense) and,    \
+       when g is given, a finite gradient; the others are left unwritten. Returns how many moved. */              \
+    int64_t mofo_update_##SUF(PT* restrict p, const float* restrict m, const float* restrict v,                   \
+                              const PT* restrict g, int64_t n, float tau, int dense, int has_wd, float decay,     \
+                              float nss, float bc2, float eps, int64_t threads) {                                 \
         int64_t chunks = num_chunks(n, threads);                                                                  \
         int64_t moved = 0;                                                                                        \
-        _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved) if (chunks > 1)")    \
-        for (int64_t i = 0; i < n; ++i) {                                                                         \
-            float mi = m[i];                                                                                      \
-            int sel = dense | (fabsf(mi) >= tau);                                                                 \
-            PT old = p[i];                                                                                        \
-            PT upd = STORE(adam_step(LOAD(old), mi, v[i], has_wd, decay, nss, bc2, eps));                         \
-            p[i] = sel ? upd : old;                                                                               \
-            moved += sel;                                                                                         \
+        if (g == NULL) {                                                                                          \
+            _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved) if (chunks > 1)") \
+            for (int64_t i = 0; i < n; ++i) {                                                                     \
+                float mi = m[i];                                                                                  \
+                int sel = dense | (fabsf(mi) >= tau);                                                             \
+                PT old = p[i];                                                                                    \
+                PT upd = STORE(adam_step(LOAD(old), mi, v[i], has_wd, decay, nss, bc2, eps));                     \
+                p[i] = sel ? upd : old;                                                                           \
+                moved += sel;                                                                                     \
+            }                                                                                                     \
+        } else {                                                                                                  \
+            _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved) if (chunks > 1)") \
+            for (int64_t i = 0; i < n; ++i) {                                                                     \
+                float mi = m[i];                                                                                  \
+                int sel = (dense | (fabsf(mi) >= tau)) & finite_f(LOAD(g[i]));                                   \
+                PT old = p[i];                                                                                    \
+                PT upd = STORE(adam_step(LOAD(old), mi, v[i], has_wd, decay, nss, bc2, eps));                     \
+                p[i] = sel ? upd : old;                                                                           \
+                moved += sel;                                                                                     \
+            }                                                                                                     \
         }                                                                                                         \
         return moved;                                                                                             \
     }                                                                                                             \
-    /* One pass for a threshold known in advance (sampled selection, dense step): moments, comparison, step. */  \
+    /* One pass for a threshold known in advance (sampled selection, dense step): moments, comparison, step;      \
+       entries with a non-finite gradient keep moments and weight (counted in *skipped). Returns how many moved. */\
     int64_t mofo_fused_##SUF(PT* restrict p, const PT* restrict g, float* restrict m, float* restrict v,          \
                              int64_t n, float w, float b2, float omb2, float tau, int dense, int has_wd,          \
-                             float decay, float nss, float bc2, float eps, int64_t threads) {                     \
+                             float decay, float nss, float bc2, float eps, int64_t threads,                       \
+                             int64_t* restrict skipped) {                                                         \
         int64_t chunks = num_chunks(n, threads);                                                                  \
-        int64_t moved = 0;                                                                                        \
-        _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved) if (chunks > 1)")    \
+        int64_t moved = 0, skip = 0;                                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved, skip) if (chunks > 1)")\
         for (int64_t i = 0; i < n; ++i) {                                                                         \
             float gf = LOAD(g[i]);                                                                                \
+            int fin = finite_f(gf);                                                                               \
             float mi = lerp_w(m[i], gf, w);                                                                       \
             float vi = second_moment(v[i], gf, b2, omb2);                                                         \
-            m[i] = mi;                                                                                            \
-            v[i] = vi;                                                                                            \
-            int sel = dense | (fabsf(mi) >= tau);                                                                 \
+            m[i] = fin ? mi : m[i];                                                                               \
+            v[i] = fin ? vi : v[i];                                                                               \
+            int sel = fin & (dense | (fabsf(mi) >= tau));                                                         \
             PT old = p[i];                                                                                        \
             PT upd = STORE(adam_step(LOAD(old), mi, vi, has_wd, decay, nss, bc2, eps));                           \
             p[i] = sel ? upd : old;                                                                               \
             moved += sel;                                                                                         \
+            skip += !fin;                                                                                         \
         }                                                                                                         \
+        *skipped = skip;                                                                                          \
         return moved;                                                                                             \
+    }                                                                                                             \
+    /* Writes every |m[i]| in range to out (which must hold them all) in index order; returns how many. When g is  \
+       given, an entry with a non-finite gradient counts as 0, as in the bracket pass. */                         \
+    int64_t mofo_collect_##SUF(const float* restrict m, const PT* restrict g, int64_t n, float lo, float hi,      \
+                               int mode, float* restrict out, int64_t threads) {                                  \
+        int64_t chunks = num_chunks(n, threads);                                                                  \
+        int64_t counts[MAX_CHUNKS + 1];                                                                           \
+        counts[0] = 0;                                                                                            \
+        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                      \
+        for (int64_t t = 0; t < chunks; ++t) {                                                                    \
+            int64_t c = 0;                                                                                        \
+            for (int64_t i = chunk_begin(n, chunks, t); i < chunk_begin(n, chunks, t + 1); ++i)                   \
+                c += in_range(MAGNITUDE(m, g, i, LOAD), lo, hi, mode);                                                \
+            counts[t + 1] = c;                                                                                    \
+        }                                                                                                         \
+        for (int64_t t = 0; t < chunks; ++t) counts[t + 1] += counts[t];                                          \
+        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                      \
+        for (int64_t t = 0; t < chunks; ++t) {                                                                    \
+            int64_t c = counts[t];                                                                                \
+            for (int64_t i = chunk_begin(n, chunks, t); i < chunk_begin(n, chunks, t + 1); ++i) {                 \
+                float a = MAGNITUDE(m, g, i, LOAD);                                                                   \
+                if (in_range(a, lo, hi, mode)) out[c++] = a;                                                      \
+            }                                                                                                     \
+        }                                                                                                         \
+        return counts[chunks];                                                                                    \
     }
 
 DEFINE_KERNELS(f32, float, load_f32, store_f32)
@@ -586,8 +626,6 @@ class CpuKernels:
         lib.mofo_nan_to_inf.restype = None
         lib.mofo_select.argtypes = [_PTR, _I64, _I64]
         lib.mofo_select.restype = _F32
-        lib.mofo_collect.argtypes = [_PTR, _I64, _F32, _F32, _INT, _PTR, _I64]
-        lib.mofo_collect.restype = _I64
         self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         signatures = {
             "sample_hashed": ([_PTR, _PTR, _I64, ctypes.c_uint64, _I64, _F32, _PTR, _I64], None),
@@ -596,11 +634,12 @@ class CpuKernels:
                 [_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _F32, _F32, _PTR, _I64, _I64, _PTR],
                 None,
             ),
-            "update": ([_PTR, _PTR, _PTR, _I64, _F32, _INT, _INT, _F32, _F32, _F32, _F32, _I64], _I64),
+            "update": ([_PTR, _PTR, _PTR, _PTR, _I64, _F32, _INT, _INT, _F32, _F32, _F32, _F32, _I64], _I64),
             "fused": (
-                [_PTR, _PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _F32, _INT, _INT, _F32, _F32, _F32, _F32, _I64],
+                [_PTR, _PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _F32, _INT, _INT, _F32, _F32, _F32, _F32, _I64, _PTR],
                 _I64,
             ),
+            "collect": ([_PTR, _PTR, _I64, _F32, _F32, _INT, _PTR, _I64], _I64),
         }
         for dtype in self.dtypes:
             for name, (argtypes, restype) in signatures.items():
@@ -646,8 +685,8 @@ class CpuKernels:
         lo: float,
         hi: float,
         candidates: Tensor,
-    ) -> tuple[int, int, int, int]:
-        counts = (_I64 * 4)()
+    ) -> tuple[int, int, int, int, int]:
+        counts = (_I64 * 5)()
         fn = self._fns["moments_bracket", grad.dtype]
         fn(
             _ptr(exp_avg),
@@ -664,10 +703,12 @@ class CpuKernels:
             self.threads(),
             counts,
         )
-        return counts[0], counts[1], counts[2], counts[3]
+        return counts[0], counts[1], counts[2], counts[3], counts[4]
 
-    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor) -> int:
-        return self._lib.mofo_collect(_ptr(exp_avg), exp_avg.numel(), lo, hi, mode, _ptr(out), self.threads())
+    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor, grad: Tensor | None) -> int:
+        fn = self._fns["collect", torch.float32 if grad is None else grad.dtype]
+        grad_ptr = None if grad is None else _ptr(grad)
+        return fn(_ptr(exp_avg), grad_ptr, exp_avg.numel(), lo, hi, mode, _ptr(out), self.threads())
 
     def select(self, values: Tensor, count: int, kth_smallest: int) -> float:
         """Value at 0-based ascending position ``kth_smallest`` of ``values[:count]`` (>= 0, NaN-free)."""
@@ -680,13 +721,21 @@ class CpuKernels:
         self._lib.mofo_nan_to_inf(_ptr(values), values.numel())
 
     def update(
-        self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, tau: float, dense: bool, step: StepScalars
+        self,
+        param: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        tau: float,
+        dense: bool,
+        step: StepScalars,
+        grad: Tensor | None = None,
     ) -> int:
         fn = self._fns["update", param.dtype]
         return fn(
             _ptr(param),
             _ptr(exp_avg),
             _ptr(exp_avg_sq),
+            None if grad is None else _ptr(grad),
             param.numel(),
             tau,
             int(dense),
@@ -707,9 +756,10 @@ class CpuKernels:
         tau: float,
         dense: bool,
         step: StepScalars,
-    ) -> int:
+    ) -> tuple[int, int]:
         fn = self._fns["fused", param.dtype]
-        return fn(
+        skipped = _I64(0)
+        moved = fn(
             _ptr(param),
             _ptr(grad),
             _ptr(exp_avg),
@@ -726,4 +776,6 @@ class CpuKernels:
             step.bias_correction2_sqrt,
             step.eps,
             self.threads(),
+            ctypes.byref(skipped),
         )
+        return moved, skipped.value

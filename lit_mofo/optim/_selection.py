@@ -22,7 +22,8 @@ the C kernels: no random generator state to carry, every DDP rank draws the same
 checkpoint (which holds the seed and each tensor's step) draws what the uninterrupted run would have.
 
 Both algorithms run on a backend (:class:`EagerOps`, torch operations on any device, or the fused CPU kernels of
-:mod:`lit_mofo.optim._fused`) and on a view of the tensor (:class:`LocalView` for whole tensors,
+:mod:`lit_mofo.optim._fused`; :mod:`lit_mofo.optim._batched` runs them over many tensors at once with the thresholds
+on the device, for the Triton kernels) and on a view of the tensor (:class:`LocalView` for whole tensors,
 :class:`ShardView` for a DTensor sharded over a 1-D device mesh, where the sample, the counts and the candidates
 are combined across ranks so that every rank gets the global tensor's threshold).
 """
@@ -132,7 +133,14 @@ def candidate_capacity(share: float, local: int) -> int:
 
 
 class Ops(Protocol):
-    """What a backend provides; :class:`EagerOps` and :class:`lit_mofo.optim._fused.CpuKernels` implement it."""
+    """What a backend provides; :class:`EagerOps` and :class:`lit_mofo.optim._fused.CpuKernels` implement it.
+
+    Non-finite gradients: an entry whose gradient is NaN or infinite is left out of the step (``nonfinite="skip"``):
+    its moments and its weight stay unchanged, and it counts as ``|m| = 0`` in the sample, the counts and the
+    collected values (so it is never needed to reach ``k``) while the update leaves it out. ``moments_bracket``
+    and ``fused`` report how many such entries they met; ``update`` and ``collect`` leave them out when given the
+    gradient (the caller gives it only when the tensor has some).
+    """
 
     def sample_hashed(self, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None: ...
 
@@ -148,16 +156,23 @@ class Ops(Protocol):
         lo: float,
         hi: float,
         candidates: Tensor,
-    ) -> tuple[int, int, int, int]: ...
+    ) -> tuple[int, int, int, int, int]: ...
 
-    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor) -> int: ...
+    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor, grad: Tensor | None) -> int: ...
 
     def select(self, values: Tensor, count: int, kth_smallest: int) -> float: ...
 
     def nan_to_inf(self, values: Tensor) -> None: ...
 
     def update(
-        self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, tau: float, dense: bool, step: StepScalars
+        self,
+        param: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        tau: float,
+        dense: bool,
+        step: StepScalars,
+        grad: Tensor | None = None,
     ) -> int: ...
 
     def fused(
@@ -169,7 +184,7 @@ class Ops(Protocol):
         tau: float,
         dense: bool,
         step: StepScalars,
-    ) -> int: ...
+    ) -> tuple[int, int]: ...
 
 
 def _in_range(magnitude: Tensor, lo: float, hi: float, mode: int) -> Tensor:
@@ -179,7 +194,15 @@ def _in_range(magnitude: Tensor, lo: float, hi: float, mode: int) -> Tensor:
 
 
 class EagerOps:
-    """The backend made of torch operations: any device and dtype, several passes over memory."""
+    """The backend made of torch operations: any device and dtype, several passes over memory.
+
+    ``skip`` is the mask of the tensor's entries whose gradient is non-finite, for a tensor known to have some (a
+    group-level check found them): the moment updates then leave those entries unchanged. Without it the moments
+    are updated with torch's plain operations, as torch's AdamW does.
+    """
+
+    def __init__(self, skip: Tensor | None = None) -> None:
+        self.skip = skip
 
     def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
         return True
@@ -188,7 +211,8 @@ class EagerOps:
     def _sample(exp_avg: Tensor, grad: Tensor, index: Tensor, weight: float) -> Tensor:
         m = exp_avg.reshape(-1).index_select(0, index)
         g = grad.reshape(-1).index_select(0, index).to(exp_avg.dtype)
-        return m.lerp_(g, weight).abs_()
+        value = m.lerp_(g, weight).abs_()
+        return value.masked_fill_(~g.isfinite(), 0.0)
 
     def sample_hashed(self, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None:
         index = sample_indices(key, size, exp_avg.numel(), exp_avg.device)
@@ -199,11 +223,25 @@ class EagerOps:
         values = self._sample(exp_avg, grad, local_index.clamp(min=0), weight)
         out.copy_(torch.where(owned, values, torch.zeros_like(values)))
 
-    @staticmethod
-    def moments(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weight: float, beta2: float) -> None:
+    def moments(self, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weight: float, beta2: float) -> None:
         grad = grad.to(exp_avg.dtype)
+        kept = None if self.skip is None else (exp_avg[self.skip], exp_avg_sq[self.skip])
         exp_avg.lerp_(grad, weight)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if kept is not None:  # the skipped entries get their moments back, bit for bit (whatever they held)
+            exp_avg[self.skip], exp_avg_sq[self.skip] = kept
+
+    def _skipped(self, grad: Tensor | None) -> Tensor | None:
+        if self.skip is not None:
+            return self.skip
+        return None if grad is None else ~grad.isfinite()
+
+    def _magnitude(self, exp_avg: Tensor, grad: Tensor | None) -> Tensor:
+        magnitude = exp_avg.abs()
+        skip = self._skipped(grad)
+        if skip is not None:
+            magnitude.masked_fill_(skip, 0.0)
+        return magnitude.reshape(-1)
 
     def moments_bracket(
         self,
@@ -215,27 +253,29 @@ class EagerOps:
         lo: float,
         hi: float,
         candidates: Tensor,
-    ) -> tuple[int, int, int, int]:
+    ) -> tuple[int, int, int, int, int]:
         self.moments(grad, exp_avg, exp_avg_sq, weight, beta2)
-        magnitude = exp_avg.abs().reshape(-1)
+        magnitude = self._magnitude(exp_avg, None)
         inside = magnitude >= lo
         inside &= magnitude <= hi
         # count_nonzero is several times faster than a bool sum; NaN fails every comparison.
-        counts = torch.stack(
-            [
-                torch.count_nonzero(magnitude.isnan()),
-                torch.count_nonzero(magnitude <= hi),
-                torch.count_nonzero(inside),
-            ]
-        )
-        nan, not_above, inside_count = counts.tolist()
+        counts = [
+            torch.count_nonzero(magnitude.isnan()),
+            torch.count_nonzero(magnitude <= hi),
+            torch.count_nonzero(inside),
+        ]
+        if self.skip is not None:
+            counts.append(torch.count_nonzero(self.skip))
+        values = torch.stack(counts).tolist()
+        nan, not_above, inside_count = values[:3]
+        skipped = values[3] if self.skip is not None else 0
         values = magnitude[inside]
         stored = min(values.numel(), candidates.numel())
         candidates[:stored].copy_(values[:stored])
-        return nan, magnitude.numel() - not_above - nan, inside_count, stored
+        return nan, magnitude.numel() - not_above - nan, inside_count, stored, skipped
 
-    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor) -> int:
-        magnitude = exp_avg.abs().reshape(-1)
+    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor, grad: Tensor | None) -> int:
+        magnitude = self._magnitude(exp_avg, grad)
         values = magnitude[_in_range(magnitude, lo, hi, mode)]
         out[: values.numel()].copy_(values)
         return values.numel()
@@ -247,9 +287,17 @@ class EagerOps:
         values.nan_to_num_(nan=math.inf, posinf=math.inf)
 
     def update(
-        self, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, tau: float, dense: bool, step: StepScalars
+        self,
+        param: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        tau: float,
+        dense: bool,
+        step: StepScalars,
+        grad: Tensor | None = None,
     ) -> int:
-        if dense:
+        skip = self._skipped(grad)
+        if dense and skip is None:
             work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
             if step.has_weight_decay:
                 work.mul_(step.decay)
@@ -259,7 +307,9 @@ class EagerOps:
                 param.copy_(work)
             return param.numel()
         # Only the selected entries are read, computed and written back: the rest stay bit-for-bit fixed.
-        mask = exp_avg.abs() >= tau
+        mask = ~skip if dense else exp_avg.abs() >= tau
+        if skip is not None and not dense:
+            mask &= ~skip
         flat = param.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()
         if flat:  # gather by index: several times faster than masked_select/masked_scatter_
             index = mask.view(-1).nonzero().squeeze(1)
@@ -287,9 +337,10 @@ class EagerOps:
         tau: float,
         dense: bool,
         step: StepScalars,
-    ) -> int:
+    ) -> tuple[int, int]:
         self.moments(grad, exp_avg, exp_avg_sq, step.weight, step.beta2)
-        return self.update(param, exp_avg, exp_avg_sq, tau, dense, step)
+        moved = self.update(param, exp_avg, exp_avg_sq, tau, dense, step)
+        return moved, 0 if self.skip is None else int(torch.count_nonzero(self.skip))
 
 
 class Scratch:
@@ -315,14 +366,14 @@ class LocalView:
     def sample(self, ops: Ops, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None:
         ops.sample_hashed(exp_avg, grad, key, size, weight, out)
 
-    def reduce_counts(self, counts: tuple[int, int, int, int]) -> tuple[int, int, int, bool]:
+    def reduce_counts(self, counts: tuple[int, int, int, int, int]) -> tuple[int, int, int, bool]:
         return counts[0], counts[1], counts[2], counts[3] == counts[2]
 
     def gather_values(self, values: Tensor) -> Tensor:
         return values
 
-    def local_count(self, value: int) -> int:
-        return value
+    def local_counts(self, values: tuple[int, ...]) -> tuple[int, ...]:
+        return values
 
 
 class ShardView:
@@ -360,7 +411,7 @@ class ShardView:
         ops.sample_at(exp_avg, grad, torch.where(owned, local, -1), weight, out)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)  # each position is filled by one rank
 
-    def reduce_counts(self, counts: tuple[int, int, int, int]) -> tuple[int, int, int, bool]:
+    def reduce_counts(self, counts: tuple[int, int, int, int, int]) -> tuple[int, int, int, bool]:
         import torch.distributed as dist
 
         device = _collective_device(self.group)
@@ -384,12 +435,13 @@ class ShardView:
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]).to(values.device)
 
-    def local_count(self, value: int) -> int:
+    def local_counts(self, values: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-rank counts summed over the mesh (one collective for all of them)."""
         import torch.distributed as dist
 
-        total = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
+        total = torch.tensor(values, dtype=torch.int64, device=_collective_device(self.group))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return int(total.item())
+        return tuple(total.tolist())
 
 
 def _collective_device(group: Any) -> torch.device:
@@ -420,7 +472,8 @@ def sampled_threshold(
     weight: float,
     scratch: Scratch,
 ) -> float:
-    """The ``floor(fraction * size)``-th largest ``|m_t|`` of the tensor's sample (NaN counted as +inf)."""
+    """The ``floor(fraction * size)``-th largest ``|m_t|`` of the tensor's sample (NaN counted as +inf, an entry with
+    a non-finite gradient as 0)."""
     sample = scratch.get(size, exp_avg.device)
     view.sample(ops, exp_avg, grad, key, size, weight, sample)
     ops.nan_to_inf(sample)
@@ -437,8 +490,9 @@ def exact_threshold(
     key: int,
     step: StepScalars,
     scratch: Scratch,
-) -> float:
-    """Update both moments (all entries) and return the k-th largest ``|m_t|`` of the (global) tensor.
+) -> tuple[float, int]:
+    """Update both moments and return the k-th largest ``|m_t|`` of the (global) tensor, and how many of this
+    rank's entries had a non-finite gradient (left unchanged, counted as ``|m_t| = 0``).
 
     NaN ranks above every number, as in ``torch.topk``; the result is NaN when the k largest include a NaN (then
     ``|m| >= tau`` selects nothing, like the reference definition).
@@ -459,30 +513,32 @@ def exact_threshold(
     candidates = scratch.get(candidate_capacity(share, local), device)
     counts = ops.moments_bracket(grad, exp_avg, exp_avg_sq, step.weight, step.beta2, lo, hi, candidates)
     nan, above, inside, complete = view.reduce_counts(counts)
-    local_nan, local_above, local_inside, stored = counts
+    local_nan, local_above, local_inside, stored, skipped = counts
+    # Collecting again must count the skipped entries as 0, as the bracket pass did: it needs the gradient then.
+    skip_grad = grad if skipped else None
     if k <= nan:
-        return math.nan
+        return math.nan, skipped
     if k <= nan + above:  # the bracket sits too low: the threshold is above hi
         rank = k - nan
-        values = _collect(ops, exp_avg, hi, math.inf, 1, local_above)
+        values = _collect(ops, exp_avg, hi, math.inf, 1, local_above, skip_grad)
     elif k <= nan + above + inside:
         rank = k - nan - above
         if lo == hi:
-            return lo
+            return lo, skipped
         if complete:
             values = candidates[:stored]
         else:  # some rank's candidate buffer overflowed (many ties, or candidates bunched in one chunk)
-            values = _collect(ops, exp_avg, lo, hi, 0, local_inside)
+            values = _collect(ops, exp_avg, lo, hi, 0, local_inside, skip_grad)
     else:  # the bracket sits too high: the threshold is below lo
         rank = k - nan - above - inside
-        values = _collect(ops, exp_avg, 0.0, lo, 2, local - local_nan - local_above - local_inside)
-    return _kth_largest(ops, view.gather_values(values), rank)
+        values = _collect(ops, exp_avg, 0.0, lo, 2, local - local_nan - local_above - local_inside, skip_grad)
+    return _kth_largest(ops, view.gather_values(values), rank), skipped
 
 
-def _collect(ops: Ops, exp_avg: Tensor, lo: float, hi: float, mode: int, count: int) -> Tensor:
+def _collect(ops: Ops, exp_avg: Tensor, lo: float, hi: float, mode: int, count: int, grad: Tensor | None) -> Tensor:
     # A fresh buffer of exactly the counted size (at most one tensor): the scratch one holds the candidates.
     out = torch.empty(count, dtype=torch.float32, device=exp_avg.device)
-    found = ops.collect(exp_avg, lo, hi, mode, out)
+    found = ops.collect(exp_avg, lo, hi, mode, out, grad)
     if found != count:
         raise RuntimeError(f"MoFO internal error: collected {found} entries where the counts gave {count}.")
     return out

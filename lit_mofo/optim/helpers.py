@@ -9,16 +9,17 @@ no weight decay).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_mofo.optim.mofo import MoFO
-from lit_mofo.params import match_any, named_parameter_categories
+from lit_mofo._validation import as_float, as_int, as_patterns, matches, unmatched_patterns_message
+from lit_mofo.optim.mofo import MoFO, _validate_hyperparameters
+from lit_mofo.params import CATEGORIES, named_parameter_categories
 
 __all__ = ["Schedule", "mofo_configure_optimizers", "mofo_param_groups", "warmup_lr_scheduler"]
 
@@ -26,24 +27,18 @@ Schedule = Literal["cosine", "linear", "constant"]
 _SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _compile(patterns: Sequence[str], argument: str) -> None:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(
-                f"mofo_param_groups: {argument} entry {pattern!r} is not a valid regular expression ({err}); "
-                "entries are a category (bias, norm, embedding, weight) or a regex searched in the parameter name."
-            ) from err
+# The default no-decay categories; a model without biases (Llama) is not warned about them.
+DEFAULT_NO_DECAY: tuple[str, ...] = ("bias", "norm", "embedding")
+_GROUP_OPTIONS = ("no_decay", "dense", "include", "exclude", "trainable_only")
 
 
 def mofo_param_groups(
     module: nn.Module,
     *,
-    no_decay: Sequence[str] = ("bias", "norm", "embedding"),
-    dense: Sequence[str] = (),
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    no_decay: str | Sequence[str] = DEFAULT_NO_DECAY,
+    dense: str | Sequence[str] = (),
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] = (),
     trainable_only: bool = True,
 ) -> list[dict[str, Any]]:
     """Split ``module``'s parameters into MoFO param groups that carry only their overrides.
@@ -54,7 +49,9 @@ def mofo_param_groups(
 
     Every entry of ``no_decay``, ``dense``, ``include`` and ``exclude`` is either a category — ``bias``,
     ``norm``, ``embedding`` or ``weight``, decided by module structure (:mod:`lit_mofo.params`) — or a regular
-    expression searched in the parameter's qualified name (e.g. ``r"lm_head"``).
+    expression searched in the parameter's qualified name (e.g. ``r"lm_head"``). A single string is one entry
+    (``dense="lm_head"``). An entry that names no parameter of the module is warned about (with the nearest
+    category for a typo such as ``"embeddings"``), except in the default ``no_decay``.
 
     Args:
         module: the model (a LightningModule or any ``nn.Module``).
@@ -68,29 +65,53 @@ def mofo_param_groups(
         Non-empty groups of ``(name, parameter)`` pairs; pass them to :class:`~lit_mofo.MoFO` (or any torch
         optimizer, for the ``no_decay`` split alone). The names end up in the optimizer's ``param_names``.
     """
-    for argument, patterns in (
-        ("no_decay", no_decay),
-        ("dense", dense),
-        ("include", include or ()),
-        ("exclude", exclude),
-    ):
-        _compile(patterns, argument)
+    where = "mofo_param_groups()"
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: module must be a torch.nn.Module (e.g. your LightningModule), got {module!r}.")
+    if not isinstance(trainable_only, bool):
+        raise ValueError(
+            f"{where}: trainable_only={trainable_only!r} is invalid; the valid range is True or False. True skips "
+            "parameters with requires_grad=False."
+        )
+    arguments = {"no_decay": no_decay, "dense": dense, "include": include, "exclude": exclude}
+    patterns = {
+        name: as_patterns(value, where=where, argument=name, vocabulary=CATEGORIES) for name, value in arguments.items()
+    }
+    named = list(named_parameter_categories(module))
+    for name, value in arguments.items():
+        checked = patterns[name]
+        if not checked or (name == "no_decay" and value is DEFAULT_NO_DECAY):
+            continue
+        unmatched = [
+            pattern
+            for pattern in checked
+            if not any(matches(pattern, n, category, CATEGORIES) for n, _, category in named)
+        ]
+        if unmatched:
+            rank_zero_warn(
+                unmatched_patterns_message(
+                    unmatched, where=where, argument=name, vocabulary=CATEGORIES, names=[n for n, _, _ in named]
+                )
+            )
+
+    def named_by(key: str, name: str, category: str) -> bool:
+        return any(matches(pattern, name, category, CATEGORIES) for pattern in patterns[key] or ())
 
     groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
-    for name, param, category in named_parameter_categories(module):
+    for name, param, category in named:
         if trainable_only and not param.requires_grad:
             continue
-        if include is not None and not match_any(name, category, include):
+        if patterns["include"] is not None and not named_by("include", name, category):
             continue
-        if match_any(name, category, exclude):
+        if named_by("exclude", name, category):
             continue
-        key = (match_any(name, category, no_decay), match_any(name, category, dense))
+        key = (named_by("no_decay", name, category), named_by("dense", name, category))
         groups.setdefault(key, []).append((name, param))
 
     if not groups:
         raise ValueError(
-            f"mofo_param_groups: no parameter of {type(module).__name__} was selected "
-            f"(include={include!r}, exclude={list(exclude)!r}, trainable_only={trainable_only}); "
+            f"{where}: no parameter of {type(module).__name__} was selected "
+            f"(include={include!r}, exclude={exclude!r}, trainable_only={trainable_only}); "
             "widen `include`, narrow `exclude`, or unfreeze parameters."
         )
     return [
@@ -116,22 +137,16 @@ def warmup_lr_scheduler(
     then follows ``schedule``: ``cosine`` (to 0 at the end), ``linear`` (to 0) or ``constant``. These are the
     schedules of ``transformers.get_scheduler``, so runs match the Hugging Face Trainer's.
     """
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not supported; choose one of {_SCHEDULES}.")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio={warmup_ratio!r} is outside [0, 1); the MoFO paper uses 0.03.")
-    if (isinstance(num_training_steps, float) and math.isinf(num_training_steps)) or num_training_steps < 1:
-        raise ValueError(
-            f"num_training_steps={num_training_steps!r} must be a finite int >= 1; set the Trainer's "
-            "max_steps or max_epochs, or pass num_training_steps explicitly."
-        )
+    where = "warmup_lr_scheduler()"
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer (e.g. lit_mofo.MoFO), got {optimizer!r}.")
+    _check_schedule(schedule, warmup_ratio, num_training_steps, where)
     from transformers.optimization import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
         get_linear_schedule_with_warmup,
     )
 
-    num_training_steps = int(num_training_steps)
     num_warmup_steps = math.ceil(warmup_ratio * num_training_steps)
     if schedule == "constant":
         scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps)
@@ -139,6 +154,32 @@ def warmup_lr_scheduler(
         build = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
         scheduler = build(optimizer, num_warmup_steps, num_training_steps)
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+
+
+def _check_schedule(schedule: Any, warmup_ratio: Any, num_training_steps: Any, where: str) -> None:
+    if not (isinstance(schedule, str) and schedule in _SCHEDULES):
+        raise ValueError(
+            f"{where}: schedule={schedule!r} is invalid; the valid range is one of {_SCHEDULES}. The MoFO paper "
+            'uses "cosine".'
+        )
+    as_float(
+        warmup_ratio,
+        where=where,
+        argument="warmup_ratio",
+        minimum=0.0,
+        maximum=1.0,
+        max_inclusive=False,
+        fix="It is the share of the training steps spent warming up; the MoFO paper uses 0.03.",
+    )
+    if num_training_steps is not None:
+        as_int(
+            num_training_steps,
+            where=where,
+            argument="num_training_steps",
+            minimum=1,
+            fix="Set the Trainer's max_steps or max_epochs (trainer.estimated_stepping_batches is infinite "
+            "without them), or pass num_training_steps explicitly.",
+        )
 
 
 def mofo_configure_optimizers(
@@ -166,23 +207,32 @@ def mofo_configure_optimizers(
     accumulation and ``max_steps`` are accounted for). ``group_options`` (``no_decay``, ``dense``, ``include``,
     ``exclude``, ``trainable_only``) go to :func:`mofo_param_groups`.
     """
+    where = "mofo_configure_optimizers()"
+    unknown = sorted(set(group_options) - set(_GROUP_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{where} got unexpected keyword arguments {unknown}; besides the MoFO hyper-parameters and the schedule "
+            f"it takes the mofo_param_groups options {list(_GROUP_OPTIONS)}."
+        )
+    hyperparameters = {
+        "lr": lr,
+        "betas": betas,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "fraction": fraction,
+        "filter_min_ndim": filter_min_ndim,
+    }
+    _validate_hyperparameters(hyperparameters, where=where)
+    _check_schedule(schedule, warmup_ratio, num_training_steps, where)
     groups = mofo_param_groups(pl_module, **group_options)
-    optimizer = MoFO(
-        groups,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        fraction=fraction,
-        filter_min_ndim=filter_min_ndim,
-    )
+    optimizer = MoFO(groups, **hyperparameters)
     if num_training_steps is None:
-        if pl_module._trainer is None:
+        if getattr(pl_module, "_trainer", None) is None:
             raise ValueError(
-                f"mofo_configure_optimizers: {type(pl_module).__name__} is not attached to a Trainer, so the "
-                "number of training steps is unknown; call it from configure_optimizers during fit, or pass "
-                "num_training_steps."
+                f"{where}: {type(pl_module).__name__} is not attached to a Trainer, so the number of training steps "
+                "is unknown; call it from configure_optimizers during fit, or pass num_training_steps."
             )
         num_training_steps = pl_module.trainer.estimated_stepping_batches
+        _check_schedule(schedule, warmup_ratio, num_training_steps, where)
     scheduler = warmup_lr_scheduler(optimizer, num_training_steps, schedule=schedule, warmup_ratio=warmup_ratio)
     return {"optimizer": optimizer, "lr_scheduler": scheduler}

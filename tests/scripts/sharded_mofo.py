@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/scripts/sharded_mofo.py OUT_DIR [--port 29533]
+    python tests/scripts/sharded_mofo.py OUT_DIR [--port 29533] [--triton]
 
 Each rank writes ``OUT_DIR/rank{r}.pt`` with, per scenario, the full (gathered) parameters after the steps and
 the optimizer's ``last_step_stats`` of every step. The test repeats each scenario in one process on whole tensors
@@ -15,6 +15,13 @@ Scenarios:
   drawn from a seeded generator on every rank and distributed alike;
 - ``dtensor-overflow`` / ``dtensor-bracket-above`` / ``dtensor-bracket-below``: the exact selection's repair
   branches, forced on every rank, where candidates are gathered from all ranks;
+- ``dtensor-nonfinite-{fused,eager}``: gradients with NaN and infinite entries (``nonfinite="skip"``): the same
+  entries are left out on every rank and in the single process;
+- ``raise``: ``nonfinite="raise"`` with a NaN that only rank 0's shard holds: every rank raises (none enters the
+  step's collectives alone) and nothing changes;
+- with ``--triton``, only ``dtensor-*-triton``: the exact (with its repair branches), sampled and non-finite
+  scenarios through the Triton kernels (``fused=True``), run on CPU shards under Triton's interpreter; the test
+  compares them with the single-process C kernels, which compute the same bits;
 - ``fsdp2``: a small MLP sharded with ``torch.distributed.fsdp.fully_shard``, trained on the same batch on both
   ranks (so that the averaged gradient is the single-process one).
 """
@@ -22,7 +29,14 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
+import warnings
+
+if __name__ == "__main__" and "--triton" in sys.argv:
+    # Triton chooses interpreted kernels when it is first imported (torch.distributed's imports pull it in).
+    os.environ["TRITON_INTERPRET"] = "1"
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from lit_mofo.optim import _selection
+from lit_mofo.optim import _batched, _selection
 from lit_mofo.optim.mofo import MoFO
 
 STEPS = 3
@@ -50,6 +64,15 @@ PARAMS: list[tuple[tuple[int, ...], str]] = [
 FRACTION = 0.15
 
 
+def triton_scenarios() -> dict[str, dict[str, Any]]:
+    """The Triton kernels' sharded scenarios; ``reference`` is the single-process run that gives the same bits."""
+    scenarios: dict[str, dict[str, Any]] = {}
+    for name, scenario in dtensor_scenarios().items():
+        if scenario["fused"] is None:
+            scenarios[f"{name.removesuffix('-fused')}-triton"] = {**scenario, "fused": True, "reference": name}
+    return scenarios
+
+
 def dtensor_scenarios() -> dict[str, dict[str, Any]]:
     scenarios: dict[str, dict[str, Any]] = {}
     for selection in ("exact", "sampled"):
@@ -58,6 +81,8 @@ def dtensor_scenarios() -> dict[str, dict[str, Any]]:
     scenarios["dtensor-overflow"] = {"selection": "exact", "fused": None, "patch": "overflow"}
     scenarios["dtensor-bracket-above"] = {"selection": "exact", "fused": None, "patch": "above"}
     scenarios["dtensor-bracket-below"] = {"selection": "exact", "fused": None, "patch": "below"}
+    for fused, label in ((None, "fused"), (False, "eager")):
+        scenarios[f"dtensor-nonfinite-{label}"] = {"selection": "exact", "fused": fused, "nonfinite": True}
     return scenarios
 
 
@@ -77,9 +102,17 @@ def initial_params() -> list[Tensor]:
     return [torch.randn(shape, generator=gen) for shape, _ in PARAMS]
 
 
-def step_grads(step: int) -> list[Tensor]:
+def step_grads(step: int, nonfinite: bool = False) -> list[Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(shape, generator=gen) * (1 + step) for shape, _ in PARAMS]
+    grads = [torch.randn(shape, generator=gen) * (1 + step) for shape, _ in PARAMS]
+    if nonfinite:
+        for grad in grads:
+            flat = grad.view(-1)
+            index = torch.randperm(flat.numel(), generator=gen)[: max(3, flat.numel() // 40)]
+            flat[index[0::3]] = math.nan
+            flat[index[1::3]] = math.inf
+            flat[index[2::3]] = -math.inf
+    return grads
 
 
 def optimizer_kwargs(scenario: dict[str, Any]) -> dict[str, Any]:
@@ -109,16 +142,38 @@ def run_dtensor_scenario(scenario: dict[str, Any], mesh: Any | None) -> dict[str
             params.append(nn.Parameter(tensor))
         optimizer = MoFO(params, **optimizer_kwargs(scenario))
         stats = []
-        for step in range(STEPS):
-            for p, grad, (_, placement) in zip(params, step_grads(step), PARAMS, strict=True):
-                p.grad = grad if mesh is None else distribute_tensor(grad, mesh, placements[placement])
-            optimizer.step()
-            stats.append([asdict(s) for s in optimizer.last_step_stats])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the non-finite scenarios' warnings
+            for step in range(STEPS):
+                grads = step_grads(step, scenario.get("nonfinite", False))
+                for p, grad, (_, placement) in zip(params, grads, PARAMS, strict=True):
+                    p.grad = grad if mesh is None else distribute_tensor(grad, mesh, placements[placement])
+                optimizer.step()
+                stats.append([asdict(s) for s in optimizer.last_step_stats])
         final = [p.detach().full_tensor() if mesh is not None else p.detach().clone() for p in params]
     finally:
         for name, value in originals.items():
             setattr(_selection, name, value)
     return {"params": final, "stats": stats}
+
+
+def run_raise(mesh: Any | None) -> dict[str, Any]:
+    """``nonfinite="raise"`` with one NaN in the first row of a ``Shard(0)`` tensor: only rank 0 holds it."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    full = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    param = nn.Parameter(full.clone() if mesh is None else distribute_tensor(full.clone(), mesh, [Shard(0)]))
+    optimizer = MoFO([param], lr=0.1, nonfinite="raise")
+    grad = torch.ones(8, 6)
+    grad[0, 0] = math.nan
+    param.grad = grad if mesh is None else distribute_tensor(grad, mesh, [Shard(0)])
+    try:
+        optimizer.step()
+        error = ""
+    except RuntimeError as err:
+        error = str(err)
+    final = param.detach().full_tensor() if mesh is not None else param.detach().clone()
+    return {"error": error, "unchanged": bool(torch.equal(final, full)), "state": len(optimizer.state)}
 
 
 def mlp() -> nn.Module:
@@ -153,7 +208,7 @@ def run_fsdp2(mesh: Any | None) -> dict[str, Any]:
     }
 
 
-def worker(rank: int, out_dir: Path, port: int) -> None:
+def worker(rank: int, out_dir: Path, port: int, triton: bool) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -161,8 +216,15 @@ def worker(rank: int, out_dir: Path, port: int) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in dtensor_scenarios().items()}
-        results["fsdp2"] = run_fsdp2(mesh)
+        if triton:
+            _batched.ROUTE_CPU_TENSORS = True  # CPU shards through the (interpreted) Triton kernels
+            results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in triton_scenarios().items()}
+            kernels = _batched.load_triton()
+            results["launches"] = dict(kernels.launches) if kernels is not None else {}
+        else:
+            results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in dtensor_scenarios().items()}
+            results["fsdp2"] = run_fsdp2(mesh)
+            results["raise"] = run_raise(mesh)
         torch.save({"rank": rank, "results": results}, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -172,8 +234,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--triton", action="store_true", help="the Triton scenarios, under Triton's interpreter")
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.out_dir, args.port), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(worker, args=(args.out_dir, args.port, args.triton), nprocs=WORLD_SIZE, join=True)
 
 
 if __name__ == "__main__":
