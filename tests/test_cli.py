@@ -250,7 +250,7 @@ def test_a_callback_argument_out_of_range_is_refused_before_the_model_loads(
 ) -> None:
     err = _refused(["--trainer.callbacks+=HalfFineTuning", "--trainer.callbacks.ratio=2"], capsys)
     first = err.splitlines()[0]
-    assert first.startswith("error: `HalfFineTuning(ratio=2.0)`: the trainable share must be a number in (0, 1)")
+    assert first.startswith("error: HalfFineTuning(): ratio=2.0 is invalid; the valid range is (0, 1)")
     assert "Traceback" not in err and "usage:" not in err
     assert model_loads == []
 

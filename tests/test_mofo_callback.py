@@ -205,11 +205,11 @@ def test_mofo_options_reach_mofo_only_when_given() -> None:
     params = [nn.Parameter(torch.zeros(4, 4))]
     default = MoFOCallback().convert(AdamW(params))
     reference = MoFO([nn.Parameter(torch.zeros(4, 4))])
-    for key in ("selection", "fused", "sample_size", "seed"):  # None leaves MoFO's own default
+    for key in ("selection", "fused", "sample_size", "seed", "nonfinite"):  # None leaves MoFO's own default
         assert default.defaults.get(key) == reference.defaults.get(key)
         assert default.param_groups[0].get(key) == reference.param_groups[0].get(key)
 
-    options = {"selection": "sampled", "fused": False, "sample_size": 2048, "seed": 7}
+    options = {"selection": "sampled", "fused": False, "sample_size": 2048, "seed": 7, "nonfinite": "raise"}
     if not set(options) <= set(reference.defaults):  # a lit_mofo.MoFO without these options
         with pytest.raises(MisconfigurationException, match=r"the installed lit_mofo\.MoFO has no `"):
             MoFOCallback(**options)
@@ -223,6 +223,7 @@ def test_mofo_options_reach_mofo_only_when_given() -> None:
     [
         ({"selection": "topk"}, r"selection='topk' is invalid; the valid range is one of \('exact', 'sampled'\)"),
         ({"sample_size": 10}, r"sample_size=10 is invalid; the valid range is an integer >= 1024"),
+        ({"nonfinite": "ignore"}, r"nonfinite='ignore' is invalid; the valid range is one of \('skip', 'raise'\)"),
     ],
 )
 def test_bad_mofo_options_are_refused_by_mofos_own_validation(kwargs: dict, message: str) -> None:

@@ -82,6 +82,7 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     "python -m lit_mofo.scenario build-base --scenario disjoint": Run("about 2 minutes"),
     "lit-mofo fit --config configs/quickstart_disjoint.yaml": Run("30-60 s", SHORT_QUICKSTART),
     'pip install "lit-mofo[lora]"': SetUp(),
+    "pip install 'lit-mofo[triton]'": SetUp(),
     "python examples/quickstart.py": CoveredBy(
         "tests/test_lightning.py::test_quickstart_prints_adamw_versus_mofo_table", "about 45 s"
     ),

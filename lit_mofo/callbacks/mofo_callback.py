@@ -14,7 +14,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -54,7 +54,7 @@ _SUPPORTED = (
     "in AdamW's decoupled form)"
 )
 # MoFO's options that the callback passes on only when set, so MoFO's own defaults apply otherwise.
-_FORWARDED = ("selection", "fused", "sample_size", "seed")
+_FORWARDED = ("selection", "fused", "sample_size", "seed", "nonfinite")
 # Why the strategies that shard parameters or build the optimizer themselves are refused.
 _UNSUPPORTED_STRATEGIES: tuple[tuple[type, str], ...] = (
     (
@@ -142,8 +142,10 @@ class MoFOCallback(Callback):
             uses torch operations).
         sample_size: MoFO's ``sample_size`` (entries sampled by the ``"sampled"`` selection).
         seed: MoFO's ``seed`` (of the hashed sample positions).
+        nonfinite: MoFO's ``nonfinite`` (``"skip"``: entries with a NaN/inf gradient keep their moments and weight
+            that step; ``"raise"``: the step raises before changing anything).
 
-    The last four are passed to :class:`~lit_mofo.MoFO` only when not ``None``; ``None`` keeps MoFO's default.
+    The last five are passed to :class:`~lit_mofo.MoFO` only when not ``None``; ``None`` keeps MoFO's default.
 
     Example::
 
@@ -171,6 +173,7 @@ class MoFOCallback(Callback):
         fused: bool | None = None,
         sample_size: int | None = None,
         seed: int | None = None,
+        nonfinite: Literal["skip", "raise"] | None = None,
     ) -> None:
         self.fraction = fraction
         self.filter_min_ndim = filter_min_ndim
@@ -184,6 +187,7 @@ class MoFOCallback(Callback):
         self.fused = fused
         self.sample_size = sample_size
         self.seed = seed
+        self.nonfinite = nonfinite
         self._mofo_options: dict[str, Any] = {"fraction": fraction, "filter_min_ndim": filter_min_ndim}
         for name in _FORWARDED:
             if getattr(self, name) is not None:
