@@ -8,8 +8,8 @@ shared :class:`FitReport`; when the last callback of the fit has handed in its s
   run's metadata (:func:`run_metadata`: step, epoch, method, optimizers, model, strategy);
 - ``<dir>/forgetting_report.md``: the summary tables and the measurement history as Markdown tables;
 - ``<dir>/forgetting_report.png``: one panel per curve (a metric against the optimizer step, with the pre-trained
-  baseline as a dashed line), titled with the method, the optimizer and the model, when ``matplotlib`` is
-  installed (``pip install "lit-mofo[plot]"``); without it the PNG is skipped with an info message (once);
+  baseline as a dashed line), titled with the method, the optimizer and the model (``matplotlib``, a dependency;
+  in an environment without it the PNG is skipped with an info message, once);
 
 and prints the summary tables to the console. ``<dir>`` is ``trainer.log_dir`` (the logger's version directory, or
 ``default_root_dir`` without a logger) unless a callback names another one; when that is the current directory only
@@ -162,7 +162,7 @@ def _plot(path: Path, curves: Sequence[Curve], title: str | None = None) -> bool
             _NO_MATPLOTLIB_NOTED = True
             rank_zero_info(
                 f"matplotlib is not installed, so {path.name} is not drawn (the JSON and Markdown reports are "
-                "written): `pip install 'lit-mofo[plot]'`."
+                "written): `pip install matplotlib` (a dependency of lit-mofo that this environment lacks)."
             )
         return False
     columns = min(3, len(curves))

@@ -176,10 +176,10 @@ class ForgettingMonitor(Callback):
     **End of fit.** On rank zero a report is written to ``report_dir`` (default: ``trainer.log_dir``, or
     ``default_root_dir`` without a logger; a warning at the start of fit says when that is the current directory
     only because neither was set): ``forgetting_report.json`` (every measurement: step, epoch, probe, metric,
-    value, baseline, forgetting, retention), ``forgetting_report.md`` and, with matplotlib installed
-    (``lit-mofo[plot]``), ``forgetting_report.png`` (each metric against the step, baseline dashed, titled with the
-    method, the optimizer and the model). A :class:`~lit_mofo.callbacks.parameter_drift.ParameterDrift` on the
-    same trainer adds its section to the same files. The summary is also printed as a table; its ``worst`` column
+    value, baseline, forgetting, retention), ``forgetting_report.md`` and ``forgetting_report.png`` (each metric
+    against the step, baseline dashed, titled with the method, the optimizer and the model). A
+    :class:`~lit_mofo.callbacks.parameter_drift.ParameterDrift` on the same trainer adds its section to the same
+    files. The summary is also printed as a table; its ``worst`` column
     is the largest forgetting measured (see :func:`worst_forgetting`). Epochs are numbered as checkpoints number
     them: the epoch the step ran in.
 
