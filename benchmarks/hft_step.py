@@ -20,7 +20,7 @@ ratio to full fine-tuning over the rounds (paired within a round, so slow drifts
 - ``hft_mask``: ``HalfFineTuning(mode="mask")`` - every gradient is computed, the frozen ones are dropped.
 
 What the callback itself adds inside ``Trainer.fit`` - its per-step hooks (``on_before_optimizer_step`` drops
-gradients, ``on_train_batch_end`` checks the re-draw schedule) - is timed separately in real fits.
+gradients, ``on_train_batch_start`` checks the re-draw schedule) - is timed separately in real fits.
 
 Memory: the bytes of the optimizer state (``optimizer.state``) at the end of a fit of ``--memory-steps`` steps
 (odd, so the last step trains under the latest draw), for full fine-tuning and for HFT with one draw and with a
@@ -193,14 +193,14 @@ class _TimedHalfFineTuning(HalfFineTuning):
         super().__init__(**kwargs)
         self.hook_seconds: list[float] = []
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, *args)
+        self.hook_seconds.append(time.perf_counter() - start)
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         start = time.perf_counter()
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.hook_seconds.append(time.perf_counter() - start)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        start = time.perf_counter()
-        super().on_train_batch_end(trainer, pl_module, *args)
         self.hook_seconds[-1] += time.perf_counter() - start
 
 

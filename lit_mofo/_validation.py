@@ -10,7 +10,10 @@ fix. The checks that several places need live here once:
   of a vocabulary (parameter categories, roles) or a valid regular expression; :func:`unmatched_patterns_message`
   for the patterns that matched no parameter, with the nearest vocabulary word for a typo (``"embeddings"``);
 - :func:`as_dtype`: a floating-point dtype given as a ``torch.dtype``, ``"float16"``, ``"torch.float16"`` or an
-  alias (``"fp16"``, ``"half"``, ``"bf16"``, ...), the same forms everywhere.
+  alias (``"fp16"``, ``"half"``, ``"bf16"``, ...), the same forms everywhere;
+- :func:`as_bool`: a real ``bool`` (a YAML ``"false"`` in quotes is a string, and a non-empty string is truthy);
+- :func:`as_choice`: one of a fixed set of values (the ``Literal`` arguments);
+- :func:`as_device`: a ``torch.device`` (or its string) that this build of torch can use.
 
 Each takes ``where`` (e.g. ``"L2ToPretrained()"``) for the message and ``error``, the exception type to raise
 (``MisconfigurationException`` in Lightning callbacks, ``ValueError`` elsewhere); a wrong *type* raises that type
@@ -28,7 +31,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "as_dtype", "as_float", "as_int", "as_patterns", "matches", "unmatched_patterns_message"]
+__all__ = [
+    "DTYPES",
+    "as_bool",
+    "as_choice",
+    "as_device",
+    "as_dtype",
+    "as_float",
+    "as_int",
+    "as_patterns",
+    "matches",
+    "unmatched_patterns_message",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -163,7 +177,7 @@ def unmatched_patterns_message(
     """The message for patterns that matched no parameter: what they are, a near vocabulary word, an example name."""
     hints = []
     for pattern in unmatched:
-        close = difflib.get_close_matches(pattern, vocabulary, n=1)
+        close = [] if pattern in vocabulary else difflib.get_close_matches(pattern, vocabulary, n=1)
         if close:
             hints.append(f"{pattern!r} is not a {'/'.join(vocabulary)} word, did you mean {close[0]!r}?")
     example = f" (e.g. {names[0]!r})" if names else ""
@@ -197,3 +211,68 @@ def as_dtype(
         "",
         error,
     )
+
+
+def as_bool(value: Any, *, where: str, argument: str, error: type[Exception] = ValueError) -> bool:
+    """``value`` if it is a ``bool``; anything else (``"false"``, ``0``, ``None``) raises ``error`` naming it.
+
+    A string is refused rather than read: ``bool("false")`` is ``True``, and a quoted YAML ``"false"`` is a string.
+    """
+    if isinstance(value, bool):
+        return value
+    fix = "Write true or false without quotes in YAML." if isinstance(value, str) else ""
+    raise _bad(where, argument, value, "True or False", fix, error)
+
+
+def as_choice(
+    value: Any, *, where: str, argument: str, choices: Sequence[Any], fix: str = "", error: type[Exception] = ValueError
+) -> Any:
+    """``value`` if it is one of ``choices`` (compared with ``==``, never a ``bool`` for a non-bool choice)."""
+    if not isinstance(value, bool) and any(value == choice for choice in choices if not isinstance(choice, bool)):
+        return value
+    raise _bad(where, argument, value, f"one of {tuple(choices)!r}", fix, error)
+
+
+def as_device(
+    value: str | torch.device | None, *, where: str, argument: str, error: type[Exception] = ValueError
+) -> torch.device | None:
+    """A ``torch.device`` from a device or its string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) that this
+    build of torch and this machine provide; ``None`` stays ``None``. ``"meta"`` holds no values and is refused."""
+    if value is None:
+        return None
+    valid = "None, 'cpu', or an accelerator this machine has ('cuda', 'cuda:<index>', 'mps', ...)"
+    if not isinstance(value, (str, torch.device)):
+        raise _bad(where, argument, value, valid, "", error)
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as err:
+        raise _bad(where, argument, value, valid, f"torch cannot parse it ({err}).", error) from err
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise _bad(where, argument, value, valid, "The meta device holds no values; use 'cpu' or None.", error)
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if device.type == "mps":
+        is_available = torch.backends.mps.is_available
+    if is_available is None or not is_available():
+        raise _bad(
+            where,
+            argument,
+            value,
+            valid,
+            f"This torch build ({torch.__version__}) has no usable {device.type!r} device here; use 'cpu' or None "
+            "(each parameter's own device).",
+            error,
+        )
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise _bad(
+            where,
+            argument,
+            value,
+            valid,
+            f"There are {count()} {device.type!r} device(s), indices 0-{count() - 1}.",
+            error,
+        )
+    return device

@@ -6,9 +6,12 @@ FFN or norms", so the rule lives here once: :func:`detect_layout` and :func:`par
 
 Detection goes by module structure first, names second:
 
-1. **Blocks** are the children of the model's main repeated stack: the ``nn.ModuleList`` (or ``nn.Sequential``)
-   with the most parameters whose children are all of one class and each own at least two weight matrices.
-   Other stacks of the same block class that are not nested in it (an encoder and a decoder) are blocks too.
+1. **Blocks** are the children of every repeated stack: an ``nn.ModuleList`` (or ``nn.Sequential``) whose
+   children are all of one class and each own at least two weight matrices, unless it is nested in another such
+   stack (the experts of a mixture-of-experts block belong to their block). So an encoder and a decoder are both
+   found, also when their blocks are of different classes (``nn.Transformer``'s ``TransformerEncoderLayer`` and
+   ``TransformerDecoderLayer``, BART's encoder and decoder layers), and so is a vision tower next to a language
+   model. Blocks are listed in module order.
 2. **Within a block**, known architectures are recognised by the names of their submodules (table below); any
    other block class gets the generic rule: weight matrices under a child whose name contains ``attn`` or
    ``attention`` are attention, the other matrices are FFN. Norms are the parameters of normalisation layers
@@ -186,29 +189,14 @@ def _is_block_stack(module: nn.Module) -> bool:
     return all(type(child) is block_type for child in children) and all(_matrix_count(c) >= 2 for c in children)
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _find_stacks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every block stack of ``root`` that is not nested in another one, in module order."""
     candidates = [(name, module) for name, module in root.named_modules() if _is_block_stack(module)]
-    if not candidates:
-        return []
-    main_name, main = max(candidates, key=lambda item: _numel(item[1]))
-    block_type = type(next(iter(main)))
 
     def nested(inner: str, outer: str) -> bool:
-        return outer == "" or inner.startswith(outer + ".")
+        return inner != outer and (outer == "" or inner.startswith(outer + "."))
 
-    stacks = [(main_name, main)]
-    for name, module in candidates:
-        if module is main or type(next(iter(module))) is not block_type:
-            continue
-        if any(nested(name, taken) or nested(taken, name) for taken, _ in stacks):
-            continue
-        stacks.append((name, module))
-    order = {name: index for index, (name, _) in enumerate(root.named_modules())}
-    return sorted(stacks, key=lambda item: order[item[0]])
+    return [(name, module) for name, module in candidates if not any(nested(name, other) for other, _ in candidates)]
 
 
 def _first_names(root: nn.Module) -> dict[int, str]:

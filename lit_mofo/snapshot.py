@@ -19,6 +19,10 @@ When: the copy is taken at the start of fit, before the first optimizer step, an
 so two callbacks share it. A new ``trainer.fit`` (the next stage of a multi-stage run) starts a new snapshot once the
 previous fit's owners have detached.
 
+Order: the callbacks capture in their ``on_fit_start``, in the order of ``Trainer(callbacks=[...])``, and a later
+request for a wider dtype replaces an earlier, narrower copy. So read θ₀ (``snapshot[name]``) only once every
+``on_fit_start`` has run - in ``on_train_start`` or later - and the values do not depend on the callback order.
+
 Resume: a checkpoint written by an owning callback carries the snapshot under :attr:`CHECKPOINT_KEY` (this adds the
 snapshot's size to the checkpoint). A run resumed from it gets θ₀ from the checkpoint, never from the resumed
 weights; asking for a tensor the checkpoint does not hold raises, because its pre-trained value is gone.

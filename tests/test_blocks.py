@@ -270,3 +270,43 @@ def test_a_model_without_blocks_has_architecture_none() -> None:
         "none", (), ("0.weight",), ("3.weight", "3.bias"), ("1.weight", "1.bias", "2.weight", "2.bias")
     )
     assert set(parameter_roles(model).values()) == {"embedding", "head", "other"}
+
+
+def test_encoder_and_decoder_stacks_of_different_block_classes_are_both_blocks() -> None:
+    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=32)
+    layout = detect_layout(model)
+    assert [block.name for block in layout.blocks] == [
+        "encoder.layers.0",
+        "encoder.layers.1",
+        "decoder.layers.0",
+        "decoder.layers.1",
+        "decoder.layers.2",
+    ]
+    encoder, decoder = layout.blocks[0], layout.blocks[2]
+    assert encoder.attention == (
+        "encoder.layers.0.self_attn.in_proj_weight",
+        "encoder.layers.0.self_attn.out_proj.weight",
+    )
+    assert decoder.attention == (
+        "decoder.layers.0.self_attn.in_proj_weight",
+        "decoder.layers.0.self_attn.out_proj.weight",
+        "decoder.layers.0.multihead_attn.in_proj_weight",
+        "decoder.layers.0.multihead_attn.out_proj.weight",
+    )
+    assert len(decoder.norm_modules) == 3
+    assert layout.other == ("encoder.norm.weight", "encoder.norm.bias", "decoder.norm.weight", "decoder.norm.bias")
+    roles = parameter_roles(model)
+    assert not [name for name, role in roles.items() if name.startswith("encoder.layers.") and role == "other"]
+
+
+def test_a_stack_nested_in_a_block_belongs_to_the_block() -> None:
+    class Experts(nn.Module):  # a mixture-of-experts FFN: its own stack of 2-matrix experts
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)) for _ in range(4))
+
+    model = nn.ModuleDict({"layers": nn.ModuleList(Experts() for _ in range(2))})
+    layout = detect_layout(model)
+    assert [block.name for block in layout.blocks] == ["layers.0", "layers.1"]
+    assert len(layout.blocks[0].ffn) == 8 and layout.blocks[0].attention == ("layers.0.attn.weight",)

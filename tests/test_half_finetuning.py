@@ -101,7 +101,8 @@ def snapshot(module: nn.Module) -> dict[str, Tensor]:
 
 
 class DrawRecorder(pl.Callback):
-    """After every batch (so after HFT's re-draw): the selection, the optimizer state and what the step changed."""
+    """Listed after HFT: per step, the selection it trained with (HFT re-draws when the step's batch starts), the
+    optimizer state right after that draw and after the step, and what the step changed."""
 
     def __init__(self, hft: HalfFineTuning) -> None:
         self.hft = hft
@@ -109,12 +110,15 @@ class DrawRecorder(pl.Callback):
         self.changed: list[set[str]] = []
         self.requires_grad_at_step: list[dict[str, bool]] = []
         self.grad_at_step: list[dict[str, bool]] = []
+        self.state_at_start: list[set[str]] = []  # names with optimizer state when the step starts, after the draw
         self.state_after: list[dict[str, dict[str, Tensor]]] = []
         self._before: dict[str, Tensor] = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._before = snapshot(pl_module)
         self.frozen.append(self.hft.frozen_names)
+        state = trainer.optimizers[0].state
+        self.state_at_start.append({name for name, p in pl_module.named_parameters() if p in state})
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.requires_grad_at_step.append({name: p.requires_grad for name, p in pl_module.named_parameters()})
@@ -236,17 +240,27 @@ def test_layer_level_freezes_half_the_blocks_whole() -> None:
     assert sum(whole) == 2 and sum(untouched) == 2
 
 
-def test_tensor_level_freezes_half_of_the_units_anywhere() -> None:
-    hft = HalfFineTuning(granularity="tensor", seed=0)
-    fit(LM(tiny_gpt2(4)), hft, steps=1)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tensor_level_freezes_half_of_the_parameters_in_whole_units_anywhere(seed: int) -> None:
+    module = LM(tiny_gpt2(4))
+    hft = HalfFineTuning(granularity="tensor", seed=seed)
+    fit(module, hft, steps=1)
     layout = hft.layout
     assert layout is not None
     frozen = set(hft.frozen_names)
-    # units: 4 matrices + 2 norm layers per block, and the final norm layer outside the blocks
-    units = [
-        unit for block in layout.blocks for unit in (*block.attention, *block.ffn, *(g[0] for g in block.norm_modules))
-    ]
-    assert sum(name in frozen for name in units) + ("model.transformer.ln_f.weight" in frozen) == 13  # 12.5 rounded up
+    params = dict(module.named_parameters())
+    # units: 4 matrices (with their biases) + 2 norm layers per block, and the final norm layer outside the blocks
+    units = [(m, *b.bias_of(m)) for b in layout.blocks for m in (*b.attention, *b.ffn)]
+    units += [group for b in layout.blocks for group in b.norm_modules]
+    units.append(("model.transformer.ln_f.weight", "model.transformer.ln_f.bias"))
+    assert {name for unit in units for name in unit} >= frozen
+    assert all(len({name in frozen for name in unit}) == 1 for unit in units)  # whole units
+    sizes = [sum(params[name].numel() for name in unit) for unit in units]
+    frozen_numel = sum(params[name].numel() for name in frozen)
+    # half of the parameters by count, within half of the largest unit (the mix of matrix sizes makes unit counts
+    # a poor measure: c_fc holds 4x the entries of the attention c_proj)
+    assert abs(frozen_numel - sum(sizes) / 2) <= max(sizes) / 2
+    assert hft.history[0]["drawn_frozen_fraction"] == pytest.approx(frozen_numel / sum(sizes))
     assert not frozen & set(layout.embeddings)
 
 
@@ -334,6 +348,82 @@ def test_a_model_without_blocks_gets_a_random_half_of_its_tensors_with_a_warning
     assert len({name.split(".")[1] for name in hft.frozen_names}) == 3
 
 
+class UnevenMLP(pl.LightningModule):
+    """Three layers of very different sizes: no block stack, so HFT falls back to the tensor level."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 8))
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self.net(batch[0].float()[:, :8]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fallback_for_a_model_without_blocks_freezes_its_share_of_the_parameters_not_of_the_layers(
+    seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = UnevenMLP()
+    sizes = {f"net.{i}": sum(p.numel() for p in layer.parameters()) for i, layer in enumerate(module.net)}
+    hft = HalfFineTuning(seed=seed)
+    with pytest.warns(UserWarning, match=r"about 50% of their parameters are frozen \(tensor level\)"):
+        with caplog.at_level(logging.INFO):
+            fit(module, hft, steps=1)
+    frozen_layers = {name.rsplit(".", 1)[0] for name in hft.frozen_names}
+    frozen = sum(sizes[layer] for layer in frozen_layers)
+    # 72 + 576 + 4160 + 520 entries: the closest whole-layer halves are 4160 alone (78%) or the other three (22%)
+    assert abs(frozen - sum(sizes.values()) / 2) <= max(sizes.values()) / 2
+    assert hft.trainable_fraction == pytest.approx(1 - frozen / sum(sizes.values()))
+    reached = f"{frozen / sum(sizes.values()):.1%} of the parameters it draws from (50% asked)"
+    assert any(reached in record.getMessage() for record in caplog.records)  # the summary says what it did
+
+
+class Seq2Seq(pl.LightningModule):
+    """``torch.nn.Transformer``: an encoder stack and a decoder stack of two different block classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.transformer = nn.Transformer(
+            d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=32, batch_first=True
+        )
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x = batch[0].float()[:, :, None].expand(-1, -1, 16) / 128
+        return self.transformer(x, x).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_an_encoder_and_a_decoder_of_different_block_classes_are_both_drawn_from() -> None:
+    module = Seq2Seq()
+    before = snapshot(module)
+    hft = HalfFineTuning(seed=0)
+    with pytest.warns(UserWarning, match="generic rule: 4 blocks"):
+        fit(module, hft, steps=2)
+    assert hft.layout is not None
+    assert [block.name for block in hft.layout.blocks] == [
+        "transformer.encoder.layers.0",
+        "transformer.encoder.layers.1",
+        "transformer.decoder.layers.0",
+        "transformer.decoder.layers.1",
+    ]
+    # encoder blocks: 1 of 2 attention matrices (fused in_proj, out_proj), 1 of 2 FFN matrices, 1 of 2 norms;
+    # decoder blocks: 2 of 4 attention matrices (self and cross attention), 1 of 2 FFN matrices, 1-2 of 3 norms
+    counts = block_counts(hft)
+    assert [c["attention"] for c in counts] == [1, 1, 2, 2]
+    assert [c["ffn"] for c in counts] == [1, 1, 1, 1]
+    assert [c["norm"] for c in counts[:2]] == [1, 1] and sum(c["norm"] for c in counts[2:]) == 3
+    encoder_frozen = [name for name in hft.frozen_names if name.startswith("transformer.encoder.layers.")]
+    assert len(encoder_frozen) == 2 * (2 + 2 + 2)  # per block a matrix+bias of each category and a norm layer
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]) == (name in hft.frozen_names), name
+
+
 # ---------------------------------------------------------------------------------------------------- freezing
 @pytest.mark.parametrize("optimizer", ["adamw", "mofo"])
 @pytest.mark.parametrize("mode", ["freeze", "mask"])
@@ -378,7 +468,7 @@ def test_trainable_fraction_is_logged_and_kept_in_the_callback_state(caplog: pyt
     hft = HalfFineTuning(seed=0, redraw_every_n_steps=2)
     module = LM(tiny_llama(2))
     with caplog.at_level(logging.DEBUG, logger="lit_mofo.callbacks.half_finetuning"):
-        fit(module, hft, steps=4, logger=logger)
+        fit(module, hft, steps=5, logger=logger)
     logged = [(step, m["hft/trainable_fraction"]) for step, m in logger.metrics if "hft/trainable_fraction" in m]
     assert [step for step, _ in logged] == [0, 2, 4]
     assert [entry["trainable_fraction"] for entry in hft.history] == [fraction for _, fraction in logged]
@@ -412,10 +502,10 @@ def test_redraws_every_n_steps_follow_the_schedule_and_repeat_for_a_seed() -> No
 def test_redraws_count_optimizer_steps_under_gradient_accumulation(mode: str) -> None:
     hft = HalfFineTuning(mode=mode, seed=0, redraw_every_n_steps=2)
     recorder = DrawRecorder(hft)
-    trainer(4, [hft, recorder], accumulate_grad_batches=2).fit(LM(tiny_llama(2)), loader(batches=8))
+    trainer(5, [hft, recorder], accumulate_grad_batches=2).fit(LM(tiny_llama(2)), loader(batches=10))
     assert [entry["step"] for entry in hft.history] == [0, 2, 4]
     # a selection holds for whole accumulation windows: batches 0-3 under the first draw, 4-7 under the second
-    assert recorder.frozen[0] == recorder.frozen[3] != recorder.frozen[4] == recorder.frozen[7]
+    assert recorder.frozen[0] == recorder.frozen[3] != recorder.frozen[4] == recorder.frozen[7] != recorder.frozen[8]
     for frozen, changed in zip(recorder.frozen, recorder.changed, strict=True):
         assert not set(frozen) & changed
 
@@ -425,6 +515,39 @@ def test_redraws_every_n_epochs_happen_at_epoch_starts() -> None:
     recorder = DrawRecorder(hft)
     trainer(-1, [hft, recorder], max_epochs=5).fit(LM(tiny_llama(2)), loader(batches=2))
     assert [(entry["epoch"], entry["step"]) for entry in hft.history] == [(0, 0), (2, 4), (4, 8)]
+
+
+def test_a_step_redraw_happens_when_the_steps_batch_starts_and_never_after_the_last_step() -> None:
+    seen_at_batch_end: list[tuple[str, ...]] = []
+
+    class AtBatchEnd(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            seen_at_batch_end.append(hft.frozen_names)
+
+    hft = HalfFineTuning(seed=0, redraw_every_n_steps=2)
+    recorder = DrawRecorder(hft)
+    trainer(4, [AtBatchEnd(), hft, recorder]).fit(LM(tiny_llama(2)), loader())
+    assert [entry["step"] for entry in hft.history] == [0, 2]
+    # what runs at the end of step s, before or after the callback, sees the selection step s trained with
+    assert seen_at_batch_end == recorder.frozen
+
+
+@pytest.mark.parametrize("granularity", ["category", "tensor"])
+def test_the_default_seed_is_seed_everythings_whatever_seeds_the_global_rng(
+    granularity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def draw(seed: int | None, global_seed: int) -> tuple[str, ...]:
+        torch.manual_seed(global_seed)  # what a module's __init__ may do; it must not change the draw
+        module = LM(tiny_llama(8))
+        hft = HalfFineTuning(seed=seed, granularity=granularity)
+        fit(module, hft, steps=1)
+        return hft.frozen_names
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # what pl.seed_everything(5) sets
+    assert draw(None, 1) == draw(None, 2) == draw(5, 3)
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert draw(None, 1) == draw(None, 2) == draw(0, 3)  # without seed_everything: seed 0
+    assert draw(0, 3) != draw(5, 3)
 
 
 def test_each_fit_is_a_stage_that_draws_anew() -> None:
@@ -483,10 +606,10 @@ def test_reset_frees_the_state_of_frozen_tensors_and_restarts_returning_ones() -
     module = LM(tiny_llama(4))
     recorder = fit(module, hft, steps=6)
     names = {name for name, _ in module.named_parameters()}
-    for step in (1, 3, 5):  # the end of each step that a draw follows
-        frozen_next = set(recorder.frozen[step + 1]) if step + 1 < len(recorder.frozen) else set(hft.frozen_names)
-        trained = names - set(recorder.frozen[step])
-        assert set(recorder.state_after[step]) == trained - frozen_next  # state only for tensors that train next
+    assert [entry["step"] for entry in hft.history] == [0, 2, 4]  # no draw after the last step
+    for step in (2, 4):  # right after each re-draw, when the step's batch starts
+        trained = names - set(recorder.frozen[step - 1])
+        assert recorder.state_at_start[step] == trained - set(recorder.frozen[step])  # only tensors that train next
     back = set(recorder.frozen[2]) - set(recorder.frozen[0]) - set(recorder.frozen[4])
     assert back
     for name in back:  # trained 2 steps, frozen (state freed), trained again: the moments started over
@@ -494,21 +617,115 @@ def test_reset_frees_the_state_of_frozen_tensors_and_restarts_returning_ones() -
         assert recorder.state_after[4][name]["step"].item() == 1
 
 
-def test_an_optimizer_built_from_trainable_parameters_only_is_detected() -> None:
-    class Filtered(LM):
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+class Filtered(LM):
+    """``configure_optimizers`` takes only the parameters that require grad, as many modules do."""
 
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def test_an_optimizer_over_the_trainable_parameters_only_is_all_the_callback_needs() -> None:
+    # Changed on purpose: this used to be refused, because HFT trained the tensors the module froze.
     module = Filtered(tiny_llama(2))
     module.model.model.embed_tokens.weight.requires_grad_(False)
-    with pytest.raises(MisconfigurationException, match=r"in no optimizer .*embed_tokens.*filter by `requires_grad`"):
-        fit(module, HalfFineTuning(), steps=1)
-    # naming the frozen tensor in always_frozen is the documented way to keep it out of the optimizer
-    module = Filtered(tiny_llama(2))
-    module.model.model.embed_tokens.weight.requires_grad_(False)
+    before = snapshot(module)
+    hft = HalfFineTuning(seed=0)
+    fit(module, hft, steps=2)
+    assert torch.equal(module.model.model.embed_tokens.weight, before["model.model.embed_tokens.weight"])
+    assert hft.left_frozen_names == ("model.model.embed_tokens.weight",)
+
+
+def test_a_trainable_parameter_in_no_optimizer_is_refused_with_the_fixes() -> None:
+    class Partial(LM):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for n, p in self.named_parameters() if "embed" not in n], lr=1e-3)
+
+    with pytest.raises(
+        MisconfigurationException, match=r"1 of them .*in no optimizer \(e.g. 'model.model.embed_tokens.weight'\)"
+    ):
+        fit(Partial(tiny_llama(2)), HalfFineTuning(), steps=1)
+    # naming it in always_frozen keeps it out of the draw
     hft = HalfFineTuning(always_frozen=["embed_tokens"])
-    fit(module, hft, steps=1)
+    fit(Partial(tiny_llama(2)), hft, steps=1)
     assert "model.model.embed_tokens.weight" in hft.frozen_names
+
+
+# ---------------------------------------------------------------------------------------------------- user-frozen
+class PartlyFrozen(LM):
+    """Froze its embeddings and its first block, as a user who fine-tunes only the upper layers does."""
+
+    def __init__(self, layers: int = 4, **kwargs: Any) -> None:
+        torch.manual_seed(0)
+        super().__init__(tiny_llama(layers), **kwargs)
+        self.model.model.embed_tokens.requires_grad_(False)
+        self.model.model.layers[0].requires_grad_(False)
+
+    @property
+    def user_frozen(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["freeze", "mask"])
+def test_tensors_the_module_froze_stay_frozen_untouched_and_outside_the_draw(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = PartlyFrozen()
+    user_frozen = module.user_frozen
+    assert len(user_frozen) == 10  # the embedding and block 0's 7 matrices and 2 norms
+    before = snapshot(module)
+    hft = HalfFineTuning(mode=mode, seed=0, redraw_every_n_steps=2)
+    with caplog.at_level(logging.INFO):
+        recorder = fit(module, hft, steps=5)
+    assert set(hft.left_frozen_names) == user_frozen
+    for name in user_frozen:
+        assert torch.equal(dict(module.named_parameters())[name], before[name]), name
+    for requires_grad in recorder.requires_grad_at_step:  # never unfrozen, not even for a step
+        assert not any(requires_grad[name] for name in user_frozen)
+    assert all(not set(frozen) & user_frozen for frozen in recorder.frozen)  # the draws pick among the others
+    # per block, the paper's shares among the blocks the module left trainable; block 0 is not drawn from
+    counts = block_counts(hft)
+    assert counts[0] == {"attention": 0, "ffn": 0, "norm": 0}
+    assert all(c["attention"] == 2 and c["norm"] == 1 for c in counts[1:])
+    assert sum(c["ffn"] for c in counts[1:]) == 5  # 3 blocks x 1.5 FFN matrices, rounded half up
+    # honest figures: the share of all parameters that train, the module's frozen ones counting as frozen
+    params = dict(module.named_parameters())
+    trains = sum(params[name].numel() for name in params if name not in user_frozen | set(hft.frozen_names))
+    assert hft.trainable_fraction == pytest.approx(trains / sum(p.numel() for p in params.values()))
+    assert set(hft.trainable_names) == set(params) - user_frozen - set(hft.frozen_names)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(
+        "leaves alone the 10 of 39 parameter tensors" in m
+        and "requires_grad=False at the start of fit" in m
+        and "embed_tokens" in m
+        for m in messages
+    ), messages
+    assert {name for name, p in module.named_parameters() if not p.requires_grad} == user_frozen  # flags restored
+
+
+def test_a_module_with_every_parameter_frozen_is_refused_before_training() -> None:
+    module = LM(tiny_llama(2))
+    module.requires_grad_(False)
+    with pytest.raises(MisconfigurationException, match=r"HalfFineTuning: no parameter of LM is trainable: all 21 .*"):
+        fit(module, HalfFineTuning(), steps=1)
+    assert not any(p.requires_grad for p in module.parameters())  # nothing was unfrozen
+
+
+def test_always_trainable_never_unfreezes_what_the_module_froze() -> None:
+    module = PartlyFrozen(layers=2)
+    user_frozen = module.user_frozen
+    hft = HalfFineTuning(always_trainable=[r"layers\.0\.", "embedding"], seed=0)
+    recorder = fit(module, hft, steps=1)
+    assert not any(recorder.requires_grad_at_step[0][name] for name in user_frozen)
+
+
+def test_freezing_the_whole_drawn_part_leaves_nothing_to_draw_with_a_warning() -> None:
+    module = LM(tiny_llama(2))
+    for layer in module.model.model.layers:
+        layer.requires_grad_(False)
+    hft = HalfFineTuning(seed=0)
+    with pytest.warns(UserWarning, match=r"nothing to draw"):
+        fit(module, hft, steps=1)
+    assert hft.frozen_names == ()
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -551,6 +768,30 @@ def test_a_run_resumed_mid_run_ends_with_the_weights_of_an_uninterrupted_run(
     assert recorder.requires_grad_at_step == full_recorder.requires_grad_at_step[4:]
     if options["mode"] == "freeze":
         assert {name for name, flag in recorder.requires_grad_at_step[0].items() if not flag} == set(recorder.frozen[0])
+
+
+def test_a_checkpoint_written_at_a_redraw_step_resumes_into_the_same_draw_and_reset(tmp_path: Path) -> None:
+    def run(steps: int, ckpt_path: str | None = None, save_at: int | None = None) -> tuple[LM, HalfFineTuning]:
+        torch.manual_seed(0)
+        module = LM(tiny_llama(2))
+        hft = HalfFineTuning(seed=7, redraw_every_n_steps=3, reset=True)
+        callbacks: list[pl.Callback] = [hft]
+        if save_at:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_at, save_top_k=-1))
+        trainer(steps, callbacks, enable_checkpointing=bool(save_at)).fit(
+            module, loader(batches=20, repeat=True), ckpt_path=ckpt_path
+        )
+        return module, hft
+
+    full, full_hft = run(8)  # draws at steps 0, 3, 6
+    run(3, save_at=3)  # written at the end of step 3: the draw for step 3 on has not happened yet
+    saved = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=False)
+    (state,) = [value for key, value in saved["callbacks"].items() if "HalfFineTuning" in key]
+    assert state["draws"] == 1
+    resumed, resumed_hft = run(8, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"))
+    assert resumed_hft.history == full_hft.history
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_state_dict_holds_selection_counters_and_generator_state() -> None:
@@ -639,6 +880,18 @@ class SimpleTrainer:
         ({"always_trainable": ["ffn"], "always_frozen": ["ffn"]}, r"\['ffn'\] are in both"),
         ({"snapshot_dtype": "int8"}, r"snapshot_dtype='int8'.*'bfloat16'"),
         ({"seed": "0"}, r"seed='0'"),
+        ({"seed": -1}, r"seed=-1 is invalid; the valid range is an integer >= 0"),
+        ({"ratio": "0.5"}, r"ratio='0.5' is invalid"),
+        ({"ratio": True}, r"ratio=True is invalid"),
+        ({"ratio": float("nan")}, r"ratio=nan is invalid"),
+        ({"redraw_every_n_steps": "10"}, r"redraw_every_n_steps='10' is invalid.*positive integer"),
+        ({"redraw_every_n_steps": True}, r"redraw_every_n_steps=True is invalid"),
+        ({"reset": "false", "redraw_every_n_steps": 2}, r"reset='false' is invalid.*without quotes in YAML"),
+        ({"train_embeddings": "no"}, r"train_embeddings='no' is invalid; the valid range is True or False"),
+        ({"train_head": 0}, r"train_head=0 is invalid"),
+        ({"mode": True}, r"mode=True is invalid"),
+        ({"always_frozen": [3]}, r"always_frozen=\[3\] is invalid.*Entry 3 is not a string"),
+        ({"snapshot_dtype": torch.int64}, r"snapshot_dtype=torch.int64 is invalid"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_value_and_the_choices(kwargs: dict[str, Any], message: str) -> None:
@@ -649,14 +902,23 @@ def test_bad_arguments_are_refused_naming_the_value_and_the_choices(kwargs: dict
 def test_a_pattern_that_matches_nothing_is_refused_with_an_example_name() -> None:
     with pytest.raises(
         MisconfigurationException,
-        match=r"always_frozen=\[\.\.\., 'q_projection'.*matches no parameter.*'model\.model\.embed_tokens\.weight'",
+        match=r"always_frozen entries \['q_projection'\] match no parameter.*'model\.model\.embed_tokens\.weight'",
     ):
         fit(LM(tiny_llama(2)), HalfFineTuning(always_frozen=["q_projection"]), steps=1)
+    with pytest.raises(MisconfigurationException, match=r"'atention' is not a .* word, did you mean 'attention'\?"):
+        fit(LM(tiny_llama(2)), HalfFineTuning(always_trainable="atention"), steps=1)
+
+
+def test_a_single_pattern_string_is_one_pattern() -> None:
+    hft = HalfFineTuning(always_frozen="embed_tokens", seed=0)
+    fit(LM(tiny_llama(2)), hft, steps=1)
+    assert "model.model.embed_tokens.weight" in hft.frozen_names
 
 
 def test_snapshot_dtype_accepts_torch_dtypes_and_names() -> None:
     assert HalfFineTuning(snapshot_dtype=torch.bfloat16).snapshot_dtype is torch.bfloat16
     assert HalfFineTuning(snapshot_dtype="torch.float16").snapshot_dtype is torch.float16
+    assert HalfFineTuning(snapshot_dtype="bf16").snapshot_dtype is torch.bfloat16
     assert HalfFineTuning().snapshot_dtype is None
 
 
@@ -706,7 +968,9 @@ def run_ddp(mode: str, out_dir: Path, timeout: float = 300) -> list[dict[str, An
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["freeze", "mask"])
-def test_two_process_ddp_ends_with_identical_weights_and_untouched_frozen_tensors(mode: str, tmp_path: Path) -> None:
+def test_two_process_ddp_ends_with_identical_weights_and_untouched_frozen_tensors_and_draws_as_one_process(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rank0, rank1 = run_ddp(mode, tmp_path)
     assert (rank0["world_size"], rank1["world_size"]) == (2, 2)
     assert rank0["frozen"] == rank1["frozen"] and len(rank0["frozen"]) == rank0["steps"]
@@ -718,3 +982,20 @@ def test_two_process_ddp_ends_with_identical_weights_and_untouched_frozen_tensor
         assert len(changed) > 0
     flags_off = [len(frozen) if mode == "freeze" else 0 for frozen in rank0["frozen"]]
     assert rank0["requires_grad_false"] == rank1["requires_grad_false"] == flags_off
+
+    # The same script in one process draws the same halves: the default seed is seed_everything's, not the global
+    # RNG's (the module's __init__ reseeds it, and DDP reseeds it again with seed_everything's seed).
+    single_process = one_process_draws(mode, steps=rank0["steps"], monkeypatch=monkeypatch)
+    assert rank0["seed"] == rank1["seed"] == 3
+    assert single_process == rank0["frozen"]
+
+
+def one_process_draws(mode: str, steps: int, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # build() calls seed_everything; restored after the test
+    monkeypatch.syspath_prepend(str(DDP_SCRIPT.parent))
+    from ddp_hft import SyntheticTokenDataModule, build
+
+    module, hft = build(mode, redraw=3)
+    recorder = DrawRecorder(hft)
+    trainer(steps, [hft, recorder]).fit(module, SyntheticTokenDataModule(num_sequences=8 * steps, batch_size=8))
+    return recorder.frozen

@@ -128,6 +128,14 @@ def test_include_and_exclude_choose_the_regularised_tensors(tmp_path: Path) -> N
         ({"strength": -1.0}, r"strength=-1.0.*> 0"),
         ({"strength": float("nan")}, r"strength=nan"),
         ({"norm": "l3"}, r"norm='l3'.*\('l2', 'l1'\)"),
+        ({"strength": float("inf")}, r"strength=inf is invalid; the valid range is a number > 0, finite"),
+        ({"strength": True}, r"strength=True is invalid; the valid range is a number > 0\. .*e\.g\. 1e-2"),
+        ({"strength": "1e-2"}, r"strength='1e-2' is invalid"),
+        ({"norm": True}, r"norm=True is invalid"),
+        ({"include": ["("]}, r"L2ToPretrained\(\): include=\['\('\] is invalid.*not a valid regular expression"),
+        ({"exclude": [3]}, r"exclude=\[3\] is invalid.*Entry 3 is not a string"),
+        ({"snapshot_dtype": "int8"}, r"snapshot_dtype='int8' is invalid.*'bfloat16'"),
+        ({"log_penalty": "false"}, r"log_penalty='false' is invalid; the valid range is True or False"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_valid_range(kwargs: dict, message: str) -> None:
@@ -189,3 +197,52 @@ def test_two_ddp_ranks_end_with_identical_regularised_weights(tmp_path: Path) ->
         assert torch.equal(value, ranks[1]["final"][name]), name
         assert not torch.equal(value, ranks[0]["initial"][name]), f"{name} did not train"
     assert ranks[0]["penalty"] > 0
+
+
+@pytest.mark.parametrize("value", ["float16", "torch.float16", "fp16", torch.float16])
+def test_snapshot_dtype_takes_the_same_forms_as_the_other_callbacks(value: object) -> None:
+    assert L2ToPretrained(snapshot_dtype=value).snapshot_dtype is torch.float16  # type: ignore[arg-type]
+
+
+def test_a_single_pattern_string_is_one_pattern_not_its_characters(tmp_path: Path) -> None:
+    one, as_string = Regression(), L2ToPretrained(strength=0.5, include=r"net\.2", log_penalty=False)
+    fit(one, [as_string], tmp_path)
+    other, as_list = Regression(), L2ToPretrained(strength=0.5, include=[r"net\.2"], log_penalty=False)
+    fit(other, [as_list], tmp_path)
+    assert as_string.regularised_names == as_list.regularised_names == ["net.2.weight", "net.2.bias"]
+    for a, b in zip(one.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_pattern_that_matches_nothing_is_warned_about_with_the_near_category(tmp_path: Path) -> None:
+    callback = L2ToPretrained(include=["bias", "embeddings"], log_penalty=False)
+    with pytest.warns(
+        UserWarning, match=r"include entries \['embeddings'\] match no parameter.*did you mean 'embedding'"
+    ):
+        fit(Regression(), [callback], tmp_path, max_steps=1)
+    assert callback.regularised_names == ["net.0.bias", "net.2.bias"]
+
+
+class Spy(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snapshot = PretrainedSnapshot.get(pl_module)
+        self.snapshot_names = snapshot.names if snapshot is not None else []
+
+
+def test_tensors_the_module_froze_are_neither_regularised_nor_copied(tmp_path: Path) -> None:
+    module = Regression()
+    module.net[0].requires_grad_(False)
+    callback, spy = L2ToPretrained(strength=1.0), Spy()
+    fit(module, [callback, spy], tmp_path, max_steps=2)
+    assert callback.regularised_names == spy.snapshot_names == ["net.2.weight", "net.2.bias"]
+    with pytest.raises(MisconfigurationException, match=r"selects no trainable parameter of Regression \(2 match but"):
+        frozen = Regression()
+        frozen.net[0].requires_grad_(False)
+        fit(frozen, [L2ToPretrained(include=[r"net\.0"])], tmp_path, max_steps=1)
+
+
+def test_a_module_without_trainable_parameters_is_refused_before_training(tmp_path: Path) -> None:
+    module = Regression()
+    module.requires_grad_(False)
+    with pytest.raises(MisconfigurationException, match=r"L2ToPretrained: no parameter of Regression is trainable"):
+        fit(module, [L2ToPretrained()], tmp_path, max_steps=1)

@@ -112,14 +112,73 @@ def test_a_selection_of_nothing_is_refused() -> None:
     ("kwargs", "message"),
     [
         ({"every_n_train_steps": -1}, "every_n_train_steps=-1"),
-        ({"include": "attention"}, "lists of patterns"),
-        ({"exclude": ["("]}, "neither a role"),
+        ({"exclude": ["("]}, r"exclude=\['\('\] is invalid.*not a valid regular expression"),
         ({"snapshot_dtype": "int8"}, "snapshot_dtype='int8'"),
+        ({"every_n_train_steps": True}, r"every_n_train_steps=True is invalid; the valid range is an integer >= 0"),
+        ({"every_n_train_steps": "50"}, r"every_n_train_steps='50' is invalid"),
+        ({"every_n_train_steps": 2.5}, r"every_n_train_steps=2.5 is invalid"),
+        ({"include": [None]}, r"include=\[None\] is invalid.*Entry None is not a string"),
+        ({"snapshot_dtype": torch.int64}, r"snapshot_dtype=torch.int64 is invalid.*'float16'"),
+        ({"device": "gpu0"}, r"device='gpu0' is invalid.*torch cannot parse it"),
+        ({"report": "false"}, r"report='false' is invalid; the valid range is True or False"),
+        ({"report_dir": 3}, r"report_dir=3 is invalid; the valid range is a directory path"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(MisconfigurationException, match=message):
         ParameterDrift(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_at_construction() -> None:
+    with pytest.raises(MisconfigurationException, match=r"ParameterDrift\(\): device='cuda' is invalid.*'cpu' or None"):
+        ParameterDrift(device="cuda")
+
+
+@pytest.mark.parametrize("value", ["float16", "torch.float16", "fp16", torch.float16])
+def test_snapshot_dtype_takes_the_same_forms_as_the_other_callbacks(value: Any) -> None:
+    assert ParameterDrift(snapshot_dtype=value).snapshot_dtype is torch.float16
+
+
+def test_a_single_pattern_string_is_one_pattern(moved_toy: tuple[ParameterDrift, Toy]) -> None:
+    _, toy = moved_toy
+    drift = ParameterDrift(include="embedding", exclude=r"\.bias$", report=False)
+    drift.on_fit_start(FakeTrainer(), toy)  # type: ignore[arg-type]
+    assert drift._names == ["embed.weight"]
+    PretrainedSnapshot.detach(toy, owner=drift)
+
+
+def test_a_pattern_that_matches_nothing_is_warned_about_with_the_near_role(
+    moved_toy: tuple[ParameterDrift, Toy],
+) -> None:
+    _, toy = moved_toy
+    drift = ParameterDrift(include=["embeddings", "other"], report=False)
+    with pytest.warns(
+        UserWarning, match=r"include entries \['embeddings'\] match no parameter.*did you mean 'embedding'"
+    ):
+        drift.on_fit_start(FakeTrainer(), toy)  # type: ignore[arg-type]
+    PretrainedSnapshot.detach(toy, owner=drift)
+
+
+def test_tensors_the_module_froze_are_measured_with_zero_drift(moved_toy: tuple[ParameterDrift, Toy]) -> None:
+    toy = Toy()
+    toy.embed.requires_grad_(False)
+    drift = ParameterDrift(report=False)
+    drift.on_fit_start(FakeTrainer(), toy)  # type: ignore[arg-type]
+    with torch.no_grad():
+        toy.out.bias[3] = 2.0  # Δ = -2 on a trainable tensor; the frozen embedding stays put
+    groups = drift.compute(toy)
+    assert "embed.weight" in drift._names
+    assert groups["role"]["embedding"].relative_l2 == 0.0 and groups["role"]["embedding"].numel == 6
+    assert groups["overall"]["all"].relative_l2 == pytest.approx(2 / math.sqrt(37.0))  # θ₀ of all 22 entries
+    PretrainedSnapshot.detach(toy, owner=drift)
+
+
+def test_a_module_without_trainable_parameters_is_refused_before_training() -> None:
+    toy = Toy()
+    toy.requires_grad_(False)
+    with pytest.raises(MisconfigurationException, match=r"ParameterDrift: no parameter of Toy is trainable.*element 0"):
+        ParameterDrift(report=False).on_fit_start(FakeTrainer(), toy)  # type: ignore[arg-type]
 
 
 def test_top_level_modules_look_through_wrappers() -> None:

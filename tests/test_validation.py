@@ -8,7 +8,17 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lit_mofo._validation import as_dtype, as_float, as_int, as_patterns, matches, unmatched_patterns_message
+from lit_mofo._validation import (
+    as_bool,
+    as_choice,
+    as_device,
+    as_dtype,
+    as_float,
+    as_int,
+    as_patterns,
+    matches,
+    unmatched_patterns_message,
+)
 
 WHERE = "Thing()"
 
@@ -78,6 +88,13 @@ def test_unmatched_patterns_message_suggests_the_near_vocabulary_word() -> None:
     assert "'wte.weight'" in message
 
 
+def test_unmatched_patterns_message_suggests_nothing_for_a_vocabulary_word_that_matched_nothing() -> None:
+    message = unmatched_patterns_message(
+        ["norm"], where=WHERE, argument="include", vocabulary=("bias", "norm"), names=["wte.weight"]
+    )
+    assert "['norm'] match no parameter" in message and "did you mean" not in message
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -100,3 +117,37 @@ def test_as_dtype_accepts_the_same_forms_everywhere(value: object, expected: tor
 def test_as_dtype_refuses_what_is_not_a_floating_point_dtype(value: object) -> None:
     with pytest.raises(ValueError, match=r"snapshot_dtype=.* is invalid; the valid range is one of \['float64'"):
         as_dtype(value, where=WHERE, argument="snapshot_dtype")
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_as_bool_takes_only_real_booleans(value: object) -> None:
+    with pytest.raises(ValueError, match=r"Thing\(\): reset=.* is invalid; the valid range is True or False"):
+        as_bool(value, where=WHERE, argument="reset")
+    assert as_bool(False, where=WHERE, argument="reset") is False
+
+
+def test_as_bool_tells_yaml_users_to_drop_the_quotes() -> None:
+    with pytest.raises(ValueError, match=r"without quotes in YAML"):
+        as_bool("false", where=WHERE, argument="reset")
+
+
+def test_as_choice_names_the_choices_and_refuses_a_bool_for_a_word() -> None:
+    assert as_choice("l1", where=WHERE, argument="norm", choices=("l2", "l1")) == "l1"
+    for value in ("L2", True, None):
+        with pytest.raises(ValueError, match=r"norm=.* is invalid; the valid range is one of \('l2', 'l1'\)"):
+            as_choice(value, where=WHERE, argument="norm", choices=("l2", "l1"))
+
+
+def test_as_device_takes_cpu_and_none_and_refuses_what_this_machine_lacks() -> None:
+    assert as_device("cpu", where=WHERE, argument="device") == torch.device("cpu")
+    assert as_device(torch.device("cpu"), where=WHERE, argument="device") == torch.device("cpu")
+    assert as_device(None, where=WHERE, argument="device") is None
+    for value, reason in (("gpu0", "torch cannot parse it"), ("meta", "holds no values"), (3, "")):
+        with pytest.raises(ValueError, match=rf"device=.* is invalid.*{reason}"):
+            as_device(value, where=WHERE, argument="device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a build without CUDA")
+def test_as_device_refuses_cuda_on_a_build_without_it_naming_the_fix() -> None:
+    with pytest.raises(MisconfigurationException, match=r"device='cuda' is invalid.*no usable 'cuda' device.*'cpu'"):
+        as_device("cuda", where=WHERE, argument="device", error=MisconfigurationException)

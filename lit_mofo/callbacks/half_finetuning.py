@@ -2,15 +2,15 @@ r"""Half Fine-Tuning (HFT, arXiv 2404.18466) as a callback: train half of the ma
 
 Add :class:`HalfFineTuning` to any Trainer; the LightningModule, its model (a transformers model or plain torch) and
 its optimizer (MoFO or any torch optimizer) stay as they are. At the start of fit the callback finds the model's
-transformer blocks (:mod:`lit_mofo.blocks`), draws which matrices of each block stay frozen, and keeps them frozen
-until the next draw, if any.
+transformer blocks (:mod:`lit_mofo.blocks`), draws which of the matrices the module left trainable stay frozen, and
+keeps them frozen until the next draw, if any.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -20,12 +20,22 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lit_mofo._validation import (
+    as_bool,
+    as_choice,
+    as_dtype,
+    as_float,
+    as_int,
+    as_patterns,
+    matches,
+    unmatched_patterns_message,
+)
 from lit_mofo.blocks import ROLES, ModelLayout, detect_layout
+from lit_mofo.params import check_trainable, forget_initial_requires_grad, record_initial_requires_grad
 from lit_mofo.snapshot import PretrainedSnapshot
 
 __all__ = ["HalfFineTuning"]
@@ -39,12 +49,6 @@ OptimizerStatePolicy = Literal["keep", "reset"]
 GRANULARITIES: tuple[str, ...] = ("category", "layer", "tensor")
 MODES: tuple[str, ...] = ("freeze", "mask")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _CATEGORIES = ("attention", "ffn", "norm")
 
 Unit = tuple[str, ...]  # parameter names that are frozen and unfrozen together (a matrix and its bias, a norm layer)
@@ -75,10 +79,36 @@ def _spread(per_block: Sequence[Sequence[Unit]], share: float, generator: torch.
     return frozen
 
 
+def _by_size(units: Sequence[Unit], sizes: Sequence[int], share: float, generator: torch.Generator) -> list[Unit]:
+    """Freeze whole units, chosen at random, until about ``share`` of their parameters (by entry count) are frozen.
+
+    The units are visited in a random order and each is frozen if that brings the frozen count closer to
+    ``share * total``, so the result misses the target by at most half of the largest unit (on a tie the unit stays
+    trainable). Units of one size give ``round(n * share)`` units, rounded down at exactly .5.
+    """
+    target = share * sum(sizes)
+    frozen: list[Unit] = []
+    count = 0
+    for index in torch.randperm(len(units), generator=generator).tolist():
+        if abs(count + sizes[index] - target) < abs(count - target):
+            frozen.append(units[index])
+            count += sizes[index]
+    return frozen
+
+
 class HalfFineTuning(Callback):
     r"""Half Fine-Tuning: in every round half of the model's matrices train and the other half stay frozen.
 
-    **Selection** (``granularity``), redrawn at every draw from a seeded generator:
+    **Which tensors**: only those the module left trainable. A parameter with ``requires_grad=False`` when the fit
+    starts (frozen embeddings, a frozen base under an adapter, blocks frozen by the module) is not the callback's
+    business: it stays frozen, takes part in no draw and no count below, and a ``rank_zero_info`` at the start of
+    fit names how many such tensors there are and which. The callbacks' answer to "which tensors does the user
+    train" is :func:`lit_mofo.params.initial_requires_grad`, the flags as they were before this callback changed
+    any, so :class:`~lit_mofo.L2ToPretrained`, :class:`~lit_mofo.ParameterDrift` and
+    :class:`~lit_mofo.callbacks.mofo_callback.MoFOCallback` see the same set whether they are listed before or
+    after this callback. A module with no trainable parameter is refused at the start of fit.
+
+    **Selection** (``granularity``), redrawn at every draw from a seeded generator, among the trainable tensors:
 
     - ``"category"`` (the paper's): per transformer block, half of the attention matrices, half of the FFN matrices
       and half of the norm layers are frozen. For Llama that is 2 of {q, k, v, o} trainable; of {gate, up, down} 2
@@ -101,16 +131,22 @@ class HalfFineTuning(Callback):
       3/4 or 1/4 of its attention weights. A matrix's bias is frozen with it; a norm layer's weight and bias go
       together. Block parameters that are none of these (an adapter in a known block) stay trainable.
     - ``"layer"``: ``round(B·(1-ratio))`` of the ``B`` blocks are frozen whole.
-    - ``"tensor"``: ``round(N·(1-ratio))`` of the ``N`` units (a matrix with its bias, a norm layer, any other
-      parameter outside the embeddings and head) are frozen, anywhere in the model.
+    - ``"tensor"``: whole units (a matrix with its bias, a norm layer, any other parameter outside the embeddings and
+      head), anywhere in the model, chosen at random until about ``1-ratio`` of their parameters (by entry count,
+      not by tensor count) are frozen: the share misses the target by at most half of the largest unit, and each
+      draw's summary states the share it reached.
 
     Embeddings and the output head (not tied to the embeddings) are trainable unless ``train_embeddings`` /
-    ``train_head`` is False; the rest outside the blocks (final norm, pooler, ...) is trainable. A model whose blocks
-    are not recognised by name gets the generic rule, and one without blocks the tensor level, each with a warning.
+    ``train_head`` is False; the rest outside the blocks (final norm, pooler, ...) is trainable. Every block stack
+    counts (an encoder and a decoder, see :func:`lit_mofo.blocks.detect_layout`). A model whose blocks are not
+    recognised by name gets the generic rule, and one without blocks the tensor level, each with a warning.
     ``always_trainable`` and ``always_frozen`` override the draw for the parameters they name.
 
     **When**: once at the start of fit (the paper's "per stage": every ``trainer.fit`` draws anew), and again every
-    ``redraw_every_n_steps`` optimizer steps and/or at the start of every ``redraw_every_n_epochs``-th epoch.
+    ``redraw_every_n_steps`` optimizer steps and/or at the start of every ``redraw_every_n_epochs``-th epoch. A step
+    re-draw happens when the next step's batch starts (``on_train_batch_start``), so whatever runs at the end of a
+    step (:class:`~lit_mofo.ForgettingMonitor`, :class:`~lit_mofo.ParameterDrift`, ``ModelCheckpoint``) sees the
+    weights that step produced, before any reset, whatever the callback order; no draw follows the last step.
 
     **How** (``mode``):
 
@@ -125,7 +161,8 @@ class HalfFineTuning(Callback):
     optimizers, MoFO included, skip tensors whose ``grad`` is None), and a tensor that trains again continues from
     its old moments; ``"reset"`` deletes it (``optimizer.state.pop(p)``) whenever the tensor is frozen, so the
     optimizer holds state only for the trainable tensors and re-initialises it when one trains again. The optimizer
-    must hold every parameter: the callback, not ``configure_optimizers``, decides which ones train.
+    must hold every parameter the module left trainable (the draw decides which of them train);
+    ``configure_optimizers`` may leave out the frozen ones, e.g. by filtering on ``requires_grad``.
 
     **Resets** (``reset=True``): a matrix frozen at a re-draw is restored to its pre-trained value (its value at the
     start of fit), as in the paper's pilot experiment. The values come from the shared
@@ -136,13 +173,19 @@ class HalfFineTuning(Callback):
     checkpoint written by ``trainer.save_checkpoint`` after ``fit`` returns has no pre-trained values and cannot
     resume a ``reset=True`` run.
 
-    **State**: :attr:`trainable_names`, :attr:`frozen_names`, :attr:`trainable_fraction` (by parameter count) and
+    **Seed**: ``seed`` if given; otherwise the seed of Lightning's ``seed_everything`` (the ``PL_GLOBAL_SEED``
+    variable it sets), or 0 without one. Nothing else counts - not ``torch.manual_seed`` in the module's
+    ``__init__``, not the re-seeding that DDP does - so one script draws the same halves on 1 and on N processes.
+    Rank zero's seed is broadcast, and the draws use their own generator, never the global RNG.
+
+    **State**: :attr:`trainable_names`, :attr:`frozen_names` (frozen by this callback), :attr:`left_frozen_names`
+    (frozen by the module), :attr:`trainable_fraction` (share of all parameters, by count, that train now) and
     :attr:`history` (one entry per draw); each draw logs ``hft/trainable_fraction`` to the trainer's loggers, a
-    summary with ``rank_zero_info`` (the first draw of a fit) and, at every draw, the trainable tensors at debug
-    level (logger ``lit_mofo.callbacks.half_finetuning``). ``state_dict()``
-    holds the selection, the counters and the generator state, so a run resumed from a mid-run checkpoint draws
-    the same selections at the same steps and restores the ``requires_grad`` flags. At the end of fit every
-    ``requires_grad`` flag is set back to what it was before.
+    summary with ``rank_zero_info`` (the first draw of a fit: how much trains, and which share of the tensors it
+    draws from it froze against the ``1-ratio`` asked) and, at every draw, the trainable tensors at debug level
+    (logger ``lit_mofo.callbacks.half_finetuning``). ``state_dict()`` holds the selection, the counters and the
+    generator state, so a run resumed from a mid-run checkpoint draws the same selections at the same steps and
+    restores the ``requires_grad`` flags. At the end of fit every ``requires_grad`` flag is set back to what it was.
 
     .. warning:: ``FSDPStrategy``, ``ModelParallelStrategy`` and ``DeepSpeedStrategy`` are refused: FSDP shards
         each tensor across ranks (and with ``use_orig_params=True`` still allocates gradients for frozen tensors),
@@ -150,7 +193,7 @@ class HalfFineTuning(Callback):
 
     .. warning:: Under DDP, ``mode="freeze"`` needs ``find_unused_parameters=True`` (the strategy string
         ``"ddp_find_unused_parameters_true"``), and ``static_graph=True`` cannot follow re-draws in that mode. The
-        callback freezes after DDP wrapped the model, so every parameter is registered with DDP.
+        callback freezes after DDP wrapped the model, so every parameter it may train is registered with DDP.
 
     Args:
         ratio: share of each category that trains, in (0, 1); the paper uses 0.5 and reports the method holding
@@ -168,10 +211,11 @@ class HalfFineTuning(Callback):
             ``pl_module.named_parameters()``) or role names (``attention``, ``ffn``, ``norm``, ``embedding``,
             ``head``, ``other``, see :func:`lit_mofo.blocks.parameter_roles`).
         always_frozen: parameters frozen for the whole fit, named the same way.
-        seed: seeds the draws; None takes ``torch.initial_seed()`` (set by ``seed_everything``) from rank 0.
-            The draws use their own generator, never the global RNG.
+        seed: seeds the draws, an integer >= 0; None takes the seed of ``seed_everything`` (``PL_GLOBAL_SEED``),
+            or 0 if it was not called (see **Seed** above).
         snapshot_dtype: dtype of the pre-trained copies for ``reset``: ``"float32"``, ``"bfloat16"``, ``"float16"``,
-            ``"float64"``, a ``torch.dtype``, or None for each parameter's own dtype.
+            ``"float64"`` (also as ``"torch.bfloat16"``, ``"bf16"``, ``"fp16"``, ...), a ``torch.dtype``, or None for
+            each parameter's own dtype.
 
     Example::
 
@@ -206,64 +250,71 @@ class HalfFineTuning(Callback):
         optimizer_state: OptimizerStatePolicy = "keep",
         train_embeddings: bool = True,
         train_head: bool = True,
-        always_trainable: Sequence[str] = (),
-        always_frozen: Sequence[str] = (),
+        always_trainable: str | Sequence[str] = (),
+        always_frozen: str | Sequence[str] = (),
         seed: int | None = None,
         snapshot_dtype: str | torch.dtype | None = None,
     ) -> None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-            raise MisconfigurationException(
-                f"`HalfFineTuning(ratio={ratio!r})`: the trainable share must be a number in (0, 1), e.g. 0.5 (the "
-                "paper's; it reports 0.4-0.6 working). For full fine-tuning remove the callback."
-            )
-        if granularity not in GRANULARITIES:
-            raise MisconfigurationException(
-                f"`HalfFineTuning(granularity={granularity!r})` is not one of {GRANULARITIES}."
-            )
-        if mode not in MODES:
-            raise MisconfigurationException(
-                f"`HalfFineTuning(mode={mode!r})` is not one of {MODES}: 'freeze' sets requires_grad=False "
-                "(saves compute), 'mask' drops gradients before the optimizer step (works on every strategy)."
-            )
-        if optimizer_state not in OPTIMIZER_STATE_POLICIES:
-            raise MisconfigurationException(
-                f"`HalfFineTuning(optimizer_state={optimizer_state!r})` is not one of {OPTIMIZER_STATE_POLICIES}."
-            )
-        for name, every in (
-            ("redraw_every_n_steps", redraw_every_n_steps),
-            ("redraw_every_n_epochs", redraw_every_n_epochs),
-        ):
-            if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-                raise MisconfigurationException(
-                    f"`HalfFineTuning({name}={every!r})` must be a positive integer, or None to never re-draw."
-                )
-        if reset and redraw_every_n_steps is None and redraw_every_n_epochs is None:
+        where, error = "HalfFineTuning()", MisconfigurationException
+        ratio = as_float(
+            ratio,
+            where=where,
+            argument="ratio",
+            minimum=0.0,
+            maximum=1.0,
+            min_inclusive=False,
+            max_inclusive=False,
+            fix="Give the trainable share as a number in (0, 1), e.g. 0.5 (the paper's; it reports 0.4-0.6 working). "
+            "For full fine-tuning remove the callback.",
+            error=error,
+        )
+        self.granularity: Granularity = as_choice(
+            granularity, where=where, argument="granularity", choices=GRANULARITIES, error=error
+        )
+        self.mode: Mode = as_choice(
+            mode,
+            where=where,
+            argument="mode",
+            choices=MODES,
+            fix="'freeze' sets requires_grad=False (saves compute), 'mask' drops gradients before the optimizer step "
+            "(works on every strategy).",
+            error=error,
+        )
+        self.optimizer_state: OptimizerStatePolicy = as_choice(
+            optimizer_state, where=where, argument="optimizer_state", choices=OPTIMIZER_STATE_POLICIES, error=error
+        )
+        self.redraw_every_n_steps = self._every("redraw_every_n_steps", redraw_every_n_steps)
+        self.redraw_every_n_epochs = self._every("redraw_every_n_epochs", redraw_every_n_epochs)
+        self.reset = as_bool(reset, where=where, argument="reset", error=error)
+        self.train_embeddings = as_bool(train_embeddings, where=where, argument="train_embeddings", error=error)
+        self.train_head = as_bool(train_head, where=where, argument="train_head", error=error)
+        if self.reset and not self._redraws:
             raise MisconfigurationException(
                 "`HalfFineTuning(reset=True)` restores matrices to their pre-trained values when a re-draw freezes "
                 "them, but neither `redraw_every_n_steps` nor `redraw_every_n_epochs` is set, so nothing would ever "
                 "be reset. Set one of them (e.g. `redraw_every_n_steps=500`), or drop `reset=True`."
             )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise MisconfigurationException(f"`HalfFineTuning(seed={seed!r})` must be an integer or None.")
-        self._always_trainable = self._validate_patterns("always_trainable", always_trainable)
-        self._always_frozen = self._validate_patterns("always_frozen", always_frozen)
+        self.seed = (
+            None
+            if seed is None
+            else as_int(
+                seed,
+                where=where,
+                argument="seed",
+                minimum=0,
+                fix="Or None for the seed of `seed_everything` (0 without one).",
+                error=error,
+            )
+        )
+        self._always_trainable = self._patterns("always_trainable", always_trainable)
+        self._always_frozen = self._patterns("always_frozen", always_frozen)
         both = sorted(set(self._always_trainable) & set(self._always_frozen))
         if both:
             raise MisconfigurationException(
                 f"`HalfFineTuning`: {both} are in both `always_trainable` and `always_frozen`; keep each in one."
             )
-
-        self.ratio = float(ratio)
-        self.granularity: Granularity = granularity
-        self.mode: Mode = mode
-        self.redraw_every_n_steps = redraw_every_n_steps
-        self.redraw_every_n_epochs = redraw_every_n_epochs
-        self.reset = reset
-        self.optimizer_state: OptimizerStatePolicy = optimizer_state
-        self.train_embeddings = train_embeddings
-        self.train_head = train_head
-        self.seed = seed
-        self.snapshot_dtype = self._validate_dtype(snapshot_dtype)
+        self.ratio = ratio
+        self.snapshot_dtype = as_dtype(snapshot_dtype, where=where, argument="snapshot_dtype", error=error)
 
         # Fixed for one fit, rebuilt in on_fit_start.
         self._layout: ModelLayout | None = None
@@ -274,6 +325,7 @@ class HalfFineTuning(Callback):
         self._fixed_frozen: set[str] = set()
         self._fixed_trainable: set[str] = set()
         self._original_requires_grad: dict[str, bool] = {}
+        self._managed: tuple[str, ...] = ()  # the tensors the module left trainable: the ones the callback draws among
         self._frozen_params: list[nn.Parameter] = []
         self._snapshot: PretrainedSnapshot | None = None
         # Carried by state_dict().
@@ -286,56 +338,60 @@ class HalfFineTuning(Callback):
         self._history: list[dict[str, float | int]] = []
         self._restored = False
 
-    # ------------------------------------------------------------------ validation helpers
     @staticmethod
-    def _validate_patterns(argument: str, patterns: Sequence[str]) -> tuple[str, ...]:
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        for pattern in patterns:
-            if pattern in ROLES:
-                continue
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as error:
-                raise MisconfigurationException(
-                    f"`HalfFineTuning({argument}=[..., {pattern!r}, ...])`: not a role name {ROLES} nor a valid "
-                    f"regular expression ({error})."
-                ) from error
-        return tuple(patterns)
+    def _every(argument: str, every: int | None) -> int | None:
+        if every is None:
+            return None
+        return as_int(
+            every,
+            where="HalfFineTuning()",
+            argument=argument,
+            minimum=1,
+            fix="Give a positive integer, or None to never re-draw.",
+            error=MisconfigurationException,
+        )
 
     @staticmethod
-    def _validate_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-        if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES.values()):
-            return dtype
-        if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-            return _DTYPES[dtype.removeprefix("torch.")]
-        raise MisconfigurationException(
-            f"`HalfFineTuning(snapshot_dtype={dtype!r})` is not one of {(*_DTYPES, None)} (or the torch.dtype)."
+    def _patterns(argument: str, patterns: str | Sequence[str]) -> tuple[str, ...]:
+        checked = as_patterns(
+            patterns, where="HalfFineTuning()", argument=argument, vocabulary=ROLES, error=MisconfigurationException
         )
+        return checked or ()
 
     # ------------------------------------------------------------------ public state
     @property
     def frozen_names(self) -> tuple[str, ...]:
-        """Names (as in ``pl_module.named_parameters()``) of the tensors frozen now."""
+        """Names (as in ``pl_module.named_parameters()``) of the tensors this callback keeps frozen now: the draw,
+        ``always_frozen`` and ``train_embeddings``/``train_head=False``. The module's own frozen tensors are in
+        :attr:`left_frozen_names`."""
         return self._frozen
+
+    @property
+    def left_frozen_names(self) -> tuple[str, ...]:
+        """Names of the tensors the module had frozen (``requires_grad=False``) at the start of fit: the callback
+        leaves them frozen and out of every draw."""
+        managed = set(self._managed)
+        return tuple(name for name in self._params if name not in managed)
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
         """Names of the tensors that train now (empty before the first draw)."""
         frozen = set(self._frozen)
-        return tuple(name for name in self._params if name not in frozen)
+        return tuple(name for name in self._managed if name not in frozen)
 
     @property
     def trainable_fraction(self) -> float:
-        """Share of the module's parameters (by count of entries) that train now."""
+        """Share of all the module's parameters (by count of entries) that train now; the tensors the module froze
+        itself count as not training."""
         if not self._numel_total:
             return 1.0
-        frozen = sum(self._params[name].numel() for name in self._frozen)
-        return 1.0 - frozen / self._numel_total
+        return sum(self._params[name].numel() for name in self.trainable_names) / self._numel_total
 
     @property
     def history(self) -> list[dict[str, float | int]]:
-        """One entry per draw: ``draw``, ``step``, ``epoch``, ``trainable_fraction``, ``frozen_tensors``."""
+        """One entry per draw: ``draw``, ``step``, ``epoch``, ``trainable_fraction``, ``frozen_tensors`` (frozen by
+        this callback) and ``drawn_frozen_fraction`` (the share, by count of entries, of the tensors it draws from
+        that this draw froze; the target is ``1 - ratio``)."""
         return [dict(entry) for entry in self._history]
 
     @property
@@ -391,12 +447,16 @@ class HalfFineTuning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The module's own choice of what trains, recorded before any flag changes; the other lit_mofo callbacks
+        # read the same record (lit_mofo.params.initial_requires_grad), whichever runs first.
+        check_trainable(pl_module, where="HalfFineTuning", error=MisconfigurationException)
+        self._original_requires_grad = record_initial_requires_grad(pl_module)
         self._params = dict(pl_module.named_parameters())
+        self._managed = tuple(name for name, trainable in self._original_requires_grad.items() if trainable)
         self._numel_total = sum(p.numel() for p in self._params.values())
-        self._original_requires_grad = {name: p.requires_grad for name, p in self._params.items()}
         self._build_plan(pl_module)
         self._check_optimizers(trainer)
-        self._check_ddp_registration(trainer)
+        self._report_left_frozen()
 
         if self.reset:
             self._snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
@@ -410,6 +470,8 @@ class HalfFineTuning(Callback):
                     f"The checkpoint's HalfFineTuning selection names {unknown[:3]}, which are not parameters of "
                     f"{type(pl_module).__name__}; resume with the model that wrote the checkpoint."
                 )
+            left_frozen = set(self.left_frozen_names)
+            self._frozen = tuple(name for name in self._frozen if name not in left_frozen)
             self._apply(trainer, newly_frozen=())
             rank_zero_info(
                 f"HalfFineTuning: resumed draw {self._draws} (step {self._last_draw_step}); "
@@ -418,7 +480,7 @@ class HalfFineTuning(Callback):
             return
 
         if self._generator is None:
-            seed = self.seed if self.seed is not None else torch.initial_seed() % 2**63
+            seed = self.seed if self.seed is not None else _default_seed()
             self._resolved_seed = int(trainer.strategy.broadcast(seed, src=0))
             self._generator = torch.Generator().manual_seed(self._resolved_seed)
         self._frozen = ()  # a new fit is a new stage: draw anew, with the generator continuing
@@ -430,15 +492,18 @@ class HalfFineTuning(Callback):
         epoch = trainer.current_epoch
         if every is None or epoch == 0 or epoch % every or epoch == self._last_draw_epoch:
             return
-        if trainer.global_step == self._last_draw_step:  # the step schedule just drew here
+        if trainer.global_step == self._last_draw_step:  # the step schedule already drew at this step
             self._last_draw_epoch = epoch
             return
         self._draw(trainer, pl_module)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # The draw for the steps from `global_step` on, made when their first batch starts: what runs at the end of
+        # the previous step (measurements, checkpoints) saw that step's weights in either callback order, and a
+        # checkpoint written there resumes into this same draw.
         every = self.redraw_every_n_steps
         step = trainer.global_step
         if every is None or step == 0 or step % every or step == self._last_draw_step:
@@ -467,6 +532,8 @@ class HalfFineTuning(Callback):
         """End of fit: give back the ``requires_grad`` flags as they were and the hold on the snapshot."""
         for name, requires_grad in self._original_requires_grad.items():
             self._params[name].requires_grad_(requires_grad)
+        if self._original_requires_grad:
+            forget_initial_requires_grad(pl_module)
         self._original_requires_grad = {}
         self._frozen_params = []
         if self._snapshot is not None or PretrainedSnapshot.get(pl_module) is not None:
@@ -539,9 +606,9 @@ class HalfFineTuning(Callback):
             granularity = "tensor"
             rank_zero_warn(
                 f"HalfFineTuning found no transformer blocks in {type(pl_module).__name__} (no nn.ModuleList of "
-                "repeated modules with 2+ weight matrices each), so it freezes a random "
-                f"{1 - self.ratio:.0%} of its weight tensors (tensor level) instead of "
-                f"{self.granularity!r} level."
+                "repeated modules with 2+ weight matrices each), so it freezes whole tensors at random until about "
+                f"{1 - self.ratio:.0%} of their parameters are frozen (tensor level) instead of {self.granularity!r} "
+                "level; each draw's summary gives the share it reached."
             )
         elif layout.architecture == "generic":
             first = layout.blocks[0]
@@ -554,53 +621,66 @@ class HalfFineTuning(Callback):
             )
         self._effective_granularity = granularity
 
+        managed = set(self._managed)
+
+        def trainable(names: Iterable[str]) -> Unit:
+            return tuple(name for name in names if name in managed)
+
         block_units: list[dict[str, list[Unit]]] = []
         for block in layout.blocks:
             biases = {bias for _, bias in block.biases}
             units = {
-                "attention": [(matrix, *block.bias_of(matrix)) for matrix in block.attention],
-                "ffn": [(matrix, *block.bias_of(matrix)) for matrix in block.ffn],
-                "norm": [tuple(group) for group in block.norm_modules],
-                "rest": [(name,) for name in block.other if name not in biases],
+                "attention": [trainable((matrix, *block.bias_of(matrix))) for matrix in block.attention],
+                "ffn": [trainable((matrix, *block.bias_of(matrix))) for matrix in block.ffn],
+                "norm": [trainable(group) for group in block.norm_modules],
+                "rest": [trainable((name,)) for name in block.other if name not in biases],
             }
-            block_units.append(units)
+            # A unit the module froze entirely is not drawn: the shares count the trainable ones.
+            block_units.append({key: [unit for unit in values if unit] for key, values in units.items()})
         if granularity == "category":
             self._plan = {category: [units[category] for units in block_units] for category in _CATEGORIES}
         elif granularity == "layer":
-            self._plan = {"units": [tuple(block.parameters) for block in layout.blocks]}
+            layers = [trainable(block.parameters) for block in layout.blocks]
+            self._plan = {"units": [unit for unit in layers if unit]}
         else:
             units = [unit for units in block_units for key in (*_CATEGORIES, "rest") for unit in units[key]]
             by_module: dict[str, list[str]] = {}
-            for name in layout.other:
+            for name in trainable(layout.other):
                 by_module.setdefault(name.rpartition(".")[0], []).append(name)
             units.extend(tuple(names) for names in by_module.values())
             self._plan = {"units": units}
 
         roles = layout.roles()
-        self._fixed_trainable = self._match("always_trainable", self._always_trainable, roles)
-        self._fixed_frozen = self._match("always_frozen", self._always_frozen, roles)
+        self._fixed_trainable = self._match("always_trainable", self._always_trainable, roles) & managed
+        self._fixed_frozen = self._match("always_frozen", self._always_frozen, roles) & managed
         if not self.train_embeddings:
-            self._fixed_frozen.update(layout.embeddings)
+            self._fixed_frozen.update(trainable(layout.embeddings))
         if not self.train_head:
-            self._fixed_frozen.update(layout.head)
+            self._fixed_frozen.update(trainable(layout.head))
         self._fixed_trainable -= self._fixed_frozen
+        if not self._drawable_names() - self._fixed_trainable - self._fixed_frozen:
+            rank_zero_warn(
+                f"HalfFineTuning has nothing to draw in {type(pl_module).__name__}: none of the tensors it draws from "
+                f"({self._effective_granularity} level) is trainable and outside always_trainable/always_frozen, so "
+                "it freezes only what always_frozen / train_embeddings=False / train_head=False name. Unfreeze the "
+                "blocks to fine-tune them with HFT, or drop the callback."
+            )
 
     def _match(self, argument: str, patterns: Iterable[str], roles: dict[str, str]) -> set[str]:
         matched: set[str] = set()
+        unmatched: list[str] = []
         for pattern in patterns:
-            names = {
-                name
-                for name in self._params
-                if (roles.get(name) == pattern if pattern in ROLES else re.search(pattern, name) is not None)
-            }
+            names = {name for name in self._params if matches(pattern, name, roles.get(name, "other"), ROLES)}
             if not names:
-                example = next(iter(self._params), "")
-                raise MisconfigurationException(
-                    f"`HalfFineTuning({argument}=[..., {pattern!r}, ...])` matches no parameter. Patterns are role "
-                    f"names {ROLES} or regular expressions searched in the names of `pl_module.named_parameters()` "
-                    f"(e.g. {example!r}); roles present: {sorted(set(roles.values()))}."
-                )
+                unmatched.append(pattern)
             matched |= names
+        if unmatched:
+            raise MisconfigurationException(
+                unmatched_patterns_message(
+                    unmatched, where="HalfFineTuning()", argument=argument, vocabulary=ROLES, names=list(self._params)
+                )
+                + f" Roles present: {sorted(set(roles.values()))}."
+            )
         return matched
 
     def _drawable_names(self) -> set[str]:
@@ -615,7 +695,8 @@ class HalfFineTuning(Callback):
         if not names:
             raise MisconfigurationException(
                 "`HalfFineTuning(reset=True)`: no tensor can be frozen by a re-draw (everything drawable is in "
-                "always_trainable/always_frozen), so there is nothing to reset. Drop `reset=True`."
+                "always_trainable/always_frozen or frozen by the module), so there is nothing to reset. Drop "
+                "`reset=True`."
             )
         unsnapshotable = [
             name
@@ -637,39 +718,34 @@ class HalfFineTuning(Callback):
             id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]
         }
         missing = [
-            name for name, p in self._params.items() if id(p) not in in_optimizer and name not in self._fixed_frozen
+            name
+            for name in self._managed
+            if id(self._params[name]) not in in_optimizer and name not in self._fixed_frozen
         ]
         if not missing:
             return
-        started_frozen = [name for name in missing if not self._original_requires_grad[name]]
-        reason = (
-            f"they had requires_grad=False when the optimizer was built ({len(started_frozen)} of them), so "
-            "`configure_optimizers` seems to filter by `requires_grad`. "
-            if started_frozen
-            else ""
-        )
         raise MisconfigurationException(
-            f"HalfFineTuning decides which tensors train, but {len(missing)} parameters that it may train are in no "
-            f"optimizer (e.g. {missing[0]!r}); {reason}Pass every parameter to the optimizer (`self.parameters()`; "
-            "frozen tensors get no gradient, so the optimizer leaves them alone). To keep tensors frozen for the "
-            "whole fit, name them in `always_frozen` (or set `train_embeddings=False` / `train_head=False`)."
+            f"HalfFineTuning draws among the trainable parameters, but {len(missing)} of them (requires_grad=True at "
+            f"the start of fit) are in no optimizer (e.g. {missing[0]!r}), so whichever half it picked would not be "
+            "the half that trains. Pass every trainable parameter to the optimizer (`self.parameters()`, or those "
+            "with `requires_grad`: frozen tensors get no gradient, so the optimizer leaves them alone); freeze the "
+            "ones that should not train (`requires_grad_(False)` before fit: the callback leaves them frozen), or "
+            "name them in `always_frozen`."
         )
 
-    def _check_ddp_registration(self, trainer: pl.Trainer) -> None:
-        if not isinstance(trainer.strategy, DDPStrategy) or trainer.world_size < 2:
+    def _report_left_frozen(self) -> None:
+        left_frozen = self.left_frozen_names
+        if not left_frozen:
             return
-        unregistered = [
-            name
-            for name, requires_grad in self._original_requires_grad.items()
-            if not requires_grad and name not in self._fixed_frozen
-        ]
-        if unregistered:
-            raise MisconfigurationException(
-                f"{len(unregistered)} parameters (e.g. {unregistered[0]!r}) had requires_grad=False when DDP wrapped "
-                "the model, so DDP never all-reduces their gradients and the ranks would drift apart if "
-                "HalfFineTuning trained them. Leave requires_grad=True before fit (the callback freezes after DDP "
-                "wrapped the model), or name them in `always_frozen`."
-            )
+        numel = sum(self._params[name].numel() for name in left_frozen)
+        shown = ", ".join(repr(name) for name in left_frozen[:5]) + (
+            f", ... ({len(left_frozen) - 5} more)" if len(left_frozen) > 5 else ""
+        )
+        rank_zero_info(
+            f"HalfFineTuning leaves alone the {len(left_frozen)} of {len(self._params)} parameter tensors "
+            f"({numel / self._numel_total:.1%} of the parameters) that had requires_grad=False at the start of fit: "
+            f"{shown}. They stay frozen and out of every draw, which picks among the other {len(self._managed)}."
+        )
 
     # ------------------------------------------------------------------ drawing and applying
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -677,13 +753,17 @@ class HalfFineTuning(Callback):
         share = 1.0 - self.ratio
         if self._effective_granularity == "category":
             drawn = [unit for category in _CATEGORIES for unit in _spread(self._plan[category], share, self._generator)]
+        elif self._effective_granularity == "tensor":
+            units = self._plan["units"]
+            sizes = [sum(self._params[name].numel() for name in unit) for unit in units]
+            drawn = _by_size(units, sizes, share, self._generator)
         else:
             units = self._plan["units"]
             count = _round_half_up(len(units) * share)
             drawn = [units[i] for i in torch.randperm(len(units), generator=self._generator)[:count].tolist()]
         frozen = ({name for unit in drawn for name in unit} | self._fixed_frozen) - self._fixed_trainable
         previous = set(self._frozen)
-        self._frozen = tuple(name for name in self._params if name in frozen)
+        self._frozen = tuple(name for name in self._managed if name in frozen)
         first = self._draws == 0 or not previous
         self._draws += 1
         self._last_draw_step = trainer.global_step
@@ -692,20 +772,29 @@ class HalfFineTuning(Callback):
         self._apply(trainer, newly_frozen=newly_frozen)
 
         fraction = self.trainable_fraction
+        pool = self._drawable_names() - self._fixed_trainable - self._fixed_frozen
+        drawable_numel = sum(self._params[name].numel() for name in pool)
+        drawn_frozen = sum(self._params[name].numel() for name in pool & frozen)
+        drawn_frozen_fraction = drawn_frozen / drawable_numel if drawable_numel else 0.0
         entry: dict[str, float | int] = {
             "draw": self._draws,
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "trainable_fraction": fraction,
             "frozen_tensors": len(self._frozen),
+            "drawn_frozen_fraction": drawn_frozen_fraction,
         }
         self._history.append(entry)
         for logger in trainer.loggers:
             logger.log_metrics({"hft/trainable_fraction": fraction, "hft/draw": self._draws}, step=trainer.global_step)
+        left_frozen = len(self._params) - len(self._managed)
         summary = (
             f"HalfFineTuning draw {self._draws} at step {trainer.global_step} ({self._effective_granularity} level, "
-            f"{self._layout.architecture if self._layout else '?'} layout): {fraction:.1%} of the parameters train, "
-            f"{len(self._frozen)} of {len(self._params)} tensors frozen."
+            f"{self._layout.architecture if self._layout else '?'} layout): {fraction:.1%} of the parameters train; "
+            f"it froze {len(self._frozen)} of the {len(self._managed)} trainable tensors"
+            + (f" ({left_frozen} more were frozen by the module)" if left_frozen else "")
+            + f", {drawn_frozen_fraction:.1%} of the parameters it draws from ({1 - self.ratio:.0%} asked"
+            + (", by matrix count per category)." if self._effective_granularity == "category" else ").")
         )
         if first:
             rank_zero_info(summary)
@@ -713,7 +802,10 @@ class HalfFineTuning(Callback):
             log.debug("%s Trainable: %s", summary, list(self.trainable_names))
 
     def _apply(self, trainer: pl.Trainer, newly_frozen: Sequence[str]) -> None:
-        """Make the current selection real: reset weights, optimizer state and ``requires_grad`` flags."""
+        """Make the current selection real: reset weights, optimizer state and ``requires_grad`` flags.
+
+        Only the tensors the module left trainable are touched; in ``"mask"`` mode no flag changes at all.
+        """
         frozen = set(self._frozen)
         if self.reset and newly_frozen:
             assert self._snapshot is not None
@@ -723,13 +815,19 @@ class HalfFineTuning(Callback):
             for optimizer in trainer.optimizers:
                 for name in self._frozen:
                     optimizer.state.pop(self._params[name], None)
-        for name, param in self._params.items():
-            if self.mode == "freeze":
-                param.requires_grad_(name not in frozen)
-            elif name not in frozen:
-                param.requires_grad_(True)
+        if self.mode == "freeze":
+            for name in self._managed:
+                self._params[name].requires_grad_(name not in frozen)
         self._frozen_params = [self._params[name] for name in self._frozen]
 
     @staticmethod
     def _unwrapped_module(trainer: pl.Trainer) -> pl.LightningModule:
         return trainer.lightning_module
+
+
+def _default_seed() -> int:
+    """The seed of ``seed_everything`` (Lightning records it in ``PL_GLOBAL_SEED`` for its worker processes), else 0."""
+    try:
+        return int(os.environ.get("PL_GLOBAL_SEED", "0")) % 2**63
+    except ValueError:
+        return 0

@@ -14,13 +14,22 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lit_mofo._validation import (
+    as_bool,
+    as_choice,
+    as_dtype,
+    as_float,
+    as_patterns,
+    matches,
+    unmatched_patterns_message,
+)
 from lit_mofo.callbacks.forgetting_monitor import refuse_sharded_strategy
-from lit_mofo.params import CATEGORIES, match_any, named_parameter_categories
+from lit_mofo.params import CATEGORIES, check_trainable, initial_requires_grad, named_parameter_categories
 from lit_mofo.snapshot import PretrainedSnapshot
 
 __all__ = ["L2ToPretrained"]
@@ -42,6 +51,13 @@ class L2ToPretrained(Callback):
     moments, like the MoFO paper's L1/L2 baselines. Parameters whose gradient is ``None`` that step (frozen by
     :class:`~lit_mofo.HalfFineTuning`, unused) are left alone.
 
+    **Which tensors**: those that match ``include``/``exclude`` among the parameters the module left trainable
+    (``requires_grad=True`` at the start of fit, as :func:`lit_mofo.params.initial_requires_grad` records it
+    before Half Fine-Tuning changes any flag). A tensor Half Fine-Tuning freezes now and trains after a re-draw is
+    regularised whenever it trains, whichever of the two callbacks is listed first, also in a resumed run. The
+    module's own frozen tensors are neither regularised nor copied; so a tensor that your own code unfreezes later
+    in the fit (e.g. Lightning's ``BackboneFinetuning``) gets no penalty.
+
     θ₀ comes from the shared :class:`~lit_mofo.snapshot.PretrainedSnapshot` (one copy per module, shared with
     Half Fine-Tuning's resets and :class:`~lit_mofo.ParameterDrift`; carried in checkpoints so a resumed run keeps
     the true θ₀). The snapshot is stored on the CPU; when the parameters live on an accelerator, this callback also
@@ -52,14 +68,19 @@ class L2ToPretrained(Callback):
        parameter, and θ₀ would have to be sliced the same way.
 
     Args:
-        strength: λ, the penalty's weight, > 0. The MoFO paper sweeps it over powers of ten (e.g. 1e-4 … 1e-1).
+        strength: λ, the penalty's weight, a finite number > 0. The MoFO paper sweeps it over powers of ten
+            (e.g. 1e-4 … 1e-1).
         norm: ``"l2"`` (default) or ``"l1"``.
-        include: parameters to regularise: names (regex searched in the qualified name) or categories
-            (``"weight"``, ``"bias"``, ``"norm"``, ``"embedding"``); default: all trainable parameters.
+        include: parameters to regularise: a pattern or a list of them, each a category (``"weight"``, ``"bias"``,
+            ``"norm"``, ``"embedding"``) or a regular expression searched in the qualified name (``"lm_head"`` is
+            one pattern); default: every trainable parameter. A pattern that matches no parameter is warned about;
+            a selection of no trainable parameter is refused at the start of fit.
         exclude: parameters not to regularise, same syntax.
-        snapshot_dtype: dtype of the stored θ₀; ``None`` keeps each parameter's dtype.
-        log_penalty: log ``l2_to_pretrained/penalty``, the penalty at the weights the step starts from (summed over
-            the tensors that have a gradient), alongside the loss. It costs one reduction per regularised tensor.
+        snapshot_dtype: dtype of the stored θ₀ (``"float32"``, ``"bfloat16"``, ``"bf16"``, ``torch.float16``, ...);
+            ``None`` keeps each parameter's dtype.
+        log_penalty: log ``l2_to_pretrained/penalty``, the penalty term at the weights the step starts from (over
+            every regularised tensor, with a gradient that step or not), alongside the loss. It costs one reduction
+            per regularised tensor.
 
     Example::
 
@@ -72,26 +93,34 @@ class L2ToPretrained(Callback):
         self,
         strength: float = 1e-2,
         norm: Literal["l2", "l1"] = "l2",
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        snapshot_dtype: torch.dtype | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] = (),
+        snapshot_dtype: str | torch.dtype | None = None,
         log_penalty: bool = True,
     ) -> None:
-        if not (isinstance(strength, (int, float)) and strength > 0 and strength == strength):
-            raise MisconfigurationException(
-                f"L2ToPretrained(strength={strength!r}): the penalty weight must be a number > 0 (e.g. 1e-2)."
-            )
-        if norm not in _NORMS:
-            raise MisconfigurationException(f"L2ToPretrained(norm={norm!r}): choose one of {_NORMS}.")
-        self.strength = float(strength)
-        self.norm = norm
-        self.include = None if include is None else tuple(include)
-        self.exclude = tuple(exclude)
-        self.snapshot_dtype = snapshot_dtype
-        self.log_penalty = log_penalty
+        where, error = "L2ToPretrained()", MisconfigurationException
+        self.strength = as_float(
+            strength,
+            where=where,
+            argument="strength",
+            minimum=0.0,
+            min_inclusive=False,
+            fix="Give the penalty weight λ as a number, e.g. 1e-2 (the MoFO paper sweeps powers of ten, 1e-4 to 1e-1).",
+            error=error,
+        )
+        self.norm = as_choice(norm, where=where, argument="norm", choices=_NORMS, error=error)
+        self.include = as_patterns(include, where=where, argument="include", vocabulary=CATEGORIES, error=error)
+        self.exclude = as_patterns(exclude, where=where, argument="exclude", vocabulary=CATEGORIES, error=error) or ()
+        self.snapshot_dtype = as_dtype(snapshot_dtype, where=where, argument="snapshot_dtype", error=error)
+        self.log_penalty = as_bool(log_penalty, where=where, argument="log_penalty", error=error)
         self._names: list[str] = []
         self._params: list[Tensor] = []
         self._theta0: list[Tensor] = []
+
+    @property
+    def regularised_names(self) -> list[str]:
+        """Names (as in ``pl_module.named_parameters()``) of the tensors regularised in the current or last fit."""
+        return list(self._names)
 
     @property
     @override
@@ -104,30 +133,56 @@ class L2ToPretrained(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        selected = [
+        check_trainable(pl_module, where="L2ToPretrained", error=MisconfigurationException)
+        trainable = initial_requires_grad(pl_module)  # the module's choice, also when HalfFineTuning ran first
+        named = list(named_parameter_categories(pl_module))
+        for argument, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
+            unmatched = [p for p in patterns if not any(matches(p, name, c, CATEGORIES) for name, _, c in named)]
+            if unmatched:
+                rank_zero_warn(
+                    unmatched_patterns_message(
+                        unmatched,
+                        where="L2ToPretrained()",
+                        argument=argument,
+                        vocabulary=CATEGORIES,
+                        names=[name for name, _, _ in named],
+                    )
+                )
+        chosen = [
             (name, param)
-            for name, param, category in named_parameter_categories(pl_module)
-            if param.requires_grad
-            and (self.include is None or match_any(name, category, self.include))
-            and not match_any(name, category, self.exclude)
+            for name, param, category in named
+            if (self.include is None or any(matches(p, name, category, CATEGORIES) for p in self.include))
+            and not any(matches(p, name, category, CATEGORIES) for p in self.exclude)
         ]
+        selected = [(name, param) for name, param in chosen if trainable[name]]
         if not selected:
+            frozen = len(chosen) - len(selected)
             raise MisconfigurationException(
                 f"L2ToPretrained(include={self.include!r}, exclude={self.exclude!r}) selects no trainable parameter "
-                f"of {type(pl_module).__name__}. Patterns are regexes searched in parameter names or one of "
-                f"{CATEGORIES}."
+                f"of {type(pl_module).__name__}"
+                + (f" ({frozen} match but had requires_grad=False at the start of fit)" if frozen else "")
+                + f". Patterns are regular expressions searched in the parameter names or one of {CATEGORIES}; "
+                "widen `include` or narrow `exclude`."
             )
         snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
         snapshot.capture(trainer, pl_module, [name for name, _ in selected], dtype=self.snapshot_dtype)
         self._names = [name for name, _ in selected]
         self._params = [param for _, param in selected]
-        self._theta0 = [
-            snapshot[name].to(device=param.device, dtype=param.dtype) for name, param in selected
-        ]  # a no-op view when device and dtype already match
         numel = sum(p.numel() for p in self._params)
         rank_zero_info(
             f"L2ToPretrained: {self.norm} penalty λ={self.strength:g} on {len(selected)} tensors ({numel:,} values)."
         )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # θ₀ is read here, after every callback's on_fit_start: another one may still widen the snapshot's dtype
+        # for a tensor there (the widest request wins), and θ₀ must not depend on the order of the callbacks.
+        snapshot = PretrainedSnapshot.get(pl_module)
+        assert snapshot is not None
+        self._theta0 = [
+            snapshot[name].to(device=param.device, dtype=param.dtype)
+            for name, param in zip(self._names, self._params, strict=True)
+        ]  # a no-op view when device and dtype already match
 
     @override
     def on_before_optimizer_step(
@@ -136,17 +191,13 @@ class L2ToPretrained(Callback):
         total = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             for param, theta0 in zip(self._params, self._theta0, strict=True):
-                if param.grad is None:
+                if param.grad is None and not self.log_penalty:
                     continue
                 diff = param - theta0
-                if self.norm == "l2":
-                    if self.log_penalty:
-                        total += diff.float().pow(2).sum().double().cpu()
-                    param.grad.add_(diff, alpha=self.strength)
-                else:
-                    if self.log_penalty:
-                        total += diff.float().abs().sum().double().cpu()
-                    param.grad.add_(diff.sign_(), alpha=self.strength)
+                if self.log_penalty:  # over every regularised tensor: the same whichever callback dropped a gradient
+                    total += (diff.float().pow(2) if self.norm == "l2" else diff.float().abs()).sum().double().cpu()
+                if param.grad is not None:
+                    param.grad.add_(diff if self.norm == "l2" else diff.sign_(), alpha=self.strength)
         if self.log_penalty:
             # Lightning throttles what reaches the logger to every `log_every_n_steps`.
             scale = 0.5 * self.strength if self.norm == "l2" else self.strength
@@ -167,5 +218,5 @@ class L2ToPretrained(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._names, self._params, self._theta0 = [], [], []
+            self._params, self._theta0 = [], []
             PretrainedSnapshot.detach(pl_module, owner=self)

@@ -10,7 +10,6 @@ deciding the optimizer, the schedule and the param groups.
 from __future__ import annotations
 
 import inspect
-import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +28,9 @@ from torch.optim import Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
+from lit_mofo._validation import as_patterns, matches
 from lit_mofo.optim.mofo import MoFO, _validate_hyperparameters
-from lit_mofo.params import CATEGORIES, Category, match_any, named_parameter_categories
+from lit_mofo.params import CATEGORIES, Category, check_trainable, initial_requires_grad, named_parameter_categories
 
 __all__ = ["MoFOCallback"]
 
@@ -68,6 +68,9 @@ _UNSUPPORTED_STRATEGIES: tuple[tuple[type, str], ...] = (
         "callback; return lit_mofo.MoFO from configure_optimizers instead (see its notes on sharded parameters)",
     ),
 )
+
+
+_Named = tuple[str, Category | None, bool]  # qualified name, category, trainable at the start of fit
 
 
 class MoFOCallback(Callback):
@@ -111,6 +114,8 @@ class MoFOCallback(Callback):
     other MoFO options than the callback now sets (e.g. another ``fraction``), the callback's options win, with a
     warning; ``lr``, ``betas``, ``eps`` and ``weight_decay`` come from the checkpoint, as for any optimizer.
 
+    A module with no trainable parameter is refused at the start of fit, before backward would fail.
+
     .. warning:: Single device and DDP (``strategy="ddp"``, spawn/fork/notebook variants) are supported: every rank
        holds whole tensors and the same all-reduced gradients, so the ranks select the same entries. Refused in
        ``setup``: FSDP (``strategy="fsdp"``: a rank holds flattened slices, so the top-k would be per slice),
@@ -123,12 +128,15 @@ class MoFOCallback(Callback):
             paper's setting is 0.15 (5-20% all work). ``None`` gives every tensor the dense Adam step.
         filter_min_ndim: tensors with fewer dimensions take the dense step; >= 0. The default 2 steps biases and norm
             weights densely, as the paper's reference code does; 0 filters every tensor.
-        dense: param groups whose filtered tensors take the dense step: each entry is a category of
-            :mod:`lit_mofo.params` (``"bias"``, ``"norm"``, ``"embedding"``, ``"weight"``) or a regular expression
-            searched in the parameter's qualified name (e.g. ``r"lm_head"``). MoFO chooses the dense step per param
-            group, so a group's filtered tensors (``ndim >= filter_min_ndim``) must be named all or none: splitting
-            a group would change the group count that schedulers' per-group lists, checkpoints and loggers rely on,
-            so that is refused — give those parameters their own group in ``configure_optimizers`` instead.
+        dense: param groups whose filtered tensors take the dense step: a pattern or a list of them, each a category
+            of :mod:`lit_mofo.params` (``"bias"``, ``"norm"``, ``"embedding"``, ``"weight"``) or a regular expression
+            searched in the parameter's qualified name (e.g. ``r"lm_head"``; one string is one pattern). MoFO chooses
+            the dense step per param group, so a group's trainable filtered tensors (``ndim >= filter_min_ndim``)
+            must be named all or none: splitting a group would change the group count that schedulers' per-group
+            lists, checkpoints and loggers rely on, so that is refused — give those parameters their own group in
+            ``configure_optimizers`` instead. Tensors the module froze (``requires_grad=False`` at the start of
+            fit, see :func:`lit_mofo.params.initial_requires_grad`) take no step either way and do not count;
+            tensors frozen by :class:`~lit_mofo.HalfFineTuning` do, since a re-draw may train them.
         selection: MoFO's ``selection`` (``"exact"`` or ``"sampled"``: how the threshold is found).
         fused: MoFO's ``fused`` (``None`` uses the fused kernels where they apply, ``True`` requires them, ``False``
             uses torch operations).
@@ -158,7 +166,7 @@ class MoFOCallback(Callback):
         self,
         fraction: float | None = 0.15,
         filter_min_ndim: int = 2,
-        dense: Sequence[str] = (),
+        dense: str | Sequence[str] = (),
         selection: str | None = None,
         fused: bool | None = None,
         sample_size: int | None = None,
@@ -166,7 +174,12 @@ class MoFOCallback(Callback):
     ) -> None:
         self.fraction = fraction
         self.filter_min_ndim = filter_min_ndim
-        self.dense: tuple[str, ...] = (dense,) if isinstance(dense, str) else tuple(dense)
+        self.dense: tuple[str, ...] = (
+            as_patterns(
+                dense, where="MoFOCallback()", argument="dense", vocabulary=CATEGORIES, error=MisconfigurationException
+            )
+            or ()
+        )
         self.selection = selection
         self.fused = fused
         self.sample_size = sample_size
@@ -196,21 +209,6 @@ class MoFOCallback(Callback):
             _validate_hyperparameters({**hyperparameters, **self._mofo_options}, where="MoFOCallback()")
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(str(err)) from err
-        for pattern in self.dense:
-            if not isinstance(pattern, str):
-                raise MisconfigurationException(
-                    f"MoFOCallback(dense={list(self.dense)!r}): entry {pattern!r} is not a string; entries are a "
-                    f"category {CATEGORIES} or a regular expression searched in the parameter name."
-                )
-            if pattern in CATEGORIES:
-                continue
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise MisconfigurationException(
-                    f"MoFOCallback(dense=[..., {pattern!r}, ...]): not a valid regular expression ({err}); entries "
-                    f"are a category {CATEGORIES} or a regular expression searched in the parameter name."
-                ) from err
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -225,6 +223,7 @@ class MoFOCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_trainable(pl_module, where="MoFOCallback", error=MisconfigurationException)
         strategy = trainer.strategy
         names = _parameter_names(pl_module)
         matched: set[str] = set()
@@ -241,9 +240,9 @@ class MoFOCallback(Callback):
         unmatched = [pattern for pattern in self.dense if pattern not in matched]
         if unmatched and replacements:
             rank_zero_warn(
-                f"MoFOCallback(dense=...): {unmatched} name no filtered parameter (ndim >= filter_min_ndim) of the "
-                f"converted optimizers; entries are a category {CATEGORIES} or a regex searched in the names of "
-                f"{type(pl_module).__name__}.named_parameters()."
+                f"MoFOCallback(dense=...): {unmatched} name no filtered parameter (ndim >= filter_min_ndim, trainable "
+                f"at the start of fit) of the converted optimizers; entries are a category {CATEGORIES} or a regex "
+                f"searched in the names of {type(pl_module).__name__}.named_parameters()."
             )
 
         by_old = {id(old): new for old, new in replacements.values()}
@@ -267,14 +266,15 @@ class MoFOCallback(Callback):
         """The :class:`~lit_mofo.MoFO` equivalent of ``optimizer`` (an Adam or AdamW), with this callback's options.
 
         ``optimizer`` itself is not changed; schedulers attached to it are not moved (the callback does that in
-        fit). ``module`` gives the parameter names and categories that ``dense`` refers to.
+        fit). ``module`` gives the parameter names and categories that ``dense`` refers to, and which parameters
+        are frozen (they do not count for ``dense``).
         """
         return self._convert(optimizer, _parameter_names(module) if module is not None else {}, "the optimizer", set())
 
     def _convert(
         self,
         optimizer: Optimizer,
-        names: Mapping[int, tuple[str, Category]],
+        names: Mapping[int, _Named],
         label: str,
         matched: set[str],
     ) -> MoFO:
@@ -317,24 +317,28 @@ class MoFOCallback(Callback):
     def _takes_dense_step(
         self,
         group: dict[str, Any],
-        names: Mapping[int, tuple[str, Category]],
+        names: Mapping[int, _Named],
         where: str,
         matched: set[str],
     ) -> bool:
-        """Whether ``dense`` names the group's filtered tensors; refuses a split of the group."""
+        """Whether ``dense`` names the group's trainable filtered tensors; refuses a split of the group."""
         if not self.dense or group["fraction"] is None:
             return False
+        # The module's frozen tensors never step, so which step they would take does not split anything.
         filtered = [
-            names.get(id(p), ("<unnamed>", None)) for p in group["params"] if p.dim() >= group["filter_min_ndim"]
+            names.get(id(p), ("<unnamed>", None, True)) for p in group["params"] if p.dim() >= group["filter_min_ndim"]
         ]
         named, rest = [], []
-        for name, category in filtered:
-            hits = [pattern for pattern in self.dense if category is not None and match_any(name, category, (pattern,))]
+        for name, category, trainable in filtered:
+            if not trainable:
+                continue
+            hits = [p for p in self.dense if category is not None and matches(p, name, category, CATEGORIES)]
             (named if hits else rest).append(name)
             matched.update(hits)
         if named and rest:
             raise MisconfigurationException(
-                f"MoFOCallback(dense={list(self.dense)!r}) names {len(named)} of the {len(filtered)} filtered tensors "
+                f"MoFOCallback(dense={list(self.dense)!r}) names {len(named)} of the {len(named) + len(rest)} "
+                "trainable filtered tensors "
                 f"of {where} ({_preview(named)}; not: {_preview(rest)}). MoFO takes the dense step per param group, "
                 "and splitting the group would change the group count that LR schedulers, checkpoints and loggers "
                 "rely on. Give those parameters their own param group in configure_optimizers (e.g. with "
@@ -476,9 +480,12 @@ def _repoint(scheduler: Any, by_old: Mapping[int, Optimizer], seen: set[int]) ->
                     _repoint(item, by_old, seen)
 
 
-def _parameter_names(module: nn.Module) -> dict[int, tuple[str, Category]]:
-    """``id(parameter) -> (qualified name, category)``."""
-    return {id(param): (name, category) for name, param, category in named_parameter_categories(module)}
+def _parameter_names(module: nn.Module) -> dict[int, _Named]:
+    """``id(parameter) -> (qualified name, category, trainable at the start of fit)``."""
+    trainable = initial_requires_grad(module)
+    return {
+        id(param): (name, category, trainable[name]) for name, param, category in named_parameter_categories(module)
+    }
 
 
 def _qualname(optimizer: Optimizer) -> str:

@@ -10,7 +10,7 @@ behind the MoFO paper's "keeping parameters closer to the pre-trained model".
 from __future__ import annotations
 
 import math
-import re
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,22 +20,18 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_mofo._validation import as_bool, as_device, as_dtype, as_int, as_patterns, matches, unmatched_patterns_message
 from lit_mofo.blocks import ROLES, detect_layout, parameter_roles
 from lit_mofo.callbacks.forgetting_monitor import refuse_sharded_strategy
+from lit_mofo.params import check_trainable
 from lit_mofo.report import Curve, FitReport, ReportSection, Table
 from lit_mofo.snapshot import PretrainedSnapshot
 
 __all__ = ["DriftStats", "ParameterDrift", "top_level_modules"]
-
-_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 @dataclass
@@ -104,10 +100,6 @@ def top_level_modules(root: nn.Module, names: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
-def _selected(pattern_list: Sequence[str], name: str, role: str) -> bool:
-    return any(pattern == role or (pattern not in ROLES and re.search(pattern, name)) for pattern in pattern_list)
-
-
 class ParameterDrift(Callback):
     r"""Log how far the weights have drifted from the pre-trained ones, every N steps and at the end of fit.
 
@@ -133,6 +125,15 @@ class ParameterDrift(Callback):
     with Half Fine-Tuning's resets and L2ToPretrained) and is saved in checkpoints, so a resumed fit still measures
     against the pre-trained weights.
 
+    **Frozen tensors are measured too.** The selection does not look at ``requires_grad``: tensors frozen by Half
+    Fine-Tuning (which may train after a re-draw) and tensors the module froze itself are measured like the others;
+    the ones that never train show 0 drift and count in the overall and per-role figures, so runs that train
+    different subsets of one model (full fine-tuning, HFT, a frozen embedding) are compared on the same
+    denominator, and a tensor that other code unfreezes later in the fit is measured from θ₀. The selection is
+    therefore the same whatever the order of the callbacks. To save the snapshot memory of a large frozen part
+    (a frozen base under adapters), leave it out with ``exclude``. A module with no trainable parameter at all
+    is refused at the start of fit.
+
     Cost: per evaluation one pass over the selected parameters (θ₀ copied tensor by tensor to ``device``), no
     forward pass; memory: the snapshot (one copy of the parameters in ``snapshot_dtype`` on the CPU).
 
@@ -141,14 +142,18 @@ class ParameterDrift(Callback):
         rank zero logs and writes.
 
     Args:
-        every_n_train_steps: compute after every N-th optimizer step; None or 0 only at the end of fit.
-        include: parameters to measure: role names (``"attention"``, ``"ffn"``, ``"norm"``, ``"embedding"``,
-            ``"head"``, ``"other"``) or regexes searched in parameter names; None selects all.
+        every_n_train_steps: compute after every N-th optimizer step, an integer >= 0; None or 0 only at the end of
+            fit.
+        include: parameters to measure: a pattern or a list of them, each a role name (``"attention"``, ``"ffn"``,
+            ``"norm"``, ``"embedding"``, ``"head"``, ``"other"``) or a regex searched in parameter names (one
+            string is one pattern); None selects all. A pattern that matches nothing is warned about; a selection
+            of nothing is refused at the start of fit.
         exclude: parameters to leave out, in the same form.
-        snapshot_dtype: dtype of the stored θ₀ (``"float32"``, ``"bfloat16"``, ...); None keeps each parameter's
-            dtype, which keeps ``fraction_changed`` exact. A narrower dtype than the parameters' saves memory but
-            makes rounding look like change.
-        device: where the differences are computed; None uses each parameter's device.
+        snapshot_dtype: dtype of the stored θ₀ (``"float32"``, ``"bfloat16"``, ``"bf16"``, ``torch.float16``, ...);
+            None keeps each parameter's dtype, which keeps ``fraction_changed`` exact. A narrower dtype than the
+            parameters' saves memory but makes rounding look like change.
+        device: where the differences are computed (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``); None
+            uses each parameter's device. A device this machine lacks is refused at construction.
         report: add the drift section to the end-of-fit report.
         report_dir: directory for the report files; None uses ``trainer.log_dir``.
 
@@ -161,40 +166,36 @@ class ParameterDrift(Callback):
     def __init__(
         self,
         every_n_train_steps: int | None = 50,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        snapshot_dtype: str | None = None,
-        device: str | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] = (),
+        snapshot_dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
         report: bool = True,
         report_dir: str | None = None,
     ) -> None:
-        if every_n_train_steps is not None and (
-            isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0
-        ):
-            raise MisconfigurationException(
-                f"`every_n_train_steps={every_n_train_steps!r}` must be a non-negative int, or None / 0 to measure "
-                "only at the end of fit."
+        where, error = "ParameterDrift()", MisconfigurationException
+        if every_n_train_steps is not None:
+            every_n_train_steps = as_int(
+                every_n_train_steps,
+                where=where,
+                argument="every_n_train_steps",
+                minimum=0,
+                fix="Or None / 0 to measure only at the end of fit.",
+                error=error,
             )
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise MisconfigurationException("`include`/`exclude` must be lists of patterns, e.g. ['attention'].")
-        for pattern in [*(include or []), *exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise MisconfigurationException(
-                    f"Pattern {pattern!r} is neither a role {ROLES} nor a valid regex: {error}."
-                ) from error
-        if snapshot_dtype is not None and snapshot_dtype not in _DTYPES:
+        include = as_patterns(include, where=where, argument="include", vocabulary=ROLES, error=error)
+        exclude = as_patterns(exclude, where=where, argument="exclude", vocabulary=ROLES, error=error) or ()
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
             raise MisconfigurationException(
-                f"`snapshot_dtype={snapshot_dtype!r}` is not one of {sorted(_DTYPES)}; None keeps the parameters' "
-                "dtype."
+                f"{where}: report_dir={report_dir!r} is invalid; the valid range is a directory path (str or "
+                "os.PathLike), or None for trainer.log_dir."
             )
         self.every_n_train_steps = every_n_train_steps or 0
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude)
-        self.snapshot_dtype = snapshot_dtype
-        self.device = torch.device(device) if device is not None else None
-        self.report = report
+        self.snapshot_dtype = as_dtype(snapshot_dtype, where=where, argument="snapshot_dtype", error=error)
+        self.device = as_device(device, where=where, argument="device", error=error)
+        self.report = as_bool(report, where=where, argument="report", error=error)
         self.report_dir = report_dir
         self._names: list[str] = []
         self._roles: dict[str, str] = {}
@@ -226,17 +227,30 @@ class ParameterDrift(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_trainable(pl_module, where="ParameterDrift", error=MisconfigurationException)
         roles = parameter_roles(pl_module)
+
+        def named(patterns: Sequence[str], name: str) -> bool:
+            return any(matches(pattern, name, roles[name], ROLES) for pattern in patterns)
+
+        for argument, patterns in (("include", self.include or []), ("exclude", self.exclude)):
+            unmatched = [pattern for pattern in patterns if not any(named([pattern], name) for name in roles)]
+            if unmatched:
+                rank_zero_warn(
+                    unmatched_patterns_message(
+                        unmatched, where="ParameterDrift()", argument=argument, vocabulary=ROLES, names=list(roles)
+                    )
+                )
         names = [
             name
-            for name, _ in pl_module.named_parameters()
-            if (self.include is None or _selected(self.include, name, roles[name]))
-            and not _selected(self.exclude, name, roles[name])
+            for name in roles
+            if (self.include is None or named(self.include, name)) and not named(self.exclude, name)
         ]
         if not names:
             raise MisconfigurationException(
                 f"ParameterDrift(include={self.include!r}, exclude={self.exclude!r}) selects no parameter of "
-                f"{type(pl_module).__name__}. Patterns are roles {ROLES} or regexes searched in parameter names."
+                f"{type(pl_module).__name__}. Patterns are roles {ROLES} or regexes searched in parameter names; "
+                "widen `include` or narrow `exclude`."
             )
         self._names = names
         self._roles = {name: roles[name] for name in names}
@@ -247,9 +261,8 @@ class ParameterDrift(Callback):
         for index, block in enumerate(layout.blocks):
             for name in (*block.attention, *block.ffn, *block.norms, *block.other):
                 self._blocks[name] = index
-        dtype = _DTYPES[self.snapshot_dtype] if self.snapshot_dtype else None
         snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
-        snapshot.capture(trainer, pl_module, names, dtype=dtype)
+        snapshot.capture(trainer, pl_module, names, dtype=self.snapshot_dtype)
         if not self._restored:
             self._history, self._last_step = [], None
 

@@ -9,6 +9,10 @@ Usage::
 very command for rank 1, so it must run as its own process, never inside pytest. Each rank writes
 ``OUT_DIR/rank{r}.pt``: its initial and final parameters and, per step, the frozen selection it trained with, the
 names of the tensors the step changed and how many tensors had ``requires_grad=False`` at the optimizer step.
+
+The callback takes its default seed (``seed=None``): ``seed_everything(3)`` as a script would call it, then a
+``torch.manual_seed`` as a module's ``__init__`` may do. :func:`build` is imported by the test to draw the same
+selection in one process and compare.
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ class StepRecorder(pl.Callback):
         )
 
 
+def build(mode: str, redraw: int) -> tuple[AdamWLM, HalfFineTuning]:
+    """The module and the callback, seeded as a user script would seed them."""
+    pl.seed_everything(3)
+    torch.manual_seed(11)  # e.g. in the module's __init__; the draw must not depend on it
+    module = AdamWLM(num_hidden_layers=4)
+    return module, HalfFineTuning(mode=mode, redraw_every_n_steps=redraw, optimizer_state="reset")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -65,9 +77,8 @@ def main() -> None:
     parser.add_argument("--redraw", type=int, default=3)
     args = parser.parse_args()
 
-    module = AdamWLM(num_hidden_layers=4)
+    module, hft = build(args.mode, args.redraw)
     initial = {name: p.detach().clone() for name, p in module.named_parameters()}
-    hft = HalfFineTuning(mode=args.mode, redraw_every_n_steps=args.redraw, optimizer_state="reset", seed=3)
     recorder = StepRecorder(hft)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -93,6 +104,7 @@ def main() -> None:
             "frozen": recorder.frozen,
             "changed": recorder.changed,
             "requires_grad_false": recorder.requires_grad_false,
+            "seed": hft.state_dict()["seed"],
         },
         args.out_dir / f"rank{trainer.global_rank}.pt",
     )
