@@ -76,8 +76,13 @@ def launch(scenario: str, out_dir: Path, timeout: float = 900) -> list[dict[str,
 
 
 def one_process(tmp_path_factory: pytest.TempPathFactory, **options: Any) -> dict[str, Any]:
+    """The same fit on one process, with one thread like each rank of the script (the same matmul reductions)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return fsdp2_callbacks.fit(1, tmp_path_factory.mktemp("one_process"), monitor=MONITOR, **options)
+    try:
+        return fsdp2_callbacks.fit(1, tmp_path_factory.mktemp("one_process"), monitor=MONITOR, **options)
+    finally:
+        torch.set_num_threads(threads)  # the tests that follow in this process keep theirs
 
 
 @pytest.fixture(scope="module")
