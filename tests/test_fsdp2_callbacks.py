@@ -152,6 +152,8 @@ def test_sharded_fit_logs_the_one_process_drift_and_penalty(
     sharded = figures(same_batch[0][mode], prefixes)
     assert sharded.keys() == reference.keys()
     assert {name for _, name in reference} >= {*EXACT_FIGURES, *SUMMED_FIGURES}
+    if MONITOR:
+        assert {name.split("/")[0] + "/" for _, name in reference} >= set(PROBE_FIGURES)
     worst = 0.0
     for key, value in reference.items():
         if key[1].startswith(EXACT_FIGURES):
