@@ -34,11 +34,32 @@ are sharded, since under DDP every rank already holds the whole tensor. Figures 
 Work that can fail on some ranks only (reading data, a user's function, checking a batch) is followed by
 :meth:`~StrategyAdapter.agree` (or wrapped in :meth:`~StrategyAdapter.run_together`): every rank reports in one
 all-reduce whether it failed, and all raise together instead of leaving the others waiting in their next collective.
+
+Checkpoints and hook order also differ per strategy, and the adapter answers for them:
+
+- :meth:`~StrategyAdapter.restores_after_fit_start`: whether a resumed fit restores the checkpoint (weights,
+  optimizer states, then the callbacks' ``on_load_checkpoint`` and ``load_state_dict``) only *after* the callbacks'
+  ``on_fit_start`` (``ModelParallelStrategy``), instead of before ``setup`` (single device, DDP). A callback that
+  decides "am I resuming?" in ``on_fit_start`` must wait for ``on_train_start`` there.
+- :attr:`~StrategyAdapter.sharded_checkpoints`: whether checkpoints are ``torch.distributed.checkpoint``
+  directories with one shard file per rank (``ModelParallelStrategy(save_distributed_checkpoint=True)``, the
+  default), where only ``checkpoint["state_dict"]`` and the optimizer states are sharded and everything else is
+  written by rank zero alone; :meth:`~StrategyAdapter.checkpoint_tensor` and
+  :meth:`~StrategyAdapter.load_checkpoint_tensors` put a rank's part of a tensor into such a checkpoint and read
+  it back.
+- :meth:`~StrategyAdapter.guard_optimizer_restore`: let ``ModelParallelStrategy`` restore optimizers that hold no
+  state for some trainable parameters (frozen by Half Fine-Tuning, say), which torch's sharded optimizer loading
+  refuses otherwise.
+- :meth:`~StrategyAdapter.refresh_after_requires_grad_change`: FSDP2 fixes a unit's gradient dtypes at its first
+  forward from the parameters that require grad then (pytorch/pytorch#186998); a callback that changes
+  ``requires_grad`` calls it afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
@@ -48,7 +69,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Sin
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-__all__ = ["StrategyAdapter", "StrategyKind", "is_dtensor"]
+__all__ = ["StrategyAdapter", "StrategyKind", "full_state_dict", "is_dtensor"]
 
 StrategyKind = Literal["single", "ddp", "fsdp2"]
 T = TypeVar("T")
@@ -80,6 +101,8 @@ _REFUSED: tuple[tuple[str, str], ...] = (
 )
 
 _DTENSOR: type | None = None
+# A flattened optimizer state entry of a torch.distributed.checkpoint directory written by Lightning.
+_OPTIMIZER_STATE_KEY = re.compile(r"optimizer_(?P<index>\d+)\.state\.(?P<name>.+)\.[^.]+")
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -182,7 +205,52 @@ class StrategyAdapter:
             return {}
         return dict(getattr(self.strategy, "_ddp_kwargs", {}) or {})
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are ``torch.distributed.checkpoint`` directories, one shard file per rank
+        (``ModelParallelStrategy(save_distributed_checkpoint=True)``, its default). Then only
+        ``checkpoint["state_dict"]`` and the optimizer states are written sharded; every other key goes to the
+        directory's ``meta.pt`` from rank zero alone, so a rank's own tensors must go into ``state_dict``."""
+        return self.sharded and bool(getattr(self.strategy, "_save_distributed_checkpoint", True))
+
+    @staticmethod
+    def restores_after_fit_start(trainer: pl.Trainer) -> bool:
+        """Whether the strategy restores a resumed fit's checkpoint only after the callbacks' ``on_fit_start``
+        (``ModelParallelStrategy``'s ``restore_checkpoint_after_setup``).
+
+        Lightning's order is then ``setup``, ``configure_model``, the strategy's setup (optimizers built),
+        ``on_fit_start``, the weights and optimizer states, the callbacks' ``on_load_checkpoint`` and
+        ``load_state_dict``, then ``on_train_start``; with the other strategies everything from the checkpoint is
+        restored before ``setup``. In ``on_fit_start`` a callback cannot tell whether a checkpoint will follow
+        (``trainer.ckpt_path`` is set only when the restore starts, and keeps a previous fit's value until then), so
+        work that depends on it waits for ``on_train_start``.
+        """
+        return bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", False))
+
     # ------------------------------------------------------------------ tensors
+    @staticmethod
+    def reshard(module: nn.Module) -> None:
+        """Register FSDP2's sharded parameters again where a unit left its all-gathered ones (no communication).
+
+        FSDP2 swaps each unit's parameters for whole, all-gathered tensors from its forward until it reshards, and a
+        unit that does not reshard after forward (the root) stays that way after a forward without backward (an
+        evaluation, a validation step). Its next forward all-gathers again, taking the current ``requires_grad``
+        flags with it. A no-op for modules without FSDP2 units."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without FSDP2
+            return
+        for submodule in module.modules():
+            if isinstance(submodule, FSDPModule):
+                submodule.reshard()
+
+    @staticmethod
+    def named_parameters(module: nn.Module) -> dict[str, Tensor]:
+        """``dict(module.named_parameters())`` with the parameters the optimizer holds: under FSDP2 the sharded
+        DTensors, also after an evaluation left a unit all-gathered (see :meth:`reshard`)."""
+        StrategyAdapter.reshard(module)
+        return dict(module.named_parameters())
+
     @staticmethod
     def local(tensor: Tensor) -> Tensor:
         """The rank's own part of ``tensor``: a DTensor's local shard (a view that shares its storage, so in-place
@@ -205,6 +273,110 @@ class StrategyAdapter:
 
         mesh, placements = like.device_mesh, like.placements  # type: ignore[attr-defined]
         return distribute_tensor(full.to(like.device), mesh, placements, src_data_rank=None).to_local()
+
+    @staticmethod
+    def checkpoint_tensor(local: Tensor, like: Tensor) -> Tensor:
+        """The rank's part ``local`` of a tensor laid out as the parameter ``like``, as a sharded checkpoint stores
+        it: a DTensor with ``like``'s mesh, placements, shape and stride (``local`` moved to ``like``'s device);
+        ``local`` itself when ``like`` is a plain tensor (stored once, as replicated)."""
+        if not is_dtensor(like):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local.to(like.device),
+            like.device_mesh,  # type: ignore[attr-defined]
+            like.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=like.shape,
+            stride=like.stride(),
+        )
+
+    @staticmethod
+    def gather(local: Tensor, like: Tensor) -> Tensor:
+        """The whole tensor whose rank's part is ``local``, laid out as the parameter ``like`` (a collective when
+        ``like`` is a DTensor: call it on every rank); ``local`` itself otherwise."""
+        if not is_dtensor(like):
+            return local
+        return StrategyAdapter.checkpoint_tensor(local, like).full_tensor()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def load_checkpoint_tensors(
+        path: str | Path, prefix: str, targets: Mapping[str, tuple[Tensor, torch.dtype]]
+    ) -> dict[str, Tensor]:
+        """Read tensors stored under ``checkpoint["state_dict"][prefix + name]`` from the sharded checkpoint
+        directory ``path``: ``targets`` maps each name to ``(like, dtype)``, the parameter whose layout the tensor
+        has and the dtype it was saved in. Returns each rank's part (a local shard for a DTensor ``like``, the
+        whole tensor otherwise). A collective: every rank calls it with the same names."""
+        import torch.distributed.checkpoint as dcp
+
+        state: dict[str, Tensor] = {}
+        for name, (like, dtype) in targets.items():
+            local = torch.empty(StrategyAdapter.local(like).shape, dtype=dtype, device=like.device)
+            state[prefix + name] = StrategyAdapter.checkpoint_tensor(local, like) if is_dtensor(like) else local
+        loaded = {"state_dict": state}
+        dcp.load(loaded, checkpoint_id=str(path))
+        return {name: StrategyAdapter.local(loaded["state_dict"][prefix + name]) for name in targets}
+
+    # ------------------------------------------------------------------ optimizers and FSDP2 units
+    def guard_optimizer_restore(self, trainer: pl.Trainer) -> None:
+        """Let a sharded resume restore optimizers that hold no state for some trainable parameters.
+
+        ``ModelParallelStrategy`` restores optimizer states through torch's ``set_optimizer_state_dict``, which first
+        gives a state to every parameter that requires grad (one step with zero gradients and lr 0) and then refuses
+        a checkpoint without state for one of them ("Missing key in checkpoint state_dict" / "Missing optimizer state
+        for parameter"). A parameter whose gradient was dropped at every step since the optimizer was built (Half
+        Fine-Tuning's frozen half, one whose state ``optimizer_state="reset"`` removed) rightly has none. While the
+        strategy loads a checkpoint, this parks ``requires_grad=False`` on each trainable parameter of its optimizers
+        that has no state in that checkpoint, so it gets none, as in the run that wrote it; the flags are given back
+        as soon as the load returns. Call it in ``setup`` (it wraps the strategy's ``load_checkpoint`` for this
+        fit) and :meth:`release_optimizer_restore_guard` in ``teardown``; a no-op unless the parameters are sharded.
+        """
+        strategy = trainer.strategy
+        if not self.sharded or "load_checkpoint" in vars(strategy):  # not sharded, or guarded already
+            return
+        load = strategy.load_checkpoint
+
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            path = Path(str(strategy.broadcast(checkpoint_path)))
+            held = _park_parameters_without_optimizer_state(path, strategy)
+            try:
+                return load(checkpoint_path, *args, **kwargs)
+            finally:
+                for param in held:
+                    param.requires_grad_(True)
+
+        strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+    @staticmethod
+    def release_optimizer_restore_guard(trainer: pl.Trainer) -> None:
+        """Undo :meth:`guard_optimizer_restore` (the strategy's own ``load_checkpoint`` again)."""
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and "load_checkpoint" in vars(strategy):
+            del strategy.load_checkpoint
+
+    @staticmethod
+    def refresh_after_requires_grad_change(module: nn.Module) -> None:
+        """Make FSDP2 follow ``requires_grad`` flags changed after the model's first forward.
+
+        FSDP2 fixes each unit's gradient dtypes (the parameters' original dtype and the reduce dtype of its
+        ``MixedPrecisionPolicy``) from the parameters that require grad at the first forward; a unit entirely
+        frozen then keeps none, and once unfrozen its gradients are reduced in the compute dtype and fail to be
+        assigned to float32 parameters (pytorch/pytorch#186998, torch <= 2.13). This recomputes them from the
+        current flags, and reshards every unit so that its next forward gathers the flags too (:meth:`reshard`);
+        no communication. A no-op for modules without FSDP2 units.
+        """
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without FSDP2
+            return
+        StrategyAdapter.reshard(module)
+        for submodule in module.modules():
+            if not isinstance(submodule, FSDPModule):
+                continue
+            group = getattr(submodule._get_fsdp_state(), "_fsdp_param_group", None)
+            if group is not None and hasattr(group, "_init_mp_dtypes"):
+                group._init_mp_dtypes()
 
     # ------------------------------------------------------------------ reductions
     def _all_reduce(self, values: Tensor, op: Any) -> Tensor:
@@ -299,26 +471,6 @@ class StrategyAdapter:
         self.agree(what, error)
         return result
 
-    # ------------------------------------------------------------------ FSDP2 modules
-    @staticmethod
-    def _fsdp_modules(module: nn.Module) -> Iterator[nn.Module]:
-        if not dist.is_available():
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        yield from (m for m in module.modules() if isinstance(m, FSDPModule))
-
-    @classmethod
-    def reshard(cls, module: nn.Module) -> None:
-        """Put every FSDP2 unit of ``module`` back in its sharded state (no communication; a no-op without FSDP2).
-
-        FSDP2 keeps the root unit's parameters gathered after a forward, expecting the backward of a training step
-        to free them; after a forward without autograd (an evaluation) they would stay gathered, so
-        ``module.parameters()`` would yield whole plain tensors instead of the sharded DTensors that the optimizer,
-        the callbacks and the checkpoint hold, and the memory of the gathered root would stay in use."""
-        for unit in cls._fsdp_modules(module):
-            unit.reshard()  # type: ignore[operator]
-
     @staticmethod
     def sharded_outside(module: nn.Module) -> list[str]:
         """Names of ``module``'s sharded (DTensor) parameters that no FSDP2 unit inside ``module`` (itself
@@ -342,3 +494,55 @@ class StrategyAdapter:
 
         visit(module, "", False)
         return names
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` with whole tensors on the CPU: FSDP2's DTensors all-gathered (a collective: call it on
+    every rank; rank zero gets the tensors, the other ranks an empty dict), plain tensors as they are."""
+    if not any(is_dtensor(param) for param in module.parameters()):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _park_parameters_without_optimizer_state(path: Path, strategy: Strategy) -> list[Tensor]:
+    """Set ``requires_grad=False`` on each trainable parameter of ``strategy``'s optimizers that has no state in the
+    checkpoint at ``path``; returns them."""
+    module = strategy.lightning_module
+    if module is None or not path.exists():  # nothing to read here (a remote path): the strategy's load decides
+        return []
+    saved = _optimizer_state_names(path, module)
+    names = {id(param): name for name, param in StrategyAdapter.named_parameters(module).items()}
+    held: list[Tensor] = []
+    for index, optimizer in enumerate(strategy.optimizers):
+        with_state = saved[index] if index < len(saved) else set()
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and names.get(id(param)) not in with_state:
+                    param.requires_grad_(False)
+                    held.append(param)
+    return held
+
+
+def _optimizer_state_names(path: Path, module: nn.Module) -> list[set[str]]:
+    """Per optimizer (in order), the names of ``module``'s parameters that have a state in the checkpoint at
+    ``path`` - a ``torch.distributed.checkpoint`` directory (keys ``optimizer_<i>.state.<name>.<key>``) or a full
+    checkpoint file (Lightning's ``optimizer_states`` list, keyed by parameter name or by position in
+    ``module.parameters()``)."""
+    names = [name for name, _ in module.named_parameters()]
+    found: dict[int, set[str]] = {}
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata:
+            match = _OPTIMIZER_STATE_KEY.fullmatch(key)
+            if match is not None:
+                found.setdefault(int(match["index"]), set()).add(match["name"])
+        return [found.get(index, set()) for index in range(max(found, default=-1) + 1)]
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    states = checkpoint.get("optimizer_states", [])
+    return [
+        {names[key] if isinstance(key, int) and key < len(names) else str(key) for key in state.get("state", {})}
+        for state in states
+    ]

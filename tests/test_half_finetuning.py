@@ -17,7 +17,7 @@ import torch
 import transformers
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -845,14 +845,14 @@ def test_static_graph_with_redraws_in_freeze_mode_is_refused() -> None:
 @pytest.mark.parametrize(
     ("strategy_class", "message"),
     [
-        (FSDPStrategy, "use_orig_params=True"),
-        (ModelParallelStrategy, "shards each tensor"),
-        (DeepSpeedStrategy, "fixes its set of trainable parameters"),
+        (FSDPStrategy, "FSDP1 flattens the parameters"),
+        (DeepSpeedStrategy, "DeepSpeed partitions its own flat fp32 buffers"),
     ],
 )
-def test_sharded_strategies_are_refused_with_the_reason_and_the_alternative(strategy_class: type, message: str) -> None:
+def test_flattening_strategies_are_refused_with_the_reason_and_the_fix(strategy_class: type, message: str) -> None:
+    # FSDP2 (ModelParallelStrategy without tensor parallelism) is supported: tests/test_fsdp2_callbacks.py.
     stand_in = SimpleTrainer(strategy_class.__new__(strategy_class))  # constructing some needs a GPU or deepspeed
-    with pytest.raises(MisconfigurationException, match=rf"{message}.*ddp_find_unused_parameters_true"):
+    with pytest.raises(MisconfigurationException, match=rf"{message}.*ModelParallelStrategy\(data_parallel_size=N"):
         HalfFineTuning().setup(stand_in, LM(tiny_llama(2)), "fit")  # type: ignore[arg-type]
 
 

@@ -173,7 +173,7 @@ def test_sharded_strategies_are_refused() -> None:
         pass
 
     trainer = type("T", (), {"strategy": FSDPStrategy()})()
-    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*strategy='ddp'"):
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*strategy=\"ddp\".*ModelParallelStrategy"):
         L2ToPretrained().setup(trainer, Regression(), "fit")
 
 

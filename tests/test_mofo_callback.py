@@ -530,13 +530,19 @@ def test_loading_state_mofo_cannot_continue_from_is_refused(source: Callable, me
 
 @pytest.mark.parametrize(
     "strategy",
-    [FSDPStrategy(), object.__new__(DeepSpeedStrategy), ModelParallelStrategy()],  # DeepSpeed needs no install
-    ids=["fsdp", "deepspeed", "model_parallel"],
+    [
+        FSDPStrategy(),
+        object.__new__(DeepSpeedStrategy),  # needs no install
+        ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+    ],
+    ids=["fsdp", "deepspeed", "tensor_parallel"],
 )
-def test_sharded_strategies_are_refused_in_setup(strategy: Any) -> None:
+def test_flattening_and_tensor_parallel_strategies_are_refused_in_setup(strategy: Any) -> None:
+    # FSDP2 without tensor parallelism is supported (tests/test_fsdp2_callbacks.py); the rest is refused with the fix.
     callback = MoFOCallback()
-    trainer = SimpleNamespace(strategy=strategy, callbacks=[callback])
-    with pytest.raises(MisconfigurationException, match=r"does not support the \w+Strategy.*strategy=\"ddp\""):
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[callback], world_size=2)
+    fix = r"MoFOCallback does not support `\w+Strategy.*(ddp|tensor_parallel_size=1)"
+    with pytest.raises(MisconfigurationException, match=fix):
         callback.setup(trainer, Mock(), "fit")  # type: ignore[arg-type]
     callback.setup(trainer, Mock(), "validate")  # type: ignore[arg-type]  # nothing to convert outside fit
 

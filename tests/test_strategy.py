@@ -8,6 +8,7 @@ checked here on a process group of one.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Sin
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lit_mofo.strategy import StrategyAdapter, is_dtensor
+from lit_mofo.strategy import StrategyAdapter, full_state_dict, is_dtensor
 
 
 def _fake_trainer(strategy: object, world_size: int = 2) -> pl.Trainer:
@@ -209,3 +210,74 @@ def test_sharded_outside_names_the_parameters_a_call_of_the_model_alone_would_no
     assert StrategyAdapter.sharded_outside(rooted_outside) == []
     assert StrategyAdapter.sharded_outside(rooted_outside.model) == ["head.weight", "head.bias"]
     assert StrategyAdapter.sharded_outside(Net()) == []  # nothing sharded
+
+
+def test_model_parallel_restores_checkpoints_after_on_fit_start_and_writes_them_sharded_by_default() -> None:
+    def adapter(**options: Any) -> StrategyAdapter:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **options)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+        assert StrategyAdapter.restores_after_fit_start(trainer)
+        return StrategyAdapter.of(trainer, user="X")
+
+    assert adapter().sharded_checkpoints
+    assert not adapter(save_distributed_checkpoint=False).sharded_checkpoints
+    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert not StrategyAdapter.restores_after_fit_start(ddp) and not StrategyAdapter.of(ddp, "X").sharded_checkpoints
+
+
+def test_whole_modules_need_no_resharding_and_give_their_own_state_dict() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    assert StrategyAdapter.named_parameters(module) == dict(module.named_parameters())
+    assert full_state_dict(module).keys() == module.state_dict().keys()
+    StrategyAdapter.refresh_after_requires_grad_change(module)  # no FSDP2 unit: nothing to do
+
+
+class RestoringStrategy:
+    """Stands in for ModelParallelStrategy's checkpoint restore: records each parameter's flag when it loads."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.lightning_module = module
+        self.optimizers = [torch.optim.AdamW(module.parameters())]
+        self.seen: dict[str, bool] = {}
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        self.seen = {name: p.requires_grad for name, p in self.lightning_module.named_parameters()}
+        return {}
+
+
+@pytest.mark.parametrize("checkpoint", ["file", "directory"])
+def test_a_guarded_restore_asks_no_optimizer_state_for_parameters_the_checkpoint_has_none_for(
+    checkpoint: str, tmp_path: Path
+) -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    module[1].bias.requires_grad_(False)  # the user's own frozen tensor stays frozen
+    strategy = RestoringStrategy(module)
+    state = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(1)}
+    if checkpoint == "file":  # Lightning's full checkpoint: states keyed by position in module.parameters()
+        path = tmp_path / "last.ckpt"
+        torch.save({"optimizer_states": [{"state": {0: state, 2: state}, "param_groups": []}]}, path)
+    else:  # a torch.distributed.checkpoint directory: flattened keys optimizer_<i>.state.<name>.<key>
+        import torch.distributed.checkpoint as dcp
+
+        path = tmp_path / "last.ckpt"
+        dcp.save({"optimizer_0": {"state": {"0.weight": state, "1.weight": state}}}, checkpoint_id=path)
+    adapter = StrategyAdapter("fsdp2", strategy)  # type: ignore[arg-type]
+    trainer = SimpleNamespace(strategy=strategy)
+    adapter.guard_optimizer_restore(trainer)  # type: ignore[arg-type]
+    adapter.guard_optimizer_restore(trainer)  # type: ignore[arg-type]  # once is enough
+    strategy.load_checkpoint(path)
+    assert strategy.seen == {"0.weight": True, "0.bias": False, "1.weight": True, "1.bias": False}
+    assert [p.requires_grad for p in module.parameters()] == [True, True, True, False]  # given back
+    StrategyAdapter.release_optimizer_restore_guard(trainer)  # type: ignore[arg-type]
+    assert "load_checkpoint" not in vars(strategy)
+    strategy.load_checkpoint(path)
+    assert strategy.seen == {"0.weight": True, "0.bias": True, "1.weight": True, "1.bias": False}
+
+
+def test_whole_tensors_are_not_guarded() -> None:
+    strategy = RestoringStrategy(torch.nn.Linear(2, 1))
+    StrategyAdapter("ddp", strategy).guard_optimizer_restore(SimpleNamespace(strategy=strategy))  # type: ignore[arg-type]
+    assert "load_checkpoint" not in vars(strategy)

@@ -80,24 +80,6 @@ def worst_forgetting(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(records, key=rank)
 
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
-
-
-def refuse_sharded_strategy(trainer: pl.Trainer, callback: str) -> None:
-    """Raise for strategies that shard parameters across processes (FSDP, DeepSpeed, model parallel).
-
-    Deprecated: :class:`~lit_mofo.strategy.StrategyAdapter` decides what is supported; the monitor no longer uses
-    this. It stays only while ``ParameterDrift`` and ``L2ToPretrained`` import it (until they move to the adapter).
-    """
-    name = type(trainer.strategy).__name__
-    if name in _SHARDED_STRATEGIES or "FSDP" in name or "DeepSpeed" in name:
-        raise MisconfigurationException(
-            f"{callback} does not support `{name}`: it shards the parameters across processes, so no process holds "
-            "the whole model to evaluate or compare with the pre-trained one. Use `strategy='ddp'` (or a single "
-            "device), or drop the callback for sharded runs."
-        )
-
-
 def _same_values(first: Mapping[str, float], second: Mapping[str, float]) -> bool:
     """Equal metrics and values, NaN equal to NaN."""
     return first.keys() == second.keys() and all(

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -37,6 +36,7 @@ from lit_mofo._validation import (
 from lit_mofo.blocks import ROLES, ModelLayout, detect_layout
 from lit_mofo.params import check_trainable, forget_initial_requires_grad, record_initial_requires_grad
 from lit_mofo.snapshot import PretrainedSnapshot
+from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["HalfFineTuning"]
 
@@ -142,11 +142,13 @@ class HalfFineTuning(Callback):
     recognised by name gets the generic rule, and one without blocks the tensor level, each with a warning.
     ``always_trainable`` and ``always_frozen`` override the draw for the parameters they name.
 
-    **When**: once at the start of fit (the paper's "per stage": every ``trainer.fit`` draws anew), and again every
-    ``redraw_every_n_steps`` optimizer steps and/or at the start of every ``redraw_every_n_epochs``-th epoch. A step
-    re-draw happens when the next step's batch starts (``on_train_batch_start``), so whatever runs at the end of a
-    step (:class:`~lit_mofo.ForgettingMonitor`, :class:`~lit_mofo.ParameterDrift`, ``ModelCheckpoint``) sees the
-    weights that step produced, before any reset, whatever the callback order; no draw follows the last step.
+    **When**: once at the start of fit (the paper's "per stage": every ``trainer.fit`` draws anew; in
+    ``on_fit_start``, or in ``on_train_start`` under ``ModelParallelStrategy``, which restores a checkpoint between
+    the two), and again every ``redraw_every_n_steps`` optimizer steps and/or at the start of every
+    ``redraw_every_n_epochs``-th epoch. A step re-draw happens when the next step's batch starts
+    (``on_train_batch_start``), so whatever runs at the end of a step (:class:`~lit_mofo.ForgettingMonitor`,
+    :class:`~lit_mofo.ParameterDrift`, ``ModelCheckpoint``) sees the weights that step produced, before any reset,
+    whatever the callback order; no draw follows the last step.
 
     **How** (``mode``):
 
@@ -187,9 +189,20 @@ class HalfFineTuning(Callback):
     generator state, so a run resumed from a mid-run checkpoint draws the same selections at the same steps and
     restores the ``requires_grad`` flags. At the end of fit every ``requires_grad`` flag is set back to what it was.
 
-    .. warning:: ``FSDPStrategy``, ``ModelParallelStrategy`` and ``DeepSpeedStrategy`` are refused: FSDP shards
-        each tensor across ranks (and with ``use_orig_params=True`` still allocates gradients for frozen tensors),
-        and DeepSpeed fixes its trainable set when its engine is built. Use DDP.
+    **Strategies**: a single device, DDP, and FSDP2 (Lightning's ``ModelParallelStrategy`` with
+    ``tensor_parallel_size=1``, the module applying ``fully_shard`` in ``configure_model`` as
+    :class:`~lit_mofo.modules.CausalLMModule` does). Every rank draws the same half (rank zero's seed, the same
+    generator). Under FSDP2 ``"freeze"`` sets ``requires_grad=False`` on the sharded (DTensor) parameters and FSDP2
+    follows it at the next all-gather, so a frozen tensor gets no gradient, no reduce-scatter and no gradient memory
+    even when it shares an FSDP unit with trainable ones; ``"mask"`` drops the frozen shards' gradients after the
+    reduce-scatter. Resets copy each rank's shard of θ₀ (the snapshot holds 1/world-size of a whole copy per rank),
+    the optimizer state popped by ``optimizer_state="reset"`` is the rank's shard of it, and resuming from a sharded
+    checkpoint restores the selection, the flags, the optimizer states (also of tensors that have none) and θ₀.
+
+    .. warning:: DeepSpeed, FSDP1 (``strategy="fsdp"``), tensor parallelism and XLA are refused in ``setup`` with
+        the fix: DeepSpeed fixes its trainable set when its engine is built, FSDP1 flattens the tensors into slices
+        (and with ``use_orig_params=True`` still allocates gradients for frozen ones). Use
+        ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` or DDP.
 
     .. warning:: Under DDP, ``mode="freeze"`` needs ``find_unused_parameters=True`` (the strategy string
         ``"ddp_find_unused_parameters_true"``), and ``static_graph=True`` cannot follow re-draws in that mode. The
@@ -337,6 +350,8 @@ class HalfFineTuning(Callback):
         self._last_draw_epoch = -1
         self._history: list[dict[str, float | int]] = []
         self._restored = False
+        self._adapter = StrategyAdapter("single")
+        self._awaiting_checkpoint = False  # the strategy restores checkpoints after on_fit_start: start later
 
     @staticmethod
     def _every(argument: str, every: int | None) -> int | None:
@@ -404,32 +419,21 @@ class HalfFineTuning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        name = type(strategy).__name__
-        if isinstance(strategy, DeepSpeedStrategy):
-            raise MisconfigurationException(
-                f"HalfFineTuning does not support {name}: DeepSpeed fixes its set of trainable parameters when its "
-                "engine is built, so a selection drawn afterwards (or re-drawn) is not followed. Use "
-                '`strategy="ddp_find_unused_parameters_true"` with `mode="freeze"`, or `strategy="ddp"` with '
-                '`mode="mask"`.'
-            )
-        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"HalfFineTuning does not support {name}: it shards each tensor across ranks, and mixing frozen and "
-                "trainable tensors in one FSDP unit needs `use_orig_params=True` and still allocates gradients for "
-                'the frozen ones. Use `strategy="ddp_find_unused_parameters_true"` with `mode="freeze"`, or '
-                '`strategy="ddp"` with `mode="mask"`.'
-            )
-        if isinstance(strategy, DDPStrategy) and self.mode == "freeze":
-            ddp_kwargs = getattr(strategy, "_ddp_kwargs", {})
-            if not ddp_kwargs.get("find_unused_parameters", False):
+        self._adapter = adapter = StrategyAdapter.of(trainer, user="HalfFineTuning")
+        # Under FSDP2 a resumed fit must restore optimizers without state for the tensors frozen since the
+        # optimizer was built (a no-op for the other strategies).
+        adapter.guard_optimizer_restore(trainer)
+        name = type(trainer.strategy).__name__
+        ddp_options = adapter.ddp_options  # empty unless DDP
+        if adapter.kind == "ddp" and self.mode == "freeze":
+            if not ddp_options.get("find_unused_parameters", False):
                 raise MisconfigurationException(
                     f'HalfFineTuning(mode="freeze") under {name} without `find_unused_parameters=True`: DDP would '
                     "wait for gradients of the frozen tensors and fail. Use "
                     '`Trainer(strategy="ddp_find_unused_parameters_true")` (or `DDPStrategy(find_unused_parameters='
                     'True)`), or `HalfFineTuning(mode="mask")`, which works with plain `strategy="ddp"`.'
                 )
-            if ddp_kwargs.get("static_graph", False) and self._redraws:
+            if ddp_options.get("static_graph", False) and self._redraws:
                 raise MisconfigurationException(
                     'HalfFineTuning(mode="freeze") re-draws the trainable set, which `static_graph=True` of '
                     f"{name} does not allow. Drop `static_graph`, drop the re-draw schedule, or use "
@@ -451,7 +455,7 @@ class HalfFineTuning(Callback):
         # read the same record (lit_mofo.params.initial_requires_grad), whichever runs first.
         check_trainable(pl_module, where="HalfFineTuning", error=MisconfigurationException)
         self._original_requires_grad = record_initial_requires_grad(pl_module)
-        self._params = dict(pl_module.named_parameters())
+        self._params = StrategyAdapter.named_parameters(pl_module)  # FSDP2: the sharded parameters
         self._managed = tuple(name for name, trainable in self._original_requires_grad.items() if trainable)
         self._numel_total = sum(p.numel() for p in self._params.values())
         self._build_plan(pl_module)
@@ -462,6 +466,21 @@ class HalfFineTuning(Callback):
             self._snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
             self._snapshot.capture(trainer, pl_module, self._resettable_names(), dtype=self.snapshot_dtype)
 
+        if self._adapter.restores_after_fit_start(trainer):
+            # ModelParallelStrategy restores a checkpoint (optimizer states, then this callback's state) only after
+            # on_fit_start, and nothing tells here whether one follows: resume or draw in on_train_start.
+            self._awaiting_checkpoint = True
+            return
+        self._start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._awaiting_checkpoint:
+            self._awaiting_checkpoint = False
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Continue the checkpoint's selection if there was one, else make this fit's first draw."""
         if self._restored:
             self._restored = False
             unknown = [name for name in self._frozen if name not in self._params]
@@ -517,20 +536,23 @@ class HalfFineTuning(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._release(pl_module)
+            self._release(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release(pl_module)
+        self._release(trainer, pl_module)
 
-    def _release(self, pl_module: pl.LightningModule) -> None:
+    def _release(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """End of fit: give back the ``requires_grad`` flags as they were and the hold on the snapshot."""
         for name, requires_grad in self._original_requires_grad.items():
             self._params[name].requires_grad_(requires_grad)
         if self._original_requires_grad:
             forget_initial_requires_grad(pl_module)
+            self._adapter.refresh_after_requires_grad_change(pl_module)  # FSDP2 units train as before the fit
         self._original_requires_grad = {}
         self._frozen_params = []
+        self._awaiting_checkpoint = False
+        self._adapter.release_optimizer_restore_guard(trainer)
         if self._snapshot is not None or PretrainedSnapshot.get(pl_module) is not None:
             PretrainedSnapshot.detach(pl_module, owner=self)
             self._snapshot = None
@@ -540,14 +562,14 @@ class HalfFineTuning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._snapshot is not None:
-            self._snapshot.on_save_checkpoint(checkpoint)
+            PretrainedSnapshot.save_to(pl_module, checkpoint, trainer)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.reset:
-            PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self)
+            PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
             self._snapshot = PretrainedSnapshot.get(pl_module)
 
     @override
@@ -693,18 +715,12 @@ class HalfFineTuning(Callback):
                 "always_trainable/always_frozen or frozen by the module), so there is nothing to reset. Drop "
                 "`reset=True`."
             )
-        unsnapshotable = [
-            name
-            for name in names
-            if self._params[name].is_meta
-            or type(self._params[name]).__name__ == "DTensor"
-            or type(self._params[name].data).__name__ == "DTensor"
-        ]
+        unsnapshotable = [name for name in names if self._params[name].is_meta]
         if unsnapshotable:
             raise MisconfigurationException(
-                f"`HalfFineTuning(reset=True)` needs a full copy of each tensor it may reset, but "
-                f"{unsnapshotable[0]!r} is a meta or sharded (DTensor) parameter. Materialise the model on one "
-                "device per process (no FSDP/tensor parallelism), or drop `reset=True`."
+                f"`HalfFineTuning(reset=True)` needs a copy of each tensor it may reset, but {unsnapshotable[0]!r} is "
+                "a meta parameter (no values yet). Materialise the model before fit (Lightning's `configure_model`), "
+                "or drop `reset=True`."
             )
         return [name for name in self._params if name in names]
 
@@ -813,6 +829,8 @@ class HalfFineTuning(Callback):
         if self.mode == "freeze":
             for name in self._managed:
                 self._params[name].requires_grad_(name not in frozen)
+            # FSDP2 fixed its units' gradient dtypes at their first forward: let an unfrozen unit have them again.
+            self._adapter.refresh_after_requires_grad_change(self._unwrapped_module(trainer))
         self._frozen_params = [self._params[name] for name in self._frozen]
 
     @staticmethod

@@ -28,9 +28,9 @@ from lit_mofo._validation import (
     matches,
     unmatched_patterns_message,
 )
-from lit_mofo.callbacks.forgetting_monitor import refuse_sharded_strategy
 from lit_mofo.params import CATEGORIES, check_trainable, initial_requires_grad, named_parameter_categories
 from lit_mofo.snapshot import PretrainedSnapshot
+from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["L2ToPretrained"]
 
@@ -64,8 +64,15 @@ class L2ToPretrained(Callback):
     keeps a copy of θ₀ there (one extra copy of the regularised parameters in accelerator memory) so the step does
     not copy θ₀ across the bus.
 
-    .. warning:: Sharded strategies (FSDP, DeepSpeed) are refused in ``setup``: a rank holds only a slice of each
-       parameter, and θ₀ would have to be sliced the same way.
+    **Strategies**: a single device, DDP and FSDP2 (Lightning's ``ModelParallelStrategy`` with
+    ``tensor_parallel_size=1``, the module sharding itself as :class:`~lit_mofo.modules.CausalLMModule` does). Under
+    FSDP2 each rank holds θ₀ of its own shards only (the snapshot costs 1/world-size of a whole copy per rank) and
+    adds the penalty's gradient to its shard of each gradient, after FSDP2's reduce-scatter: the same arithmetic,
+    entry for entry, as one process. The logged penalty is summed over the shards (one all-reduce per step).
+
+    .. warning:: DeepSpeed, FSDP1 (``strategy="fsdp"``), tensor parallelism and XLA are refused in ``setup`` with
+       the fix: they flatten or partition the parameters so that no rank holds a tensor or a dimension-0 shard of
+       it. Use ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` or ``strategy="ddp"``.
 
     Args:
         strength: λ, the penalty's weight, a finite number > 0. The MoFO paper sweeps it over powers of ten
@@ -116,6 +123,7 @@ class L2ToPretrained(Callback):
         self._names: list[str] = []
         self._params: list[Tensor] = []
         self._theta0: list[Tensor] = []
+        self._adapter = StrategyAdapter("single")
 
     @property
     def regularised_names(self) -> list[str]:
@@ -129,11 +137,12 @@ class L2ToPretrained(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "L2ToPretrained")
+        self._adapter = StrategyAdapter.of(trainer, user="L2ToPretrained")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_trainable(pl_module, where="L2ToPretrained", error=MisconfigurationException)
+        self._adapter.reshard(pl_module)  # FSDP2: the sharded parameters, also after an evaluation before fit
         trainable = initial_requires_grad(pl_module)  # the module's choice, also when HalfFineTuning ran first
         named = list(named_parameter_categories(pl_module))
         for argument, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
@@ -176,29 +185,32 @@ class L2ToPretrained(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # θ₀ is read here, after every callback's on_fit_start: another one may still widen the snapshot's dtype
-        # for a tensor there (the widest request wins), and θ₀ must not depend on the order of the callbacks.
+        # for a tensor there (the widest request wins), and θ₀ must not depend on the order of the callbacks. A
+        # resumed sharded fit has it from the checkpoint only now, too.
         snapshot = PretrainedSnapshot.get(pl_module)
         assert snapshot is not None
-        self._theta0 = [
-            snapshot[name].to(device=param.device, dtype=param.dtype)
-            for name, param in zip(self._names, self._params, strict=True)
-        ]  # a no-op view when device and dtype already match
+        self._theta0 = []
+        for name, param in zip(self._names, self._params, strict=True):
+            local = self._adapter.local(param)  # the rank's shard under FSDP2, the tensor itself otherwise
+            self._theta0.append(snapshot[name].to(device=local.device, dtype=local.dtype))  # no copy if they match
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        local = self._adapter.local  # under FSDP2 the rank's shards of the parameter and of its reduced gradient
         total = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             for param, theta0 in zip(self._params, self._theta0, strict=True):
                 if param.grad is None and not self.log_penalty:
                     continue
-                diff = param - theta0
+                diff = local(param) - theta0
                 if self.log_penalty:  # over every regularised tensor: the same whichever callback dropped a gradient
                     total += (diff.float().pow(2) if self.norm == "l2" else diff.float().abs()).sum().double().cpu()
                 if param.grad is not None:
-                    param.grad.add_(diff if self.norm == "l2" else diff.sign_(), alpha=self.strength)
+                    local(param.grad).add_(diff if self.norm == "l2" else diff.sign_(), alpha=self.strength)
         if self.log_penalty:
+            total = self._adapter.sum_over_shards(total)  # whole tensors: the shards' sums added up (FSDP2)
             # Lightning throttles what reaches the logger to every `log_every_n_steps`.
             scale = 0.5 * self.strength if self.norm == "l2" else self.strength
             pl_module.log("l2_to_pretrained/penalty", float(scale * total), on_step=True, on_epoch=False)
@@ -207,13 +219,13 @@ class L2ToPretrained(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        PretrainedSnapshot.save_to(pl_module, checkpoint)
+        PretrainedSnapshot.save_to(pl_module, checkpoint, trainer)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self)
+        PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -20,7 +20,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.optimizer import _MockOptimizer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -31,6 +30,7 @@ from typing_extensions import override
 from lit_mofo._validation import as_patterns, matches
 from lit_mofo.optim.mofo import MoFO, _validate_hyperparameters
 from lit_mofo.params import CATEGORIES, Category, check_trainable, initial_requires_grad, named_parameter_categories
+from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["MoFOCallback"]
 
@@ -55,21 +55,6 @@ _SUPPORTED = (
 )
 # MoFO's options that the callback passes on only when set, so MoFO's own defaults apply otherwise.
 _FORWARDED = ("selection", "fused", "sample_size", "seed", "nonfinite")
-# Why the strategies that shard parameters or build the optimizer themselves are refused.
-_UNSUPPORTED_STRATEGIES: tuple[tuple[type, str], ...] = (
-    (
-        FSDPStrategy,
-        "each rank holds flattened slices of the parameters, so MoFO's per-tensor top-k would be taken per slice",
-    ),
-    (DeepSpeedStrategy, "DeepSpeed builds and partitions its own optimizer inside the strategy's setup"),
-    (
-        ModelParallelStrategy,
-        "converting an optimizer over DTensor parameters (and its sharded checkpoints) is not supported by the "
-        "callback; return lit_mofo.MoFO from configure_optimizers instead (see its notes on sharded parameters)",
-    ),
-)
-
-
 _Named = tuple[str, Category | None, bool]  # qualified name, category, trainable at the start of fit
 
 
@@ -116,12 +101,18 @@ class MoFOCallback(Callback):
 
     A module with no trainable parameter is refused at the start of fit, before backward would fail.
 
-    .. warning:: Single device and DDP (``strategy="ddp"``, spawn/fork/notebook variants) are supported: every rank
-       holds whole tensors and the same all-reduced gradients, so the ranks select the same entries. Refused in
-       ``setup``: FSDP (``strategy="fsdp"``: a rank holds flattened slices, so the top-k would be per slice),
-       DeepSpeed (it builds and partitions its own optimizer) and ``ModelParallelStrategy`` (the callback does not
-       convert optimizers over DTensor parameters or their sharded checkpoints; return :class:`~lit_mofo.MoFO` from
-       ``configure_optimizers`` there).
+    **Strategies**: a single device, DDP (``strategy="ddp"``, spawn/fork/notebook variants: every rank holds whole
+    tensors and the same all-reduced gradients, so the ranks select the same entries) and FSDP2 (Lightning's
+    ``ModelParallelStrategy`` with ``tensor_parallel_size=1``, the module sharding itself in ``configure_model`` as
+    :class:`~lit_mofo.modules.CausalLMModule` does): the optimizer over DTensor parameters becomes a MoFO that agrees
+    each tensor's threshold across the mesh (see :class:`~lit_mofo.MoFO`), so a sharded run moves exactly the entries
+    a single process would. There the strategy restores a checkpoint's optimizer states after ``on_fit_start``, so
+    the conversion still comes first and the sharded MoFO state is loaded into the MoFO.
+
+    .. warning:: DeepSpeed (it builds and partitions its own optimizer), FSDP1 (``strategy="fsdp"``: a rank holds
+       flattened slices, so the top-k would be per slice), tensor parallelism (a 2-D mesh) and XLA are refused in
+       ``setup`` with the fix: ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` or
+       ``strategy="ddp"``.
 
     Args:
         fraction: MoFO's :math:`\alpha`, the share of each filtered tensor's entries moved per step, in (0, 1]; the
@@ -218,12 +209,7 @@ class MoFOCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for strategy, why in _UNSUPPORTED_STRATEGIES:
-            if isinstance(trainer.strategy, strategy):
-                raise MisconfigurationException(
-                    f"MoFOCallback does not support the {type(trainer.strategy).__name__}: {why}. The callback "
-                    'supports a single device and DDP (strategy="ddp").'
-                )
+        StrategyAdapter.of(trainer, user="MoFOCallback")  # refuses the strategies it does not support, with the fix
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,7 +6,8 @@ trains it on batches of ``input_ids``/``attention_mask``/``labels`` (labels -100
 prompt tokens), and takes its optimizer and scheduler from outside (LightningCLI's ``optimizer:``/``lr_scheduler:``
 blocks, or callables in Python); without them it uses MoFO with the paper's settings. With a ``peft`` config (e.g.
 ``peft.LoraConfig``) it trains adapters instead of the weights. It can export the fine-tuned model with
-``save_pretrained`` at the end of fit (adapters merged into a plain model).
+``save_pretrained`` at the end of fit (adapters merged into a plain model). Under Lightning's
+``ModelParallelStrategy`` it shards itself with FSDP2.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from lit_mofo._validation import as_dtype
+from lit_mofo.blocks import detect_layout
 from lit_mofo.optim.helpers import Schedule, mofo_configure_optimizers, mofo_param_groups, warmup_lr_scheduler
+from lit_mofo.strategy import StrategyAdapter, full_state_dict, is_dtensor
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -96,6 +100,17 @@ class CausalLMModule(pl.LightningModule):
     costs one more model in memory on rank zero while it is written, and needs the whole model there (single
     device or DDP; sharded strategies are refused for a PEFT export).
 
+    **Sharding.** Under Lightning's ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` the
+    module shards itself in ``configure_model``: FSDP2's ``fully_shard`` on each transformer block, then on the whole
+    model (embeddings, final norm and head form the root unit), over the data-parallel mesh. Every parameter becomes
+    a DTensor of which each process holds 1/N (dimension 0), and each block is all-gathered just for its forward and
+    backward. The blocks are those of :func:`lit_mofo.blocks.detect_layout`, the rule Half Fine-Tuning draws by and
+    drift reports by, so the units line up with what they see; it finds every block stack by structure, also in
+    models whose class lists no ``_no_split_modules``. ``fsdp_param_dtype`` / ``fsdp_reduce_dtype`` give FSDP2 a
+    ``MixedPrecisionPolicy``: blocks computed in ``param_dtype`` (e.g. ``bfloat16``) while the sharded parameters,
+    and the optimizer, keep their own dtype; gradients reduced in ``reduce_dtype``. Tensor parallelism
+    (``tensor_parallel_size > 1``) is refused. Other strategies leave the model as it is.
+
     Args:
         model: Hugging Face name, local directory, ``"scenario:base"`` or ``"scenario:disjoint"``.
         model_config: a config to build an untrained model from (instead of ``model``).
@@ -113,12 +128,21 @@ class CausalLMModule(pl.LightningModule):
         export_dir: directory for the ``save_pretrained`` export at the end of fit; None: no export.
         peft: a PEFT adapter config (``peft.LoraConfig``...) to train adapters instead of the weights, or its
             ``to_dict()`` form (with ``peft_type``; the hyper-parameters keep it so); None: train the weights.
+        fsdp_param_dtype: FSDP2 mixed precision: the dtype the all-gathered parameters compute in (``"bfloat16"``,
+            ``"float16"``, ``"float32"``, or aliases such as ``"bf16"``); None: their own. Used under
+            ``ModelParallelStrategy`` only.
+        fsdp_reduce_dtype: FSDP2 mixed precision: the dtype gradients are reduced in; None: ``fsdp_param_dtype``
+            (or their own). Used under ``ModelParallelStrategy`` only.
 
     Example::
 
         module = CausalLMModule("HuggingFaceTB/SmolLM2-135M", optimizer=partial(torch.optim.AdamW, lr=1e-5))
         trainer = Trainer(max_steps=1000, precision="bf16-mixed")
         trainer.fit(module, InstructionDataModule(train_file="train.jsonl", val_fraction=0.05))
+
+        # sharded over 8 GPUs, blocks computed in bf16 (configs/fsdp2_cpu.yaml: the same on 2 CPU processes)
+        module = CausalLMModule("Qwen/Qwen2.5-0.5B", fsdp_param_dtype="bfloat16", fsdp_reduce_dtype="float32")
+        Trainer(devices=8, strategy=ModelParallelStrategy(data_parallel_size=8, tensor_parallel_size=1)).fit(module)
     """
 
     def __init__(
@@ -136,6 +160,8 @@ class CausalLMModule(pl.LightningModule):
         from_pretrained_kwargs: dict[str, Any] | None = None,
         export_dir: str | None = None,
         peft: PeftConfig | dict[str, Any] | None = None,
+        fsdp_param_dtype: str | None = None,
+        fsdp_reduce_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if (model is None) == (model_config is None):
@@ -181,6 +207,7 @@ class CausalLMModule(pl.LightningModule):
             self.model = get_peft_model(self.model, self.peft_config)
             self.model.train()
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(tokenizer, source)
+        self.fsdp_param_dtype, self.fsdp_reduce_dtype = self._fsdp_dtypes(fsdp_param_dtype, fsdp_reduce_dtype)
 
     @property
     def is_peft(self) -> bool:
@@ -314,6 +341,60 @@ class CausalLMModule(pl.LightningModule):
             loaded.pad_token = loaded.eos_token  # padding is masked out of attention and loss
         return loaded
 
+    # ---- sharding ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fsdp_dtypes(param_dtype: Any, reduce_dtype: Any) -> tuple[torch.dtype | None, torch.dtype | None]:
+        where, error = "CausalLMModule()", MisconfigurationException
+        return (
+            as_dtype(param_dtype, where=where, argument="fsdp_param_dtype", error=error),
+            as_dtype(reduce_dtype, where=where, argument="fsdp_reduce_dtype", error=error),
+        )
+
+    @override
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 when the strategy gives a device mesh (``ModelParallelStrategy``), once."""
+        if self.device_mesh is None:
+            if self.fsdp_param_dtype is not None or self.fsdp_reduce_dtype is not None:
+                rank_zero_warn(
+                    "CausalLMModule: fsdp_param_dtype/fsdp_reduce_dtype apply to FSDP2 sharding under "
+                    "ModelParallelStrategy only; this strategy leaves the model unsharded, so they are ignored (use "
+                    "the Trainer's `precision`, e.g. 'bf16-mixed')."
+                )
+            return
+        self.shard()
+
+    def shard(self) -> None:
+        """Apply FSDP2's ``fully_shard`` to each block and to the whole model over the data-parallel mesh (see the
+        class docstring); a no-op when the model is sharded already (``configure_model`` runs at every fit,
+        validate, test and predict)."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
+        adapter = StrategyAdapter.of(self.trainer, user="CausalLMModule")  # refuses tensor parallelism, with the fix
+        options: dict[str, Any] = {"mesh": adapter.mesh}
+        if self.fsdp_param_dtype is not None or self.fsdp_reduce_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=self.fsdp_param_dtype, reduce_dtype=self.fsdp_reduce_dtype
+            )
+        blocks = [block.name for block in detect_layout(self.model).blocks]
+        for name in blocks:
+            fully_shard(self.model.get_submodule(name), **options)
+        fully_shard(self.model, **options)
+        precision = (
+            f", computing in {self.fsdp_param_dtype or 'the parameter dtype'} and reducing gradients in "
+            f"{self.fsdp_reduce_dtype or self.fsdp_param_dtype or 'the parameter dtype'}"
+            if "mp_policy" in options
+            else ""
+        )
+        units = (
+            f"{len(blocks)} blocks ({blocks[0]}, ...) and the rest of the model as one unit"
+            if blocks
+            else "the whole model as one unit (no transformer blocks found)"
+        )
+        rank_zero_info(f"CausalLMModule: sharded with FSDP2 over {adapter.world_size} processes: {units}{precision}.")
+
     # ---- training ------------------------------------------------------------------------------------------------
 
     @override
@@ -392,9 +473,11 @@ class CausalLMModule(pl.LightningModule):
         """
         if self.is_peft and self._trainer is not None:
             self._refuse_sharded_peft_export()
-        state_dict = None
+        state_dict: dict[str, Any] | None = None
         if self._trainer is not None and not self.is_peft:  # PEFT: every process holds the whole model (see above)
-            state_dict = self.trainer.strategy.lightning_module_state_dict()
+            # Sharded (FSDP2): whole tensors gathered to rank zero, whatever the checkpoint format.
+            sharded = any(is_dtensor(param) for param in self.parameters())
+            state_dict = full_state_dict(self) if sharded else self.trainer.strategy.lightning_module_state_dict()
         if self._trainer is None or self.trainer.is_global_zero:
             directory = Path(directory).expanduser()
             directory.mkdir(parents=True, exist_ok=True)
