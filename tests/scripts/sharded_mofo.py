@@ -182,7 +182,20 @@ def mlp() -> nn.Module:
 
 
 def run_fsdp2(mesh: Any | None) -> dict[str, Any]:
-    """Train the MLP on one fixed batch per step; sharded with fully_shard when ``mesh`` is given."""
+    """Train the MLP on one fixed batch per step; sharded with fully_shard when ``mesh`` is given.
+
+    On one thread in both places: a matmul's bits depend on how many threads split it, and the pytest process
+    (the reference) and the spawned ranks need not default to the same count (the CI machine's did not).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_fsdp2(mesh)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_fsdp2(mesh: Any | None) -> dict[str, Any]:
     model = mlp()
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
