@@ -10,7 +10,7 @@ Tolerances: where the arithmetic is the same the results must be bit-identical: 
 the full batch's gradient, the reduce-scatter averages two equal halves exactly, MoFO agrees its threshold over the
 mesh, HFT, L2 and resets act entry by entry), the draws, the changed-entry counts and the maxima. Sums differ only
 in their order (each shard's sum of squares in float32, then the shards' sums in float64), so the L2 drift figures
-and the penalty must agree to 1e-6 relative (float32 rounding is 6e-8; measured: <= 1e-7). With ``MONITOR`` on, the
+and the penalty must agree to 1e-6 relative (float32 rounding is 6e-8; measured: <= 1e-7). The
 probes' figures must agree to 1e-6 relative before the first step and to 1e-5 after (their data is split over the
 ranks, so sums add up in another order).
 """
@@ -30,7 +30,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -44,9 +43,8 @@ sys.path.insert(0, str(SCRIPT.parent))
 
 import fsdp2_callbacks  # noqa: E402
 
-# Switch on once ForgettingMonitor and its probes run under FSDP2 (issue 13, item 4): every fit then also carries a
-# ForgettingMonitor with a LanguageModelProbe and a MultipleChoiceProbe, and their figures are compared too.
-MONITOR = os.environ.get("LIT_MOFO_TEST_FSDP2_MONITOR", "0") == "1"
+# Every fit also carries a ForgettingMonitor with a LanguageModelProbe and a MultipleChoiceProbe, whose figures are
+# compared too.
 SUM_TOLERANCE = 1e-6  # relative, for figures that are sums over tensors (see the module docstring)
 PROBE_TOLERANCE = 1e-5  # relative, for the probes' figures after training began (the issue's bound)
 EXACT_FIGURES = ("drift/fraction_changed", "drift/max_abs_change")
@@ -59,7 +57,7 @@ def launch(scenario: str, out_dir: Path, timeout: float = 900) -> list[dict[str,
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if sys.platform == "linux":  # no network: keep gloo on the loopback interface
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(SCRIPT), str(out_dir), "--scenario", scenario, *(["--monitor"] if MONITOR else [])]
+    command = [sys.executable, str(SCRIPT), str(out_dir), "--scenario", scenario, "--monitor"]
     with subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     ) as process:
@@ -80,7 +78,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, **options: Any) -> dic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return fsdp2_callbacks.fit(1, tmp_path_factory.mktemp("one_process"), monitor=MONITOR, **options)
+        return fsdp2_callbacks.fit(1, tmp_path_factory.mktemp("one_process"), monitor=True, **options)
     finally:
         torch.set_num_threads(threads)  # the tests that follow in this process keep theirs
 
@@ -147,13 +145,12 @@ def test_every_rank_draws_the_frozen_sets_of_one_process(
 def test_sharded_fit_logs_the_one_process_drift_and_penalty(
     same_batch: list[dict[str, Any]], references: dict[str, dict[str, Any]], mode: str
 ) -> None:
-    prefixes = ("drift/", "l2_to_pretrained/", *(PROBE_FIGURES if MONITOR else ()))
+    prefixes = ("drift/", "l2_to_pretrained/", *PROBE_FIGURES)
     reference = figures(references[mode], prefixes)
     sharded = figures(same_batch[0][mode], prefixes)
     assert sharded.keys() == reference.keys()
     assert {name for _, name in reference} >= {*EXACT_FIGURES, *SUMMED_FIGURES}
-    if MONITOR:
-        assert {name.split("/")[0] + "/" for _, name in reference} >= set(PROBE_FIGURES)
+    assert {name.split("/")[0] + "/" for _, name in reference} >= set(PROBE_FIGURES)
     worst = 0.0
     for key, value in reference.items():
         if key[1].startswith(EXACT_FIGURES):
@@ -223,7 +220,7 @@ def test_resumed_sharded_fit_continues_as_the_uninterrupted_one(
         assert sorted(resumed["frozen"]) == list(range(start, fsdp2_callbacks.STEPS))
         assert all(resumed["frozen"][step] == uninterrupted["frozen"][step] for step in resumed["frozen"])
         assert all(torch.equal(resumed["batches"][step], uninterrupted["batches"][step]) for step in resumed["batches"])
-        logged = ("drift/", "l2_to_pretrained/", "train_loss", *(PROBE_FIGURES if MONITOR else ()))
+        logged = ("drift/", "l2_to_pretrained/", "train_loss", *PROBE_FIGURES)
         after, before = figures(resumed, logged), figures(uninterrupted, logged)
         assert after and all(after[key] == before[key] for key in after), "the resumed fit logs other figures"
     # Rank zero logs drift (and the probes) after every step from the checkpoint's on, the penalty before.
@@ -334,22 +331,6 @@ SHORT = ("--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--tr
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(MONITOR, reason="the config runs whole, monitor included (the test below)")
-def test_fsdp2_config_without_the_monitor_trains_sharded_and_writes_the_report(tmp_path: Path) -> None:
-    config = yaml.safe_load(CONFIG.read_text())
-    assert config["trainer"]["strategy"]["init_args"] == {"data_parallel_size": 2, "tensor_parallel_size": 1}
-    callbacks = config["trainer"]["callbacks"]
-    config["trainer"]["callbacks"] = [c for c in callbacks if "ForgettingMonitor" not in c["class_path"]]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = run_cli(tmp_path / "config.yaml", tmp_path, *SHORT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sharded with FSDP2 over 2 processes: 4 blocks" in result.stderr + result.stdout
-    reports = list(tmp_path.glob("lightning_logs/version_*/forgetting_report.md"))
-    assert len(reports) == 1 and "Parameter drift from the pre-trained model at step 12" in reports[0].read_text()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not MONITOR, reason="ForgettingMonitor refuses sharded strategies until issue 13 item 4 lands")
 def test_fsdp2_config_completes_and_writes_the_forgetting_report(tmp_path: Path) -> None:
     result = run_cli(CONFIG, tmp_path, *SHORT)
     assert result.returncode == 0, result.stderr[-3000:]

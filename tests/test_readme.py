@@ -83,6 +83,9 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     "lit-mofo fit --config configs/quickstart_disjoint.yaml": Run("30-60 s", SHORT_QUICKSTART),
     'pip install "lit-mofo[lora]"': SetUp(),
     "pip install 'lit-mofo[triton]'": SetUp(),
+    "lit-mofo fit --config configs/fsdp2_cpu.yaml": CoveredBy(
+        "tests/test_fsdp2_callbacks.py::test_fsdp2_config_completes_and_writes_the_forgetting_report", "about 2 minutes"
+    ),
     "python examples/quickstart.py": CoveredBy(
         "tests/test_lightning.py::test_quickstart_prints_adamw_versus_mofo_table", "about 45 s"
     ),
