@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -388,19 +388,37 @@ class ForgettingMonitor(Callback):
         self._restored = True
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate_probes(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        """Evaluate every probe on ``pl_module``'s current weights: ``{probe: {metric: value}}``.
+
+        The same evaluation as the monitor's own (isolation, the precision plugin's forward context, the checks of
+        the returned values; on every process under DDP), but nothing is recorded, logged or counted in
+        :attr:`evaluation_seconds`: for callers that measure other weights than the fit's, such as
+        :class:`~lit_mofo.callbacks.task_vector_scaling.TaskVectorScaling`'s edits. ``trainer`` may be None outside
+        a fit (the probes then run on one process, without a precision context).
+        """
+        return {name: values for name, values, _ in self._probe_values(trainer, pl_module)}
+
+    def _probe_values(
+        self, trainer: pl.Trainer | None, pl_module: pl.LightningModule
+    ) -> Iterator[tuple[str, dict[str, float], float]]:
+        """``(probe, values, seconds)`` for each probe in turn, evaluated in isolation (the one probe loop)."""
+        context = nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+        with isolated_evaluation(pl_module), context:
+            for name, probe in self._probes.items():
+                start = time.perf_counter()
+                values = self._checked(name, probe, probe.evaluate(trainer, pl_module))  # type: ignore[arg-type]
+                yield name, values, time.perf_counter() - start
+
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
         step = trainer.global_step
         if step == self._last_step:
             return
         self._last_step = step
         metrics: dict[str, float] = {}
-        with isolated_evaluation(pl_module), trainer.precision_plugin.forward_context():
-            for name, probe in self._probes.items():
-                start = time.perf_counter()
-                values = self._checked(name, probe, probe.evaluate(trainer, pl_module))
-                seconds = time.perf_counter() - start
-                self._seconds += seconds
-                metrics.update(self._record(trainer, name, values, trigger, seconds))
+        for name, values, seconds in self._probe_values(trainer, pl_module):
+            self._seconds += seconds
+            metrics.update(self._record(trainer, name, values, trigger, seconds))
         self._publish(trainer, metrics, log=True)
 
     def _checked(self, name: str, probe: Probe, values: Any) -> dict[str, float]:
