@@ -663,9 +663,12 @@ class TaskVectorScaling(Callback):
             for metric, value in metrics.items():
                 baseline = self._baselines.get(probe, {}).get(metric)
                 higher = self._directions.get(probe, {}).get(metric)
-                known = baseline is not None and higher is not None  # else no forgetting (the monitor warned)
-                lost.setdefault(probe, {})[metric] = forgetting(value, baseline, higher) if known else math.nan  # type: ignore[arg-type]
-                kept.setdefault(probe, {})[metric] = retention(value, baseline, higher) if known else math.nan  # type: ignore[arg-type]
+                if baseline is None or higher is None:  # no pre-trained value to compare with (the monitor warned)
+                    lost_value = kept_value = math.nan
+                else:
+                    lost_value, kept_value = forgetting(value, baseline, higher), retention(value, baseline, higher)
+                lost.setdefault(probe, {})[metric] = lost_value
+                kept.setdefault(probe, {})[metric] = kept_value
         return EditPoint(edit, {p: dict(m) for p, m in values.items()}, lost, kept, seconds)
 
     def _panels(self) -> list[str]:
