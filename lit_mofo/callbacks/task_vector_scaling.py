@@ -365,7 +365,6 @@ class TaskVectorScaling(Callback):
         self._fit_start: float | None = None
         self._fit_seconds: float | None = None
         self._sweep_seconds: float | None = None
-        self._rewritten: list[str] = []
 
     @staticmethod
     def _metric_name(value: str | None, argument: str, example: str) -> str | None:
@@ -436,7 +435,7 @@ class TaskVectorScaling(Callback):
         self._monitor = monitor = monitors[0]
         self._check_metrics(monitor)
         try:
-            names = task_vector_names(pl_module)
+            task_vector_names(pl_module)  # refuses adapters that no edit scales exactly
             if any(isinstance(edit, LiNeS) for edit in self.edits):
                 if not detect_layout(pl_module).blocks:
                     raise ValueError(
@@ -446,7 +445,6 @@ class TaskVectorScaling(Callback):
                     )
         except ValueError as err:
             raise MisconfigurationException(f"TaskVectorScaling: {err}") from err
-        del names
         if self.report:
             FitReport.attach(trainer, self)
 
@@ -485,7 +483,7 @@ class TaskVectorScaling(Callback):
         snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
         snapshot.capture(trainer, pl_module, names)
         self._names = names
-        self._points, self._chosen, self._applied, self._rewritten = [], None, None, []
+        self._points, self._chosen, self._applied = [], None, None
         self._fit_seconds = self._sweep_seconds = None
         self._fit_start = time.perf_counter()
 
@@ -501,11 +499,15 @@ class TaskVectorScaling(Callback):
         assert self._monitor is not None
         if self._fit_start is not None:
             self._fit_seconds = time.perf_counter() - self._fit_start
+        if trainer.global_step == 0:
+            rank_zero_info("TaskVectorScaling: the fit took no optimizer step, so there is no task vector to edit.")
+            if self.report:
+                FitReport.attach(trainer, self).submit(trainer, self, self.report_section())
+            return
         start = time.perf_counter()
         finetuned = self._monitor_final_values(trainer)
         self._measure(pl_module, self._theta0(pl_module), self._monitor, trainer, finetuned)
         self._sweep_seconds = time.perf_counter() - start
-        self._step = trainer.global_step
         self._chosen = self.select()
         if self.apply != "none" and self._chosen is None:
             rank_zero_warn(
@@ -523,8 +525,8 @@ class TaskVectorScaling(Callback):
             return
         apply_edit(pl_module, self._theta0(pl_module), edit)
         self._applied = edit
-        self._rewritten = self._rewrite_checkpoints(trainer)
-        where = f"; checkpoints written again with it: {self._rewritten}" if self._rewritten else ""
+        rewritten = self._rewrite_checkpoints(trainer)
+        where = f"; checkpoints written again with it: {rewritten}" if rewritten else ""
         rank_zero_info(f"TaskVectorScaling: applied {edit.label} (rule {self.apply!r}: {self._bound_text()}){where}.")
 
     @override
@@ -558,8 +560,7 @@ class TaskVectorScaling(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The curve of a finished fit is for reading (``trainer.fit`` starts a new one); nothing to restore.
-        self._loaded_state = dict(state_dict)
+        """Nothing to restore: the saved curve is for reading the checkpoint, and a resumed fit measures its own."""
 
     # ------------------------------------------------------------------ the sweep
     def sweep(
@@ -632,6 +633,7 @@ class TaskVectorScaling(Callback):
         finetuned: dict[str, dict[str, float]] | None,
     ) -> None:
         self._baselines = monitor.baselines
+        self._step = 0 if trainer is None else trainer.global_step
         start = time.perf_counter()
         if finetuned is None:
             finetuned = monitor.evaluate_probes(trainer, pl_module)
