@@ -1,51 +1,74 @@
-"""Forgetting benchmark: task score against forgetting and drift for every lit_mofo method, several seeds.
+"""Forgetting benchmark: task score against forgetting and drift for every lit_mofo method, two scenarios, seeds.
 
 Usage::
 
-    python benchmarks/forgetting.py                      # full mode: LR sweep + 5 seeds x 9 methods
+    python benchmarks/forgetting.py                      # full mode: both scenarios, LR sweep + 5 seeds x 11 fits
     python benchmarks/forgetting.py --workers 2          # two runs at a time (each on one thread)
-    python benchmarks/forgetting.py --methods full_ft mofo_0.15 l2_0.3 --seeds 1 2 3 4 5 6 7 8
-    python benchmarks/forgetting.py --quick --out-dir /tmp/forgetting   # smoke run in about a minute (tested)
+    python benchmarks/forgetting.py --scenarios disjoint --methods full_ft mofo_0.15 full_ft+lines --seeds 1 2 3
+    python benchmarks/forgetting.py --quick --out-dir /tmp/forgetting   # smoke run of every method (tested)
 
-The embedded scenario (see ``lit_mofo.scenario``): the scenario's pre-trained base model (a 1.1M-parameter Llama
-that knows the 512 facts of a generated world and can copy a word list) is fine-tuned on the ``cipher`` task,
-which it cannot do (exact match 0). Every method gets the same budget - ``--steps`` optimizer steps of
-``--batch-size`` problems, cosine schedule with 3% warm-up (``CausalLMModule``'s default), the same data order
-per seed - and differs only in the optimizer and callbacks:
+**Scenarios** (``lit_mofo.scenario``; ``--scenarios``, both by default, reported side by side): a pre-trained
+1.1M-parameter Llama that knows the 512 facts of a generated world and can copy a word list is fine-tuned on the
+``cipher`` task, which it cannot do (exact match 0). In ``overlap`` (base model ``scenario:base``) the task is
+written in the names of 64 of the world's 128 entities, the subjects of half the facts; in ``disjoint`` (base model
+``scenario:disjoint``, pre-trained the same way with the copying skill over the task's words) in 64 names no fact is
+about. Every method gets the same budget - ``--steps`` optimizer steps of ``--batch-size`` problems, cosine
+schedule with 3% warm-up (``CausalLMModule``'s default), the same data order per seed - and differs only in the
+optimizer, the callbacks or the adapters:
 
-==============  ==============================================================================================
-``full_ft``     AdamW (weight decay 0): full fine-tuning, the reference.
-``mofo_0.05``   MoFO, fraction 0.05 (5% of each matrix's entries move per step).
-``mofo_0.15``   MoFO, fraction 0.15 (the paper's setting).
-``hft_once``    AdamW + ``HalfFineTuning()``: one category-level half drawn at the start of fit.
-``hft_redraw``  AdamW + ``HalfFineTuning(redraw_every_n_steps=steps // 4)``: four rounds, each a new half.
-``hft_reset``   as ``hft_redraw`` with ``reset=True``: matrices frozen by a re-draw go back to pre-trained values.
-``mofo_hft``    MoFO (0.15) + ``HalfFineTuning()`` once.
-``l2_<λ>``      AdamW + ``L2ToPretrained(strength=λ)``: the MoFO paper's L2 regulariser baseline, at λ = 0.1 and 1
-                by default (the regulariser's own trade-off: λ is a second knob, shown as two methods rather
-                than chosen by a rule that would need a forgetting measurement); any ``l2_<λ>`` may be named.
-==============  ==============================================================================================
+===================  =====================================================================================
+``full_ft``          AdamW (weight decay 0): full fine-tuning, the reference.
+``mofo_0.05``        MoFO, fraction 0.05 (5% of each matrix's entries move per step).
+``mofo_0.15``        MoFO, fraction 0.15 (the paper's setting).
+``hft_once``         AdamW + ``HalfFineTuning()``: one category-level half drawn at the start of fit.
+``hft_redraw``       AdamW + ``HalfFineTuning(redraw_every_n_steps=steps // 4)``: four rounds, each a new half.
+``hft_reset``        as ``hft_redraw`` with ``reset=True``: matrices frozen by a re-draw go back to pre-trained.
+``mofo_hft``         MoFO (0.15) + ``HalfFineTuning()`` once.
+``l2_<λ>``           AdamW + ``L2ToPretrained(strength=λ)``: the MoFO paper's L2 regulariser baseline, at λ = 0.1 and
+                     1 by default (the regulariser's own trade-off: λ is a second knob, shown as two methods rather
+                     than chosen by a rule that would need a forgetting measurement); any ``l2_<λ>`` may be named.
+``lora_<r>``         LoRA through PEFT (``CausalLMModule(peft=LoraConfig(r, lora_alpha=2r,
+                     target_modules="all-linear"))``: every linear layer of the blocks; embeddings and head frozen),
+                     AdamW over the adapters; ranks 8 and 64 by default, any ``lora_<r>`` may be named.
+``full_ft+wise_ft``  the ``full_ft`` fits edited after training with WiSE-FT, θ₀ + alpha·(θ - θ₀).
+``full_ft+lines``    the ``full_ft`` fits edited with LiNeS (per-block factors, the paper's single-task pairs).
+``mofo_0.15+lines``  the ``mofo_0.15`` fits edited with LiNeS.
+===================  =====================================================================================
 
-**Learning rate.** Each method's LR comes from the same small sweep (``--lrs``, default 3e-4, 1e-3, 3e-3), run on
-its own seed (``--sweep-seed``, 0) that the reported seeds (``--seeds``, 1 to 5) do not include. The rule uses
+**Learning rate.** Each fitted method's LR comes from the same small sweep (``--lrs``, default 3e-4, 1e-3, 3e-3),
+run on its own seed (``--sweep-seed``, 0) that the reported seeds (``--seeds``, 1 to 5) do not include. The rule uses
 the task only, as a user without a forgetting probe would: the LR with the highest task exact match; LRs within
 ``--tie-points`` (1 point) of the best count as tied, and the smallest of them wins (the gentlest setting that
-reaches the best score).
+reaches the best score). A post-hoc row uses its base method's LR and fits.
+
+**Post-hoc edits** (``lit_mofo.TaskVectorScaling``, no extra fits): at the end of their sweep-seed fits,
+``full_ft`` and ``mofo_0.15`` measure with the monitor's probes the grid of their rows' families - WiSE-FT alpha in
+{0.1, ..., 0.9}, LiNeS (λ, 1 - λ) for λ in {0, 0.1, ..., 0.9}: the papers' grids without the ends already measured
+(alpha = 1 is the fine-tune, 0 the pre-trained model). A rule fixed before any result was seen picks one edit per row
+on the sweep seed at the chosen LR: the least knowledge forgetting among the edits of that family whose task exact
+match is within 1 point of the unedited fit's (``TaskVectorScaling``'s ``least_forgetting`` rule; the unedited fit
+itself qualifies, so the rule may keep it). That edit is applied unchanged to the fit of every reported seed
+(measured by the same callback, the fine-tuned weights restored afterwards).
 
 **Measured** with lit_mofo's own callbacks, at the end of fit: the task's exact match on 256 held-out problems
 (``TaskProbe``); forgetting on the knowledge probe (``KnowledgeProbe``: accuracy points lost on the 512 facts,
-and the rise of their loss in nats) and on the copying skill (``TaskProbe(kind="repeat")``), each as
-``ForgettingMonitor`` computes it (pre-trained value minus final value, positive = forgot); drift from the
-pre-trained weights (``ParameterDrift``: relative L2 distance and fraction of entries changed, all parameters).
-Also the median wall time of a training step (forward, backward, callbacks' hooks, optimizer step; evaluation
-excluded) and memory: the process's peak RSS (each run in a fresh process; mostly the Python/torch runtime at
-this model size) and the training state the method holds - parameters, the largest set of gradients, optimizer
-state, and the pre-trained copy the method itself needs (``L2ToPretrained``, ``reset=True``; ``ParameterDrift``'s
-measuring copy is not counted).
+and the rise of their loss in nats) and on the copying skill (``TaskProbe(kind="repeat", min_length=2,
+max_length=5)``, the lengths the base models were pre-trained on), each as ``ForgettingMonitor`` computes it
+(pre-trained value minus final value, positive = forgot); drift from the pre-trained weights (``ParameterDrift``:
+relative L2 distance and fraction of entries changed, all parameters; for LoRA and the post-hoc edits the same
+figures computed on the effective weights - merged adapters, edited weights - by this script). Also the median wall
+time of a training step (forward, backward, callbacks' hooks, optimizer step; evaluation excluded), the post-hoc
+sweep's seconds against the fit's, and memory: the process's peak RSS (each run in a fresh process; mostly the
+Python/torch runtime at this model size) and the training state the method holds - parameters, the largest set of
+gradients, optimizer state, and the pre-trained copy the method itself needs (``L2ToPretrained``, ``reset=True``,
+the post-hoc edits; ``ParameterDrift``'s measuring copy is not counted). The base models' build metadata (their own
+measured knowledge and copying figures, the machine, torch) go into the JSON: base-model builds differ between
+machines, so figures to compare must come from one machine's builds.
 
 **Output** (``--out-dir``, default ``benchmarks/results``; ``forgetting_quick.*`` in quick mode): a JSON of every
-run (sweep and seeds), a Markdown summary (mean +- sample std over the seeds, the sweep, the issue's targets
-checked), and a PNG of task score against knowledge forgetting with error bars (needs matplotlib: the ``plot``
+run (sweep and seeds, both scenarios), a Markdown summary (both scenarios side by side, then per scenario: mean +-
+sample std over the seeds, the sweep, the post-hoc curves, the issue's targets checked), and a PNG per scenario of
+task score against knowledge forgetting with error bars and the post-hoc curves (needs matplotlib: the ``plot``
 extra). Every run uses one torch thread: at this model size that is several times faster than two on a 2-core
 machine, and ``--workers`` then runs that many fits side by side.
 """
@@ -62,7 +85,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -73,7 +96,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = (
+SCENARIO_NAMES = ("overlap", "disjoint")
+FITTED_METHODS = (
     "full_ft",
     "mofo_0.05",
     "mofo_0.15",
@@ -83,7 +107,16 @@ METHODS = (
     "mofo_hft",
     "l2_0.1",
     "l2_1",
+    "lora_8",
+    "lora_64",
 )
+# A post-hoc row: (the fitted method whose weights it edits, the edit family).
+POST_HOC: dict[str, tuple[str, str]] = {
+    "full_ft+wise_ft": ("full_ft", "wise_ft"),
+    "full_ft+lines": ("full_ft", "lines"),
+    "mofo_0.15+lines": ("mofo_0.15", "lines"),
+}
+METHODS = (*FITTED_METHODS, *POST_HOC)
 LABELS = {
     "full_ft": "Full FT (AdamW)",
     "mofo_0.05": "MoFO 0.05",
@@ -92,8 +125,13 @@ LABELS = {
     "hft_redraw": "HFT (re-drawn)",
     "hft_reset": "HFT (re-drawn, reset)",
     "mofo_hft": "MoFO 0.15 + HFT",
+    "full_ft+wise_ft": "Full FT + WiSE-FT",
+    "full_ft+lines": "Full FT + LiNeS",
+    "mofo_0.15+lines": "MoFO 0.15 + LiNeS",
 }
 HFT_ROUNDS = 4  # hft_redraw/hft_reset: the budget is split into this many rounds, each with a new draw
+# The post-hoc rule, fixed before any result: least knowledge forgetting within 1 task point of the unedited fit.
+POST_HOC_RULE = {"apply": "least_forgetting", "forgetting": "knowledge/accuracy", "max_task_drop": 0.01}
 
 
 @dataclass(frozen=True)
@@ -107,6 +145,15 @@ class Budget:
     knowledge_limit_batches: int | None = None  # None: all 512 facts
     task_examples: int = 256
     copy_examples: int = 256
+    train_examples: int | None = None  # problems generated for training; None: the data module's default (8192)
+
+
+@dataclass(frozen=True)
+class PostHocGrid:
+    """The edits the sweep-seed fits of the post-hoc rows' base methods measure."""
+
+    wise_ft: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 ... 0.9
+    lines: tuple[tuple[float, float], ...] = tuple((round(0.1 * i, 1), round(1 - 0.1 * i, 1)) for i in range(10))
 
 
 @dataclass(frozen=True)
@@ -116,6 +163,9 @@ class RunSpec:
     seed: int
     phase: str  # "sweep" or "seeds"
     budget: Budget = field(default_factory=Budget)
+    scenario: str = "overlap"
+    wise_ft: tuple[float, ...] = ()  # post-hoc edits this fit measures at its end
+    lines: tuple[tuple[float, float], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------- one run
@@ -146,6 +196,16 @@ def _optimizer_for(spec: RunSpec) -> Callable[..., Any]:
     return partial(torch.optim.AdamW, lr=spec.lr, weight_decay=0.0)
 
 
+def _peft_for(spec: RunSpec) -> Any:
+    """The LoRA config of a ``lora_<r>`` method (alpha = 2r: the same scale 2 at every rank), else None."""
+    if not spec.method.startswith("lora_"):
+        return None
+    from peft import LoraConfig
+
+    rank = lora_rank(spec.method)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
+
+
 def l2_strength(method: str) -> float:
     """λ of an ``l2_<λ>`` method name; raises ValueError if ``<λ>`` is not a number > 0."""
     strength = float(method.removeprefix("l2_"))
@@ -154,24 +214,37 @@ def l2_strength(method: str) -> float:
     return strength
 
 
+def lora_rank(method: str) -> int:
+    """r of a ``lora_<r>`` method name; raises ValueError if ``<r>`` is not an integer >= 1."""
+    rank = int(method.removeprefix("lora_"))
+    if rank < 1:
+        raise ValueError(f"{method!r}: the LoRA rank must be an integer >= 1")
+    return rank
+
+
 def label(method: str) -> str:
     """The method's name in tables and the plot."""
     if method.startswith("l2_"):
         return f"L2 to pre-trained (λ={l2_strength(method):g})"
+    if method.startswith("lora_"):
+        return f"LoRA r={lora_rank(method)}"
     return LABELS.get(method, method)
 
 
 def _method_name(value: str) -> str:
-    """argparse type of ``--methods``: one of METHODS, or ``l2_<λ>`` for any λ > 0."""
+    """argparse type of ``--methods``: one of METHODS, or ``l2_<λ>`` (λ > 0), or ``lora_<r>`` (r >= 1)."""
     if value in METHODS:
         return value
-    if value.startswith("l2_"):
-        try:
-            l2_strength(value)
-            return value
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(METHODS)} (or l2_<λ> with λ > 0)")
+    for prefix, check in (("l2_", l2_strength), ("lora_", lora_rank)):
+        if value.startswith(prefix):
+            try:
+                check(value)
+                return value
+            except ValueError:
+                pass
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not one of {', '.join(METHODS)} (or l2_<λ> with λ > 0, lora_<r> with r >= 1)"
+    )
 
 
 def _make_meter() -> Any:
@@ -220,26 +293,102 @@ def _theta0_bytes(spec: RunSpec, module: Any, callbacks: Sequence[Any]) -> int:
     return 0
 
 
-def _knowledge_by_subject(model: Any) -> dict[str, float]:
+def _knowledge_by_subject(model: Any, scenario: str) -> dict[str, float | None]:
     """Knowledge accuracy (%) on the facts whose entity is one of the task's words, and on the others.
 
-    A diagnostic for the analysis: the task's problems are written in entity names (the first 64 of the 128), so
-    half of the facts share their subject token with the fine-tuning data.
+    A diagnostic for the analysis: in ``overlap`` the task's problems are written in entity names (the first 64 of
+    the 128), so half of the facts share their subject token with the fine-tuning data; in ``disjoint`` none does
+    (``task_words`` is None there, ``other_words`` every fact).
     """
-    from lit_mofo.scenario import evaluate_knowledge
+    from lit_mofo.scenario import evaluate_knowledge, get_scenario
     from lit_mofo.scenario.corpus import generate_facts
-    from lit_mofo.scenario.task import TaskSpec
 
-    task_words = set(TaskSpec().words)
-    other_words = {fact.entity for fact in generate_facts()} - task_words
+    entities = {fact.entity for fact in generate_facts()}
+    task_words = set(get_scenario(scenario).task().words) & entities
+    split: dict[str, float | None] = {
+        "task_words": 100 * evaluate_knowledge(model, entities=task_words)["accuracy"] if task_words else None
+    }
+    split["other_words"] = 100 * evaluate_knowledge(model, entities=entities - task_words)["accuracy"]
+    return split
+
+
+_PRETRAINED_SPLIT: dict[str, dict[str, float | None]] = {}
+
+
+def weight_drift(theta0: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    """ParameterDrift's figures (relative L2 and % of entries changed, overall and per role) of ``model``'s
+    parameters against ``theta0`` (by name): for weights ParameterDrift does not see - a LoRA fit's merged model, a
+    post-hoc edit."""
+    import torch
+
+    from lit_mofo.blocks import parameter_roles
+    from lit_mofo.callbacks.parameter_drift import DriftStats
+
+    roles = parameter_roles(model)
+    overall, by_role = DriftStats(), {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            current, reference = param.detach().float(), theta0[name].float()
+            diff = current - reference
+            stats = DriftStats(
+                sq_diff=float(diff.pow(2).sum()),
+                sq_ref=float(reference.pow(2).sum()),
+                changed=int((current != reference).sum()),
+                numel=param.numel(),
+            )
+            overall.add(stats)
+            by_role.setdefault(roles[name], DriftStats()).add(stats)
     return {
-        subset: 100 * evaluate_knowledge(model, entities=entities)["accuracy"]
-        for subset, entities in (("task_words", task_words), ("other_words", other_words))
+        "drift_relative_l2": overall.relative_l2,
+        "drift_fraction_changed": 100 * overall.fraction_changed,
+        "drift_relative_l2_by_role": {role: stats.relative_l2 for role, stats in by_role.items()},
     }
 
 
+def _edit_of(entry: Mapping[str, Any]) -> Any:
+    """The ``lit_mofo.task_vectors`` edit a curve entry (``EditPoint.as_dict()``) describes; None if unedited."""
+    from lit_mofo.task_vectors import LiNeS, WiSEFT
+
+    if entry["method"] is None:
+        return None
+    return WiSEFT(entry["alpha"]) if entry["method"] == "wise_ft" else LiNeS(entry["alpha"], entry["beta"])
+
+
+def _post_hoc_figures(
+    scaling: Any, module: Any, theta0: Mapping[str, Any], scenario: str, split: bool
+) -> dict[str, dict[str, Any]]:
+    """Every point of TaskVectorScaling's curve in this script's units, with the drift of the edited weights (and
+    the knowledge split, when ``split``), measured by applying each edit to the fitted module and restoring it."""
+    from lit_mofo.task_vectors import TaskVectorEditor, task_vector_names
+
+    names = task_vector_names(module, list(theta0), theta0)
+    figures = {}
+    for point in scaling.points:
+        entry = point.as_dict()
+        values, lost = entry["values"], entry["forgetting"]
+        figures[entry["edit"]] = {
+            "method": entry["method"],
+            "alpha": entry["alpha"],
+            "beta": entry["beta"],
+            "task_exact_match": 100 * values["task"]["exact_match"],
+            "task_loss": values["task"]["loss"],
+            "knowledge_accuracy": 100 * values["knowledge"]["accuracy"],
+            "forgetting_knowledge_accuracy": 100 * lost["knowledge"]["accuracy"],
+            "forgetting_knowledge_loss": lost["knowledge"]["loss"],
+            "forgetting_copy_exact_match": 100 * lost["copy"]["exact_match"],
+            "seconds": entry["seconds"],
+        }
+        with TaskVectorEditor(module, {name: theta0[name] for name in names}) as editor:
+            if point.edit is not None:
+                editor.apply(point.edit)
+            figures[entry["edit"]].update(weight_drift(theta0, module))
+            if split:
+                figures[entry["edit"]]["split"] = _knowledge_by_subject(module.model, scenario)
+    return figures
+
+
 def run_one(spec: RunSpec) -> dict[str, Any]:
-    """Fine-tune the scenario base model with one method, one LR and one seed; return the measurements."""
+    """Fine-tune a scenario's base model with one method, one LR and one seed; return the measurements."""
     import torch
 
     torch.set_num_threads(1)
@@ -253,30 +402,45 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
 
-    from lit_mofo import ForgettingMonitor, ParameterDrift
+    from lit_mofo import ForgettingMonitor, ParameterDrift, TaskVectorScaling
     from lit_mofo.modules import CausalLMModule
-    from lit_mofo.scenario import KnowledgeProbe, ScenarioDataModule, TaskProbe
+    from lit_mofo.scenario import KnowledgeProbe, ScenarioDataModule, TaskProbe, get_scenario
 
     budget = spec.budget
+    scenario = get_scenario(spec.scenario)
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     module = CausalLMModule(
-        model="scenario:base",
+        model=scenario.model,
         optimizer=_optimizer_for(spec),
         schedule=budget.schedule,  # type: ignore[arg-type]
         warmup_ratio=budget.warmup_ratio,
+        peft=_peft_for(spec),
     )
-    data = ScenarioDataModule(batch_size=budget.batch_size, num_val=0)
+    sizes = {} if budget.train_examples is None else {"num_train": budget.train_examples}
+    data = ScenarioDataModule(batch_size=budget.batch_size, num_val=0, scenario=scenario.name, **sizes)  # type: ignore[arg-type]
     monitor = ForgettingMonitor(
         {
-            "task": TaskProbe(num_examples=budget.task_examples),
+            "task": TaskProbe(num_examples=budget.task_examples, scenario=scenario.name),  # type: ignore[arg-type]
             "knowledge": KnowledgeProbe(limit_batches=budget.knowledge_limit_batches),
-            "copy": TaskProbe(kind="repeat", num_examples=budget.copy_examples, name="copy"),
+            "copy": TaskProbe(
+                kind="repeat",
+                num_examples=budget.copy_examples,
+                min_length=2,
+                max_length=5,
+                name="copy",
+                scenario=scenario.name,  # type: ignore[arg-type]
+            ),
         },
         every_n_train_steps=None,
         evaluate_on_validation=False,
         report=False,
     )
-    drift = ParameterDrift(every_n_train_steps=None, report=False)
+    lora = module.is_peft
+    # ParameterDrift measures the tensors of the module; a LoRA fit's effective weights are measured merged below.
+    drift = None if lora else ParameterDrift(every_n_train_steps=None, report=False)
+    scaling = None
+    if spec.wise_ft or spec.lines:
+        scaling = TaskVectorScaling(wise_ft=spec.wise_ft, lines=spec.lines, task="task/exact_match", report=False)
     meter = _make_meter()
     method_callbacks = _callbacks_for(spec)
     trainer = pl.Trainer(
@@ -289,24 +453,43 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[meter, *method_callbacks, monitor, drift],
+        callbacks=[c for c in (meter, *method_callbacks, monitor, drift, scaling) if c is not None],
     )
-    split_before = _knowledge_by_subject(module.model)
+    # θ₀ as the module names it (the post-hoc edits), or the plain pre-trained model's (a LoRA fit's merged weights).
+    measured = module.merged_model() if lora else module
+    theta0 = {name: param.detach().clone() for name, param in measured.named_parameters()}
+    split_before = _PRETRAINED_SPLIT.get(scenario.name) or _knowledge_by_subject(module.model, scenario.name)
+    _PRETRAINED_SPLIT[scenario.name] = split_before  # the same base model for every run of the process
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    split_after = _knowledge_by_subject(module.model)
+    sweep_seconds = scaling.sweep_seconds if scaling is not None else 0.0
+    fit_seconds = time.perf_counter() - start - (sweep_seconds or 0.0)
+    split_after = _knowledge_by_subject(module.model, scenario.name)
 
     final: dict[tuple[str, str], dict[str, Any]] = {}
     for record in monitor.history:  # the last measurement of each metric is the end-of-fit one
         final[(record["probe"], record["metric"])] = record
-    overall = [record for record in drift.history if record["scope"] == "overall"][-1]
+    if drift is not None:
+        overall = [record for record in drift.history if record["scope"] == "overall"][-1]
+        drift_figures = {
+            "drift_relative_l2": overall["relative_l2"],
+            "drift_fraction_changed": 100 * overall["fraction_changed"],
+            "drift_relative_l2_by_role": {
+                record["group"]: record["relative_l2"] for record in drift.history if record["scope"] == "role"
+            },
+        }
+    else:
+        drift_figures = weight_drift(theta0, module.merged_model())
     param_bytes = sum(p.nbytes for p in module.parameters())
-    theta0 = _theta0_bytes(spec, module, method_callbacks)
+    theta0_bytes = _theta0_bytes(spec, module, method_callbacks)
     steady = meter.step_seconds[min(5, len(meter.step_seconds) - 1) :]  # the first steps load kernels and caches
     mib = 1 / 2**20
-    return {
-        **{key: value for key, value in asdict(spec).items() if key != "budget"},
+
+    def lost_on(before: float | None, after: float | None) -> float | None:
+        return None if before is None or after is None else before - after
+
+    result = {
+        **{key: value for key, value in asdict(spec).items() if key not in ("budget", "wise_ft", "lines")},
         "steps_done": trainer.global_step,
         "task_exact_match": 100 * final[("task", "exact_match")]["value"],
         "task_loss": final[("task", "loss")]["value"],
@@ -316,22 +499,32 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "forgetting_knowledge_loss": final[("knowledge", "loss")]["forgetting"],
         "copy_exact_match_pretrained": 100 * final[("copy", "exact_match")]["baseline"],
         "forgetting_copy_exact_match": 100 * final[("copy", "exact_match")]["forgetting"],
-        "forgetting_knowledge_task_words": split_before["task_words"] - split_after["task_words"],
-        "forgetting_knowledge_other_words": split_before["other_words"] - split_after["other_words"],
-        "drift_relative_l2": overall["relative_l2"],
-        "drift_relative_l2_by_role": {
-            record["group"]: record["relative_l2"] for record in drift.history if record["scope"] == "role"
-        },
-        "drift_fraction_changed": 100 * overall["fraction_changed"],
+        "forgetting_knowledge_task_words": lost_on(split_before["task_words"], split_after["task_words"]),
+        "forgetting_knowledge_other_words": lost_on(split_before["other_words"], split_after["other_words"]),
+        **drift_figures,
         "step_ms": 1000 * statistics.median(steady),
         "fit_seconds": fit_seconds,
         "evaluation_seconds": monitor_seconds(monitor),
-        "train_state_mib": (param_bytes + meter.max_grad_bytes + meter.optimizer_state_bytes + theta0) * mib,
+        "train_state_mib": (param_bytes + meter.max_grad_bytes + meter.optimizer_state_bytes + theta0_bytes) * mib,
         "optimizer_state_mib": meter.optimizer_state_bytes * mib,
         "max_grad_mib": meter.max_grad_bytes * mib,
-        "theta0_mib": theta0 * mib,
+        "theta0_mib": theta0_bytes * mib,
+        "trainable_mib": sum(p.nbytes for p in module.parameters() if p.requires_grad) * mib,
         "peak_rss_mib": _peak_rss_mib(),
     }
+    if scaling is not None:
+        edits = [point for point in scaling.points if point.edit is not None]
+        result["post_hoc"] = _post_hoc_figures(scaling, module, theta0, scenario.name, split=spec.phase == "seeds")
+        for figures in result["post_hoc"].values():
+            split = figures.pop("split", None)
+            if split is not None:
+                figures["forgetting_knowledge_task_words"] = lost_on(split_before["task_words"], split["task_words"])
+                figures["forgetting_knowledge_other_words"] = lost_on(split_before["other_words"], split["other_words"])
+        result["post_hoc_edits"] = len(edits)
+        result["post_hoc_sweep_seconds"] = sweep_seconds
+        result["post_hoc_fit_seconds"] = scaling.fit_seconds
+        result["post_hoc_theta0_mib"] = param_bytes * mib  # TaskVectorScaling's θ₀: every trained tensor
+    return result
 
 
 def _peak_rss_mib() -> float | None:
@@ -360,10 +553,16 @@ def run_all(specs: Sequence[RunSpec], workers: int, log: Callable[[str], None]) 
     def done(result: dict[str, Any]) -> None:
         results.append(result)
         log(
-            f"  [{len(results):>3}/{len(specs)}] {result['phase']:<5} {result['method']:<11} lr={result['lr']:<7g} "
+            f"  [{len(results):>3}/{len(specs)}] {result['scenario']:<8} {result['phase']:<5} {result['method']:<10} "
+            f"lr={result['lr']:<7g} "
             f"seed={result['seed']}: task {result['task_exact_match']:5.1f}, knowledge forgetting "
             f"{result['forgetting_knowledge_accuracy']:5.1f} pts, drift {result['drift_relative_l2']:.3f}, "
             f"{result['step_ms']:.0f} ms/step, fit {result['fit_seconds']:.0f} s"
+            + (
+                f", post-hoc sweep of {result['post_hoc_edits']} edit(s) {result['post_hoc_sweep_seconds']:.1f} s"
+                if "post_hoc" in result
+                else ""
+            )
         )
 
     if workers == 0:
@@ -390,6 +589,93 @@ def choose_lrs(sweep: Sequence[dict[str, Any]], tie_points: float) -> dict[str, 
     return chosen
 
 
+def choose_edits(sweep: Sequence[dict[str, Any]], chosen_lrs: Mapping[str, float], rows: Sequence[str]) -> dict:
+    """Per post-hoc row: the edit the fixed rule (:data:`POST_HOC_RULE`) picks on its base method's sweep-seed fit at
+    the chosen LR, among the unedited fit and the edits of the row's family; ``{row: curve entry}``, whose
+    ``"edit"`` is ``"finetuned"`` when the rule keeps the fit as it is."""
+    from lit_mofo.callbacks.task_vector_scaling import EditPoint, select_point
+
+    picks = {}
+    for row in rows:
+        base, family = POST_HOC[row]
+        (run,) = [r for r in sweep if r["method"] == base and r["lr"] == chosen_lrs[base]]
+        entries = {key: entry for key, entry in run["post_hoc"].items() if entry["method"] in (None, family)}
+        points = [
+            EditPoint(
+                _edit_of(entry),
+                {"task": {"exact_match": entry["task_exact_match"] / 100}},
+                {"knowledge": {"accuracy": entry["forgetting_knowledge_accuracy"] / 100}},
+                {},
+            )
+            for entry in entries.values()
+        ]
+        pick = select_point(
+            points,
+            POST_HOC_RULE["apply"],  # type: ignore[arg-type]
+            task="task/exact_match",
+            forgetting=POST_HOC_RULE["forgetting"],  # type: ignore[arg-type]
+            max_task_drop=POST_HOC_RULE["max_task_drop"],  # type: ignore[arg-type]
+        )
+        assert pick is not None  # the unedited fit always qualifies
+        picks[row] = {"edit": pick.key, **entries[pick.key]}
+    return picks
+
+
+def edits_for(
+    method: str, picks: Mapping[str, Mapping[str, Any]]
+) -> tuple[tuple[float, ...], tuple[tuple[float, float], ...]]:
+    """The (WiSE-FT, LiNeS) edits a seed fit of ``method`` measures: the picks of the post-hoc rows based on it."""
+    wise_ft: list[float] = []
+    lines: list[tuple[float, float]] = []
+    for row, pick in picks.items():
+        if POST_HOC[row][0] != method or pick["method"] is None:
+            continue
+        if pick["method"] == "wise_ft":
+            wise_ft.append(pick["alpha"])
+        else:
+            lines.append((pick["alpha"], pick["beta"]))
+    return tuple(wise_ft), tuple(lines)
+
+
+POST_HOC_KEYS = (
+    "task_exact_match",
+    "task_loss",
+    "knowledge_accuracy",
+    "forgetting_knowledge_accuracy",
+    "forgetting_knowledge_loss",
+    "forgetting_copy_exact_match",
+    "forgetting_knowledge_task_words",
+    "forgetting_knowledge_other_words",
+    "drift_relative_l2",
+    "drift_fraction_changed",
+    "drift_relative_l2_by_role",
+)
+
+
+def post_hoc_runs(runs: Sequence[dict[str, Any]], picks: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The seed runs of each post-hoc row: its base method's runs with the measurements of the picked edit (the
+    unedited ones when the rule kept the fit), and the pre-trained copy the edit needs added to the state."""
+    rows = []
+    for row, pick in picks.items():
+        base = POST_HOC[row][0]
+        for run in runs:
+            if run["method"] != base:
+                continue
+            edited = run["post_hoc"][pick["edit"]] if pick["method"] is not None else run
+            theta0 = run["post_hoc_theta0_mib"] if "post_hoc_theta0_mib" in run else 0.0
+            rows.append(
+                {
+                    **{key: value for key, value in run.items() if key != "post_hoc"},
+                    **{key: edited.get(key) for key in POST_HOC_KEYS},
+                    "method": row,
+                    "edit": pick["edit"],
+                    "train_state_mib": run["train_state_mib"] + theta0,
+                    "theta0_mib": run["theta0_mib"] + theta0,
+                }
+            )
+    return rows
+
+
 SUMMARY_KEYS = (
     "task_exact_match",
     "task_loss",
@@ -405,6 +691,7 @@ SUMMARY_KEYS = (
     "fit_seconds",
     "train_state_mib",
     "peak_rss_mib",
+    "post_hoc_sweep_seconds",
 )
 
 
@@ -425,10 +712,15 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
     return summary
 
 
-def check_targets(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured figures (means over the seeds) and whether it is met."""
+def check_targets(
+    summary: dict[str, dict[str, dict[str, float]]], sweep: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The issues' targets, each with the measured figures (means over the seeds) and whether it is met: MoFO and
+    HFT against full fine-tuning; with ``l2_0.1`` in the summary, whether a lit_mofo recipe beats it; with post-hoc
+    sweeps among the ``sweep`` runs, their cost against the fit."""
+    extra = _l2_check(summary) + _post_hoc_cost_check(sweep)
     if "full_ft" not in summary:
-        return []
+        return extra
     ref = summary["full_ft"]
     ref_task = ref["task_exact_match"]["mean"]
     ref_forget = ref["forgetting_knowledge_accuracy"]["mean"]
@@ -482,7 +774,60 @@ def check_targets(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[
                 "met": forget < ref_forget,
             },
         ]
-    return checks
+    return checks + extra
+
+
+def _is_recipe(method: str) -> bool:
+    """A lit_mofo recipe: a method of this kit (MoFO, HFT, their mix, a post-hoc edit), not a baseline."""
+    return method != "full_ft" and not method.startswith(("l2_", "lora_"))
+
+
+def _l2_check(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    if "l2_0.1" not in summary:
+        return []
+    l2_task = summary["l2_0.1"]["task_exact_match"]["mean"]
+    l2_forget = summary["l2_0.1"]["forgetting_knowledge_accuracy"]["mean"]
+    reaching = [m for m in summary if _is_recipe(m) and summary[m]["task_exact_match"]["mean"] >= l2_task]
+    best = min(reaching, key=lambda m: summary[m]["forgetting_knowledge_accuracy"]["mean"], default=None)
+    if best is None:
+        measured = f"no lit_mofo recipe reaches its task score ({l2_task:.1f})"
+        met = False
+    else:
+        task = summary[best]["task_exact_match"]["mean"]
+        forget = summary[best]["forgetting_knowledge_accuracy"]["mean"]
+        measured = (
+            f"best at its task score or above: {label(best)}, task {task:.1f} vs {l2_task:.1f}, forgetting "
+            f"{forget:.1f} vs {l2_forget:.1f} points"
+        )
+        met = forget < l2_forget
+    target = "a lit_mofo recipe forgets less at the same or better task score"
+    return [{"method": "l2_0.1", "target": target, "measured": measured, "met": met}]
+
+
+def post_hoc_cost_ratios(sweep: Sequence[dict[str, Any]]) -> list[float]:
+    """The post-hoc sweep's seconds over the fit's (up to the sweep), for every sweep-seed fit that measured the
+    whole grid."""
+    return [run["post_hoc_sweep_seconds"] / run["post_hoc_fit_seconds"] for run in sweep if "post_hoc" in run]
+
+
+def _post_hoc_cost_check(sweep: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    ratios = post_hoc_cost_ratios(sweep)
+    if not ratios:
+        return []
+    edits = max(run["post_hoc_edits"] for run in sweep if "post_hoc" in run)
+    per_edit = statistics.median(
+        run["post_hoc_sweep_seconds"] / run["post_hoc_edits"] for run in sweep if "post_hoc" in run
+    )
+    median = statistics.median(ratios)
+    return [
+        {
+            "method": "post_hoc",
+            "kind": "cost",
+            "target": "post-hoc sweep <= 10% of the fit's time",
+            "measured": f"{100 * median:.0f}% (median of {len(ratios)} fits; {edits} edits, {per_edit:.2f} s each)",
+            "met": median <= 0.10,
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -492,26 +837,93 @@ def _pm(stats: dict[str, float] | None, digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def _edit_label(key: str) -> str:
+    """``wise_ft_a0.7`` -> ``WiSE-FT alpha=0.7``, ``lines_a0.3_b0.7`` -> ``LiNeS alpha=0.3, beta=0.7``."""
+    if key == "finetuned":
+        return "none (the rule kept the fit)"
+    if key.startswith("wise_ft_a"):
+        return f"WiSE-FT alpha={key.removeprefix('wise_ft_a')}"
+    alpha, beta = key.removeprefix("lines_a").split("_b")
+    return f"LiNeS alpha={alpha}, beta={beta}"
+
+
+def _base_model_line(name: str, scenario: dict[str, Any]) -> str:
+    meta = scenario.get("base_model") or {}
+    if not meta:
+        return f"`{name}`: no build metadata recorded"
+    versions = meta.get("versions", {})
+    return (
+        f"`{name}` (`{meta.get('model', '?')}`, build `{meta.get('key', '?')}`): knowledge accuracy "
+        f"{100 * meta.get('knowledge_accuracy', math.nan):.1f}%, copying exact match "
+        f"{100 * meta.get('copy_exact_match', math.nan):.1f}% (the build's own figures), built in "
+        f"{meta.get('train_seconds', math.nan):.0f} s on {meta.get('machine', '?')} with "
+        f"{meta.get('num_threads', '?')} thread(s), torch {versions.get('torch', '?')}"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
+    """The whole report: settings, both scenarios side by side, the issues' goals, then each scenario in full."""
     settings = result["settings"]
+    budget = settings["budget"]
+    scenarios = result["scenarios"]
+    names = list(scenarios)
+    runs = sum(len(s["runs"]) for s in scenarios.values())
+    sweeps = sum(len(s["sweep"]) for s in scenarios.values())
+    grid = settings.get("post_hoc_grid", {})
+    lines = [
+        f"Scenarios {', '.join(f'`{n}`' for n in names)}: each base model fine-tuned on `cipher`, {budget['steps']} "
+        f"steps x batch {budget['batch_size']}, {budget['schedule']} schedule with {budget['warmup_ratio']:.0%} "
+        f"warm-up, one torch thread per run; LR sweep {settings['lrs']} on seed {settings['sweep_seed']} (task-only "
+        f"rule: best exact match, ties within {settings['tie_points']:g} point to the smallest LR), reported seeds "
+        f"{settings['seeds']}. Post-hoc rows: the grid (WiSE-FT alpha {list(grid.get('wise_ft', []))}, LiNeS "
+        f"(alpha, beta) {[list(pair) for pair in grid.get('lines', [])]}) measured on the sweep seed, the edit "
+        "picked by the fixed rule (least knowledge forgetting within 1 task point of the unedited fit) applied to "
+        "every seed. "
+        f"{result['machine']}. Wall time {result['wall_seconds'] / 60:.1f} min ({sweeps} sweep runs + {runs} seed "
+        f"runs, {settings['workers']} worker(s)).",
+        "",
+        "Base models: " + "; ".join(_base_model_line(n, scenarios[n]) for n in names) + ".",
+        "",
+    ]
+    if len(names) > 1:
+        lines += [
+            "Both scenarios side by side (mean ± sample std over the seeds): task exact match (%) and knowledge "
+            "forgetting (accuracy points lost on the 512 facts).",
+            "",
+            "| method | " + " | ".join(f"{n}: task EM | {n}: knowledge forgetting" for n in names) + " |",
+            "|---|" + "---:|---:|" * len(names),
+        ]
+        methods = list(dict.fromkeys(m for n in names for m in scenarios[n]["summary"]))
+        for method in methods:
+            cells = []
+            for n in names:
+                stats = scenarios[n]["summary"].get(method)
+                cells += [
+                    _pm(stats and stats["task_exact_match"], 1),
+                    _pm(stats and stats["forgetting_knowledge_accuracy"], 1),
+                ]
+            lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for n in names:
+        lines += [f"### Scenario `{n}`", "", scenario_markdown(scenarios[n], settings)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def scenario_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
+    """One scenario's tables: the summary, where it forgets, the LR sweep, the post-hoc curves, the targets."""
     budget = settings["budget"]
     summary = result["summary"]
     lines = [
-        f"Scenario base model fine-tuned on `cipher`: {budget['steps']} steps x batch {budget['batch_size']}, "
-        f"{budget['schedule']} schedule with {budget['warmup_ratio']:.0%} warm-up, one torch thread per run; LR "
-        f"sweep {settings['lrs']} on seed {settings['sweep_seed']} (task-only rule: best exact match, ties within "
-        f"{settings['tie_points']:g} point to the smallest LR), reported seeds {settings['seeds']}. "
-        f"{result['machine']}. Wall time {result['wall_seconds'] / 60:.1f} min "
-        f"({len(result['sweep'])} sweep runs + {len(result['runs'])} seed runs, {settings['workers']} worker(s)).",
-        "",
         f"Mean ± sample std over the seeds. Task: exact match on {budget['task_examples']} held-out problems (%). "
         "Forgetting: pre-trained minus final, positive = forgot - knowledge accuracy on "
         f"{'all 512' if budget['knowledge_limit_batches'] is None else 'the first 256 of the 512'} facts "
         "(points; pre-trained "
         f"{_pretrained(result, 'knowledge_accuracy_pretrained')}), knowledge loss (nats), copying skill "
-        f"(`repeat` exact match, points; pre-trained {_pretrained(result, 'copy_exact_match_pretrained')}). Drift: "
-        "relative L2 distance to the pre-trained weights and entries changed (%), all parameters. Step: median "
-        "training step. State: parameters + gradients + optimizer state + the pre-trained copy the method needs.",
+        "(`repeat` exact match on 2-5 words, points; pre-trained "
+        f"{_pretrained(result, 'copy_exact_match_pretrained')}). Drift: relative L2 distance to the pre-trained "
+        "weights and entries changed (%), all parameters (LoRA: the merged weights; post-hoc rows: the edited "
+        "weights). Step: median training step. State: parameters + "
+        "gradients + optimizer state + the pre-trained copy the method needs.",
         "",
         "| method | LR | task EM | knowledge forgetting (pts) | knowledge loss rise | copy forgetting (pts) "
         "| relative L2 | changed (%) | step (ms) | state (MiB) | peak RSS (MiB) |",
@@ -525,22 +937,28 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_pm(stats['drift_fraction_changed'], 1)} | {_pm(stats['step_ms'], 1)} "
             f"| {stats['train_state_mib']['mean']:.1f} | {_pm(stats.get('peak_rss_mib'), 0)} |"
         )
-    roles = list(result["runs"][0]["drift_relative_l2_by_role"])
+    roles = list(dict.fromkeys(role for run in result["runs"] for role in run["drift_relative_l2_by_role"]))
     lines += [
         "",
         "Where it forgets (diagnostic): knowledge forgetting (points) on the facts about the 64 entities whose names "
-        "the task's problems are written in, and on the facts about the other 64; relative L2 drift per role.",
+        "the task's problems are written in (none in `disjoint`), and on the facts about the others; relative L2 "
+        "drift per role.",
         "",
         "| method | facts on task words | other facts | " + " | ".join(f"drift {role}" for role in roles) + " |",
         "|---|---:|---:|" + "---:|" * len(roles),
     ]
     for method, stats in summary.items():
         rows = [run for run in result["runs"] if run["method"] == method]
-        drift = [statistics.fmean(run["drift_relative_l2_by_role"][role] for run in rows) for role in roles]
+        drift = [
+            statistics.fmean(run["drift_relative_l2_by_role"][role] for run in rows)
+            if all(role in run["drift_relative_l2_by_role"] for run in rows)
+            else None
+            for role in roles
+        ]
         lines.append(
-            f"| {label(method)} | {_pm(stats['forgetting_knowledge_task_words'], 1)} "
-            f"| {_pm(stats['forgetting_knowledge_other_words'], 1)} | "
-            + " | ".join(f"{value:.3f}" for value in drift)
+            f"| {label(method)} | {_pm(stats.get('forgetting_knowledge_task_words'), 1)} "
+            f"| {_pm(stats.get('forgetting_knowledge_other_words'), 1)} | "
+            + " | ".join("-" if value is None else f"{value:.3f}" for value in drift)
             + " |"
         )
     if result["sweep"]:
@@ -555,18 +973,64 @@ def markdown(result: dict[str, Any]) -> str:
         for method in dict.fromkeys(run["method"] for run in result["sweep"]):
             cells = []
             for lr in lrs:
-                run = next(r for r in result["sweep"] if r["method"] == method and r["lr"] == lr)
+                run = next((r for r in result["sweep"] if r["method"] == method and r["lr"] == lr), None)
+                if run is None:
+                    cells.append("-")
+                    continue
                 cell = f"{run['task_exact_match']:.1f} / {run['forgetting_knowledge_accuracy']:.1f}"
-                cells.append(f"**{cell}**" if lr == result["lr"][method] else cell)
+                cells.append(f"**{cell}**" if lr == result["lr"].get(method) else cell)
             lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
+    picks = result.get("post_hoc", {}).get("picks", {})
+    if picks:
+        lines += ["", *post_hoc_markdown(result, picks)]
     if result["targets"]:
         lines += ["", "| method | target | measured (mean over seeds) | met |", "|---|---|---|---|"]
         for check in result["targets"]:
-            lines.append(
-                f"| {label(check['method'])} | {check['target']} | {check['measured']} "
-                f"| {'yes' if check['met'] else '**no**'} |"
-            )
+            who = "post-hoc sweep" if check["method"] == "post_hoc" else label(check["method"])
+            lines.append(f"| {who} | {check['target']} | {check['measured']} | {'yes' if check['met'] else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def post_hoc_markdown(result: dict[str, Any], picks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The post-hoc grid on the sweep seed (each base method at its chosen LR) with the picks in bold, and the
+    sweep's cost."""
+    lines = [
+        "Post-hoc edits on the sweep seed: task EM / knowledge forgetting (points) of every edit of the grid; "
+        "**bold** = picked by the rule (least forgetting within 1 task point of the unedited fit).",
+        "",
+    ]
+    for base in dict.fromkeys(POST_HOC[row][0] for row in picks):
+        (run,) = [r for r in result["sweep"] if r["method"] == base and r["lr"] == result["lr"][base]]
+        chosen = {pick["edit"] for row, pick in picks.items() if POST_HOC[row][0] == base}
+        entries = run["post_hoc"]
+        unedited = entries["finetuned"]
+        lines += [
+            f"{label(base)} (lr {run['lr']:g}, unedited: {unedited['task_exact_match']:.1f} / "
+            f"{unedited['forgetting_knowledge_accuracy']:.1f}{', kept by a rule' if 'finetuned' in chosen else ''}; "
+            f"the sweep took {run['post_hoc_sweep_seconds']:.1f} s against {run['post_hoc_fit_seconds']:.1f} s for the "
+            "fit):",
+            "",
+        ]
+        for family, title, factor in (
+            ("wise_ft", "WiSE-FT alpha", "alpha"),
+            ("lines", "LiNeS alpha (beta = 1 - alpha)", "alpha"),
+        ):
+            family_entries = [(key, e) for key, e in entries.items() if e["method"] == family]
+            if not family_entries:
+                continue
+            lines += [
+                f"| {title} | " + " | ".join(f"{e[factor]:g}" for _, e in family_entries) + " |",
+                "|---|" + "---:|" * len(family_entries),
+            ]
+            cells = []
+            for key, entry in family_entries:
+                cell = f"{entry['task_exact_match']:.1f} / {entry['forgetting_knowledge_accuracy']:.1f}"
+                cells.append(f"**{cell}**" if key in chosen else cell)
+            lines += ["| task / forgetting | " + " | ".join(cells) + " |", ""]
+    lines.append(
+        "Picked: " + "; ".join(f"{label(row)}: {_edit_label(pick['edit'])}" for row, pick in picks.items()) + "."
+    )
+    return lines
 
 
 def _pretrained(result: dict[str, Any], key: str) -> str:
@@ -574,9 +1038,10 @@ def _pretrained(result: dict[str, Any], key: str) -> str:
     return ", ".join(f"{value:.1f}" for value in values)
 
 
-def plot(result: dict[str, Any], path: Path) -> str | None:
+def plot(result: dict[str, Any], path: Path, title: str = "") -> str | None:
     """Task score against knowledge forgetting, a point per method with std error bars; a second panel zooms on
-    the methods that reach the task (mean >= 95%), where the points crowd. Returns why not, without matplotlib."""
+    the methods that reach the task (mean >= 95%), where the points crowd; a third shows the post-hoc curves
+    measured on the sweep seed. Returns why not, without matplotlib."""
     try:
         import matplotlib
 
@@ -586,8 +1051,10 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
         return "matplotlib is not installed (pip install 'lit_mofo[plot]'): no plot written"
     summary = result["summary"]
     markers = "osD^v<>Pp*Xh"
-    colors = plt.get_cmap("tab10").colors
-    figure, (overview, zoom) = plt.subplots(1, 2, figsize=(13, 5.4), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    picks = result.get("post_hoc", {}).get("picks", {})
+    figure, axes = plt.subplots(1, 3 if picks else 2, figsize=(19 if picks else 13, 5.8), dpi=110)
+    overview, zoom = axes[0], axes[1]
     reached = []
     for index, (method, stats) in enumerate(summary.items()):
         x, y = stats["forgetting_knowledge_accuracy"], stats["task_exact_match"]
@@ -615,19 +1082,54 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
                 xytext=(6, 6 if len(reached) % 2 else -12),
                 fontsize=8,
             )
-    budget = result["settings"]["budget"]
-    overview.set_title(
-        f"All methods: {budget['steps']} steps, mean ± std over {len(result['settings']['seeds'])} seeds", fontsize=10
-    )
+    budget = result.get("budget") or {}
+    seeds = len({run["seed"] for run in result["runs"]})
+    overview.set_title(f"All methods: {budget.get('steps', '?')} steps, mean ± std over {seeds} seeds", fontsize=10)
     zoom.set_title("Zoom: the methods that reach the task (task EM >= 95%)", fontsize=10)
     if reached:
         zoom.set_ylim(max(95.0, min(reached) - 0.5), 100.4)
-    for axis in (overview, zoom):
+    for axis in axes:
         axis.set_xlabel("knowledge forgetting: accuracy points lost on the facts (lower is better)")
         axis.grid(alpha=0.3)
     overview.set_ylabel("task exact match after fine-tuning, % (higher is better)")
-    overview.legend(fontsize=8, loc="best")
-    figure.suptitle("lit_mofo forgetting benchmark: up and to the left is better", fontsize=11)
+    overview.legend(fontsize=7, loc="best")
+    if picks:
+        curves = axes[2]
+        for base_index, base in enumerate(dict.fromkeys(POST_HOC[row][0] for row in picks)):
+            (run,) = [r for r in result["sweep"] if r["method"] == base and r["lr"] == result["lr"][base]]
+            chosen = {pick["edit"] for row, pick in picks.items() if POST_HOC[row][0] == base}
+            for family, style in (("wise_ft", "-"), ("lines", "--")):
+                entries = sorted(
+                    (e for e in run["post_hoc"].values() if e["method"] == family), key=lambda e: e["alpha"]
+                )
+                entries.append(run["post_hoc"]["finetuned"])
+                color = f"C{2 * base_index + (family == 'lines')}"
+                curves.plot(
+                    [e["forgetting_knowledge_accuracy"] for e in entries],
+                    [e["task_exact_match"] for e in entries],
+                    style,
+                    marker="o" if family == "wise_ft" else "s",
+                    color=color,
+                    markersize=4,
+                    label=f"{label(base)} + {'WiSE-FT' if family == 'wise_ft' else 'LiNeS'}",
+                )
+            unedited = run["post_hoc"]["finetuned"]
+            curves.plot(
+                unedited["forgetting_knowledge_accuracy"], unedited["task_exact_match"], "*", color="k", markersize=12
+            )
+            for key in chosen - {"finetuned"}:
+                entry = run["post_hoc"][key]
+                curves.plot(
+                    entry["forgetting_knowledge_accuracy"],
+                    entry["task_exact_match"],
+                    "o",
+                    markersize=14,
+                    markerfacecolor="none",
+                    markeredgecolor="k",
+                )
+        curves.set_title("Post-hoc edits on the sweep seed (★ unedited, ○ picked)", fontsize=10)
+        curves.legend(fontsize=7, loc="best")
+    figure.suptitle(title or "lit_mofo forgetting benchmark: up and to the left is better", fontsize=11)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -635,8 +1137,31 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+def _fitted(methods: Sequence[str]) -> list[str]:
+    """The methods to fit: the requested fitted ones and the base method of each requested post-hoc row."""
+    fitted = [m for m in methods if m not in POST_HOC]
+    fitted += [POST_HOC[m][0] for m in methods if m in POST_HOC]
+    return list(dict.fromkeys(fitted))
+
+
+def _base_model_metadata(scenario: str) -> dict[str, Any]:
+    """The scenario base model's build metadata (its own measured figures, the machine, versions), without its
+    recipe."""
+    from lit_mofo.scenario import get_scenario
+    from lit_mofo.scenario.base_model import METADATA_FILE, base_model_path
+
+    spec = get_scenario(scenario)
+    path = base_model_path(spec.recipe)
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    metadata.pop("recipe", None)
+    return {"model": spec.model, "path": str(path), **metadata}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenarios", nargs="+", choices=SCENARIO_NAMES, default=list(SCENARIO_NAMES), help="default: both"
+    )
     parser.add_argument("--methods", nargs="+", type=_method_name, default=list(METHODS), help=", ".join(METHODS))
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="LR sweep (default 3e-4 1e-3 3e-3)")
     parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the LR sweep's runs")
@@ -647,14 +1172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=None, help="runs at a time, each in a fresh process; 0 = in this process"
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 12 steps, 2 LRs, 2 seeds, in-process")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 12 steps, one LR, 2 seeds, a small post-hoc grid, in-process"
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
-        "--from-json", type=Path, default=None, help="rewrite the Markdown and PNG from a JSON this script wrote"
+        "--from-json", type=Path, default=None, help="rewrite the Markdown and PNGs from a JSON this script wrote"
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        result = json.loads(args.from_json.read_text())
+        result = _upgrade(json.loads(args.from_json.read_text()))
         return write_outputs(result, args.out_dir, args.from_json.stem)
 
     quick = args.quick
@@ -664,8 +1191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         knowledge_limit_batches=1 if quick else None,
         task_examples=64 if quick else Budget.task_examples,
         copy_examples=64 if quick else Budget.copy_examples,
+        train_examples=None if not quick else (args.steps or 12) * (args.batch_size or 8),
     )
-    lrs = sorted(args.lrs or ([1e-3, 3e-3] if quick else [3e-4, 1e-3, 3e-3]))
+    grid = PostHocGrid(wise_ft=(0.3, 0.7), lines=((0.0, 1.0), (0.5, 0.5))) if quick else PostHocGrid()
+    lrs = sorted(args.lrs or ([1e-3] if quick else [3e-4, 1e-3, 3e-3]))
     seeds = args.seeds or ([1, 2] if quick else [1, 2, 3, 4, 5])
     workers = args.workers if args.workers is not None else (0 if quick else 1)
     problems = []
@@ -675,8 +1204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems.append(f"--lrs={lrs}: learning rates must be in (0, 1), e.g. 3e-4 1e-3 3e-3")
     if len(set(seeds)) < 2:
         problems.append(f"--seeds={seeds}: give at least 2 distinct seeds (the table reports a std over seeds)")
-    if args.sweep_seed in seeds and len(lrs) > 1:
-        problems.append(f"--sweep-seed={args.sweep_seed} is among --seeds={seeds}: the LR must be chosen apart")
+    methods = list(dict.fromkeys(args.methods))
+    post_hoc = [m for m in methods if m in POST_HOC]
+    if args.sweep_seed in seeds and (len(lrs) > 1 or post_hoc):
+        problems.append(
+            f"--sweep-seed={args.sweep_seed} is among --seeds={seeds}: the LR and the post-hoc edits must be chosen "
+            "apart"
+        )
     if workers < 0:
         problems.append(f"--workers={workers} must be >= 0 (0 runs in this process)")
     if problems:
@@ -685,34 +1219,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    from lit_mofo.scenario.base_model import base_model_path
-
     start = time.perf_counter()
-    log("scenario base model: " + str(base_model_path()))  # built once here (about 2 min), not in every worker
+    scenarios = list(dict.fromkeys(args.scenarios))
+    base_models = {}
+    for scenario in scenarios:  # built once here (about 2 min each), not in every worker
+        base_models[scenario] = _base_model_metadata(scenario)
+        log(f"scenario {scenario} base model: {base_models[scenario]['path']}")
 
-    methods = list(dict.fromkeys(args.methods))
-    sweep_specs = [RunSpec(m, lr, args.sweep_seed, "sweep", budget) for m in methods for lr in lrs]
-    sweep: list[dict[str, Any]] = []
-    if len(lrs) > 1:
-        log(f"LR sweep: {len(sweep_specs)} runs")
-        sweep = run_all(sweep_specs, workers, log)
-        chosen = choose_lrs(sweep, args.tie_points)
-    else:
-        chosen = dict.fromkeys(methods, lrs[0])
-    log(f"chosen LRs: {chosen}")
-    seed_specs = [RunSpec(m, chosen[m], seed, "seeds", budget) for seed in seeds for m in methods]
+    fitted = _fitted(methods)
+    bases = {POST_HOC[m][0] for m in post_hoc}
+    families = {POST_HOC[m] for m in post_hoc}  # (base, family): each base measures the grids of its rows only
+    # Sweep: every fitted method at every LR when there is an LR to choose, else only the post-hoc rows' bases
+    # (their edits are picked on the sweep seed); the bases measure the post-hoc grid of their rows' families.
+    swept = fitted if len(lrs) > 1 else [m for m in fitted if m in bases]
+    sweep_specs = [
+        RunSpec(
+            m,
+            lr,
+            args.sweep_seed,
+            "sweep",
+            budget,
+            scenario,
+            grid.wise_ft if (m, "wise_ft") in families else (),
+            grid.lines if (m, "lines") in families else (),
+        )
+        for scenario in scenarios
+        for m in swept
+        for lr in lrs
+    ]
+    log(f"sweep: {len(sweep_specs)} runs")
+    sweep_all = run_all(sweep_specs, workers, log)
+    per_scenario: dict[str, dict[str, Any]] = {}
+    for scenario in scenarios:
+        sweep = [run for run in sweep_all if run["scenario"] == scenario]
+        chosen = choose_lrs(sweep, args.tie_points) if len(lrs) > 1 else dict.fromkeys(fitted, lrs[0])
+        for row in post_hoc:
+            chosen[row] = chosen[POST_HOC[row][0]]
+        picks = choose_edits(sweep, chosen, post_hoc)
+        log(f"{scenario}: chosen LRs {chosen}; post-hoc edits { ({r: p['edit'] for r, p in picks.items()}) }")
+        per_scenario[scenario] = {"sweep": sweep, "lr": chosen, "picks": picks}
+    seed_specs = []
+    for scenario in scenarios:
+        chosen, picks = per_scenario[scenario]["lr"], per_scenario[scenario]["picks"]
+        for seed in seeds:
+            for m in fitted:
+                wise_ft, lines = edits_for(m, picks)
+                seed_specs.append(RunSpec(m, chosen[m], seed, "seeds", budget, scenario, wise_ft, lines))
     log(f"seeds: {len(seed_specs)} runs")
-    runs = run_all(seed_specs, workers, log)
-    runs.sort(key=lambda run: (methods.index(run["method"]), run["seed"]))
-    sweep.sort(key=lambda run: (methods.index(run["method"]), run["lr"]))
+    runs_all = run_all(seed_specs, workers, log)
 
     import torch
 
-    summary = summarize(runs)
-    summary = {method: summary[method] for method in methods}
-    result = {
+    result: dict[str, Any] = {
         "settings": {
             "quick": quick,
+            "scenarios": scenarios,
             "methods": methods,
             "lrs": lrs,
             "sweep_seed": args.sweep_seed,
@@ -721,32 +1282,65 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers": workers,
             "hft_rounds": HFT_ROUNDS,
             "budget": asdict(budget),
+            "post_hoc_grid": asdict(grid),
+            "post_hoc_rule": POST_HOC_RULE,
         },
         "machine": (
             f"{platform.machine()} ({os.cpu_count()} logical CPUs), {platform.system()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}"
         ),
         "wall_seconds": time.perf_counter() - start,
-        "lr": chosen,
-        "summary": summary,
-        "targets": check_targets(summary),
-        "sweep": sweep,
-        "runs": runs,
+        "scenarios": {},
     }
+    for scenario in scenarios:
+        state = per_scenario[scenario]
+        runs = [run for run in runs_all if run["scenario"] == scenario]
+        runs += post_hoc_runs(runs, state["picks"])
+        order = {m: i for i, m in enumerate([*methods, *fitted])}
+        runs.sort(key=lambda run: (order[run["method"]], run["seed"]))
+        sweep = sorted(state["sweep"], key=lambda run: (order[run["method"]], run["lr"]))
+        summary = summarize(runs)
+        summary = {method: summary[method] for method in methods}
+        result["scenarios"][scenario] = {
+            "base_model": base_models[scenario],
+            "lr": state["lr"],
+            "post_hoc": {"picks": state["picks"]},
+            "summary": summary,
+            "targets": check_targets(summary, sweep),
+            "sweep": sweep,
+            "runs": [run for run in runs if run["method"] in methods],
+        }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "forgetting_quick" if quick else "forgetting"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     return write_outputs(result, args.out_dir, stem)
 
 
+def _upgrade(result: dict[str, Any]) -> dict[str, Any]:
+    """A JSON of the one-scenario version of this script, in today's shape (its scenario is ``overlap``)."""
+    if "scenarios" in result:
+        return result
+    scenario = {key: result[key] for key in ("lr", "summary", "targets", "sweep", "runs")}
+    return {**{k: result[k] for k in ("settings", "machine", "wall_seconds")}, "scenarios": {"overlap": scenario}}
+
+
 def write_outputs(result: dict[str, Any], out: Path, stem: str) -> int:
-    """Write ``<stem>.md`` and ``<stem>.png`` into ``out`` and print the Markdown."""
+    """Write ``<stem>.md`` and ``<stem>_<scenario>.png`` into ``out`` and print the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     (out / f"{stem}.md").write_text(text)
-    problem = plot(result, out / f"{stem}.png")
+    problems = []
+    for name, scenario in result["scenarios"].items():
+        problem = plot(
+            {**scenario, "budget": result["settings"]["budget"]},
+            out / f"{stem}_{name}.png",
+            f"lit_mofo forgetting benchmark, scenario `{name}`: up and to the left is better",
+        )
+        if problem:
+            problems.append(problem)
     print(text)
-    print(f"wrote {out / stem}.md" + (f" ({problem})" if problem else ", .png"), file=sys.stderr)
+    names = ", ".join(f"{stem}_{name}.png" for name in result["scenarios"])
+    print(f"wrote {out / stem}.md" + (f" ({problems[0]})" if problems else f", {names}"), file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,13 @@
 """lit_mofo: fine-tune pre-trained models with PyTorch Lightning without forgetting what they knew."""
 
-from lit_mofo.callbacks import ForgettingMonitor, HalfFineTuning, L2ToPretrained, MoFOCallback, ParameterDrift
+from lit_mofo.callbacks import (
+    ForgettingMonitor,
+    HalfFineTuning,
+    L2ToPretrained,
+    MoFOCallback,
+    ParameterDrift,
+    TaskVectorScaling,
+)
 from lit_mofo.optim import (
     MoFO,
     MoFOStepStats,
@@ -21,6 +28,7 @@ __all__ = [
     "MoFOStepStats",
     "ParameterDrift",
     "PretrainedSnapshot",
+    "TaskVectorScaling",
     "__version__",
     "mofo_configure_optimizers",
     "mofo_param_groups",

@@ -10,6 +10,7 @@ shared :class:`FitReport`; when the last callback of the fit has handed in its s
 - ``<dir>/forgetting_report.png``: one panel per curve (a metric against the optimizer step, with the pre-trained
   baseline as a dashed line), titled with the method, the optimizer and the model (``matplotlib``, a dependency;
   in an environment without it the PNG is skipped with an info message, once);
+- ``<dir>/forgetting_report_<name>.png``: a section's own figures (e.g. ``task_vector_scaling``), if it has any;
 
 and prints the summary tables to the console. ``<dir>`` is ``trainer.log_dir`` (the logger's version directory, or
 ``default_root_dir`` without a logger) unless a callback names another one; when that is the current directory only
@@ -26,7 +27,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ class Curve:
 class ReportSection:
     """What one callback contributes: ``records`` (every measurement, JSON-serialisable dicts) go to the JSON under
     ``key``; ``summary`` tables go to the console and the Markdown; ``history`` tables to the Markdown only;
-    ``curves`` to the PNG. ``meta`` adds key/value lines (e.g. the baselines) to the JSON section."""
+    ``curves`` to the PNG. ``meta`` adds key/value lines (e.g. the baselines) to the JSON section. ``figures`` are
+    plots of their own, beside the PNG: ``{name: draw}``, where ``draw(path)`` writes ``<stem>_<name>.png`` and
+    returns whether it did (False without matplotlib)."""
 
     key: str
     title: str
@@ -89,6 +92,7 @@ class ReportSection:
     history: list[Table] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Callable[[Path], bool]] = field(default_factory=dict)
 
 
 def format_value(value: Any) -> str:
@@ -222,7 +226,8 @@ def write_report(
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` into ``directory``.
 
     The PNG's title comes from ``meta`` (``method``, ``optimizers``, ``model``; see :func:`run_metadata`). Returns
-    the written paths by suffix (``"json"``, ``"md"``, ``"png"``). Call it on one process only.
+    the written paths by suffix (``"json"``, ``"md"``, ``"png"``), and each section figure's path by its name. Call
+    it on one process only.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -244,6 +249,10 @@ def write_report(
     curves = [curve for section in sections for curve in section.curves]
     if curves and _plot(directory / f"{stem}.png", curves, report_title(meta)):
         paths["png"] = directory / f"{stem}.png"
+    for section in sections:
+        for name, draw in section.figures.items():
+            if draw(directory / f"{stem}_{name}.png"):
+                paths[name] = directory / f"{stem}_{name}.png"
     return paths
 
 

@@ -48,6 +48,17 @@ LiNeS factors are rounded to 12 decimals, so a last block meant to keep the whol
 the two were computed) gets exactly 1 and keeps its fine-tuned weights. A tensor whose fine-tuned value equals θ₀
 bit for bit (frozen, or never reached by the fine-tune) is left alone by every edit.
 
+**Adapters (PEFT).** On a PEFT model the task vector is the change of the *effective* weights, and
+:func:`task_vector_names` picks the tensors an edit scales so that the effective weights follow θ₀ + λ·Δ: a LoRA
+layer's ΔW = scaling·B·A is bilinear, so scaling both A and B would scale it by λ²; only the up-projection B (and
+its bias) is edited, from its θ₀ of zero (peft's default initialisation), which gives exactly λ·ΔW per layer - the
+same edit as on the merged weights. The down-projection A keeps its fine-tuned value, the frozen base weights are
+not part of the task vector, and tensors that train as such (``modules_to_save``, biases) and IA³'s scaling vectors
+(the effective weight is linear in them) are edited like any tensor. Adapters whose effect is not linear in one
+tensor (DoRA's magnitude, LoHa, LoKr, OFT, ...) and LoRA layers whose B did not start at zero (PiSSA, OLoRA, LoftQ
+initialisations) are refused: merge the adapters (``CausalLMModule.merged_model()``) and edit the merged weights
+against the base model's instead.
+
 **Several edits, then back.** :class:`TaskVectorEditor` applies edits one after another, each from θ (not from the
 previous edit), and :meth:`~TaskVectorEditor.restore` puts the fine-tuned weights back bit for bit. A bit-exact
 restore needs θ itself (θ₀ + λΔ has lost bits of θ, and nothing at all of it at λ = 0), so the editor keeps a copy
@@ -72,6 +83,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -91,6 +103,7 @@ __all__ = [
     "edit_factors",
     "edit_grid",
     "interpolate_",
+    "task_vector_names",
 ]
 
 _FACTOR_DECIMALS = 12
@@ -155,7 +168,8 @@ class LiNeS:
     def __post_init__(self) -> None:
         where = "LiNeS()"
         alpha = _factor(self.alpha, self.allow_extrapolation, where)
-        maximum = None if self.allow_extrapolation else 1.0 - alpha
+        # rounded like the factors, so that a pair written in decimals (0.8, 0.2) is not refused by float rounding
+        maximum = None if self.allow_extrapolation else round(1.0 - alpha, _FACTOR_DECIMALS)
         beta = as_float(
             self.beta,
             where=where,
@@ -262,6 +276,80 @@ def edit_factors(module: nn.Module, edit: TaskVectorEdit, names: Iterable[str] |
         for name in block.parameters
     }
     return {name: block_factor.get(name, edit.alpha) for name in selected}
+
+
+_LORA_DOWN = ("lora_A", "lora_embedding_A")  # kept at their fine-tuned value
+_LORA_UP = ("lora_B", "lora_embedding_B")  # scaled from θ₀ = 0
+
+
+def _adapter_tensors(module: nn.Module) -> tuple[set[str], set[str], dict[str, str]]:
+    """The parameters of ``module``'s PEFT adapter layers: (LoRA down-projections, LoRA up-projections, other adapter
+    tensors no edit can scale exactly -> what they are); all empty for a model without adapters."""
+    down: set[str] = set()
+    up: set[str] = set()
+    refused: dict[str, str] = {}
+    if "peft" not in sys.modules:  # a model with adapters has imported peft
+        return down, up, refused
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = {id(param): name for name, param in module.named_parameters()}
+    for layer in module.modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        for attribute in layer.adapter_layer_names:
+            container = getattr(layer, attribute, None)
+            if not isinstance(container, nn.Module):
+                continue
+            for param in container.parameters():
+                name = names.get(id(param))
+                if name is None:
+                    continue
+                if isinstance(layer, LoraLayer) and attribute in _LORA_DOWN:
+                    down.add(name)
+                elif isinstance(layer, LoraLayer) and attribute in _LORA_UP:
+                    up.add(name)
+                elif not isinstance(layer, IA3Layer):  # IA³: the effective weight is linear in its vectors
+                    refused[name] = f"{type(layer).__name__}.{attribute}"
+    return down, up, refused
+
+
+def task_vector_names(
+    module: nn.Module, names: Iterable[str] | None = None, theta0: Mapping[str, Tensor] | None = None
+) -> list[str]:
+    """The parameters among ``names`` (None: all of ``module``'s) whose edit moves the model's effective weights
+    along θ₀ + λ·Δ: all of them for a model without adapters; on a PEFT model every one but the LoRA
+    down-projections A (see the module docstring).
+
+    With ``theta0`` (θ₀ by name), also checks that every LoRA up-projection B among them started at zero, which the
+    exactness needs. ``ValueError`` for an adapter tensor no edit scales exactly (DoRA, LoHa, LoKr, OFT, ...) or a
+    B with a non-zero θ₀, naming it and the fix.
+    """
+    selected = [name for name, _ in module.named_parameters()] if names is None else list(names)
+    down, up, refused = _adapter_tensors(module)
+    fix = (
+        "merge the adapters (CausalLMModule.merged_model(), or peft's merge_and_unload()) and edit the merged "
+        "weights against the base model's."
+    )
+    blocked = [name for name in selected if name in refused]
+    if blocked:
+        raise ValueError(
+            f"Task-vector edits cannot scale {blocked[0]!r} ({refused[blocked[0]]}"
+            f"{f', and {len(blocked) - 1} more' if len(blocked) > 1 else ''}): the adapter's change of the weights "
+            "is not linear in one tensor, so no edit of its tensors gives θ₀ + λ·Δ (LoRA, with DoRA off, and IA³ "
+            f"are supported). To edit such a fine-tune, {fix}"
+        )
+    if theta0 is not None:
+        nonzero = [name for name in selected if name in up and name in theta0 and bool(theta0[name].any())]
+        if nonzero:
+            raise ValueError(
+                f"The LoRA up-projection {nonzero[0]!r} did not start at zero (θ₀ has non-zero entries): an edit "
+                "scales a LoRA layer's change B·A through B alone, which is exact only from B = 0, peft's default "
+                "`init_lora_weights=True` (PiSSA, OLoRA, LoftQ and similar initialisations start elsewhere). Train "
+                f"with the default initialisation, or {fix}"
+            )
+    return [name for name in selected if name not in down]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -92,57 +92,244 @@ def test_bad_arguments_are_refused_with_the_fix(args: list[str], message: str) -
     assert message in result.stderr
 
 
+def sweep_run(method: str, lr: float, entries: dict[str, tuple[str | None, float, float | None, float, float]]) -> dict:
+    """A sweep-seed run of a post-hoc base method: its curve, ``{key: (family, alpha, beta, task, forgetting)}``."""
+    return {
+        "method": method,
+        "lr": lr,
+        "post_hoc": {
+            key: {
+                "method": family,
+                "alpha": alpha,
+                "beta": beta,
+                "task_exact_match": task,
+                "forgetting_knowledge_accuracy": lost,
+            }
+            for key, (family, alpha, beta, task, lost) in entries.items()
+        },
+    }
+
+
+def test_post_hoc_edits_are_picked_per_family_on_the_sweep_seed_at_the_chosen_lr() -> None:
+    bench = _load_benchmark()
+    sweep = [
+        sweep_run(
+            "full_ft",
+            1e-3,
+            {
+                "finetuned": (None, 1.0, None, 100.0, 60.0),
+                "wise_ft_a0.9": ("wise_ft", 0.9, None, 99.6, 50.0),
+                "wise_ft_a0.8": ("wise_ft", 0.8, None, 99.0, 40.0),  # exactly 1 point below: still within
+                "wise_ft_a0.7": ("wise_ft", 0.7, None, 90.0, 10.0),
+                "lines_a0.9_b0.1": ("lines", 0.9, 0.1, 98.0, 55.0),  # more than 1 point below
+            },
+        ),
+        sweep_run("full_ft", 3e-3, {"finetuned": (None, 1.0, None, 100.0, 90.0)}),  # another LR: not used
+        sweep_run(
+            "mofo_0.15",
+            1e-3,
+            {"finetuned": (None, 1.0, None, 99.0, 30.0), "lines_a0.5_b0.5": ("lines", 0.5, 0.5, 99.5, 20.0)},
+        ),
+    ]
+    picks = bench.choose_edits(
+        sweep, {"full_ft": 1e-3, "mofo_0.15": 1e-3}, ["full_ft+wise_ft", "full_ft+lines", "mofo_0.15+lines"]
+    )
+    assert {row: pick["edit"] for row, pick in picks.items()} == {
+        "full_ft+wise_ft": "wise_ft_a0.8",
+        "full_ft+lines": "finetuned",  # no LiNeS edit within 1 point: the rule keeps the fit
+        "mofo_0.15+lines": "lines_a0.5_b0.5",
+    }
+    assert bench.edits_for("full_ft", picks) == ((0.8,), ())
+    assert bench.edits_for("mofo_0.15", picks) == ((), ((0.5, 0.5),))
+    assert bench.edits_for("hft_once", picks) == ((), ())
+
+
+def test_post_hoc_rows_take_the_picked_edits_figures_from_their_base_fits() -> None:
+    bench = _load_benchmark()
+    base = {
+        "method": "full_ft",
+        "seed": 1,
+        "task_exact_match": 100.0,
+        "forgetting_knowledge_accuracy": 60.0,
+        "drift_relative_l2": 0.2,
+        "step_ms": 50.0,
+        "train_state_mib": 17.0,
+        "theta0_mib": 0.0,
+        "post_hoc_theta0_mib": 4.0,
+        "post_hoc": {"wise_ft_a0.8": {"task_exact_match": 99.0, "forgetting_knowledge_accuracy": 40.0}},
+    }
+    picks = {
+        "full_ft+wise_ft": {"edit": "wise_ft_a0.8", "method": "wise_ft"},
+        "full_ft+lines": {"edit": "finetuned", "method": None},
+    }
+    wise, kept = bench.post_hoc_runs([base, {**base, "method": "mofo_0.15"}], picks)
+    assert (wise["method"], wise["edit"], wise["task_exact_match"], wise["forgetting_knowledge_accuracy"]) == (
+        "full_ft+wise_ft",
+        "wise_ft_a0.8",
+        99.0,
+        40.0,
+    )
+    assert wise["step_ms"] == 50.0 and wise["train_state_mib"] == 21.0 and wise["theta0_mib"] == 4.0
+    assert wise["drift_relative_l2"] is None  # not measured for the edit in this synthetic run
+    assert (kept["method"], kept["edit"], kept["task_exact_match"]) == ("full_ft+lines", "finetuned", 100.0)
+
+
+def test_the_l2_goal_looks_for_a_recipe_at_l2s_task_score_that_forgets_less() -> None:
+    bench = _load_benchmark()
+
+    def stats(task: float, forgetting: float) -> dict[str, dict[str, float]]:
+        return {"task_exact_match": {"mean": task}, "forgetting_knowledge_accuracy": {"mean": forgetting}}
+
+    summary = {
+        "l2_0.1": stats(99.0, 30.0),
+        "lora_8": stats(99.5, 5.0),  # a baseline, not a lit_mofo recipe
+        "mofo_0.15": stats(98.0, 10.0),  # below L2's task score
+        "full_ft+wise_ft": stats(99.0, 25.0),
+    }
+    (check,) = bench.check_targets(summary)
+    assert check["met"] and "Full FT + WiSE-FT, task 99.0 vs 99.0, forgetting 25.0 vs 30.0" in check["measured"]
+    summary["full_ft+wise_ft"] = stats(99.0, 35.0)
+    assert not bench.check_targets(summary)[0]["met"]
+    del summary["full_ft+wise_ft"]
+    assert "no lit_mofo recipe reaches its task score (99.0)" in bench.check_targets(summary)[0]["measured"]
+
+
+def test_the_post_hoc_cost_goal_is_the_median_sweep_to_fit_ratio() -> None:
+    bench = _load_benchmark()
+    sweep = [
+        {"post_hoc": {}, "post_hoc_sweep_seconds": s, "post_hoc_fit_seconds": 10.0, "post_hoc_edits": 10}
+        for s in (0.5, 1.0, 3.0)
+    ] + [{"method": "hft_once"}]
+    (check,) = bench.check_targets({}, sweep)
+    assert check["met"] and check["measured"] == "10% (median of 3 fits; 10 edits, 0.10 s each)"
+
+
+def test_a_json_of_the_one_scenario_version_is_redrawn_as_the_overlap_scenario() -> None:
+    bench = _load_benchmark()
+    old = {
+        "settings": {},
+        "machine": "m",
+        "wall_seconds": 1.0,
+        "lr": {},
+        "summary": {},
+        "targets": [],
+        "sweep": [],
+        "runs": [],
+    }
+    upgraded = bench._upgrade(old)
+    assert list(upgraded["scenarios"]) == ["overlap"] and upgraded["machine"] == "m"
+    assert bench._upgrade(upgraded) is upgraded
+
+
 @pytest.mark.slow
-def test_quick_mode_runs_every_method_and_writes_json_markdown_and_plot(tmp_path: Path) -> None:
+def test_quick_mode_runs_every_method_on_both_scenarios_and_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     bench = _load_benchmark()
     result = _run("--quick", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "forgetting_quick.json").read_text())
     methods = list(bench.METHODS)
-    assert data["settings"]["methods"] == methods
-    assert len(data["sweep"]) == 2 * len(methods) and len(data["runs"]) == 2 * len(methods)
-    assert {run["seed"] for run in data["runs"]} == {1, 2} and {run["seed"] for run in data["sweep"]} == {0}
-    assert set(data["lr"]) == set(methods) and set(data["lr"].values()) <= set(data["settings"]["lrs"])
-    assert all(run["lr"] == data["lr"][run["method"]] for run in data["runs"])
-    assert all(run["steps_done"] == data["settings"]["budget"]["steps"] for run in data["runs"])
-    # Every run starts from the same pre-trained model, which knows every fact and can copy.
-    assert {run["knowledge_accuracy_pretrained"] for run in data["runs"]} == {100.0}
+    assert data["settings"]["methods"] == methods and data["settings"]["scenarios"] == ["overlap", "disjoint"]
+    assert list(data["scenarios"]) == ["overlap", "disjoint"]
+    for name, scenario in data["scenarios"].items():
+        base_model = scenario["base_model"]
+        assert base_model["model"] == {"overlap": "scenario:base", "disjoint": "scenario:disjoint"}[name]
+        assert base_model["knowledge_accuracy"] == 1.0 and 0 < base_model["copy_exact_match"] <= 1
+        assert {"key", "machine", "versions", "train_seconds"} <= set(base_model)
+        # One LR: no LR to choose, so the sweep seed fits only the post-hoc rows' bases, to pick their edits.
+        assert [run["method"] for run in scenario["sweep"]] == ["full_ft", "mofo_0.15"]
+        assert {run["seed"] for run in scenario["sweep"]} == {0}
+        assert len(scenario["runs"]) == 2 * len(methods) and {run["seed"] for run in scenario["runs"]} == {1, 2}
+        assert set(scenario["lr"]) >= set(methods)
+        assert all(run["steps_done"] == data["settings"]["budget"]["steps"] for run in scenario["runs"])
+        # Every run starts from the same pre-trained model, which knows every fact.
+        assert {run["knowledge_accuracy_pretrained"] for run in scenario["runs"]} == {100.0}
+        assert len({run["copy_exact_match_pretrained"] for run in scenario["runs"]}) == 1
 
-    summary = data["summary"]
-    changed = {method: summary[method]["drift_fraction_changed"]["mean"] for method in methods}
-    # MoFO moves only its fraction of each matrix per step (the union over 12 steps is larger, but ordered), HFT
-    # about half of the parameters, AdamW nearly every entry.
-    assert changed["mofo_0.05"] < changed["mofo_0.15"] < 50 < changed["full_ft"]
-    assert 40 < changed["hft_once"] < 60
-    state = {method: summary[method]["train_state_mib"]["mean"] for method in methods}
-    assert state["hft_once"] < state["full_ft"] == pytest.approx(state["mofo_0.15"])
-    theta0 = {run["method"]: run["theta0_mib"] for run in data["runs"]}
-    assert theta0["l2_0.1"] == theta0["l2_1"] > theta0["hft_reset"] > 0
-    assert all(theta0[method] == 0 for method in methods if not method.startswith(("l2_", "hft_reset")))
-    assert len(data["targets"]) == 9 and all(isinstance(check["met"], bool) for check in data["targets"])
+        summary = scenario["summary"]
+        changed = {method: summary[method]["drift_fraction_changed"]["mean"] for method in methods}
+        # MoFO moves only its fraction of each matrix per step (the union over 12 steps is larger, but ordered), HFT
+        # about half of the parameters, AdamW nearly every entry; LoRA every entry of the adapted matrices, nothing
+        # of the embeddings and the head.
+        assert changed["mofo_0.05"] < changed["mofo_0.15"] < 50 < changed["full_ft"]
+        assert 40 < changed["hft_once"] < 60
+        assert 80 < changed["lora_8"] < changed["full_ft"]
+        state = {method: summary[method]["train_state_mib"]["mean"] for method in methods}
+        assert state["hft_once"] < state["full_ft"] == pytest.approx(state["mofo_0.15"])
+        assert state["lora_8"] < state["lora_64"] < state["full_ft"]
+        runs = {(run["method"], run["seed"]): run for run in scenario["runs"]}
+        lora = runs[("lora_64", 1)]
+        assert lora["drift_relative_l2_by_role"]["embedding"] == lora["drift_relative_l2_by_role"]["head"] == 0.0
+        # Rank 8 adapts a 128-wide model with 1/8 of its weights' size; rank 64 (half the width) with two thirds.
+        assert runs[("lora_8", 1)]["trainable_mib"] < lora["trainable_mib"] < runs[("full_ft", 1)]["trainable_mib"]
+        assert runs[("lora_8", 1)]["trainable_mib"] < runs[("full_ft", 1)]["trainable_mib"] / 5
+        theta0 = {run["method"]: run["theta0_mib"] for run in scenario["runs"]}
+        assert theta0["l2_0.1"] == theta0["l2_1"] > theta0["hft_reset"] > 0
+        assert all(theta0[m] == 0 for m in bench.FITTED_METHODS if not m.startswith(("l2_", "hft_reset")))
+
+        # Post-hoc: each base measured its rows' grids on the sweep seed; the pick is applied to every seed.
+        grids = {run["method"]: sorted(run["post_hoc"]) for run in scenario["sweep"]}
+        assert grids == {
+            "full_ft": ["finetuned", "lines_a0.5_b0.5", "lines_a0_b1", "wise_ft_a0.3", "wise_ft_a0.7"],
+            "mofo_0.15": ["finetuned", "lines_a0.5_b0.5", "lines_a0_b1"],
+        }
+        picks = scenario["post_hoc"]["picks"]
+        assert set(picks) == set(bench.POST_HOC)
+        for row, (base, family) in bench.POST_HOC.items():
+            assert picks[row]["method"] in (None, family)
+            for seed in (1, 2):
+                edited, fitted = runs[(row, seed)], runs[(base, seed)]
+                assert edited["edit"] == picks[row]["edit"] and edited["lr"] == fitted["lr"]
+                assert edited["drift_relative_l2"] <= fitted["drift_relative_l2"]  # factors <= 1: back towards θ₀
+                if picks[row]["method"] is None:
+                    assert edited["task_exact_match"] == fitted["task_exact_match"]
+                else:
+                    assert edited["train_state_mib"] > fitted["train_state_mib"]  # it keeps θ₀
+        # The script's own drift of the unedited fit is ParameterDrift's.
+        for seed in (1, 2):
+            fitted = runs[("full_ft", seed)]
+            if "post_hoc" in fitted:
+                unedited = fitted["post_hoc"]["finetuned"]
+                assert unedited["drift_relative_l2"] == pytest.approx(fitted["drift_relative_l2"], rel=1e-5)
+                assert unedited["drift_fraction_changed"] == pytest.approx(fitted["drift_fraction_changed"])
+        targets = scenario["targets"]
+        assert [t["method"] for t in targets][-2:] == ["l2_0.1", "post_hoc"]
+        assert len(targets) == 11 and all(isinstance(check["met"], bool) for check in targets)
 
     text = (tmp_path / "forgetting_quick.md").read_text()
     assert text.strip() == result.stdout.strip()
     for method in methods:
         assert f"| {bench.label(method)} |" in text
-    assert "± " in text and "LR sweep (seed 0)" in text
-    assert (tmp_path / "forgetting_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "± " in text and "LR sweep (seed 0)" in text and "Post-hoc edits on the sweep seed" in text
+    assert "### Scenario `overlap`" in text and "### Scenario `disjoint`" in text
+    assert "overlap: task EM | overlap: knowledge forgetting | disjoint: task EM" in text  # side by side
+    for name in ("overlap", "disjoint"):
+        assert (tmp_path / f"forgetting_quick_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     redrawn = tmp_path / "redrawn"
     again = _run("--from-json", str(tmp_path / "forgetting_quick.json"), "--out-dir", str(redrawn), timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (redrawn / "forgetting_quick.md").read_text() == text
-    assert (redrawn / "forgetting_quick.png").exists()
+    assert (redrawn / "forgetting_quick_disjoint.png").exists()
 
 
 @pytest.mark.slow
 def test_worker_processes_report_each_runs_peak_memory(tmp_path: Path) -> None:
     result = _run(
-        "--quick", "--methods", "full_ft", "hft_once", "--lrs", "1e-3", "--workers", "2", "--out-dir", str(tmp_path)
+        "--quick",
+        "--scenarios",
+        "overlap",
+        "--methods",
+        "full_ft",
+        "hft_once",
+        "--workers",
+        "2",
+        "--out-dir",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "forgetting_quick.json").read_text())
-    assert data["sweep"] == []  # one LR: nothing to choose
-    assert len(data["runs"]) == 4
-    assert all(run["peak_rss_mib"] > 100 for run in data["runs"])  # the Python/torch runtime is most of it
-    assert data["summary"]["full_ft"]["peak_rss_mib"]["n"] == 2
+    scenario = data["scenarios"]["overlap"]
+    assert scenario["sweep"] == []  # one LR and no post-hoc row: nothing to choose
+    assert len(scenario["runs"]) == 4
+    assert all(run["peak_rss_mib"] > 100 for run in scenario["runs"])  # the Python/torch runtime is most of it
+    assert scenario["summary"]["full_ft"]["peak_rss_mib"]["n"] == 2

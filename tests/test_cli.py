@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,37 @@ def test_quickstart_config_fine_tunes_and_reports(tmp_path: Path) -> None:
     assert "forgetting/knowledge/accuracy" in trainer.callback_metrics
     assert "drift/relative_l2" in trainer.callback_metrics
     assert (Path(trainer.log_dir) / "forgetting_report.json").is_file()
+
+
+@pytest.mark.slow
+def test_task_vector_scaling_config_measures_the_edits_and_applies_the_rules_pick(tmp_path: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        cli = main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/task_vector_scaling.yaml"),
+                "--trainer.max_steps=6",
+                "--trainer.val_check_interval=3",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    trainer = cli.trainer
+    (scaling,) = [c for c in trainer.callbacks if type(c).__name__ == "TaskVectorScaling"]
+    assert len(scaling.points) == 1 + 9
+    assert scaling.chosen is not None and scaling.applied == scaling.chosen.edit  # the picked point, applied
+    assert "forgetting/knowledge/accuracy/wise_ft_a0.2" in trainer.callback_metrics
+    report = Path(trainer.log_dir) / "forgetting_report.json"
+    assert json.loads(report.read_text())["task_vector_scaling"]["picked"] == scaling.chosen.key
+    (checkpoint,) = Path(trainer.log_dir, "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    for name, param in cli.model.named_parameters():
+        assert torch.equal(state[name], param), name
 
 
 @pytest.mark.slow

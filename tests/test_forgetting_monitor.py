@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor, forgetting, isolated_evaluation, retention
+from lit_mofo.callbacks.task_vector_scaling import TaskVectorScaling
 from lit_mofo.probes import CallableProbe, LanguageModelProbe, Probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -527,8 +528,9 @@ def test_ddp_every_rank_reports_the_same_synced_values_and_the_single_process_ba
 def test_ddp_ranks_split_the_reference_set_and_together_score_all_of_it(ddp_run: dict[str, Any]) -> None:
     rank0, rank1 = ddp_run["ranks"]
     reference = sorted(map(tuple, rank0["reference"]))
-    assert len(rank0["seen"]) == len(rank1["seen"]) == 3  # baseline, step 2, step 4
-    assert rank0["forwards"] == rank1["forwards"] == [3, 3, 3]  # rank 1 pads its share with a discarded forward
+    # baseline, step 2, step 4, then TaskVectorScaling's three edits (the fine-tune is the monitor's step 4)
+    assert len(rank0["seen"]) == len(rank1["seen"]) == 3 + 3
+    assert rank0["forwards"] == rank1["forwards"] == [3] * 6  # rank 1 pads its share with a discarded forward
     for seen0, seen1 in zip(rank0["seen"], rank1["seen"], strict=True):
         assert len(seen0) == 6 and len(seen1) == 4  # batches 0, 2, 4 and 1, 3 of two sequences
         assert not set(map(tuple, seen0)) & set(map(tuple, seen1))
@@ -551,6 +553,38 @@ def test_ddp_logs_and_reports_once_from_rank_zero(ddp_run: dict[str, Any]) -> No
     report = json.loads((log_dir / "forgetting_report.json").read_text())
     assert report["meta"]["world_size"] == 2
     assert len(report["forgetting"]["measurements"]) == 6
+
+
+@pytest.mark.slow
+def test_ddp_task_vector_scaling_gives_the_single_process_curve(ddp_run: dict[str, Any]) -> None:
+    """Both ranks measure the same curve, the fine-tune is left in place, and one process sweeping the same
+    fine-tune from the same θ₀ with the same probe finds the same values."""
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    from ddp_forgetting import SCALING
+
+    rank0, rank1 = ddp_run["ranks"]
+
+    def measured(curve: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        return [(point["edit"], point["values"], point["forgetting"]) for point in curve]
+
+    assert measured(rank0["curve"]) == measured(rank1["curve"])
+    assert [point["edit"] for point in rank0["curve"]] == ["finetuned", "wise_ft_a0", "wise_ft_a0.5", "lines_a0_b1"]
+    for name, value in rank0["final"].items():  # the default keeps the fine-tune
+        assert torch.equal(value, rank1["final"][name]) and not torch.equal(value, rank0["initial"][name]), name
+
+    module = TinyCausalLM()
+    module.load_state_dict(rank0["final"])
+    monitor = ForgettingMonitor(
+        {"general": LanguageModelProbe(token_ids=rank0["reference"], batch_size=2, name="general")}, report=False
+    )
+    monitor.load_state_dict(rank0["monitor_state"])
+    single = TaskVectorScaling(**SCALING).sweep(module, rank0["initial"], monitor)
+    assert [point.key for point in single] == [point["edit"] for point in rank0["curve"]]
+    for point, ddp in zip(single, rank0["curve"], strict=True):
+        for metric, value in point.values["general"].items():
+            assert value == pytest.approx(ddp["values"]["general"][metric], rel=1e-6), (point.key, metric)
+            lost = point.forgetting["general"][metric]
+            assert lost == pytest.approx(ddp["forgetting"]["general"][metric], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -409,29 +409,48 @@ class ForgettingMonitor(Callback):
         self._restored = True
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate_probes(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        """Evaluate every probe on ``pl_module``'s current weights: ``{probe: {metric: value}}``.
+
+        The same evaluation as the monitor's own (isolation, the precision plugin's forward context, the checks of
+        the returned values; on every process under DDP), but nothing is recorded, logged or counted in
+        :attr:`evaluation_seconds`: for callers that measure other weights than the fit's, such as
+        :class:`~lit_mofo.callbacks.task_vector_scaling.TaskVectorScaling`'s edits. ``trainer`` may be None outside
+        a fit (the probes then run on one process, without a precision context).
+        """
+        return {name: values for name, values, _ in self._probe_values(trainer, pl_module)}
+
+    def _probe_values(
+        self, trainer: pl.Trainer | None, pl_module: pl.LightningModule
+    ) -> Iterator[tuple[str, dict[str, float], float]]:
+        """``(probe, values, seconds)`` for each probe in turn, evaluated in isolation (the one probe loop)."""
+        context = nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+        adapter = StrategyAdapter("single") if trainer is None else self._adapter
+        with isolated_evaluation(pl_module), context:
+            for name, probe in self._probes.items():
+                start = time.perf_counter()
+                values = adapter.run_together(  # a probe failing on one rank fails every rank
+                    f"Probe {name!r}",
+                    lambda name=name, probe=probe: self._checked(name, probe, probe.evaluate(trainer, pl_module)),  # type: ignore[arg-type]
+                )
+                values = self._rank_zero_values(adapter, name, values)
+                yield name, values, time.perf_counter() - start
+
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
         step = trainer.global_step
         if step == self._last_step:
             return
         self._last_step = step
         metrics: dict[str, float] = {}
-        with isolated_evaluation(pl_module), trainer.precision_plugin.forward_context():
-            for name, probe in self._probes.items():
-                start = time.perf_counter()
-                values = self._adapter.run_together(
-                    f"Probe {name!r}",
-                    lambda name=name, probe=probe: self._checked(name, probe, probe.evaluate(trainer, pl_module)),
-                )
-                values = self._rank_zero_values(name, values)
-                seconds = time.perf_counter() - start
-                self._seconds += seconds
-                metrics.update(self._record(trainer, name, values, trigger, seconds))
+        for name, values, seconds in self._probe_values(trainer, pl_module):
+            self._seconds += seconds
+            metrics.update(self._record(trainer, name, values, trigger, seconds))
         self._publish(trainer, metrics, log=True)
 
-    def _rank_zero_values(self, name: str, values: dict[str, float]) -> dict[str, float]:
+    def _rank_zero_values(self, adapter: StrategyAdapter, name: str, values: dict[str, float]) -> dict[str, float]:
         """Rank zero's values (and metric directions) on every rank, so every rank records what is logged; a
         warning (once per probe and fit) when the ranks disagree: the probe did not reduce across processes."""
-        gathered = self._adapter.all_gather_object((values, self._directions[name]))
+        gathered = adapter.all_gather_object((values, self._directions[name]))
         reference, directions = gathered[0]
         if (
             any(not _same_values(other, reference) for other, _ in gathered[1:])

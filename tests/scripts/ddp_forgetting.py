@@ -1,5 +1,5 @@
-"""Two-process DDP fine-tune on CPU (gloo) with ForgettingMonitor and ParameterDrift; run by the DDP tests of
-``tests/test_forgetting_monitor.py`` (which cover both callbacks from this one run).
+"""Two-process DDP fine-tune on CPU (gloo) with ForgettingMonitor, ParameterDrift and TaskVectorScaling; run by the
+DDP tests of ``tests/test_forgetting_monitor.py`` (which cover the three callbacks from this one run).
 
 Usage::
 
@@ -8,9 +8,10 @@ Usage::
 Lightning's ``ddp`` strategy re-launches this very command for rank 1, so it must run as its own process. The
 reference set has 10 sequences in 5 batches of 2, so the ranks get unequal shares (3 and 2 batches; rank 1 runs a
 padding forward, as under FSDP2). Each rank writes ``OUT_DIR/rank{r}.pt``: the monitor's baselines and history, the
-drift history, the reference windows this rank scored and the forwards it ran at each evaluation, and the
-single-process value of the probe on the pre-trained model, computed before the process group exists. The report
-goes to ``OUT_DIR/logs/version_0``.
+drift history, the reference windows this rank scored and the forwards it ran at each evaluation (TaskVectorScaling's
+edits included), and the single-process value of the probe on the pre-trained model, computed before the process
+group exists; also the pre-trained and fine-tuned weights, the monitor's state and the edits' curve, from which the
+tests compute the single-process curve. The report goes to ``OUT_DIR/logs/version_0``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor, isolated_evaluation
 from lit_mofo.callbacks.parameter_drift import ParameterDrift
+from lit_mofo.callbacks.task_vector_scaling import TaskVectorScaling
 from lit_mofo.probes import LanguageModelProbe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from tiny_lm import SyntheticTokenDataModule, TinyCausalLM, synthetic_progressions
 
 REFERENCE = synthetic_progressions(10, 12, 128, seed=31).tolist()
+SCALING: dict[str, Any] = {"wise_ft": [0.0, 0.5], "lines": [(0.0, 1.0)], "report": True}
 
 
 class AdamWLM(TinyCausalLM):
@@ -79,6 +82,8 @@ def main() -> None:
     probe = RecordingProbe()
     monitor = ForgettingMonitor({"general": probe}, every_n_train_steps=2)
     drift = ParameterDrift(every_n_train_steps=2)
+    scaling = TaskVectorScaling(**SCALING)
+    initial = {name: param.detach().clone() for name, param in module.named_parameters()}
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -90,7 +95,7 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[monitor, drift],
+        callbacks=[monitor, drift, scaling],
     )
     trainer.fit(module, SyntheticTokenDataModule(num_sequences=16 * args.steps, seq_len=16, batch_size=8))
 
@@ -105,6 +110,10 @@ def main() -> None:
             "forwards": probe.forwards,
             "single_process_baseline": single_process_baseline,
             "reference": REFERENCE,
+            "initial": initial,
+            "final": {name: param.detach().clone() for name, param in module.named_parameters()},
+            "monitor_state": monitor.state_dict(),
+            "curve": [point.as_dict() for point in scaling.points],
         },
         args.out_dir / f"rank{trainer.global_rank}.pt",
     )
