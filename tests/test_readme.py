@@ -86,6 +86,9 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     "lit-mofo fit --config configs/fsdp2_cpu.yaml": CoveredBy(
         "tests/test_fsdp2_callbacks.py::test_fsdp2_config_completes_and_writes_the_forgetting_report", "about 2 minutes"
     ),
+    "lit-mofo fit --config configs/task_vector_scaling.yaml": CoveredBy(
+        "tests/test_cli.py::test_task_vector_scaling_config_measures_the_edits_and_applies_the_rules_pick", "40-70 s"
+    ),
     "python examples/quickstart.py": CoveredBy(
         "tests/test_lightning.py::test_quickstart_prints_adamw_versus_mofo_table", "about 45 s"
     ),
@@ -109,7 +112,7 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
         "about 45 minutes",
     ),
     "python benchmarks/forgetting.py --workers 2": CoveredBy(
-        "tests/test_benchmarks_forgetting.py::test_quick_mode_runs_every_method_and_writes_json_markdown_and_plot",
+        "tests/test_benchmarks_forgetting.py::test_quick_mode_runs_every_method_on_both_scenarios_and_writes_json_markdown_and_plots",
         "13 minutes",
     ),
 }
