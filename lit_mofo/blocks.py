@@ -246,11 +246,13 @@ def _block_layout(block_name: str, block: nn.Module, spec: _Spec | None, names: 
         leaves = {leaf: names[id(param)] for leaf, param in own}
         matrices = [(leaf, names[id(param)]) for leaf, param in own if _is_matrix(owner, leaf, param)]
         if spec is not None:
-            # A known block names one matrix per module; any other matrix (an adapter, say) stays in `other`.
-            known = rel_path in spec_attention or rel_path in spec_ffn
+            # A known block names one matrix per module; any other matrix (an adapter, say) stays in `other`. A PEFT
+            # adapter layer wraps the module it adapts as `<module>.base_layer`: its weight is the module's matrix.
+            module_path = rel_path.removesuffix(".base_layer")
+            known = module_path in spec_attention or module_path in spec_ffn
             matrices = [(leaf, name) for leaf, name in matrices if known and leaf == "weight"]
             if matrices:
-                by_path[rel_path] = matrices[0][1]
+                by_path[module_path] = matrices[0][1]
         else:
             (attention if _is_attention_path(rel_path) else ffn).extend(name for _, name in matrices)
         for leaf, name in matrices:

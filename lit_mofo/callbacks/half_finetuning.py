@@ -33,6 +33,7 @@ from lit_mofo._validation import (
     matches,
     unmatched_patterns_message,
 )
+from lit_mofo.adapters import is_peft_model
 from lit_mofo.blocks import ROLES, ModelLayout, detect_layout
 from lit_mofo.params import check_trainable, forget_initial_requires_grad, record_initial_requires_grad
 from lit_mofo.snapshot import PretrainedSnapshot
@@ -420,6 +421,13 @@ class HalfFineTuning(Callback):
         if stage != "fit":
             return
         self._adapter = adapter = StrategyAdapter.of(trainer, user="HalfFineTuning")
+        if is_peft_model(pl_module):
+            raise MisconfigurationException(
+                f"HalfFineTuning does not work on a PEFT model ({type(pl_module).__name__} holds adapter layers): it "
+                "freezes half of each block's pre-trained matrices, and under PEFT those are all frozen already, "
+                "only the adapters train. Either fine-tune the full model with HalfFineTuning (drop `peft`), or train "
+                "the adapters without it (with MoFO, say, whose filter then works over the adapter tensors)."
+            )
         # Under FSDP2 a resumed fit must restore optimizers without state for the tensors frozen since the
         # optimizer was built (a no-op for the other strategies).
         adapter.guard_optimizer_restore(trainer)

@@ -28,6 +28,7 @@ from lit_mofo._validation import (
     matches,
     unmatched_patterns_message,
 )
+from lit_mofo.adapters import LoraWeight, adapter_values, effective_name, lora_weights, unsupported_adapters
 from lit_mofo.params import CATEGORIES, check_trainable, initial_requires_grad, named_parameter_categories
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
@@ -69,6 +70,15 @@ class L2ToPretrained(Callback):
     FSDP2 each rank holds θ₀ of its own shards only (the snapshot costs 1/world-size of a whole copy per rank) and
     adds the penalty's gradient to its shard of each gradient, after FSDP2's reduce-scatter: the same arithmetic,
     entry for entry, as one process. The logged penalty is summed over the shards (one all-reduce per step).
+
+    **LoRA and other PEFT models.** On a model with LoRA adapters the penalty is on the *effective* weights: for each
+    adapted matrix ``W + ΔW`` (``ΔW = scale·B·A``) the term is ``strength / 2 * ||ΔW - ΔW₀||²`` (``l1``:
+    ``strength * ||ΔW - ΔW₀||₁``), ΔW₀ the change the adapters started with (zero with peft's default
+    initialisation), and its gradient with respect to A and B (by autograd, one ``B·A`` product and its backward
+    per matrix and step) is added to theirs: the L2-to-θ₀ baseline of a merged model, not a pull of A and B towards
+    their random start. Patterns match the merged model's names (``...q_proj.weight``, category ``"weight"``);
+    other trainable tensors (``modules_to_save``, biases) are regularised as above. θ₀ costs only the adapter
+    tensors. DoRA and other adapter kinds are refused at the start of fit; PEFT under FSDP2 too.
 
     .. warning:: DeepSpeed, FSDP1 (``strategy="fsdp"``), tensor parallelism and XLA are refused in ``setup`` with
        the fix: they flatten or partition the parameters so that no rank holds a tensor or a dimension-0 shard of
@@ -121,14 +131,19 @@ class L2ToPretrained(Callback):
         self.snapshot_dtype = as_dtype(snapshot_dtype, where=where, argument="snapshot_dtype", error=error)
         self.log_penalty = as_bool(log_penalty, where=where, argument="log_penalty", error=error)
         self._names: list[str] = []
+        self._regularised: list[str] = []
         self._params: list[Tensor] = []
         self._theta0: list[Tensor] = []
+        self._lora: list[LoraWeight] = []
+        self._lora_params: list[list[Tensor]] = []
+        self._lora_delta0: list[Tensor | None] = []
         self._adapter = StrategyAdapter("single")
 
     @property
     def regularised_names(self) -> list[str]:
-        """Names (as in ``pl_module.named_parameters()``) of the tensors regularised in the current or last fit."""
-        return list(self._names)
+        """Names (as in ``pl_module.named_parameters()``) of the tensors regularised in the current or last fit; on a
+        LoRA model, each adapted matrix by its merged name (see the class docstring)."""
+        return list(self._regularised)
 
     @property
     @override
@@ -144,7 +159,16 @@ class L2ToPretrained(Callback):
         check_trainable(pl_module, where="L2ToPretrained", error=MisconfigurationException)
         self._adapter.reshard(pl_module)  # FSDP2: the sharded parameters, also after an evaluation before fit
         trainable = initial_requires_grad(pl_module)  # the module's choice, also when HalfFineTuning ran first
+        lora = self._check_adapters(pl_module)
         named = list(named_parameter_categories(pl_module))
+        real = {name: name for name, _, _ in named}
+        if lora:  # a LoRA model: each adapted matrix by its merged name (its base weight's), trainable by its adapters
+            adapters = {name for weight in lora.values() for name in weight.adapters}
+            named = [(effective_name(name), param, category) for name, param, category in named if name not in adapters]
+            real = {effective_name(name): name for name in real if name not in adapters}
+            trainable = {effective_name(name): flag for name, flag in trainable.items() if name not in adapters}
+            for weight in lora.values():
+                trainable[weight.name] = any(initial_requires_grad(pl_module)[name] for name in weight.adapters)
         for argument, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
             unmatched = [p for p in patterns if not any(matches(p, name, c, CATEGORIES) for name, _, c in named)]
             if unmatched:
@@ -173,11 +197,19 @@ class L2ToPretrained(Callback):
                 + f". Patterns are regular expressions searched in the parameter names or one of {CATEGORIES}; "
                 "widen `include` or narrow `exclude`."
             )
-        snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
-        snapshot.capture(trainer, pl_module, [name for name, _ in selected], dtype=self.snapshot_dtype)
-        self._names = [name for name, _ in selected]
+        by_name = {weight.name: weight for weight in lora.values()}
+        self._lora = [by_name[name] for name, _ in selected if name in by_name]
+        selected = [(name, param) for name, param in selected if name not in by_name]
+        self._names = [real[name] for name, _ in selected]
+        self._regularised = [*self._names, *(weight.name for weight in self._lora)]
         self._params = [param for _, param in selected]
-        numel = sum(p.numel() for p in self._params)
+        snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
+        captured = [*self._names, *(name for weight in self._lora for name in weight.adapters)]
+        snapshot.capture(trainer, pl_module, captured, dtype=self.snapshot_dtype)
+        params = dict(pl_module.named_parameters())
+        self._lora_params = [[params[name] for name in weight.adapters] for weight in self._lora]
+        numel = sum(p.numel() for p in self._params) + sum(w.layer.get_base_layer().weight.numel() for w in self._lora)
+        selected = [*selected, *((weight.name, None) for weight in self._lora)]
         rank_zero_info(
             f"L2ToPretrained: {self.norm} penalty λ={self.strength:g} on {len(selected)} tensors ({numel:,} values)."
         )
@@ -193,6 +225,13 @@ class L2ToPretrained(Callback):
         for name, param in zip(self._names, self._params, strict=True):
             local = self._adapter.local(param)  # the rank's shard under FSDP2, the tensor itself otherwise
             self._theta0.append(snapshot[name].to(device=local.device, dtype=local.dtype))  # no copy if they match
+        params = dict(pl_module.named_parameters())
+        self._lora_delta0 = []
+        for weight in self._lora:  # ΔW₀: None when the adapters start at B = 0 (peft's default), as usual
+            theta0 = {name: snapshot[name] for name in weight.adapters}
+            with adapter_values(params, theta0), torch.no_grad():
+                delta0 = weight.delta()
+            self._lora_delta0.append(delta0 if bool(delta0.any()) else None)
 
     @override
     def on_before_optimizer_step(
@@ -209,11 +248,48 @@ class L2ToPretrained(Callback):
                     total += (diff.float().pow(2) if self.norm == "l2" else diff.float().abs()).sum().double().cpu()
                 if param.grad is not None:
                     local(param.grad).add_(diff if self.norm == "l2" else diff.sign_(), alpha=self.strength)
+        total += self._lora_penalty()
         if self.log_penalty:
             total = self._adapter.sum_over_shards(total)  # whole tensors: the shards' sums added up (FSDP2)
             # Lightning throttles what reaches the logger to every `log_every_n_steps`.
             scale = 0.5 * self.strength if self.norm == "l2" else self.strength
             pl_module.log("l2_to_pretrained/penalty", float(scale * total), on_step=True, on_epoch=False)
+
+    def _lora_penalty(self) -> Tensor:
+        """Add the penalty's gradient on each LoRA-adapted matrix's effective weights to its adapters' gradients;
+        returns the summed penalty term (before ``strength``), in float64 on the CPU."""
+        total = torch.zeros((), dtype=torch.float64)
+        for weight, params, delta0 in zip(self._lora, self._lora_params, self._lora_delta0, strict=True):
+            with_grad = [param for param in params if param.grad is not None]
+            if not with_grad and not self.log_penalty:
+                continue
+            with torch.enable_grad():  # optimizers step without autograd; the penalty's gradient needs it
+                diff = weight.delta() if delta0 is None else weight.delta() - delta0
+                term = diff.float().pow(2).sum() if self.norm == "l2" else diff.float().abs().sum()
+                if with_grad:
+                    scale = 0.5 * self.strength if self.norm == "l2" else self.strength
+                    grads = torch.autograd.grad(scale * term, with_grad)
+                    with torch.no_grad():
+                        for param, grad in zip(with_grad, grads, strict=True):
+                            param.grad.add_(grad.to(param.grad.dtype))
+            total += term.detach().double().cpu()
+        return total
+
+    def _check_adapters(self, pl_module: pl.LightningModule) -> dict[str, LoraWeight]:
+        refused = unsupported_adapters(pl_module)
+        if refused:
+            name, kind = next(iter(refused.items()))
+            raise MisconfigurationException(
+                f"L2ToPretrained penalises a PEFT model's effective weights W + scale·B·A, which it cannot compute for "
+                f"{name!r} ({kind}). Use LoRA without DoRA."
+            )
+        lora = lora_weights(pl_module)
+        if lora and self._adapter.sharded:
+            raise MisconfigurationException(
+                "L2ToPretrained does not regularise a PEFT model under FSDP2 sharding. Use `strategy='ddp'` for "
+                "adapters (their trainable part is small), or a single device."
+            )
+        return lora
 
     @override
     def on_save_checkpoint(
@@ -231,4 +307,5 @@ class L2ToPretrained(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._params, self._theta0 = [], []
+            self._lora, self._lora_params, self._lora_delta0 = [], [], []
             PretrainedSnapshot.detach(pl_module, owner=self)

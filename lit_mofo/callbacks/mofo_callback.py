@@ -101,6 +101,12 @@ class MoFOCallback(Callback):
 
     A module with no trainable parameter is refused at the start of fit, before backward would fail.
 
+    **LoRA and other PEFT models**: the optimizer holds the adapter tensors only, and so does the MoFO it becomes:
+    the filter picks the entries of each adapter matrix (each LoRA A and B, separately) with the largest momentum,
+    not entries of the effective weights ``W + scale·B·A`` (an update of a few entries of B changes whole rows of
+    B·A). Keep ``filter_min_ndim=2`` so that the matrices are filtered; measure what moved with
+    :class:`~lit_mofo.ParameterDrift`, which reports the effective weights.
+
     **Strategies**: a single device, DDP (``strategy="ddp"``, spawn/fork/notebook variants: every rank holds whole
     tensors and the same all-reduced gradients, so the ranks select the same entries) and FSDP2 (Lightning's
     ``ModelParallelStrategy`` with ``tensor_parallel_size=1``, the module sharding itself in ``configure_model`` as

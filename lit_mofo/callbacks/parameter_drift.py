@@ -25,8 +25,9 @@ from torch import nn
 from typing_extensions import override
 
 from lit_mofo._validation import as_bool, as_device, as_dtype, as_int, as_patterns, matches, unmatched_patterns_message
+from lit_mofo.adapters import LoraWeight, adapter_values, effective_name, lora_weights, unsupported_adapters
 from lit_mofo.blocks import ROLES, detect_layout, parameter_roles
-from lit_mofo.params import check_trainable
+from lit_mofo.params import check_trainable, initial_requires_grad
 from lit_mofo.report import Curve, FitReport, ReportSection, Table
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
@@ -134,6 +135,18 @@ class ParameterDrift(Callback):
     (a frozen base under adapters), leave it out with ``exclude``. A module with no trainable parameter at all
     is refused at the start of fit.
 
+    **LoRA and other PEFT models.** On a model with LoRA adapters (e.g. :class:`~lit_mofo.modules.CausalLMModule`
+    with ``peft=LoraConfig(...)``) the drift is that of the *effective* weights ``W + scale·B·A``, the weights the
+    model computes with, against θ₀ — exactly what the same measurement gives on the merged model
+    (``merge_and_unload``), under the merged model's names (``...q_proj.weight``, not
+    ``...q_proj.base_layer.weight``; patterns in ``include``/``exclude`` are matched against those names) and in
+    the same roles, modules and blocks; the adapter tensors A and B are not reported on their own. Only the adapter
+    tensors (and whatever else trains) are copied into the snapshot: tensors frozen at the start of fit (the whole
+    pre-trained base, under PEFT) are their own θ₀, since the adapters are all that moves; they still count in the
+    denominators. DoRA and other adapter kinds (IA³, LoHa, LoKr, OFT...) are refused at the start of fit: merge
+    them (``CausalLMModule.merged_model()``) and measure the merged model. Cost: one ``B·A`` product per adapted
+    matrix and measurement.
+
     Cost: per evaluation one pass over the selected parameters (θ₀ copied tensor by tensor to ``device``), no
     forward pass; memory: the snapshot (one copy of the parameters in ``snapshot_dtype`` on the CPU).
 
@@ -207,6 +220,8 @@ class ParameterDrift(Callback):
         self.report = as_bool(report, where=where, argument="report", error=error)
         self.report_dir = report_dir
         self._names: list[str] = []
+        self._labels: dict[str, str] = {}
+        self._lora: dict[str, LoraWeight] = {}
         self._roles: dict[str, str] = {}
         self._modules: dict[str, str] = {}
         self._blocks: dict[str, int] = {}
@@ -238,17 +253,25 @@ class ParameterDrift(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_trainable(pl_module, where="ParameterDrift", error=MisconfigurationException)
-        roles = parameter_roles(pl_module)
+        lora = self._check_adapters(pl_module)
+        adapter_tensors = {name for weight in lora.values() for name in weight.adapters}
+        # A LoRA model is measured on its effective weights: the adapter tensors are part of them, not on their own.
+        roles = {name: role for name, role in parameter_roles(pl_module).items() if name not in adapter_tensors}
+        labels = {name: effective_name(name) for name in roles} if lora else {name: name for name in roles}
 
         def named(patterns: Sequence[str], name: str) -> bool:
-            return any(matches(pattern, name, roles[name], ROLES) for pattern in patterns)
+            return any(matches(pattern, labels[name], roles[name], ROLES) for pattern in patterns)
 
         for argument, patterns in (("include", self.include or []), ("exclude", self.exclude)):
             unmatched = [pattern for pattern in patterns if not any(named([pattern], name) for name in roles)]
             if unmatched:
                 rank_zero_warn(
                     unmatched_patterns_message(
-                        unmatched, where="ParameterDrift()", argument=argument, vocabulary=ROLES, names=list(roles)
+                        unmatched,
+                        where="ParameterDrift()",
+                        argument=argument,
+                        vocabulary=ROLES,
+                        names=list(labels.values()),
                     )
                 )
         names = [
@@ -263,18 +286,47 @@ class ParameterDrift(Callback):
                 "widen `include` or narrow `exclude`."
             )
         self._names = names
+        self._labels = {name: labels[name] for name in names}
+        self._lora = {name: lora[name] for name in names if name in lora}
         self._roles = {name: roles[name] for name in names}
-        self._modules = top_level_modules(pl_module, names)
+        self._modules = {
+            name: effective_name(m) if lora else m for name, m in top_level_modules(pl_module, names).items()
+        }
         layout = detect_layout(pl_module)
-        self._block_names = [block.name for block in layout.blocks]
+        self._block_names = [effective_name(block.name) if lora else block.name for block in layout.blocks]
         self._blocks = {}
         for index, block in enumerate(layout.blocks):
             for name in (*block.attention, *block.ffn, *block.norms, *block.other):
                 self._blocks[name] = index
+        captured = names
+        if lora:  # PEFT: the adapters and whatever trains; the frozen base is its own θ₀ (see the class docstring)
+            trainable = initial_requires_grad(pl_module)
+            captured = [name for name in names if trainable.get(name, False)]
+            captured += [adapter for name in names if name in lora for adapter in lora[name].adapters]
         snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
-        snapshot.capture(trainer, pl_module, names, dtype=self.snapshot_dtype)
+        snapshot.capture(trainer, pl_module, captured, dtype=self.snapshot_dtype)
         if not self._restored:
             self._history, self._last_step = [], None
+
+    def _check_adapters(self, pl_module: pl.LightningModule) -> dict[str, LoraWeight]:
+        """The LoRA-adapted matrices of ``pl_module`` (empty without adapters); refuses adapters whose effective
+        weights cannot be computed, and adapters on sharded parameters."""
+        refused = unsupported_adapters(pl_module)
+        if refused:
+            name, kind = next(iter(refused.items()))
+            raise MisconfigurationException(
+                f"ParameterDrift measures a PEFT model on its effective weights W + scale·B·A, which it cannot compute "
+                f"for {name!r} ({kind}{f', and {len(refused) - 1} more tensors' if len(refused) > 1 else ''}). Use "
+                "LoRA without DoRA, or measure the merged model: CausalLMModule.merged_model() (peft's "
+                "merge_and_unload()) against the base model."
+            )
+        lora = lora_weights(pl_module)
+        if lora and self._adapter.sharded:
+            raise MisconfigurationException(
+                "ParameterDrift does not measure a PEFT model under FSDP2 sharding. Use `strategy='ddp'` for "
+                "adapters (their trainable part is small), or a single device."
+            )
+        return lora
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,11 +386,20 @@ class ParameterDrift(Callback):
             raise RuntimeError("ParameterDrift.compute needs the pre-trained snapshot: call it during fit.")
         params = StrategyAdapter.named_parameters(pl_module)  # FSDP2: the shards, also after an evaluation
         adapter = self._adapter
+
+        def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """(the weight now, θ₀) of one selected tensor: for a LoRA-adapted matrix its effective weights."""
+            weight = self._lora.get(name)
+            if weight is None:
+                local = adapter.local(params[name])
+                return local, snapshot[name] if name in snapshot else local
+            theta0 = {adapter_name: snapshot[adapter_name] for adapter_name in weight.adapters}
+            with adapter_values(params, theta0):  # the layer as it started: its adapters at θ₀
+                start = weight.effective(base=snapshot[name] if name in snapshot else None)
+            return weight.effective(), start
+
         with torch.no_grad():
-            sums, maxima = zip(
-                *(_local_sums(adapter.local(params[name]), snapshot[name], self.device) for name in self._names),
-                strict=True,
-            )
+            sums, maxima = zip(*(_local_sums(*pair(name), self.device) for name in self._names), strict=True)
             # Per tensor: the shards' sums and maxima over the mesh (FSDP2); one collective each, whatever the count.
             summed = adapter.sum_over_shards(torch.stack(sums)).tolist()
             largest = adapter.max_over_shards(torch.stack(maxima)).tolist()

@@ -372,6 +372,12 @@ class CausalLMModule(pl.LightningModule):
 
         if isinstance(self.model, FSDPModule):
             return
+        if self.is_peft:
+            raise MisconfigurationException(
+                "CausalLMModule(peft=...) does not shard itself under ModelParallelStrategy: lit_mofo's callbacks "
+                "measure a PEFT model's effective weights W + scale·B·A on whole tensors. Train adapters with "
+                "`strategy='ddp'` (only the adapters' gradients are all-reduced) or on a single device."
+            )
         adapter = StrategyAdapter.of(self.trainer, user="CausalLMModule")  # refuses tensor parallelism, with the fix
         options: dict[str, Any] = {"mesh": adapter.mesh}
         if self.fsdp_param_dtype is not None or self.fsdp_reduce_dtype is not None:
