@@ -296,3 +296,19 @@ def test_lightning_cli_injects_the_optimizer_from_arguments(tmp_path: Path) -> N
     optimizer = cli.trainer.optimizers[0]
     assert type(optimizer) is torch.optim.AdamW
     assert {g["initial_lr"] for g in optimizer.param_groups} == {1e-3}
+
+
+def test_a_module_built_from_a_config_object_checkpoints_loadably_with_weights_only(tmp_path: Path) -> None:
+    config = LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"})
+    module = CausalLMModule(model_config=config)
+    fit = trainer(max_steps=1, default_root_dir=tmp_path)
+    fit.fit(module, datamodule=ScenarioDataModule(num_train=8, num_val=0, batch_size=4))
+    path = tmp_path / "last.ckpt"
+    fit.save_checkpoint(path)
+    # The config object is kept as its dict, so the safe loader (weights_only=True, torch's default) accepts it.
+    saved = torch.load(path, weights_only=True)
+    assert saved["hyper_parameters"]["model_config"]["hidden_size"] == TINY["hidden_size"]
+    loaded = CausalLMModule.load_from_checkpoint(path)
+    assert type(loaded.model.config) is LlamaConfig
+    for (name, param), (_, want) in zip(loaded.named_parameters(), module.named_parameters(), strict=True):
+        assert torch.equal(param, want), name

@@ -176,6 +176,8 @@ class CausalLMModule(pl.LightningModule):
         if not 0.0 <= warmup_ratio < 1.0:
             raise MisconfigurationException(f"warmup_ratio={warmup_ratio!r} is outside [0, 1); the paper uses 0.03.")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "peft"])
+        if isinstance(model_config, PretrainedConfig):  # a plain dict, so checkpoints load with weights_only=True
+            self.hparams["model_config"] = model_config.to_dict()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.schedule: Schedule = schedule
