@@ -1048,7 +1048,7 @@ def plot(result: dict[str, Any], path: Path, title: str = "") -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'lit_mofo[plot]'): no plot written"
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
     summary = result["summary"]
     markers = "osD^v<>Pp*Xh"
     colors = plt.get_cmap("tab20").colors
