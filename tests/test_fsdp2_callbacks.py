@@ -43,8 +43,8 @@ sys.path.insert(0, str(SCRIPT.parent))
 
 import fsdp2_callbacks  # noqa: E402
 
-# Every fit also carries a ForgettingMonitor with a LanguageModelProbe and a MultipleChoiceProbe, whose figures are
-# compared too.
+# Every fit also carries a ForgettingMonitor with a LanguageModelProbe, a MultipleChoiceProbe and an AccuracyProbe,
+# whose figures are compared too.
 SUM_TOLERANCE = 1e-6  # relative, for figures that are sums over tensors (see the module docstring)
 PROBE_TOLERANCE = 1e-5  # relative, for the probes' figures after training began (the issue's bound)
 EXACT_FIGURES = ("drift/fraction_changed", "drift/max_abs_change")

@@ -19,11 +19,11 @@ Scenarios (each one launch, several fits):
   forward frozen and are unfrozen later (pytorch/pytorch#186998); records the dtypes the blocks compute in and
   the gradients' dtypes, and exports the model (``export_dir``: the weights gathered from the shards).
 
-``--monitor`` adds a ``ForgettingMonitor`` with a ``LanguageModelProbe`` and a ``MultipleChoiceProbe`` (the
-accuracy probe for causal LMs) to every fit. Lightning re-launches this very command for rank 1, so it must run as
-its own process, never inside pytest. Each rank writes ``OUT_DIR/<scenario>.rank{r}.pt``: per fit the logged
-metrics, the frozen selection at every step, the gradient bytes it held after each backward, the snapshot's bytes,
-the whole final weights, and the wall time of the launch.
+``--monitor`` adds a ``ForgettingMonitor`` with a ``LanguageModelProbe``, a ``MultipleChoiceProbe`` (the accuracy
+probe for causal LMs) and an ``AccuracyProbe`` (classes from the last token's logits) to every fit. Lightning
+re-launches this very command for rank 1, so it must run as its own process, never inside pytest. Each rank writes
+``OUT_DIR/<scenario>.rank{r}.pt``: per fit the logged metrics, the frozen selection at every step, the gradient
+bytes it held after each backward, the snapshot's bytes, the whole final weights, and the wall time of the launch.
 """
 
 from __future__ import annotations
@@ -199,9 +199,14 @@ def callbacks(mode: str, optimizer_state: str, granularity: str = "category", mo
     return chosen
 
 
+def last_token_classes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An AccuracyProbe's class logits from a causal LM: the first 3 next-token logits after the input."""
+    return model(input_ids=batch["input_ids"]).logits[:, -1, :3]
+
+
 def forgetting_monitor() -> pl.Callback:
     from lit_mofo import ForgettingMonitor
-    from lit_mofo.probes import LanguageModelProbe, MultipleChoiceProbe
+    from lit_mofo.probes import AccuracyProbe, LanguageModelProbe, MultipleChoiceProbe
 
     generator = torch.Generator().manual_seed(3)
     reference = torch.randint(0, VOCAB, (10, SEQ), generator=generator).tolist()  # 10: uneven over 2 ranks
@@ -213,10 +218,15 @@ def forgetting_monitor() -> pl.Callback:
         }
         for index in range(7)
     ]
+    classified = [  # 9 examples in batches of 2: 5 batches, uneven over 2 ranks
+        {"input_ids": torch.randint(0, VOCAB, (6,), generator=generator).tolist(), "label": index % 3}
+        for index in range(9)
+    ]
     return ForgettingMonitor(
         {
             "lm": LanguageModelProbe(token_ids=reference, batch_size=3),
             "choice": MultipleChoiceProbe(examples=questions, batch_size=2),
+            "accuracy": AccuracyProbe(examples=classified, batch_size=2, forward_fn=last_token_classes),
         },
         every_n_train_steps=2,
         report=False,
