@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LoraWeight",
+    "checked_lora_weights",
     "adapter_values",
     "effective_name",
     "is_peft_model",
@@ -170,3 +171,28 @@ def adapter_values(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].copy_(value)
+
+
+def checked_lora_weights(module: nn.Module, *, user: str, what: str, sharded: bool) -> dict[str, LoraWeight]:
+    """:func:`lora_weights` of ``module`` for a callback that works on the effective weights: raises a
+    ``MisconfigurationException`` naming ``user`` (the callback) and ``what`` it does with them, with the fix, for
+    adapters whose effective weights cannot be computed (:func:`unsupported_adapters`) and for adapters on sharded
+    parameters (``sharded``: FSDP2)."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    refused = unsupported_adapters(module)
+    if refused:
+        name, kind = next(iter(refused.items()))
+        more = f", and {len(refused) - 1} more tensors" if len(refused) > 1 else ""
+        raise MisconfigurationException(
+            f"{user} {what} a PEFT model's effective weights W + scale·B·A, which it cannot compute for {name!r} "
+            f"({kind}{more}). Use LoRA without DoRA, or work on the merged model: CausalLMModule.merged_model() "
+            "(peft's merge_and_unload()) against the base model."
+        )
+    lora = lora_weights(module)
+    if lora and sharded:
+        raise MisconfigurationException(
+            f"{user} does not support a PEFT model under FSDP2 sharding. Use `strategy='ddp'` for adapters (their "
+            "trainable part is small), or a single device."
+        )
+    return lora

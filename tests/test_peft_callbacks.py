@@ -221,7 +221,7 @@ def test_mofo_callback_turns_the_adapters_adamw_into_mofo_over_the_adapters() ->
 
 def test_dora_is_refused_by_the_weight_callbacks_with_the_fix() -> None:
     for callback, message in (
-        (ParameterDrift(report=False), r"ParameterDrift measures a PEFT model .*DoRA.*merged_model"),
+        (ParameterDrift(report=False), r"ParameterDrift measures a PEFT model's effective weights.*DoRA.*merged_model"),
         (L2ToPretrained(), r"L2ToPretrained penalises a PEFT model's effective weights.*DoRA"),
     ):
         with pytest.raises(MisconfigurationException, match=message):

@@ -28,7 +28,7 @@ from lit_mofo._validation import (
     matches,
     unmatched_patterns_message,
 )
-from lit_mofo.adapters import LoraWeight, adapter_values, effective_name, lora_weights, unsupported_adapters
+from lit_mofo.adapters import LoraWeight, adapter_values, checked_lora_weights, effective_name
 from lit_mofo.params import CATEGORIES, check_trainable, initial_requires_grad, named_parameter_categories
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
@@ -159,7 +159,9 @@ class L2ToPretrained(Callback):
         check_trainable(pl_module, where="L2ToPretrained", error=MisconfigurationException)
         self._adapter.reshard(pl_module)  # FSDP2: the sharded parameters, also after an evaluation before fit
         trainable = initial_requires_grad(pl_module)  # the module's choice, also when HalfFineTuning ran first
-        lora = self._check_adapters(pl_module)
+        lora = checked_lora_weights(
+            pl_module, user=type(self).__name__, what="penalises", sharded=self._adapter.sharded
+        )
         named = list(named_parameter_categories(pl_module))
         real = {name: name for name, _, _ in named}
         if lora:  # a LoRA model: each adapted matrix by its merged name (its base weight's), trainable by its adapters
@@ -274,22 +276,6 @@ class L2ToPretrained(Callback):
                             param.grad.add_(grad.to(param.grad.dtype))
             total += term.detach().double().cpu()
         return total
-
-    def _check_adapters(self, pl_module: pl.LightningModule) -> dict[str, LoraWeight]:
-        refused = unsupported_adapters(pl_module)
-        if refused:
-            name, kind = next(iter(refused.items()))
-            raise MisconfigurationException(
-                f"L2ToPretrained penalises a PEFT model's effective weights W + scale·B·A, which it cannot compute for "
-                f"{name!r} ({kind}). Use LoRA without DoRA."
-            )
-        lora = lora_weights(pl_module)
-        if lora and self._adapter.sharded:
-            raise MisconfigurationException(
-                "L2ToPretrained does not regularise a PEFT model under FSDP2 sharding. Use `strategy='ddp'` for "
-                "adapters (their trainable part is small), or a single device."
-            )
-        return lora
 
     @override
     def on_save_checkpoint(

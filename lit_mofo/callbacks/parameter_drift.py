@@ -25,7 +25,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_mofo._validation import as_bool, as_device, as_dtype, as_int, as_patterns, matches, unmatched_patterns_message
-from lit_mofo.adapters import LoraWeight, adapter_values, effective_name, lora_weights, unsupported_adapters
+from lit_mofo.adapters import LoraWeight, adapter_values, checked_lora_weights, effective_name
 from lit_mofo.blocks import ROLES, detect_layout, parameter_roles
 from lit_mofo.params import check_trainable, initial_requires_grad
 from lit_mofo.report import Curve, FitReport, ReportSection, Table
@@ -253,7 +253,7 @@ class ParameterDrift(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_trainable(pl_module, where="ParameterDrift", error=MisconfigurationException)
-        lora = self._check_adapters(pl_module)
+        lora = checked_lora_weights(pl_module, user=type(self).__name__, what="measures", sharded=self._adapter.sharded)
         adapter_tensors = {name for weight in lora.values() for name in weight.adapters}
         # A LoRA model is measured on its effective weights: the adapter tensors are part of them, not on their own.
         roles = {name: role for name, role in parameter_roles(pl_module).items() if name not in adapter_tensors}
@@ -307,26 +307,6 @@ class ParameterDrift(Callback):
         snapshot.capture(trainer, pl_module, captured, dtype=self.snapshot_dtype)
         if not self._restored:
             self._history, self._last_step = [], None
-
-    def _check_adapters(self, pl_module: pl.LightningModule) -> dict[str, LoraWeight]:
-        """The LoRA-adapted matrices of ``pl_module`` (empty without adapters); refuses adapters whose effective
-        weights cannot be computed, and adapters on sharded parameters."""
-        refused = unsupported_adapters(pl_module)
-        if refused:
-            name, kind = next(iter(refused.items()))
-            raise MisconfigurationException(
-                f"ParameterDrift measures a PEFT model on its effective weights W + scale·B·A, which it cannot compute "
-                f"for {name!r} ({kind}{f', and {len(refused) - 1} more tensors' if len(refused) > 1 else ''}). Use "
-                "LoRA without DoRA, or measure the merged model: CausalLMModule.merged_model() (peft's "
-                "merge_and_unload()) against the base model."
-            )
-        lora = lora_weights(pl_module)
-        if lora and self._adapter.sharded:
-            raise MisconfigurationException(
-                "ParameterDrift does not measure a PEFT model under FSDP2 sharding. Use `strategy='ddp'` for "
-                "adapters (their trainable part is small), or a single device."
-            )
-        return lora
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
