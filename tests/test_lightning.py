@@ -97,10 +97,7 @@ def test_mofo_yaml_holds_only_optimizer_and_trainer_so_it_composes_with_any_mode
     assert "configure_optimizers" not in vars(TinyCausalLM), "the CLI's optimizer only applies without an override"
 
 
-def test_cli_with_mofo_yaml_trains_a_module_without_configure_optimizers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "argv", ["cli"])  # LightningCLI warns when pytest's own arguments are present
+def test_cli_with_mofo_yaml_trains_a_module_without_configure_optimizers(tmp_path: Path) -> None:
     initial = snapshot(TinyCausalLM())
     cli = LightningCLI(
         TinyCausalLM,
@@ -127,8 +124,7 @@ def test_cli_with_mofo_yaml_trains_a_module_without_configure_optimizers(
     assert cli.trainer.callback_metrics["mofo/filtered_update_fraction"].item() == pytest.approx(0.15, abs=2e-3)
 
 
-def test_cli_optimizer_flags_select_mofo_without_a_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["cli"])
+def test_cli_optimizer_flags_select_mofo_without_a_config_file(tmp_path: Path) -> None:
     cli = LightningCLI(
         TinyCausalLM,
         SyntheticTokenDataModule,

@@ -715,8 +715,7 @@ def test_callback_yaml_only_adds_the_callback_so_it_composes_with_any_config() -
     assert MoFOCallback(**entry["init_args"]).fraction == 0.15
 
 
-def test_cli_with_the_callback_yaml_trains_the_adamw_as_mofo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["cli"])  # LightningCLI warns when pytest's own arguments are present
+def test_cli_with_the_callback_yaml_trains_the_adamw_as_mofo(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("lit_mofo_example_cli", EXAMPLES / "cli.py")
     assert spec is not None and spec.loader is not None
     example_cli = importlib.util.module_from_spec(spec)
