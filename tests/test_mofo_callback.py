@@ -644,6 +644,8 @@ def callback_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return checkpoint
 
 
+# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_checkpoint_holds_mofo_state_and_resumes_bit_identically_with_the_callback(
     tmp_path: Path, callback_checkpoint: str
 ) -> None:
@@ -677,6 +679,7 @@ def test_resuming_without_the_callback_is_warned_about_and_falls_back_to_adamw(
     assert type(second.optimizers[0]) is AdamW
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_adamw_checkpoint_resumes_into_mofo_with_its_moments(tmp_path: Path) -> None:
     checkpoint, _ = first_half(tmp_path / "adamw", callbacks=[])
     saved = torch.load(checkpoint, weights_only=True)
