@@ -273,7 +273,10 @@ def test_a_model_without_blocks_has_architecture_none() -> None:
 
 
 def test_encoder_and_decoder_stacks_of_different_block_classes_are_both_blocks() -> None:
-    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=32)
+    # batch_first=True: with the default layout torch warns that the encoder cannot use nested tensors
+    model = nn.Transformer(
+        d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=32, batch_first=True
+    )
     layout = detect_layout(model)
     assert [block.name for block in layout.blocks] == [
         "encoder.layers.0",

@@ -3,8 +3,8 @@
 Each pair trains a tiny Llama (embeddings frozen by the module, as users do) for 6 steps with a Half Fine-Tuning
 re-draw every 2 steps where HFT is in the pair, listed ``[a, b]`` and ``[b, a]``; both runs must end with
 bit-identical weights and identical measurements. Each order is then resumed from the step-3 checkpoint of the
-first run and must end exactly like the uninterrupted run. Every batch is the same one, so where Lightning restarts
-a non-resumable dataloader does not matter.
+first run (with a dataloader that resumes mid-epoch, ``ResumableDataLoader``) and must end exactly like the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 import transformers
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lit_mofo import ForgettingMonitor, HalfFineTuning, L2ToPretrained, ParameterDrift
 from lit_mofo.callbacks.mofo_callback import MoFOCallback
+from lit_mofo.data import ResumableDataLoader
 from lit_mofo.probes import CallableProbe
 
 STEPS = 6
@@ -122,7 +123,7 @@ def run(pair: str, reverse: bool, save_dir: Path | None = None, ckpt_path: Path 
         default_root_dir=save_dir,
     )
     tokens = torch.arange(16).repeat(4, 1) * 3 % 64  # 4 sequences, the same batch every step
-    data = DataLoader(TensorDataset(tokens.repeat(20, 1)), batch_size=4)
+    data = ResumableDataLoader(TensorDataset(tokens.repeat(20, 1)), batch_size=4)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     weights = {name: p.detach().clone() for name, p in module.named_parameters()}
     return Run(weights, observations(trainer, callbacks))
@@ -135,6 +136,8 @@ def assert_same_run(expected: Run, actual: Run) -> None:
     assert expected.observations == actual.observations
 
 
+# The resumed runs leave out the ModelCheckpoint that wrote the checkpoint (they write none), which Lightning notes.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_a_pair_listed_either_way_trains_the_same_weights_and_measures_the_same(pair: str, tmp_path: Path) -> None:
     forward = run(pair, reverse=False, save_dir=tmp_path)

@@ -271,6 +271,7 @@ def test_lightning_cli_injects_the_optimizer_from_arguments(tmp_path: Path) -> N
         CausalLMModule,
         ScenarioDataModule,
         args=[
+            "--seed_everything=0",
             "--model.model_config",
             json.dumps(TINY),
             "--model.optimizer",

@@ -204,6 +204,8 @@ def test_the_report_epoch_agrees_with_the_checkpoint_after_whole_epochs(tmp_path
     assert report["forgetting"]["measurements"][-1]["epoch"] == 1
 
 
+# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_a_fit_resumed_from_an_epochs_last_step_numbers_the_epochs_as_the_uninterrupted_fit(tmp_path: Path) -> None:
     # A checkpoint written at the last step of an epoch, before the epoch ended (every_n_train_steps): on resume,
     # Lightning's count of started epochs lags one behind for the rest of the fit.

@@ -117,7 +117,10 @@ def test_include_and_exclude_choose_the_regularised_tensors(tmp_path: Path) -> N
     fit(reference, [], tmp_path)
     # weights follow the unregularised run until the biases diverge; the biases themselves are pulled back
     assert not torch.allclose(only_biases.net[0].bias, reference.net[0].bias)
-    with pytest.raises(MisconfigurationException, match=r"selects no trainable parameter"):
+    with (
+        pytest.warns(UserWarning, match=r"include entries \['does_not_exist'\] match no parameter"),
+        pytest.raises(MisconfigurationException, match=r"selects no trainable parameter"),
+    ):
         fit(Regression(), [L2ToPretrained(include=["does_not_exist"])], tmp_path)
 
 
@@ -152,6 +155,8 @@ def test_penalty_is_logged_and_the_snapshot_is_released_after_fit(tmp_path: Path
     assert PretrainedSnapshot.get(module) is None
 
 
+# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_a_resumed_run_keeps_the_true_theta0_and_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
     uninterrupted = Regression()
     every_4_steps = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)

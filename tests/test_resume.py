@@ -19,6 +19,9 @@ from lit_mofo.modules import CausalLMModule
 from lit_mofo.scenario import ScenarioDataModule, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# The fits here have no validation data (num_val=0): the data module's empty list of validation loaders, which
+# Lightning notes.
+pytestmark = pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
 
 
 # ---- the loader ----------------------------------------------------------------------------------------------------
@@ -140,6 +143,8 @@ def test_fit_resumed_from_any_checkpoint_sees_the_same_batches_epochs_and_ends_w
     assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
 
 
+# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_half_finetuning_epoch_redraws_resume_on_schedule_from_a_last_batch_of_epoch_checkpoint(
     tmp_path: Path,
 ) -> None:

@@ -139,7 +139,9 @@ def test_the_ends_reproduce_theta0_and_the_fine_tune_and_the_default_keeps_the_f
     comes first."""
     recorder = WeightRecorder()
     monitor = monitor_with(recorder)
-    scaling = TaskVectorScaling(wise_ft=[0.0, 1.0], lines=[(1.0, 0.0), (0.0, 1.0)], task="task/exact_match")
+    scaling = TaskVectorScaling(
+        wise_ft=[0.0, 1.0], lines=[(1.0, 0.0), (0.0, 1.0)], task="task/exact_match", report=False
+    )
     module = make_module()
     pretrained = weights(module)
     fit(module, [scaling, monitor] if scaling_first else [monitor, scaling])
@@ -233,6 +235,7 @@ def test_the_picked_edit_is_in_the_module_the_last_checkpoints_and_the_export(tm
         forgetting="weights/distance",
         apply="least_forgetting",
         max_task_drop=1.0,
+        report=False,
     )
     module = make_module(export_dir=str(tmp_path / "export"))
     pretrained = weights(module)
@@ -337,7 +340,11 @@ def test_the_curve_is_logged_per_edit_and_reported_as_table_json_and_plot(tmp_pa
     )
     scaling = TaskVectorScaling(wise_ft=[0.5], lines=[(0.0, 1.0)], task="task/exact_match")
     trainer = fit(
-        make_module(), [monitor, scaling], logger=CSVLogger(tmp_path, name="logs", version=0), default_root_dir=tmp_path
+        make_module(),
+        [monitor, scaling],
+        logger=CSVLogger(tmp_path, name="logs", version=0),
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     for key in ("probe/knowledge/accuracy/wise_ft_a0.5", "forgetting/weights/distance/lines_a0_b1"):
         assert key in trainer.callback_metrics
@@ -433,6 +440,9 @@ def test_extrapolation_is_accepted_only_when_asked_for() -> None:
     assert scaling.edits == (WiSEFT(1.5, allow_extrapolation=True),)
 
 
+# Regression has no validation_step, and the scenario data module offers its (empty) validation loaders: Lightning
+# notes that it skips them.
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 @pytest.mark.parametrize(
     ("callbacks", "module", "message"),
     [
@@ -478,10 +488,14 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+# Regression has no validation_step, and the scenario data module offers its (empty) validation loaders: Lightning
+# notes that it skips them.
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_wise_ft_works_on_a_model_without_blocks() -> None:
     recorder = WeightRecorder()
     module = Regression()
-    fit(module, [ForgettingMonitor({"w": CallableProbe(recorder, False)}, report=False), TaskVectorScaling([0.5], [])])
+    monitor = ForgettingMonitor({"w": CallableProbe(recorder, False)}, report=False)
+    fit(module, [monitor, TaskVectorScaling([0.5], [], report=False)])
     pretrained, finetuned, half = recorder.seen[0], recorder.seen[1], recorder.seen[2]
     for name in pretrained:
         assert torch.equal(half[name], lerp(pretrained[name], finetuned[name], 0.5))
