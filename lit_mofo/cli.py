@@ -95,7 +95,9 @@ def quiet_known_notices() -> None:
     - torch >= 2.13's ``FutureWarning`` that ``LeafSpec`` is deprecated, raised inside Lightning's own
       ``lightning/pytorch/utilities/_pytree.py`` (nothing a user can change);
     - peft's "``loftq_config`` specified but will be ignored", which every ``peft.LoraConfig`` built by jsonargparse
-      triggers.
+      triggers;
+    - transformers' ``FutureWarning`` that ``is_gradient_checkpointing`` is deprecated, which peft's
+      ``get_peft_model`` triggers on every model it wraps (peft's call, nothing a user can change).
 
     Every other message and warning stays. Idempotent; the ``lit-mofo`` command calls it, scripts may too.
     """
@@ -111,6 +113,9 @@ def quiet_known_notices() -> None:
     # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
     # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
     warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module=r"transformers\."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- errors
