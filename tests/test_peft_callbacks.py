@@ -26,6 +26,9 @@ from lit_mofo.callbacks.parameter_drift import top_level_modules
 from lit_mofo.data import ResumableDataLoader
 from lit_mofo.modules import CausalLMModule
 
+# CausalLMModule has a validation_step; these fits read no validation data, on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+
 TINY: dict[str, Any] = {
     "model_type": "llama",
     "vocab_size": 50,
@@ -60,6 +63,7 @@ def fit(module: pl.LightningModule, callbacks: list[pl.Callback], steps: int = 4
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
+        limit_val_batches=0,
     )
     trainer.fit(module, data())
     return trainer
@@ -136,6 +140,8 @@ def test_drift_of_a_lora_fine_tune_equals_the_drift_of_its_merged_model() -> Non
     assert {r["step"] for r in drift.history} == {0, 2, 4}
 
 
+# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint, on purpose: it only reads it.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_drift_keeps_only_the_adapters_in_the_snapshot_and_resumes_from_a_checkpoint(tmp_path: Any) -> None:
     module = lora_module()
     drift = ParameterDrift(every_n_train_steps=2, report=False)
@@ -147,6 +153,7 @@ def test_drift_keeps_only_the_adapters_in_the_snapshot_and_resumes_from_a_checkp
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
     )
     trainer.fit(module, data())
     saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)
@@ -158,7 +165,7 @@ def test_drift_keeps_only_the_adapters_in_the_snapshot_and_resumes_from_a_checkp
     resumed = ParameterDrift(every_n_train_steps=2, report=False)
     pl.Trainer(
         accelerator="cpu", max_steps=4, callbacks=[resumed], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
     ).fit(resumed_module, data(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")  # fmt: skip
     last = [r for r in resumed.history if r["step"] == 4]
     assert last == [r for r in drift.history if r["step"] == 4]

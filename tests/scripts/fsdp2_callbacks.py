@@ -39,10 +39,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lit_mofo import HalfFineTuning, L2ToPretrained, ParameterDrift
 from lit_mofo.callbacks.mofo_callback import MoFOCallback
+from lit_mofo.data import ResumableDataLoader
 from lit_mofo.modules import CausalLMModule
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
@@ -293,8 +293,8 @@ def fit(
     # Lightning's distributed sampler for training data always shuffles, seeded with seed_everything's seed and the
     # epoch; the global batch of the sharded fit is then the next 2 * BATCH rows in that order.
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(SEED)).tolist() if shuffled else None
-    data = StatefulDataLoader(tokens, batch_size, sampler=order)
-    validation = StatefulDataLoader(Tokens(batch_size), batch_size)
+    data = ResumableDataLoader(tokens, batch_size, sampler=order)
+    validation = ResumableDataLoader(Tokens(batch_size), batch_size)
     trainer.fit(module, data, validation, ckpt_path=ckpt_path)
     hft, steps, gradients = chosen[2], chosen[5], chosen[0]
     parameters = StrategyAdapter.named_parameters(module)  # the shards, also after the last validation

@@ -203,6 +203,7 @@ def trainer_for(
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
     )
 
 
