@@ -6,15 +6,13 @@ the current command for rank 1, which must not be pytest.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from process_launch import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_mofo.py"
@@ -23,21 +21,7 @@ FRACTION = 0.15
 
 
 def run_ddp_script(out_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the script in its own session so that a hang kills rank 1 (launched by rank 0) as well."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(SCRIPT), str(out_dir), "--steps", str(STEPS)]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"the DDP script did not finish in {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_script(SCRIPT, str(out_dir), "--steps", str(STEPS), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

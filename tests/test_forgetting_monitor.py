@@ -6,10 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from process_launch import run_script
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -498,21 +496,10 @@ DDP_STEPS = 4
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the 2-process script in its own session (a hang kills rank 1 too) and load what each rank saved."""
     out_dir = tmp_path_factory.mktemp("ddp_forgetting")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(DDP_SCRIPT), str(out_dir), "--steps", str(DDP_STEPS)]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"the DDP script did not finish in 300 s (deadlock?):\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    result = run_script(DDP_SCRIPT, str(out_dir), "--steps", str(DDP_STEPS), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    stdout = result.stdout
     return {"ranks": ranks, "stdout": stdout, "log_dir": out_dir / "logs" / "version_0", "out_dir": out_dir}
 
 

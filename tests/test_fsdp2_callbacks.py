@@ -18,8 +18,6 @@ ranks, so sums add up in another order).
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,6 +30,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from process_launch import run_command, run_script
 
 from lit_mofo import HalfFineTuning, L2ToPretrained, ParameterDrift
 from lit_mofo.callbacks.mofo_callback import MoFOCallback
@@ -53,21 +52,9 @@ PROBE_FIGURES = ("probe/", "forgetting/", "retention/")
 
 
 def launch(scenario: str, out_dir: Path, timeout: float = 900) -> list[dict[str, Any]]:
-    """Run one scenario on 2 processes in its own session (a hang kills both ranks); both ranks' results."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(SCRIPT), str(out_dir), "--scenario", scenario, "--monitor"]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"{SCRIPT.name} --scenario {scenario} did not finish in {timeout} s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    """Run one scenario on 2 processes (a hang kills both ranks); both ranks' results."""
+    result = run_script(SCRIPT, str(out_dir), "--scenario", scenario, "--monitor", timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
     results = [torch.load(out_dir / f"{scenario}.rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     print(f"\n{scenario}: {results[0]['wall_s']:.0f} s for the 2-process launch")
     return results
@@ -309,22 +296,9 @@ CONFIG = ROOT / "configs" / "fsdp2_cpu.yaml"
 
 
 def run_cli(config: Path, cwd: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     script = Path(sys.executable).with_name("lit-mofo")  # the console script, as the README runs it
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "lit_mofo.cli"]
-    command = [*entry, "fit", "--config", str(config), *overrides]
-    with subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"lit-mofo fit --config {config.name} did not finish in {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_command([*entry, "fit", "--config", str(config), *overrides], cwd=cwd, timeout=timeout)
 
 
 SHORT = ("--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from process_launch import run_ranks
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -956,21 +954,7 @@ DDP_SCRIPT = ROOT / "tests" / "scripts" / "ddp_hft.py"
 
 
 def run_ddp(mode: str, out_dir: Path, timeout: float = 300) -> list[dict[str, Any]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(DDP_SCRIPT), str(out_dir), "--mode", mode]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"the DDP script did not finish in {timeout} s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+    return run_ranks(DDP_SCRIPT, out_dir, "--mode", mode, timeout=timeout)
 
 
 @pytest.mark.slow

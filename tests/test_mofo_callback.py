@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import signal
 import subprocess
 import sys
 import warnings
@@ -23,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from process_launch import run_script
 from torch import Tensor, nn
 from torch.optim import Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import (
@@ -756,21 +755,7 @@ def test_cli_with_the_callback_yaml_trains_the_adamw_as_mofo(tmp_path: Path) -> 
 
 
 def run_ddp_script(out_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the script in its own session so that a hang kills rank 1 (launched by rank 0) as well."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(DDP_SCRIPT), str(out_dir)]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"the DDP script did not finish in {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_script(DDP_SCRIPT, str(out_dir), timeout=timeout)
 
 
 @pytest.mark.slow

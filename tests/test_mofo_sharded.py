@@ -7,10 +7,7 @@ references are computed here with the same functions on whole tensors.
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from process_launch import run_ranks, run_script
 from torch import nn
 
 from lit_mofo.optim import _fused
@@ -37,21 +35,7 @@ def free_port() -> int:
 
 
 def launch(out_dir: Path, *extra: str) -> list[dict[str, Any]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(SCRIPT), str(out_dir), "--port", str(free_port()), *extra]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            _, stderr = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"the sharded script did not finish in 600 s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+    return run_ranks(SCRIPT, out_dir, "--port", str(free_port()), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -113,27 +97,14 @@ def test_nonfinite_raise_stops_every_rank_when_one_shard_holds_the_nan(ranks):
         assert result["unchanged"] and result["state"] == 0
 
 
-def run_script(script: Path, out_dir: Path, *extra: str, timeout: float = 600) -> None:
-    """Run a multi-process script in its own session, so that a hang kills every rank."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(script), str(out_dir), *extra]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"{script.name} did not finish in {timeout} s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+def run_ok(script: Path, out_dir: Path, *extra: str) -> None:
+    result = run_script(script, str(out_dir), *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_lightning_model_parallel_strategy_gets_the_global_threshold_and_resumes_its_options(tmp_path):
-    run_script(SCRIPT.parent / "model_parallel_mofo.py", tmp_path, "--steps", "3")
+    run_ok(SCRIPT.parent / "model_parallel_mofo.py", tmp_path, "--steps", "3")
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert all(t == "DTensor(Shard(dim=0),)" for t in rank0["types"].values()), rank0["types"]
     for name in rank0["params"]:

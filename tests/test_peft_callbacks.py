@@ -4,9 +4,6 @@ HalfFineTuning refused, MoFOCallback over the adapters."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +14,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from peft import LoraConfig
+from process_launch import run_ranks
 
 from lit_mofo import HalfFineTuning, L2ToPretrained, MoFO, ParameterDrift
 from lit_mofo.adapters import effective_name, lora_weights
@@ -250,15 +248,7 @@ def callbacks() -> tuple[ParameterDrift, L2ToPretrained]:
 
 @pytest.mark.slow
 def test_ddp_drift_and_penalty_of_a_lora_fit_equal_the_one_process_fit(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    script = Path(__file__).resolve().parent / "scripts" / "ddp_peft.py"
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = run_ranks(Path(__file__).resolve().parent / "scripts" / "ddp_peft.py", tmp_path)
 
     module = sgd_lora(CausalLMModule)
     drift, l2 = callbacks()

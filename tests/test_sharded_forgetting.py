@@ -18,14 +18,13 @@ import importlib.util
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from process_launch import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "sharded_forgetting.py"
@@ -40,24 +39,11 @@ BUILT_IN = ["lm", "lm_loader", "accuracy", "multiple_choice", "knowledge", "task
 
 
 def launch(out_dir: Path, *arguments: str, timeout: float = 600) -> tuple[list[dict[str, Any]], str, str]:
-    """Run the script in its own session, so that a hang kills rank 1 (launched by rank 0) as well."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    if sys.platform == "linux":  # no network: keep gloo on the loopback interface
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    command = [sys.executable, str(SCRIPT), str(out_dir), *arguments]
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(
-                f"the sharded script did not finish in {timeout} s (a rank waiting for another?):\n{stderr[-3000:]}"
-            )
-    assert process.returncode == 0, stderr[-3000:]
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)], stdout, stderr
+    """Run the script (a hang kills every rank) and load both ranks' results, with its stdout and stderr."""
+    result = run_script(SCRIPT, str(out_dir), *arguments, timeout=timeout, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return ranks, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
