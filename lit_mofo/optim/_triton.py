@@ -21,6 +21,7 @@ interpreter, which is how they are tested without a GPU.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 import triton
@@ -547,30 +548,17 @@ class TritonKernels:
         )
 
     def update(self, batch: Batch, tau: Tensor, counts: Tensor) -> None:
-        if batch.element_blocks == 0:
-            return
-        self.launches["update"] += 1
-        _update_kernel[(batch.element_blocks,)](
-            batch.param_base,
-            batch.moment_base,
-            batch.meta,
-            batch.scal,
-            batch.block_starts,
-            batch.size,
-            tau,
-            counts,
-            **self._layout(batch),
-            BLOCK=self.block,
-            T_PAD=self._pad(batch),
-            num_warps=self.warps,
-            enable_fp_fusion=False,
-        )
+        self._elementwise("update", _update_kernel, batch, tau, counts)
 
     def fused(self, batch: Batch, tau: Tensor, counts: Tensor) -> None:
+        self._elementwise("fused", _fused_kernel, batch, tau, counts)
+
+    def _elementwise(self, name: str, kernel: Any, batch: Batch, tau: Tensor, counts: Tensor) -> None:
+        """Launch one of the two kernels that step every entry against the thresholds ``tau`` (the same arguments)."""
         if batch.element_blocks == 0:
             return
-        self.launches["fused"] += 1
-        _fused_kernel[(batch.element_blocks,)](
+        self.launches[name] += 1
+        kernel[(batch.element_blocks,)](
             batch.param_base,
             batch.moment_base,
             batch.meta,
