@@ -28,7 +28,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "LORA_DOWN",
+    "LORA_UP",
     "LoraWeight",
+    "adapter_tensors",
     "checked_lora_weights",
     "adapter_values",
     "effective_name",
@@ -36,6 +39,10 @@ __all__ = [
     "lora_weights",
     "unsupported_adapters",
 ]
+
+
+LORA_DOWN = ("lora_A", "lora_embedding_A")  # a LoRA layer's down-projections A
+LORA_UP = ("lora_B", "lora_embedding_B")  # its up-projections B (zero at peft's default initialisation)
 
 
 def is_peft_model(module: nn.Module) -> bool:
@@ -113,7 +120,7 @@ def lora_weights(module: nn.Module) -> dict[str, LoraWeight]:
             continue
         adapters = tuple(
             names[id(param)]
-            for attribute in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+            for attribute in (*LORA_DOWN, *LORA_UP)
             for adapter in layer.active_adapters
             if adapter in getattr(layer, attribute, {})
             for param in _parameters_of(getattr(layer, attribute)[adapter])
@@ -136,25 +143,34 @@ def unsupported_adapters(module: nn.Module) -> dict[str, str]:
     if "peft" not in sys.modules:
         return {}
     from peft.tuners.lora import LoraLayer
+
+    refused: dict[str, str] = {}
+    for name, (layer, attribute) in adapter_tensors(module).items():
+        dora = isinstance(layer, LoraLayer) and any(layer.use_dora.get(a, False) for a in layer.active_adapters)
+        if isinstance(layer, LoraLayer) and attribute.startswith("lora_") and not dora:
+            continue
+        refused[name] = f"{'DoRA' if dora else type(layer).__name__}.{attribute}"
+    return refused
+
+
+def adapter_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every adapter tensor of ``module``'s PEFT layers (peft's ``BaseTunerLayer``), by name -> (its layer, the
+    layer attribute that holds it: ``lora_A``, ``lora_B``, ``lora_magnitude_vector``, ``ia3_l``, ...); empty for a
+    model without adapters."""
+    if "peft" not in sys.modules:  # a model with adapters has imported peft
+        return {}
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     names = {id(param): name for name, param in module.named_parameters()}
-    refused: dict[str, str] = {}
+    found: dict[str, tuple[nn.Module, str]] = {}
     for layer in module.modules():
         if not isinstance(layer, BaseTunerLayer):
             continue
-        dora = isinstance(layer, LoraLayer) and any(layer.use_dora.get(a, False) for a in layer.active_adapters)
         for attribute in layer.adapter_layer_names:
             container = getattr(layer, attribute, None)
-            if not isinstance(container, nn.Module):
-                continue
-            if isinstance(layer, LoraLayer) and attribute.startswith("lora_") and not dora:
-                continue
-            for param in container.parameters():
-                if id(param) in names:
-                    kind = "DoRA" if dora else type(layer).__name__
-                    refused[names[id(param)]] = f"{kind}.{attribute}"
-    return refused
+            if isinstance(container, nn.Module):
+                found.update((names[id(p)], (layer, attribute)) for p in container.parameters() if id(p) in names)
+    return found
 
 
 @contextmanager

@@ -83,7 +83,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -92,6 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_mofo._validation import as_float, as_int
+from lit_mofo.adapters import LORA_DOWN, LORA_UP, adapter_tensors
 from lit_mofo.blocks import detect_layout
 
 __all__ = [
@@ -278,40 +278,26 @@ def edit_factors(module: nn.Module, edit: TaskVectorEdit, names: Iterable[str] |
     return {name: block_factor.get(name, edit.alpha) for name in selected}
 
 
-_LORA_DOWN = ("lora_A", "lora_embedding_A")  # kept at their fine-tuned value
-_LORA_UP = ("lora_B", "lora_embedding_B")  # scaled from θ₀ = 0
-
-
 def _adapter_tensors(module: nn.Module) -> tuple[set[str], set[str], dict[str, str]]:
-    """The parameters of ``module``'s PEFT adapter layers: (LoRA down-projections, LoRA up-projections, other adapter
-    tensors no edit can scale exactly -> what they are); all empty for a model without adapters."""
+    """The parameters of ``module``'s PEFT adapter layers: (LoRA down-projections, kept at their fine-tuned value;
+    LoRA up-projections, scaled from θ₀ = 0; other adapter tensors no edit can scale exactly -> what they are); all
+    empty for a model without adapters."""
     down: set[str] = set()
     up: set[str] = set()
     refused: dict[str, str] = {}
-    if "peft" not in sys.modules:  # a model with adapters has imported peft
+    tensors = adapter_tensors(module)
+    if not tensors:
         return down, up, refused
     from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    names = {id(param): name for name, param in module.named_parameters()}
-    for layer in module.modules():
-        if not isinstance(layer, BaseTunerLayer):
-            continue
-        for attribute in layer.adapter_layer_names:
-            container = getattr(layer, attribute, None)
-            if not isinstance(container, nn.Module):
-                continue
-            for param in container.parameters():
-                name = names.get(id(param))
-                if name is None:
-                    continue
-                if isinstance(layer, LoraLayer) and attribute in _LORA_DOWN:
-                    down.add(name)
-                elif isinstance(layer, LoraLayer) and attribute in _LORA_UP:
-                    up.add(name)
-                elif not isinstance(layer, IA3Layer):  # IA³: the effective weight is linear in its vectors
-                    refused[name] = f"{type(layer).__name__}.{attribute}"
+    for name, (layer, attribute) in tensors.items():
+        if isinstance(layer, LoraLayer) and attribute in LORA_DOWN:
+            down.add(name)
+        elif isinstance(layer, LoraLayer) and attribute in LORA_UP:
+            up.add(name)
+        elif not isinstance(layer, IA3Layer):  # IA³: the effective weight is linear in its vectors
+            refused[name] = f"{type(layer).__name__}.{attribute}"
     return down, up, refused
 
 
