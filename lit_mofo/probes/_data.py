@@ -258,21 +258,24 @@ def check_files(files: Any, where: str) -> list[Path]:
     return checked
 
 
+def _bad_file(where: str, path: Path, fix: str) -> MisconfigurationException:
+    """The error for a reference file that is not one of :data:`FILE_FORMATS` as it should be, saying why."""
+    return error(where, "files", str(path), FILE_FORMATS, fix)
+
+
 def _read_text(path: Path, where: str) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise error(
+        raise _bad_file(
             where,
-            "files",
-            str(path),
-            FILE_FORMATS,
+            path,
             f"It is not UTF-8 text ({err.reason} at byte {err.start}); re-encode it as UTF-8, or give token ids.",
         ) from err
     except OSError as err:
         raise error(where, "files", str(path), "a readable file", f"Reading it failed: {err}.") from err
     if "\x00" in text:
-        raise error(where, "files", str(path), FILE_FORMATS, "It holds NUL bytes: it is a binary file, not text.")
+        raise _bad_file(where, path, "It holds NUL bytes: it is a binary file, not text.")
     return text
 
 
@@ -293,51 +296,29 @@ def read_records(paths: Sequence[Path], where: str, text_key: str = "text") -> l
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise error(
+                    raise _bad_file(
                         where,
-                        "files",
-                        str(path),
-                        FILE_FORMATS,
+                        path,
                         f"{path}:{number} is not valid JSON: {err.msg} at "
                         f"column {err.colno}. Fix that line (one JSON object per line).",
                     ) from err
                 if not isinstance(record, dict):
-                    raise error(
-                        where,
-                        "files",
-                        str(path),
-                        FILE_FORMATS,
-                        f"{path}:{number} holds {record!r:.60}, not a JSON object {{...}}.",
-                    )
+                    raise _bad_file(where, path, f"{path}:{number} holds {record!r:.60}, not a JSON object {{...}}.")
                 records.append(Record(f"{path}:{number}", record))
         else:
             try:
                 loaded = json.loads(text)
             except json.JSONDecodeError as err:
-                raise error(
-                    where,
-                    "files",
-                    str(path),
-                    FILE_FORMATS,
-                    f"{path}:{err.lineno} is not valid JSON: {err.msg} at column {err.colno}.",
+                raise _bad_file(
+                    where, path, f"{path}:{err.lineno} is not valid JSON: {err.msg} at column {err.colno}."
                 ) from err
             if not isinstance(loaded, list):
-                raise error(
-                    where,
-                    "files",
-                    str(path),
-                    FILE_FORMATS,
-                    f"{path} holds a JSON {type(loaded).__name__}, not a list of objects [{{...}}, ...].",
+                raise _bad_file(
+                    where, path, f"{path} holds a JSON {type(loaded).__name__}, not a list of objects [{{...}}, ...]."
                 )
             for index, record in enumerate(loaded):
                 if not isinstance(record, dict):
-                    raise error(
-                        where,
-                        "files",
-                        str(path),
-                        FILE_FORMATS,
-                        f"{path}[{index}] is {record!r:.60}, not a JSON object {{...}}.",
-                    )
+                    raise _bad_file(where, path, f"{path}[{index}] is {record!r:.60}, not a JSON object {{...}}.")
                 records.append(Record(f"{path}[{index}]", record))
     return records
 
