@@ -168,9 +168,10 @@ class L2ToPretrained(Callback):
             adapters = {name for weight in lora.values() for name in weight.adapters}
             named = [(effective_name(name), param, category) for name, param, category in named if name not in adapters]
             real = {effective_name(name): name for name in real if name not in adapters}
-            trainable = {effective_name(name): flag for name, flag in trainable.items() if name not in adapters}
+            by_real_name = trainable
+            trainable = {effective_name(name): flag for name, flag in by_real_name.items() if name not in adapters}
             for weight in lora.values():
-                trainable[weight.name] = any(initial_requires_grad(pl_module)[name] for name in weight.adapters)
+                trainable[weight.name] = any(by_real_name[name] for name in weight.adapters)
         for argument, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
             unmatched = [p for p in patterns if not any(matches(p, name, c, CATEGORIES) for name, _, c in named)]
             if unmatched:
