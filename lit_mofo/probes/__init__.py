@@ -8,10 +8,10 @@ any user function (:class:`CallableProbe`). :func:`run_batches` is how each of t
 across processes (equal forward counts per rank, as FSDP2 needs, and failing together); custom probes can use it too.
 """
 
-from lit_mofo.probes._data import run_batches
 from lit_mofo.probes.accuracy import AccuracyProbe, MultipleChoiceProbe
-from lit_mofo.probes.base import Probe, find_language_model, move_batch, rank_share
+from lit_mofo.probes.base import Probe, find_language_model, move_batch
 from lit_mofo.probes.callable import CallableProbe
+from lit_mofo.probes.distribution import rank_share, run_batches
 from lit_mofo.probes.language_model import LanguageModelProbe
 from lit_mofo.probes.lm_eval import LMEvalProbe
 

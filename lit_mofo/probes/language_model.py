@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lit_mofo.probes import _data
+from lit_mofo.probes import _checks, _metrics, _model, _records, _tokens, distribution
 from lit_mofo.probes.base import Probe, find_language_model, move_batch
 
 __all__ = ["LanguageModelProbe"]
@@ -99,11 +99,11 @@ class LanguageModelProbe(Probe):
         max_length: int = 512,
         batch_size: int = 8,
         limit_batches: int | float | None = None,
-        forward_fn: _data.ForwardFn | str | None = None,
+        forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "lm",
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
         sources = {"files": files, "texts": texts, "token_ids": token_ids, "dataset": dataset, "dataloader": dataloader}
         given = sorted(k for k, v in sources.items() if v is not None)
         if len(given) != 1:
@@ -111,40 +111,40 @@ class LanguageModelProbe(Probe):
                 f"{where} needs exactly one of `files`, `texts`, `token_ids`, `dataset` or `dataloader`, "
                 f"got {given or 'none'}."
             )
-        self.text_key = _data.check_key(text_key, "text_key", where)
-        self.max_length = _data.check_size(max_length, "max_length", where, minimum=2)  # one token predicts the next
-        self.batch_size = _data.check_size(batch_size, "batch_size", where)
-        self.limit_batches = _data.check_limit(limit_batches, where=where)
-        self.tokenizer = _data.check_tokenizer(tokenizer, where)
-        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.text_key = _checks.check_key(text_key, "text_key", where)
+        self.max_length = _checks.check_size(max_length, "max_length", where, minimum=2)  # one token predicts the next
+        self.batch_size = _checks.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _checks.check_limit(limit_batches, where=where)
+        self.tokenizer = _tokens.check_tokenizer(tokenizer, where)
+        self.forward_fn = _checks.check_forward_fn(forward_fn, where)
         self.files, self.texts, self.token_ids = files, texts, token_ids
         self.dataset, self.dataloader = dataset, dataloader
         # the reference items known without the model: texts, token-id lists or (ids, labels) pairs, with origins
-        self._items: list[_data.Record] = []
+        self._items: list[_records.Record] = []
         if files is not None:
-            records = _data.read_records(_data.check_files(files, where), where, self.text_key)
+            records = _records.read_records(_records.check_files(files, where), where, self.text_key)
             if not records:
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "files",
                     files,
                     "files holding at least one non-empty line or record",
                     "The reference set is empty.",
                 )
-            self._items = [_data.Record(r.origin, self._record_item(r)) for r in records]
+            self._items = [_records.Record(r.origin, self._record_item(r)) for r in records]
         elif texts is not None:
             if isinstance(texts, str):
-                raise _data.error(where, "texts", texts, "a list of strings", "For a file use `files=`.")
-            self._items = _data.in_memory_records(texts, "texts", where, "a non-empty list of strings")
+                raise _checks.error(where, "texts", texts, "a list of strings", "For a file use `files=`.")
+            self._items = _records.in_memory_records(texts, "texts", where, "a non-empty list of strings")
             for origin, text in self._items:
                 if not isinstance(text, str):
-                    raise _data.error(where, "texts", f"{origin} = {text!r:.60}", "a list of strings")
+                    raise _checks.error(where, "texts", f"{origin} = {text!r:.60}", "a list of strings")
         elif token_ids is not None:
             rows = token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids
-            records = _data.in_memory_records(rows, "token_ids", where, "a non-empty list of token-id lists")
-            self._items = [_data.Record(o, _data.as_id_list(ids, o, where)) for o, ids in records]
+            records = _records.in_memory_records(rows, "token_ids", where, "a non-empty list of token-id lists")
+            self._items = [_records.Record(o, _tokens.as_id_list(ids, o, where)) for o, ids in records]
             if not any(len(ids) >= 2 for _, ids in self._items):
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "token_ids",
                     f"{token_ids!r:.80}",
@@ -152,13 +152,13 @@ class LanguageModelProbe(Probe):
                     "The reference set is empty: no sequence has 2 tokens.",
                 )
         elif dataset is not None:
-            _data.check_dataset(dataset, where)
+            _records.check_dataset(dataset, where)
         else:
-            _data.check_loader(dataloader, "dataloader", where)
+            _records.check_loader(dataloader, "dataloader", where)
         self._batches: list[Any] | None = None
         self._pad_id = 0
         self._vocab: int | None = None
-        self._loss: _data.SumPair | None = None
+        self._loss: _metrics.SumPair | None = None
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -170,17 +170,20 @@ class LanguageModelProbe(Probe):
         return None if self._batches is None else len(self._batches)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        where = _data.where(self)
+        where = _checks.where(self)
         model = find_language_model(pl_module)
-        _data.check_forward(model, self.forward_fn, where)
-        self._vocab = _data.vocabulary_size(model)
+        _model.check_forward(model, self.forward_fn, where)
+        self._vocab = _model.vocabulary_size(model)
         if self.dataloader is None:
             sequences = self._sequences(pl_module)
-            _data.check_in_vocabulary(
-                ((origin, ids + [t for t in labels if t != _data.IGNORE_INDEX]) for origin, (ids, labels) in sequences),
+            _tokens.check_in_vocabulary(
+                (
+                    (origin, ids + [t for t in labels if t != _tokens.IGNORE_INDEX])
+                    for origin, (ids, labels) in sequences
+                ),
                 self._vocab,
                 where,
-                _data.TOKENIZER_MISMATCH,
+                _tokens.TOKENIZER_MISMATCH,
             )
             windows = [w for _, sequence in sequences for w in self._windows(sequence)]
             if not windows:
@@ -188,14 +191,14 @@ class LanguageModelProbe(Probe):
                     f"Probe {self.name!r}: the reference set is empty (no sequence of at least 2 tokens). "
                     "Check the files/texts given, `text_key` and the tokenizer."
                 )
-            if not any(label != _data.IGNORE_INDEX for _, labels in windows for label in labels[1:]):
+            if not any(label != _tokens.IGNORE_INDEX for _, labels in windows for label in labels[1:]):
                 raise MisconfigurationException(
                     f"Probe {self.name!r}: no token of the reference set is scored (every label after the first "
                     "token of each window is -100)."
                 )
             batches = [windows[i : i + self.batch_size] for i in range(0, len(windows), self.batch_size)]
-            self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
-        self._loss = _data.SumPair(pl_module.device)
+            self._batches = batches[: distribution.apply_limit(len(batches), self.limit_batches)]
+        self._loss = _metrics.SumPair(pl_module.device)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss = None
@@ -206,16 +209,16 @@ class LanguageModelProbe(Probe):
         assert self._loss is not None
         model = find_language_model(pl_module)
         self._loss.restart(pl_module.device)
-        _data.run_batches(
+        distribution.run_batches(
             self._batches if self._batches is not None else self.dataloader,  # type: ignore[arg-type]
             trainer,
-            forward=lambda inputs: _data.forward_logits(
-                model, inputs[0], inputs[1], self.forward_fn, _data.where(self)
+            forward=lambda inputs: _model.forward_logits(
+                model, inputs[0], inputs[1], self.forward_fn, _checks.where(self)
             ),
             prepare=lambda batch: self._prepare(batch, pl_module.device),
             consume=self._consume,
             limit=None if self._batches is not None else self.limit_batches,  # the built batches are limited already
-            where=_data.where(self),
+            where=_checks.where(self),
         )
         total, count = self._loss.compute()  # summed across processes
         if count == 0:
@@ -231,17 +234,17 @@ class LanguageModelProbe(Probe):
         checked first, so that ids beyond the model fail on every rank before the forward."""
         input_ids, attention_mask, labels = self._collate(batch)
         if self._batches is None:
-            where = _data.where(self)
+            where = _checks.where(self)
             if input_ids.dim() != 2 or 0 in input_ids.shape:  # refused here: a forward failing on one rank would hang
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "dataloader batch",
                     f"input_ids of shape {tuple(input_ids.shape)}",
                     "token ids [batch, sequence] with at least one sequence of at least one token",
                     "Drop empty batches from the reference dataloader.",
                 )
-            _data.check_batch_ids(input_ids, self._vocab, where, "input_ids")
-            _data.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
+            _tokens.check_batch_ids(input_ids, self._vocab, where, "input_ids")
+            _tokens.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
         return move_batch((input_ids, attention_mask, labels), device)
 
     def _consume(self, inputs: tuple[Tensor, Tensor, Tensor], logits: Tensor) -> None:
@@ -252,16 +255,16 @@ class LanguageModelProbe(Probe):
             self._loss.update(total, count)
 
     # ------------------------------------------------------------------ data
-    def _record_item(self, record: _data.Record) -> str | list[int]:
+    def _record_item(self, record: _records.Record) -> str | list[int]:
         """A file record's text or token ids, checked when the probe is built."""
         data = record.data
         if "input_ids" in data:
-            return _data.as_id_list(data["input_ids"], f"{record.origin} input_ids", _data.where(self))
+            return _tokens.as_id_list(data["input_ids"], f"{record.origin} input_ids", _checks.where(self))
         text = data.get(self.text_key)
         if not isinstance(text, str):
             problem = "has no" if self.text_key not in data else f"has a {type(text).__name__}, not a string, under"
-            raise _data.error(
-                _data.where(self),
+            raise _checks.error(
+                _checks.where(self),
                 "files",
                 self.files,
                 f"records with the text (a string) under `text_key` ({self.text_key!r}) or token ids under 'input_ids'",
@@ -271,38 +274,38 @@ class LanguageModelProbe(Probe):
 
     def _sequences(self, pl_module: pl.LightningModule) -> list[tuple[str, tuple[list[int], list[int]]]]:
         """Every reference sequence as ``(origin, (ids, labels))``."""
-        items = self._items if self.dataset is None else _data.dataset_records(self.dataset, _data.where(self))
+        items = self._items if self.dataset is None else _records.dataset_records(self.dataset, _checks.where(self))
         needs_tokenizer = any(isinstance(item, str) for _, item in items)
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, _data.where(self))
+        tokenizer = _tokens.resolve_tokenizer(self.tokenizer, pl_module, _checks.where(self))
         if needs_tokenizer:
-            tokenizer = _data.require_tokenizer(tokenizer, self.name)
+            tokenizer = _tokens.require_tokenizer(tokenizer, self.name)
         if tokenizer is not None:
-            self._pad_id = _data.pad_id(tokenizer)
+            self._pad_id = _tokens.pad_id(tokenizer)
         return [(origin, self._item(origin, item, tokenizer)) for origin, item in items]
 
     def _item(self, origin: str, item: Any, tokenizer: Any) -> tuple[list[int], list[int]]:
-        where = _data.where(self)
+        where = _checks.where(self)
         if isinstance(item, str):
-            ids = _data.tokenize(tokenizer, item, add_special_tokens=True)
+            ids = _tokens.tokenize(tokenizer, item, add_special_tokens=True)
             return ids, ids
         if isinstance(item, Mapping):
             if "input_ids" not in item:
                 raise MisconfigurationException(
                     f"{where}: {origin} is a dict with keys {sorted(item)} and no 'input_ids'."
                 )
-            ids = _data.as_id_list(item["input_ids"], f"{origin} input_ids", where)
+            ids = _tokens.as_id_list(item["input_ids"], f"{origin} input_ids", where)
             keep = item.get("attention_mask")
             labels = item.get("labels")
-            labels = ids if labels is None else _data.as_id_list(labels, f"{origin} labels", where, labels=True)
+            labels = ids if labels is None else _tokens.as_id_list(labels, f"{origin} labels", where, labels=True)
             if keep is not None:
-                mask = _data.as_id_list(keep, f"{origin} attention_mask", where)
+                mask = _tokens.as_id_list(keep, f"{origin} attention_mask", where)
                 ids = [t for t, m in zip(ids, mask, strict=True) if m]
                 labels = [t for t, m in zip(labels, mask, strict=True) if m]
             return ids, labels
         if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
-            ids = _data.as_id_list(item[0], origin, where)
+            ids = _tokens.as_id_list(item[0], origin, where)
             return ids, ids
-        ids = _data.as_id_list(item, origin, where)
+        ids = _tokens.as_id_list(item, origin, where)
         return ids, ids
 
     def _windows(self, sequence: tuple[list[int], list[int]]) -> list[tuple[list[int], list[int]]]:
@@ -316,8 +319,8 @@ class LanguageModelProbe(Probe):
 
     def _collate(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         if isinstance(batch, list) and batch and isinstance(batch[0], tuple) and isinstance(batch[0][0], list):
-            input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
-            labels, _ = _data.pad_right([lab for _, lab in batch], _data.IGNORE_INDEX)
+            input_ids, attention_mask = _tokens.pad_right([ids for ids, _ in batch], self._pad_id)
+            labels, _ = _tokens.pad_right([lab for _, lab in batch], _tokens.IGNORE_INDEX)
             return input_ids, attention_mask, labels
         # a batch from the user's dataloader
         if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
@@ -336,7 +339,7 @@ class LanguageModelProbe(Probe):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if labels is None:
-            labels = input_ids.masked_fill(attention_mask == 0, _data.IGNORE_INDEX)
+            labels = input_ids.masked_fill(attention_mask == 0, _tokens.IGNORE_INDEX)
         return input_ids, attention_mask, labels
 
 
@@ -346,9 +349,9 @@ def next_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     shifted = logits[:, :-1].float()
     targets = labels[:, 1:].to(shifted.device)
     total = F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=_data.IGNORE_INDEX, reduction="sum"
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=_tokens.IGNORE_INDEX, reduction="sum"
     )
-    return total, int((targets != _data.IGNORE_INDEX).sum().item())
+    return total, int((targets != _tokens.IGNORE_INDEX).sum().item())
 
 
 def _exp(value: float) -> float:
