@@ -12,7 +12,7 @@ from typing import Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lit_mofo._validation import argument_error, as_int
+from lit_mofo._validation import argument_error, as_bool, as_int
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 """``forward_fn(model, batch) -> logits``: how a probe gets logits from a model that is not called as
@@ -106,3 +106,8 @@ def check_forward_fn(forward_fn: ForwardFn | str | None, where: str) -> ForwardF
             "E.g. `def forward_fn(model, batch): return model(batch['input_ids'])`.",
         )
     return fn
+
+
+def check_flag(value: Any, argument: str, where: str) -> bool:
+    """A switch such as ``allow_beyond_max_positions``: a real ``bool`` (a YAML ``"false"`` in quotes is refused)."""
+    return as_bool(value, where=where, argument=argument, error=MisconfigurationException)

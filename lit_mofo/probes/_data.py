@@ -1,8 +1,9 @@
 """The probes' former single data module, split by concern; kept as re-exports for the modules that still import it.
 
 What lived here now lives in :mod:`~lit_mofo.probes._checks` (argument checks), :mod:`~lit_mofo.probes._records`
-(files and records), :mod:`~lit_mofo.probes._tokens` (token ids, tokenizers, padding), :mod:`~lit_mofo.probes._model`
-(calling the model), :mod:`~lit_mofo.probes.distribution` (splitting batches across ranks, :func:`run_batches`) and
+(files and records), :mod:`~lit_mofo.probes._tokens` (token ids, tokenizers, padding), :mod:`~lit_mofo.probes._inspect`
+(the model's kind, vocabulary and positions), :mod:`~lit_mofo.probes._model` (calling the model),
+:mod:`~lit_mofo.probes.distribution` (splitting batches across ranks, :func:`run_batches`) and
 :mod:`~lit_mofo.probes._metrics`; import from those. ``lit_mofo.probes.lm_eval`` still reads these names from here.
 """
 
@@ -20,16 +21,14 @@ from lit_mofo.probes._checks import (
     takes_two_arguments,
     where,
 )
-from lit_mofo.probes._metrics import (
-    SumPair,
-)
+from lit_mofo.probes._inspect import vocabulary_size
+from lit_mofo.probes._metrics import SumPair
 from lit_mofo.probes._model import (
     call_model,
     check_forward,
     check_gathered,
     forward_logits,
     logits_of,
-    vocabulary_size,
 )
 from lit_mofo.probes._records import (
     FILE_FORMATS,
@@ -40,7 +39,6 @@ from lit_mofo.probes._records import (
     check_loader,
     dataset_records,
     in_memory_records,
-    read_records,
 )
 from lit_mofo.probes._tokens import (
     IGNORE_INDEX,
@@ -95,7 +93,6 @@ __all__ = [
     "pad_id",
     "pad_right",
     "rank_batches",
-    "read_records",
     "require_tokenizer",
     "resolve_tokenizer",
     "run_batches",

@@ -12,27 +12,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lit_mofo.probes._checks import ForwardFn
+from lit_mofo.probes._inspect import is_transformers_model
 from lit_mofo.probes._tokens import TOKENIZER_MISMATCH
 from lit_mofo.strategy import StrategyAdapter
-
-
-def vocabulary_size(model: nn.Module) -> int | None:
-    """How many token ids ``model`` can take and predict: the smallest of its input embedding's rows, its output
-    embedding's outputs and ``config.vocab_size`` that it has; None when it has none of them."""
-    sizes = []
-    for getter, attribute in (("get_input_embeddings", "num_embeddings"), ("get_output_embeddings", "out_features")):
-        get = getattr(model, getter, None)
-        if callable(get):
-            try:
-                layer = get()
-            except (NotImplementedError, AttributeError):
-                layer = None
-            if isinstance(getattr(layer, attribute, None), int):
-                sizes.append(getattr(layer, attribute))
-    config_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(config_size, int) and not isinstance(config_size, bool):
-        sizes.append(config_size)
-    return min(sizes) if sizes else None
 
 
 def _forward_parameters(model: nn.Module) -> tuple[set[str], bool] | None:
@@ -49,7 +31,7 @@ def _keywords(model: nn.Module, inputs: Mapping[str, Any], where: str, optional:
     """``inputs`` as keyword arguments ``model.forward`` takes: ``optional`` ones it does not take are dropped,
     ``use_cache=False`` is added for transformers models; any other key it does not take is refused with the fix."""
     kwargs = dict(inputs)
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         kwargs["use_cache"] = False
     accepted = _forward_parameters(model)
     if accepted is None or accepted[1]:
@@ -105,13 +87,14 @@ def call_model(
     kwargs = _keywords(model, inputs, where, optional)
     try:
         output = model(**kwargs)
-    except IndexError as err:  # an embedding lookup beyond the vocabulary of a model that does not say its size
+    except IndexError as err:  # an embedding lookup beyond the table of a model that does not say its size
         ids = inputs.get("input_ids")
         if not isinstance(ids, Tensor) or ids.numel() == 0 or "index out of range" not in str(err):
             raise
         raise MisconfigurationException(
             f"{where}: the model's forward failed with `IndexError: {err}` on token ids in [{int(ids.min())}, "
-            f"{int(ids.max())}]: an id is probably beyond its embedding. {TOKENIZER_MISMATCH}"
+            f"{int(ids.max())}]: an id is probably beyond its embedding. {TOKENIZER_MISMATCH} Or, with sequences of "
+            f"{ids.size(-1)} tokens, a position beyond its position embedding: score shorter windows (`max_length`)."
         ) from err
     return logits_of(output, where)
 
@@ -130,14 +113,6 @@ def forward_logits(
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask
     return call_model(model, inputs, forward_fn, where)
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
 
 
 def logits_of(output: Any, where: str = "The probe") -> Tensor:

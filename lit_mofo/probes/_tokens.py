@@ -146,3 +146,25 @@ def pad_right(sequences: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Ten
         input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
         attention_mask[row, : len(sequence)] = 1
     return input_ids, attention_mask
+
+
+def tokenize_prefix(tokenizer: Any, text: str, add_special_tokens: bool, num_tokens: int | None) -> list[int]:
+    """The token ids of ``text`` as far as the first ``num_tokens`` (all of them when None): exactly what tokenizing
+    the whole text gives there, tokenizing only a prefix when the text is long.
+
+    The prefix grows (doubling) until two successive prefixes agree on their first ``num_tokens`` ids and both
+    have more: appending text then changes only the last tokens of a prefix (a word cut in two, an end-of-text
+    token), never the first ones, so the full text agrees too. Returns at least ``num_tokens`` ids (or the whole
+    tokenization when the text is shorter). A 20 MB line with ``limit_batches=2`` tokenizes a few kB instead.
+    """
+    if num_tokens is None:
+        return tokenize(tokenizer, text, add_special_tokens)
+    length = max(1024, 8 * num_tokens)  # characters; most tokenizers give fewer tokens than characters
+    previous: list[int] | None = None
+    while length < len(text):
+        ids = tokenize(tokenizer, text[:length], add_special_tokens)
+        if previous is not None and len(previous) > num_tokens and ids[:num_tokens] == previous[:num_tokens]:
+            return previous
+        previous = ids
+        length *= 2
+    return tokenize(tokenizer, text, add_special_tokens)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_mofo._validation import as_int
-from lit_mofo.probes import _checks, _metrics, _model, distribution
+from lit_mofo.probes import _checks, _inspect, _metrics, _model, distribution
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.scenario.corpus import RELATION_TEMPLATES, Fact, KnowledgeSpec, generate_facts
 from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
@@ -124,7 +124,7 @@ def _checked_logits(logits: Tensor, batch: _Batch) -> Tensor:
 
 def _check_vocabulary(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probe: str) -> None:
     """Refuse, before any forward, a model whose embeddings or outputs do not cover the scenario vocabulary."""
-    size = _model.vocabulary_size(model)
+    size = _inspect.vocabulary_size(model)
     if size is not None and size < len(tokenizer):
         raise MisconfigurationException(
             f"{probe} scores the embedded scenario and needs a model over its vocabulary ({len(tokenizer)} tokens, "
@@ -242,12 +242,16 @@ class _ScenarioProbe(Probe):
         limit_batches: int | float | None,
         forward_fn: _checks.ForwardFn | str | None,
         name: str,
+        allow_beyond_max_positions: bool = False,
     ) -> None:
         self.name = _checks.check_name(name)
         where = _checks.where(self)
         self.batch_size = _checks.check_size(batch_size, "batch_size", where)
         self.limit_batches = _checks.check_limit(limit_batches, where=where)
         self.forward_fn = _checks.check_forward_fn(forward_fn, where)
+        self.allow_beyond_max_positions = _checks.check_flag(
+            allow_beyond_max_positions, "allow_beyond_max_positions", where
+        )
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._batches: list[_Batch] = []
         self._hits: _metrics.SumPair | None = None
@@ -266,9 +270,21 @@ class _ScenarioProbe(Probe):
         model = find_language_model(pl_module)
         self._tokenizer = load_tokenizer()
         _check_vocabulary(model, self._tokenizer, type(self).__name__)
-        _model.check_forward(model, self.forward_fn, _checks.where(self))
+        where = _checks.where(self)
+        _inspect.check_next_token_model(model, self.forward_fn, where)
+        _model.check_forward(model, self.forward_fn, where)
         batches = self._build_batches(self._tokenizer)
         self._batches = batches[: distribution.apply_limit(len(batches), self.limit_batches)]
+        _inspect.check_window_lengths(
+            ((f"batch {index}", batch.input_ids.size(1)) for index, batch in enumerate(self._batches)),
+            _inspect.model_positions(model),
+            self.allow_beyond_max_positions,
+            where,
+            "sequences",
+            f"{max((batch.input_ids.size(1) for batch in self._batches), default=0)} tokens",
+            "Score a model with at least that many positions (the scenario base model's recipe sets "
+            "`max_position_embeddings`), or shorter problems.",
+        )
         self._hits = _metrics.SumPair(pl_module.device)
         self._loss = _metrics.SumPair(pl_module.device)
 
@@ -327,6 +343,8 @@ class KnowledgeProbe(_ScenarioProbe):
         forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model not called as
             ``model(input_ids=..., attention_mask=...)``; see :class:`~lit_mofo.probes.LanguageModelProbe`.
         name: the probe's name in metric keys (``probe/<name>/accuracy``).
+        allow_beyond_max_positions: score sequences longer than the model's maximum positions on a model without a
+            learned position table (refused otherwise, in ``setup``); see :class:`~lit_mofo.probes.LanguageModelProbe`.
 
     Example::
 
@@ -344,8 +362,9 @@ class KnowledgeProbe(_ScenarioProbe):
         limit_batches: int | float | None = None,
         forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "knowledge",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        super().__init__(batch_size, limit_batches, forward_fn, name)
+        super().__init__(batch_size, limit_batches, forward_fn, name, allow_beyond_max_positions)
         relations = (relations,) if isinstance(relations, str) else relations  # one relation, not its letters
         if not isinstance(relations, Sequence) or not all(isinstance(r, str) for r in relations):
             raise _checks.error(_checks.where(self), "relations", relations, f"a list of {list(RELATION_TEMPLATES)}")
@@ -396,6 +415,8 @@ class TaskProbe(_ScenarioProbe):
         name: the probe's name in metric keys (``probe/<name>/exact_match``).
         scenario: which embedded scenario's words the problems are written in (``overlap``, the default, or
             ``disjoint``); must match the data module's and the base model's (:mod:`lit_mofo.scenario.scenarios`).
+        allow_beyond_max_positions: score problems longer than the model's maximum positions on a model without a
+            learned position table (refused otherwise, in ``setup``); see :class:`~lit_mofo.probes.LanguageModelProbe`.
     """
 
     _metric_names = ("exact_match", "loss")
@@ -413,8 +434,9 @@ class TaskProbe(_ScenarioProbe):
         forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "task",
         scenario: ScenarioName = "overlap",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        super().__init__(batch_size, limit_batches, forward_fn, name)
+        super().__init__(batch_size, limit_batches, forward_fn, name, allow_beyond_max_positions)
         where = _checks.where(self)
         try:
             self.spec = TaskSpec(
