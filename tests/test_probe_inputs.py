@@ -1,6 +1,7 @@
 """Bad probe input fails early and says what to do: when the probe is built (files, records, arguments, token ids
 below 0), or in ``setup`` where the model is needed (token ids beyond its vocabulary, a ``forward`` the probe cannot
-call); and ``forward_fn`` adapts a model that is not called as ``model(input_ids=..., attention_mask=...)``."""
+call); reference data is read, and text tokenized, only as far as ``limit_batches`` needs; and ``forward_fn`` adapts
+a model that is not called as ``model(input_ids=..., attention_mask=...)``."""
 
 from __future__ import annotations
 
@@ -288,9 +289,11 @@ def test_a_dataset_is_read_item_by_item_only_as_far_as_limit_batches_needs(llama
     assert dataset.read == [0, 1]
 
 
-def _trained_tokenizers() -> dict[str, PreTrainedTokenizerFast]:
-    """Small tokenizers trained here: byte-level BPE (GPT-2's scheme) and Unigram with Metaspace (SentencePiece's)."""
-    from tokenizers import trainers
+def _tokenizers_of_every_kind() -> tuple[dict[str, PreTrainedTokenizerFast], list[str]]:
+    """Small tokenizers built here: byte-level BPE (GPT-2's scheme) and Unigram with Metaspace (SentencePiece's),
+    trained on random words, and a word-level one over long words that ends every text with ``</s>`` (more
+    characters per token than a first prefix expects, and an end token wherever a prefix is cut); with its words."""
+    from tokenizers import processors, trainers
 
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 9))) for _ in range(300)]
@@ -303,25 +306,35 @@ def _trained_tokenizers() -> dict[str, PreTrainedTokenizerFast]:
     unigram.train_from_iterator(
         corpus, trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
     )
-    return {
+    long_words = [f"{word}{word}{word}" for word in words if len(word) >= 7][:50]  # 21 to 27 characters a token
+    vocabulary = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *long_words])}
+    words_and_end = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    words_and_end.pre_tokenizer = pre_tokenizers.Whitespace()
+    words_and_end.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tokenizers = {
         name: PreTrainedTokenizerFast(tokenizer_object=trained, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-        for name, trained in (("byte-level BPE", bpe), ("unigram", unigram))
+        for name, trained in (("byte-level BPE", bpe), ("unigram", unigram), ("long words", words_and_end))
     }
+    return tokenizers, long_words
 
 
 def test_tokenize_prefix_gives_the_first_ids_of_the_whole_texts_tokenization() -> None:
     from lit_mofo.probes._tokens import tokenize_prefix
 
     rng = random.Random(1)
-    for name, tokenizer in {**_trained_tokenizers(), "word level": letters_tokenizer(VOCAB)}.items():
-        for _ in range(20):
-            letters = "abcdefgh" if name != "word level" else None
-            if letters is None:
-                text = " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(rng.randint(100, 3000)))
+    tokenizers, long_words = _tokenizers_of_every_kind()
+    for name, tokenizer in {**tokenizers, "word level": letters_tokenizer(VOCAB)}.items():
+        for index in range(8):  # texts of 5,000 to 12,000 characters: longer than the first prefixes tried
+            if name == "word level":
+                text = " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(1500))
+            elif name.startswith("long words"):
+                text = " ".join(rng.choice(long_words) for _ in range(500))
+            elif index < 2:  # one word of 5,000 letters: a cut anywhere splits it
+                text = "".join(rng.choice("abcdefgh") for _ in range(5000))
             else:
-                text = " ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 30))) for _ in range(2000))
+                text = " ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 30))) for _ in range(400))
             whole = tokenizer(text)["input_ids"]
-            for count in (1, 7, 100, 1000):
+            for count in (1, 7, 100, 400):
                 assert tokenize_prefix(tokenizer, text, True, count)[:count] == whole[:count], (name, count)
             assert tokenize_prefix(tokenizer, text, True, None) == whole
 
