@@ -589,6 +589,17 @@ def test_ddp_parameter_drift_is_identical_on_every_rank_and_grows(ddp_run: dict[
     assert overall[2]["fraction_changed"] == pytest.approx(1.0, abs=0.01)  # AdamW moves (almost) every entry
 
 
+@pytest.mark.slow
+def test_ddp_a_window_longer_than_the_models_positions_fails_every_rank_in_setup(ddp_run: dict[str, Any]) -> None:
+    for rank in ddp_run["ranks"]:  # each refuses it itself, before any forward (the window is in rank 1's batch)
+        error, message = rank["overlong"]
+        assert error == "MisconfigurationException"
+        assert message.startswith("LanguageModelProbe(name='overlong'): max_length=128 is invalid")
+        assert "at most 64 tokens (the model's maximum positions: LlamaConfig.max_position_embeddings = 64)" in message
+        assert "(token_ids[2]) has 100 tokens. Set `max_length=64`" in message
+        assert "allow_beyond_max_positions=True" in message
+
+
 def test_early_stopping_can_stop_a_fit_once_forgetting_passes_a_threshold(tmp_path: Path) -> None:
     probe = scripted({"loss": [2.0, 2.1, 3.0, 3.5]}, {"loss": False})
     monitor = ForgettingMonitor({"p": probe}, every_n_train_steps=None, report=False)

@@ -1,11 +1,13 @@
 """Bad probe input fails early and says what to do: when the probe is built (files, records, arguments, token ids
 below 0), or in ``setup`` where the model is needed (token ids beyond its vocabulary, a ``forward`` the probe cannot
-call); and ``forward_fn`` adapts a model that is not called as ``model(input_ids=..., attention_mask=...)``."""
+call); reference data is read, and text tokenized, only as far as ``limit_batches`` needs; and ``forward_fn`` adapts
+a model that is not called as ``model(input_ids=..., attention_mask=...)``."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -133,6 +135,208 @@ def test_the_accuracy_probes_check_their_records_at_construction(build: Any, mes
     )
     with pytest.raises(MisconfigurationException, match=message):
         build(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("blank.txt", b"\n  \n\n", "holds no non-empty line. The reference set is empty."),
+        ("empty.jsonl", b"", "holds no non-empty record. The reference set is empty."),
+        ("empty.json", b"[]", "holds no non-empty record. The reference set is empty."),
+        ("binary.txt", b"PK\x03\x04\x00\x00\x08\x00", "It holds NUL bytes: it is a binary file, not text."),
+        ("latin1.txt", "caf\u00e9\n".encode("latin-1"), "It is not UTF-8 text (invalid continuation byte at byte 3)"),
+        ("schema.jsonl", b'{"body": "a"}\n', "Record {path}:1 has no 'text'; its keys are ['body']."),
+        ("schema.json", b'{"text": "a"}', "{path} holds a JSON dict, not a list of objects"),
+        ("missing.txt", None, "{path!r} does not exist (cwd: "),
+    ],
+)
+def test_a_bad_reference_file_is_refused_at_construction_naming_argument_file_and_reason_on_the_first_line(
+    tmp_path: Path, name: str, content: bytes | None, reason: str
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(MisconfigurationException) as refusal:
+        LanguageModelProbe(files=[str(path)])
+    first_line = str(refusal.value).splitlines()[0]
+    assert first_line == str(refusal.value)  # one line: what a command line shows first is all of it
+    assert first_line.startswith(f"LanguageModelProbe(name='lm'): files={str(path)!r} is invalid; the valid range is ")
+    assert reason.format(path=str(path)) in first_line
+
+
+@pytest.mark.parametrize(
+    ("build", "probe", "reason"),
+    [
+        (
+            lambda path: AccuracyProbe(files=path),
+            "AccuracyProbe(name='accuracy')",
+            "{path}:1 {{'text': 'a'}} needs an int class index >= 0 under 'label'.",
+        ),
+        (
+            lambda path: MultipleChoiceProbe(files=path),
+            "MultipleChoiceProbe(name='multiple_choice')",
+            "{path}:1 {{'text': 'a'}} needs 'context' and 'choices' (or 'context_ids' and 'choice_ids').",
+        ),
+    ],
+)
+def test_the_accuracy_probes_name_argument_file_and_reason_of_a_wrong_record(
+    build: Any, probe: str, reason: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "reference.jsonl"
+    path.write_text('{"text": "a"}\n')
+    with pytest.raises(MisconfigurationException) as refusal:
+        build(path)
+    message = str(refusal.value)
+    assert "\n" not in message
+    assert message.startswith(f"{probe}: files={str(path)!r} is invalid; the valid range is records (dicts) with ")
+    assert message.endswith(reason.format(path=path))
+
+
+def test_an_empty_file_among_reference_files_is_named(tmp_path: Path) -> None:
+    (tmp_path / "wiki.txt").write_text("a b\n")
+    (tmp_path / "news.txt").write_text("")
+    with pytest.raises(
+        MisconfigurationException, match=r"news\.txt' holds no non-empty line\. Remove it from `files`, or check"
+    ):
+        LanguageModelProbe(files=[tmp_path / "wiki.txt", tmp_path / "news.txt"])
+
+
+def test_a_line_longer_than_the_bound_is_refused_rather_than_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lit_mofo.probes import _records
+
+    monkeypatch.setattr(_records, "MAX_LINE_BYTES", 64)
+    path = tmp_path / "reference.txt"
+    path.write_text("a short line\n" + "w1 " * 40 + "\n")
+    with pytest.raises(
+        MisconfigurationException, match=r"reference\.txt:2 is longer than 64 bytes: split the text into lines"
+    ):
+        LanguageModelProbe(files=path)
+
+
+# ---------------------------------------------------------------------- reading bounded by limit_batches
+class CountingTokenizer:
+    """A tokenizer recording the length of every text it is given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.lengths = tokenizer, []
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_long_line_is_tokenized_only_as_far_as_the_windows_limit_batches_keeps(
+    llama: nn.Module, tmp_path: Path
+) -> None:
+    tokenizer = letters_tokenizer(VOCAB)
+    line = " ".join(f"w{(7 * i) % (VOCAB - 4)}" for i in range(200_000))  # 1.2 MB, 200,000 tokens
+    path = tmp_path / "one_line.txt"
+    path.write_text(line + "\n")
+    counting = CountingTokenizer(tokenizer)
+    probe = LanguageModelProbe(files=path, tokenizer=counting, max_length=16, batch_size=2, limit_batches=1)
+    values = evaluate(probe, Holder(llama))
+    assert probe.num_batches == 1 and max(counting.lengths) < len(line) / 50
+    ids = tokenizer(line)["input_ids"]
+    assert values == evaluate(LanguageModelProbe(token_ids=[ids[:16], ids[16:32]]), Holder(llama))
+
+
+def test_records_are_read_and_checked_only_as_far_as_limit_batches_needs(
+    llama: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lit_mofo.probes import _records
+
+    monkeypatch.setattr(_records, "HEAD_BYTES", 1)  # construction reads the first record of each file only
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in SEQUENCES[:3]) + '{"input_ids": [1, }\n')
+    limited = evaluate(LanguageModelProbe(files=path, batch_size=2, limit_batches=1), Holder(llama))
+    assert limited == evaluate(LanguageModelProbe(token_ids=SEQUENCES[:2]), Holder(llama))
+    whole = LanguageModelProbe(files=path, batch_size=2)  # built: the bad line is beyond what construction reads
+    with pytest.raises(MisconfigurationException, match=r"ids\.jsonl:4 is not valid JSON: Expecting value"):
+        whole.setup(single_process(), Holder(llama))  # type: ignore[arg-type]
+
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(
+        "".join(
+            json.dumps({"input_ids": s, "label": 0, "context_ids": s, "choice_ids": [[1], [2]]}) + "\n"
+            for s in SEQUENCES[:2]
+        )
+        + '{"text": "no label"}\n'
+    )
+    for build in (AccuracyProbe, MultipleChoiceProbe):
+        limited_probe = build(files=labelled, batch_size=2, limit_batches=1)
+        limited_probe.setup(single_process(), Holder(llama))  # type: ignore[arg-type]
+        with pytest.raises(MisconfigurationException, match=r"labelled\.jsonl:3 \{'text': 'no label'\} needs"):
+            build(files=labelled, batch_size=2).setup(single_process(), Holder(llama))  # type: ignore[arg-type]
+
+
+def test_a_dataset_is_read_item_by_item_only_as_far_as_limit_batches_needs(llama: nn.Module) -> None:
+    class Counted(torch.utils.data.Dataset[list[int]]):
+        def __init__(self) -> None:
+            self.read: list[int] = []
+
+        def __len__(self) -> int:
+            return len(SEQUENCES)
+
+        def __getitem__(self, index: int) -> list[int]:
+            self.read.append(index)
+            return SEQUENCES[index]
+
+    dataset = Counted()
+    evaluate(LanguageModelProbe(dataset=dataset, batch_size=2, limit_batches=1), Holder(llama))
+    assert dataset.read == [0, 1]
+
+
+def _tokenizers_of_every_kind() -> tuple[dict[str, PreTrainedTokenizerFast], list[str]]:
+    """Small tokenizers built here: byte-level BPE (GPT-2's scheme) and Unigram with Metaspace (SentencePiece's),
+    trained on random words, and a word-level one over long words that ends every text with ``</s>`` (more
+    characters per token than a first prefix expects, and an end token wherever a prefix is cut); with its words."""
+    from tokenizers import processors, trainers
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 9))) for _ in range(300)]
+    corpus = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator(
+        corpus, trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
+    )
+    long_words = [f"{word}{word}{word}" for word in words if len(word) >= 7][:50]  # 21 to 27 characters a token
+    vocabulary = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *long_words])}
+    words_and_end = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    words_and_end.pre_tokenizer = pre_tokenizers.Whitespace()
+    words_and_end.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tokenizers = {
+        name: PreTrainedTokenizerFast(tokenizer_object=trained, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        for name, trained in (("byte-level BPE", bpe), ("unigram", unigram), ("long words", words_and_end))
+    }
+    return tokenizers, long_words
+
+
+def test_tokenize_prefix_gives_the_first_ids_of_the_whole_texts_tokenization() -> None:
+    from lit_mofo.probes._tokens import tokenize_prefix
+
+    rng = random.Random(1)
+    tokenizers, long_words = _tokenizers_of_every_kind()
+    for name, tokenizer in {**tokenizers, "word level": letters_tokenizer(VOCAB)}.items():
+        for index in range(8):  # texts of 5,000 to 12,000 characters: longer than the first prefixes tried
+            if name == "word level":
+                text = " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(1500))
+            elif name.startswith("long words"):
+                text = " ".join(rng.choice(long_words) for _ in range(500))
+            elif index < 2:  # one word of 5,000 letters: a cut anywhere splits it
+                text = "".join(rng.choice("abcdefgh") for _ in range(5000))
+            else:
+                text = " ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 30))) for _ in range(400))
+            whole = tokenizer(text)["input_ids"]
+            for count in (1, 7, 100, 400):
+                assert tokenize_prefix(tokenizer, text, True, count)[:count] == whole[:count], (name, count)
+            assert tokenize_prefix(tokenizer, text, True, None) == whole
 
 
 # ---------------------------------------------------------------------- token ids

@@ -29,7 +29,7 @@ from lit_mofo.probes import (
     rank_share,
     run_batches,
 )
-from lit_mofo.probes._data import rank_batches
+from lit_mofo.probes.distribution import rank_batches
 from lit_mofo.report import Curve, ReportSection, Table, console_table, format_value, markdown_table, write_report
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz"]

@@ -213,6 +213,27 @@ def test_a_dataloader_empty_on_one_rank_fails_both_ranks(ranks: list[dict[str, A
 
 
 @pytest.mark.slow
+def test_a_window_longer_than_the_models_positions_fails_both_ranks_before_any_forward(
+    ranks: list[dict[str, Any]],
+) -> None:
+    # GPT-2 with 32 learned positions and a 60-token window in rank 1's batch: it used to hang, rank 1 failing inside
+    # its forward's position lookup while rank 0 waited in FSDP's all-gather. Built from token ids, every rank
+    # refuses it in setup; from a dataloader, rank 1 refuses its batch before the forward and rank 0 is told.
+    for rank in ranks:
+        error, message = rank["outcomes"]["overlong"]
+        assert error == "MisconfigurationException"
+        assert message.startswith("LanguageModelProbe(name='overlong'): max_length=64 is invalid")
+        assert "at most 32 tokens (the model's maximum positions: GPT2Config.n_positions = 32" in message
+        assert "(token_ids[2]) has 60 tokens. Set `max_length=32`" in message
+        assert "learned position table has 32 rows: no longer window can run" in message
+        assert rank["forwards"]["overlong"] == rank["forwards"]["overlong_loader"] == 0
+    rank0, rank1 = (rank["outcomes"]["overlong_loader"] for rank in ranks)
+    assert rank1[0] == "MisconfigurationException" and "dataloader batch='input_ids of 60 tokens per row'" in rank1[1]
+    assert rank0[0] == "RuntimeError" and "failed on rank 1: MisconfigurationException: " in rank0[1]
+    assert "input_ids of 60 tokens per row" in rank0[1]
+
+
+@pytest.mark.slow
 def test_figures_a_probe_did_not_reduce_are_rank_zeros_on_every_rank_with_a_warning(
     launched_ranks: tuple[list[dict[str, Any]], str, str],
 ) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_mofo._validation import as_bool, as_int
-from lit_mofo.probes._data import check_name
+from lit_mofo.probes._checks import check_name
 from lit_mofo.probes.base import Probe
 from lit_mofo.report import Curve, FitReport, ReportSection, Table, epoch_of_last_step
 from lit_mofo.strategy import StrategyAdapter

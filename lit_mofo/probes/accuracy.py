@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lit_mofo.probes import _data
+from lit_mofo.probes import _checks, _inspect, _metrics, _model, _records, _tokens, distribution
 from lit_mofo.probes.base import Probe, find_language_model, move_batch
 
 __all__ = ["AccuracyProbe", "MultipleChoiceProbe"]
@@ -28,14 +29,37 @@ def _exactly_one(where: str, **sources: Any) -> None:
         )
 
 
-def _records(where: str, files: Any, examples: Any, text_key: str) -> list[_data.Record]:
-    """The records of ``files`` or ``examples`` (whichever is given), read and named by origin."""
+def _given_records(
+    where: str, files: Any, examples: Any, text_key: str, check: Callable[[_records.Record], _records.Record]
+) -> tuple[_records.ReferenceFiles | None, list[_records.Record]]:
+    """``(files, records)``: the reference files (their head read and checked now, the rest left to ``setup``), or
+    the ``examples`` given, all checked, as records named by origin."""
     if files is not None:
-        records = _data.read_records(_data.check_files(files, where), where, text_key)
-        if not records:
-            raise _data.error(where, "files", files, "files holding at least one record", "The reference set is empty.")
-        return records
-    return _data.in_memory_records(examples, "examples", where, "a non-empty list of dicts")
+        reference = _records.ReferenceFiles(files, where, text_key)
+        for record in reference.head():
+            check(record)
+        return reference, []
+    examples = _records.in_memory_records(examples, "examples", where, "a non-empty list of dicts")
+    return None, [check(record) for record in examples]
+
+
+def _bad_record(where: str, record: _records.Record, valid: str, problem: str) -> MisconfigurationException:
+    """The error for a record the probe cannot read, naming the argument it came from: ``files`` (with its file),
+    ``examples`` or ``dataset``."""
+    origin, shown = record.origin, f"{record.data!r:.80}"
+    if origin.startswith(("examples[", "dataset[")):
+        return _checks.error(where, origin.split("[", 1)[0], f"{origin} = {shown}", valid, problem)
+    return _checks.error(where, "files", _records.file_of(origin), valid, f"{origin} {shown} {problem}")
+
+
+def _needed(limit: int | float | None, batch_size: int) -> int | None:
+    """How many records an int ``limit_batches`` needs (None: all of them, for no limit or a fraction)."""
+    return limit * batch_size if isinstance(limit, int) else None
+
+
+def _take(records: Iterable[_records.Record], count: int | None) -> list[_records.Record]:
+    """The first ``count`` records (all when None), reading no further."""
+    return list(records if count is None else itertools.islice(records, count))
 
 
 def _index(value: Any) -> int | None:
@@ -66,9 +90,12 @@ class AccuracyProbe(Probe):
     The model is called as ``model(input_ids=..., attention_mask=...)`` (or ``model(**batch)`` / ``model(inputs)``
     for your ``dataloader``); for a model called another way, give ``forward_fn(model, batch) -> logits``, with
     ``batch`` the dict ``{"input_ids", "attention_mask"}`` (your dataloader's dict without the labels, or the
-    ``inputs`` of a pair). Records, token ids and labels (ints >= 0) are checked when the probe is built, token ids
-    against the model's vocabulary in ``setup`` and labels against the model's number of classes at the first
-    forward, each error naming the record (``file:line``).
+    ``inputs`` of a pair). Records, token ids and labels (ints >= 0) are checked when the probe is built (of
+    ``files``, the first MiB of each; the rest as ``setup`` reads it), token ids against the model's vocabulary and
+    sequences against its maximum positions in ``setup`` (a batch of your ``dataloader`` before its forward), and
+    labels against the model's number of classes at the first forward, each error naming the record
+    (``file:line``) and the fix. ``setup`` reads ``files`` and ``dataset`` only as far as an int ``limit_batches``
+    needs (``limit_batches * batch_size`` records).
 
     Under DDP and FSDP2 the batches are dealt round-robin to the processes with as many forwards on every rank
     (:func:`~lit_mofo.probes.run_batches`) and the counts summed (torchmetrics), so the whole set is evaluated once.
@@ -83,6 +110,8 @@ class AccuracyProbe(Probe):
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
         forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model called another way.
         name: the probe's name in metric keys (``probe/<name>/accuracy``).
+        allow_beyond_max_positions: score sequences longer than the model's maximum positions on a model without a
+            learned position table (see :class:`~lit_mofo.probes.LanguageModelProbe`); False refuses them.
     """
 
     def __init__(
@@ -97,91 +126,109 @@ class AccuracyProbe(Probe):
         max_length: int = 512,
         batch_size: int = 8,
         limit_batches: int | float | None = None,
-        forward_fn: _data.ForwardFn | str | None = None,
+        forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "accuracy",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
         _exactly_one(where, files=files, examples=examples, dataset=dataset, dataloader=dataloader)
-        self.text_key = _data.check_key(text_key, "text_key", where)
-        self.label_key = _data.check_key(label_key, "label_key", where)
-        self.max_length = _data.check_size(max_length, "max_length", where)
-        self.batch_size = _data.check_size(batch_size, "batch_size", where)
-        self.limit_batches = _data.check_limit(limit_batches, where=where)
-        self.tokenizer = _data.check_tokenizer(tokenizer, where)
-        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.text_key = _checks.check_key(text_key, "text_key", where)
+        self.label_key = _checks.check_key(label_key, "label_key", where)
+        self.max_length = _checks.check_size(max_length, "max_length", where)
+        self.batch_size = _checks.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _checks.check_limit(limit_batches, where=where)
+        self.tokenizer = _tokens.check_tokenizer(tokenizer, where)
+        self.forward_fn = _checks.check_forward_fn(forward_fn, where)
+        self.allow_beyond_max_positions = _checks.check_flag(
+            allow_beyond_max_positions, "allow_beyond_max_positions", where
+        )
         self.files, self.examples, self.dataset, self.dataloader = files, examples, dataset, dataloader
-        self._records: list[_data.Record] = []
+        self._files: _records.ReferenceFiles | None = None
+        self._records: list[_records.Record] = []
         if files is not None or examples is not None:
-            self._records = [self._checked(r) for r in _records(where, files, examples, self.text_key)]
+            self._files, self._records = _given_records(where, files, examples, self.text_key, self._checked)
         elif dataset is not None:
-            _data.check_dataset(dataset, where)
+            _records.check_dataset(dataset, where)
         else:
-            _data.check_loader(dataloader, "dataloader", where)
+            _records.check_loader(dataloader, "dataloader", where)
         self._batches: list[list[tuple[list[int], int]]] | None = None
         self._pad_id = 0
-        self._correct: _data.SumPair | None = None
+        self._positions = _inspect.Positions()
+        self._correct: _metrics.SumPair | None = None
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
         return {"accuracy": True}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._correct = _data.SumPair(pl_module.device)
-        where = _data.where(self)
+        self._correct = _metrics.SumPair(pl_module.device)
+        where = _checks.where(self)
         model = find_language_model(pl_module)
+        self._positions = _inspect.model_positions(model)
         if self.dataloader is not None:  # the batches say how the model is called
-            _data.check_gathered(model, where)
+            _model.check_gathered(model, where)
             return
-        _data.check_forward(model, self.forward_fn, where)
-        records = self._records
-        if self.dataset is not None:
-            records = [self._checked(r) for r in _data.dataset_records(self.dataset, where)]
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, where)
+        _model.check_forward(model, self.forward_fn, where)
+        needed = _needed(self.limit_batches, self.batch_size)  # read no record beyond what limit_batches needs
+        if self._files is not None:
+            records = _take(map(self._checked, self._files.records()), needed)
+        elif self.dataset is not None:
+            records = _take(map(self._checked, _records.dataset_records(self.dataset)), needed)
+        else:
+            records = _take(self._records, needed)
+        tokenizer = _tokens.resolve_tokenizer(self.tokenizer, pl_module, where)
         if tokenizer is not None:
-            self._pad_id = _data.pad_id(tokenizer)
+            self._pad_id = _tokens.pad_id(tokenizer)
         items = []
         for origin, (content, label) in records:
             if isinstance(content, str):
-                ids = _data.tokenize(_data.require_tokenizer(tokenizer, self.name), content, add_special_tokens=True)
+                ids = _tokens.tokenize(
+                    _tokens.require_tokenizer(tokenizer, self.name), content, add_special_tokens=True
+                )
                 if not ids:
                     raise MisconfigurationException(f"{where}: {origin} has no tokens after tokenization.")
             else:
                 ids = content
             items.append((origin, ids[: self.max_length], label))
-        _data.check_in_vocabulary(
-            ((o, ids) for o, ids, _ in items), _data.vocabulary_size(model), where, _data.TOKENIZER_MISMATCH
+        _tokens.check_in_vocabulary(
+            ((o, ids) for o, ids, _ in items), _inspect.vocabulary_size(model), where, _tokens.TOKENIZER_MISMATCH
         )
         pairs = [(ids, label) for _, ids, label in items]
         batches = [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
-        self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
+        self._batches = batches[: distribution.apply_limit(len(batches), self.limit_batches)]
+        kept = sum(len(batch) for batch in self._batches)
+        _inspect.check_window_lengths(
+            ((origin, len(ids)) for origin, ids, _ in items[:kept]),
+            self._positions,
+            self.allow_beyond_max_positions,
+            where,
+            "max_length",
+            self.max_length,
+            "Set `max_length={limit}` (longer texts are truncated to that many tokens).",
+        )
 
-    def _checked(self, record: _data.Record) -> _data.Record:
-        """``record`` as ``(origin, (text or token ids, label))``, or an error naming it."""
-        where, origin, data = _data.where(self), record.origin, record.data
+    def _checked(self, record: _records.Record) -> _records.Record:
+        """``record`` as ``(origin, (text or token ids, label))``, or an error naming it and its argument."""
+        where, origin, data = _checks.where(self), record.origin, record.data
+        valid = (
+            f"records (dicts) with the text under {self.text_key!r} (`text_key`) or token ids under 'input_ids', "
+            f"and an int class index >= 0 under {self.label_key!r} (`label_key`)"
+        )
         if not isinstance(data, Mapping):
-            raise MisconfigurationException(
-                f"{where}: {origin} is a {type(data).__name__}; reference records must be dicts with the text under "
-                f"{self.text_key!r} (or 'input_ids') and the class index under {self.label_key!r}."
-            )
+            raise _bad_record(where, record, valid, f"is a {type(data).__name__}, not a dict.")
         label = _index(data.get(self.label_key))
         if label is None or label < 0:
-            raise MisconfigurationException(
-                f"{where}: {origin} {dict(data)!r:.80} needs an int class index >= 0 under {self.label_key!r} "
-                "(`label_key`)."
-            )
+            raise _bad_record(where, record, valid, f"needs an int class index >= 0 under {self.label_key!r}.")
         if "input_ids" in data:
-            ids = _data.as_id_list(data["input_ids"], f"{origin} input_ids", where)
+            ids = _tokens.as_id_list(data["input_ids"], f"{origin} input_ids", where)
             if not ids:
-                raise MisconfigurationException(f"{where}: {origin} has no tokens.")
-            return _data.Record(origin, (ids, label))
+                raise _bad_record(where, record, valid, "has no tokens.")
+            return _records.Record(origin, (ids, label))
         text = data.get(self.text_key)
         if not isinstance(text, str):
-            raise MisconfigurationException(
-                f"{where}: {origin} {dict(data)!r:.80} has neither a string under {self.text_key!r} (`text_key`) nor "
-                "'input_ids'."
-            )
-        return _data.Record(origin, (text, label))
+            raise _bad_record(where, record, valid, f"has neither a string under {self.text_key!r} nor 'input_ids'.")
+        return _records.Record(origin, (text, label))
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._correct is None:
@@ -190,14 +237,14 @@ class AccuracyProbe(Probe):
         model = find_language_model(pl_module)
         device = pl_module.device
         self._correct.restart(device)
-        _data.run_batches(
+        distribution.run_batches(
             self._batches if self._batches is not None else self.dataloader,  # type: ignore[arg-type]
             trainer,
             forward=lambda inputs: self._forward(model, inputs),
             prepare=lambda batch: self._prepare(batch, device),
             consume=lambda inputs, logits: self._update(logits, inputs[1]),
             limit=None if self._batches is not None else self.limit_batches,  # the built batches are limited already
-            where=_data.where(self),
+            where=_checks.where(self),
         )
         correct, count = self._correct.compute()
         if count == 0:
@@ -209,7 +256,7 @@ class AccuracyProbe(Probe):
         arguments (built batches, a dict batch of the user's dataloader without its labels) or the first element of
         an ``(inputs, labels)`` pair, passed positionally."""
         if self._batches is not None:
-            input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
+            input_ids, attention_mask = _tokens.pad_right([ids for ids, _ in batch], self._pad_id)
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
             return inputs, torch.tensor([label for _, label in batch]), True
         batch = move_batch(batch, device)
@@ -229,23 +276,34 @@ class AccuracyProbe(Probe):
                 "or an (inputs, labels) pair."
             )
         if torch.as_tensor(labels).numel() == 0:  # refused here: a forward failing on one rank would hang the others
-            raise _data.error(
-                _data.where(self),
+            raise _checks.error(
+                _checks.where(self),
                 "dataloader batch",
                 "a batch of 0 examples",
                 "batches of at least one example",
                 "Drop empty batches from the reference dataloader.",
             )
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+        if isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point():  # token ids: positions apply
+            _inspect.check_window_lengths(
+                [("a dataloader batch", ids.size(1))],
+                self._positions,
+                self.allow_beyond_max_positions,
+                _checks.where(self),
+                "dataloader batch",
+                f"input_ids of {ids.size(1)} tokens per row",
+                "Cut the reference texts to at most {limit} tokens.",
+            )
         return inputs, labels, as_keywords
 
     def _forward(self, model: torch.nn.Module, prepared: tuple[Any, Tensor, bool]) -> Tensor:
-        where = _data.where(self)
+        where = _checks.where(self)
         inputs, _, as_keywords = prepared
         if as_keywords:
-            return _data.call_model(model, inputs, self.forward_fn, where)
+            return _model.call_model(model, inputs, self.forward_fn, where)
         if self.forward_fn is not None:
-            return _data.logits_of(self.forward_fn(model, inputs), where)
-        return _data.logits_of(model(inputs), where)
+            return _model.logits_of(self.forward_fn(model, inputs), where)
+        return _model.logits_of(model(inputs), where)
 
     def _update(self, logits: Tensor, labels: Tensor) -> None:
         assert self._correct is not None
@@ -257,8 +315,8 @@ class AccuracyProbe(Probe):
         labels = torch.as_tensor(labels, device=logits.device).reshape(-1)
         classes = logits.size(-1)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise _data.error(
-                _data.where(self),
+            raise _checks.error(
+                _checks.where(self),
                 "labels",
                 f"class indices in [{int(labels.min())}, {int(labels.max())}]",
                 f"[0, {classes - 1}] (the model returns {classes} class logits)",
@@ -282,8 +340,11 @@ class MultipleChoiceProbe(Probe):
     A context longer than ``max_length`` minus the choice is cut from the left.
 
     The model is called as ``model(input_ids=..., attention_mask=...)``; give ``forward_fn(model, batch) -> logits``
-    (``batch`` the dict ``{"input_ids", "attention_mask"}``) for a model called another way. Records are checked
-    when the probe is built, token ids against the model's vocabulary in ``setup``, each error naming the record.
+    (``batch`` the dict ``{"input_ids", "attention_mask"}``) for a model called another way. Without ``forward_fn``,
+    a transformers model that is not a causal LM (:func:`~lit_mofo.probes.language_model_kind`) is refused in
+    ``setup``. Records are checked when the probe is built (of ``files``, the first MiB of each; the rest as
+    ``setup`` reads it, only as far as an int ``limit_batches`` needs), token ids against the model's vocabulary and
+    the scored sequences against its maximum positions in ``setup``, each error naming the record and the fix.
 
     Under DDP and FSDP2 the questions are dealt round-robin (by batch) to the processes, with as many forwards on
     every rank (:func:`~lit_mofo.probes.run_batches`), and the counts summed. Cost: one forward per batch of
@@ -299,6 +360,8 @@ class MultipleChoiceProbe(Probe):
         limit_batches: only the first batches: an int counts batches, a float is a fraction; None = all.
         forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model called another way.
         name: the probe's name in metric keys (``probe/<name>/acc``).
+        allow_beyond_max_positions: score sequences longer than the model's maximum positions on a model without a
+            learned position table (see :class:`~lit_mofo.probes.LanguageModelProbe`); False refuses them.
     """
 
     def __init__(
@@ -313,86 +376,113 @@ class MultipleChoiceProbe(Probe):
         max_length: int = 512,
         batch_size: int = 4,
         limit_batches: int | float | None = None,
-        forward_fn: _data.ForwardFn | str | None = None,
+        forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "multiple_choice",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
         _exactly_one(where, files=files, examples=examples)
-        self.context_key = _data.check_key(context_key, "context_key", where)
-        self.choices_key = _data.check_key(choices_key, "choices_key", where)
-        self.label_key = _data.check_key(label_key, "label_key", where)
+        self.context_key = _checks.check_key(context_key, "context_key", where)
+        self.choices_key = _checks.check_key(choices_key, "choices_key", where)
+        self.label_key = _checks.check_key(label_key, "label_key", where)
         if not isinstance(target_delimiter, str):
-            raise _data.error(where, "target_delimiter", target_delimiter, "a string (a space by default)")
+            raise _checks.error(where, "target_delimiter", target_delimiter, "a string (a space by default)")
         self.target_delimiter = target_delimiter
-        self.max_length = _data.check_size(max_length, "max_length", where, minimum=2)
-        self.batch_size = _data.check_size(batch_size, "batch_size", where)
-        self.limit_batches = _data.check_limit(limit_batches, where=where)
-        self.tokenizer = _data.check_tokenizer(tokenizer, where)
-        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.max_length = _checks.check_size(max_length, "max_length", where, minimum=2)
+        self.batch_size = _checks.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _checks.check_limit(limit_batches, where=where)
+        self.tokenizer = _tokens.check_tokenizer(tokenizer, where)
+        self.forward_fn = _checks.check_forward_fn(forward_fn, where)
+        self.allow_beyond_max_positions = _checks.check_flag(
+            allow_beyond_max_positions, "allow_beyond_max_positions", where
+        )
         self.files, self.examples = files, examples
-        self._records = [self._checked(r) for r in _records(where, files, examples, self.context_key)]
+        self._files, self._records = _given_records(where, files, examples, self.context_key, self._checked)
         self._batches: list[list[tuple[list[int], list[list[int]], int]]] = []
         self._pad_id = 0
-        self._acc: _data.SumPair | None = None
-        self._acc_norm: _data.SumPair | None = None
+        self._acc: _metrics.SumPair | None = None
+        self._acc_norm: _metrics.SumPair | None = None
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
         return {"acc": True, "acc_norm": True}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        where = _data.where(self)
+        where = _checks.where(self)
         model = find_language_model(pl_module)
-        _data.check_forward(model, self.forward_fn, where)
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, where)
+        _inspect.check_next_token_model(model, self.forward_fn, where)
+        _model.check_forward(model, self.forward_fn, where)
+        tokenizer = _tokens.resolve_tokenizer(self.tokenizer, pl_module, where)
         if tokenizer is not None:
-            self._pad_id = _data.pad_id(tokenizer)
-        questions = [(origin, self._tokenized(origin, question, tokenizer)) for origin, question in self._records]
-        _data.check_in_vocabulary(
+            self._pad_id = _tokens.pad_id(tokenizer)
+        needed = _needed(self.limit_batches, self.batch_size)  # read no record beyond what limit_batches needs
+        records = _take(
+            map(self._checked, self._files.records()) if self._files is not None else iter(self._records), needed
+        )
+        questions = [(origin, self._tokenized(origin, question, tokenizer)) for origin, question in records]
+        _tokens.check_in_vocabulary(
             ((o, [t for part in (q[0], *q[1]) for t in part]) for o, q in questions),
-            _data.vocabulary_size(model),
+            _inspect.vocabulary_size(model),
             where,
-            _data.TOKENIZER_MISMATCH,
+            _tokens.TOKENIZER_MISMATCH,
         )
         items = [question for _, question in questions]
         batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
-        self._acc = _data.SumPair(pl_module.device)
-        self._acc_norm = _data.SumPair(pl_module.device)
+        self._batches = batches[: distribution.apply_limit(len(batches), self.limit_batches)]
+        kept = sum(len(batch) for batch in self._batches)
+        _inspect.check_window_lengths(  # each choice after its context, cut from the left to max_length
+            (
+                (origin, min(self.max_length, max(len(context) + len(choice) for choice in choices)))
+                for origin, (context, choices, _) in questions[:kept]
+            ),
+            _inspect.model_positions(model),
+            self.allow_beyond_max_positions,
+            where,
+            "max_length",
+            self.max_length,
+            "Set `max_length={limit}` (a context is cut from the left to fit its choice in that many tokens).",
+        )
+        self._acc = _metrics.SumPair(pl_module.device)
+        self._acc_norm = _metrics.SumPair(pl_module.device)
 
-    def _checked(self, record: _data.Record) -> _data.Record:
-        """``record`` as ``(origin, (context, choices, label))`` (texts or token ids), or an error naming it."""
-        where, origin, data = _data.where(self), record.origin, record.data
+    def _checked(self, record: _records.Record) -> _records.Record:
+        """``record`` as ``(origin, (context, choices, label))`` (texts or token ids), or an error naming it and its
+        argument."""
+        where, origin, data = _checks.where(self), record.origin, record.data
+        valid = (
+            f"records (dicts) with the context under {self.context_key!r}, the list of choices under "
+            f"{self.choices_key!r} (or 'context_ids' and 'choice_ids') and the index of the right one under "
+            f"{self.label_key!r}"
+        )
         if not isinstance(data, Mapping):
-            raise MisconfigurationException(f"{where}: {origin} must be a dict, got {data!r:.60}.")
+            raise _bad_record(where, record, valid, f"is a {type(data).__name__}, not a dict.")
         if "context_ids" in data:
-            context: Any = _data.as_id_list(data["context_ids"], f"{origin} context_ids", where)
+            context: Any = _tokens.as_id_list(data["context_ids"], f"{origin} context_ids", where)
             raw_choices = data.get("choice_ids")
             if isinstance(raw_choices, Tensor) or not isinstance(raw_choices, Sequence):
                 raw_choices = [] if raw_choices is None else list(raw_choices)
-            choices: list[Any] = [_data.as_id_list(c, f"{origin} choice_ids", where) for c in raw_choices]
+            choices: list[Any] = [_tokens.as_id_list(c, f"{origin} choice_ids", where) for c in raw_choices]
         elif self.context_key in data and self.choices_key in data:
             context, raw = data[self.context_key], data[self.choices_key]
             if isinstance(raw, str) or not isinstance(raw, Sequence):
-                raise MisconfigurationException(
-                    f"{where}: {origin} needs a list of choices under {self.choices_key!r}, got {raw!r:.60}."
-                )
+                raise _bad_record(where, record, valid, f"needs a list of choices under {self.choices_key!r}.")
             choices = [str(c) for c in raw]
             context = str(context)
         else:
-            raise MisconfigurationException(
-                f"Probe {self.name!r}: {origin} {dict(data)!r:.80} needs {self.context_key!r} and "
-                f"{self.choices_key!r} (or 'context_ids' and 'choice_ids')."
+            raise _bad_record(
+                where,
+                record,
+                valid,
+                f"needs {self.context_key!r} and {self.choices_key!r} (or 'context_ids' and 'choice_ids').",
             )
         label = _index(data.get(self.label_key))
         if label is None or not 0 <= label < len(choices):
-            raise MisconfigurationException(
-                f"Probe {self.name!r}: {origin} {dict(data)!r:.80} needs {self.label_key!r}: the index of the right "
-                f"choice among {len(choices)}."
+            raise _bad_record(
+                where, record, valid, f"needs {self.label_key!r}: the index of the right choice among {len(choices)}."
             )
         self._check_lengths(origin, context, choices)
-        return _data.Record(origin, (context, choices, label))
+        return _records.Record(origin, (context, choices, label))
 
     def _check_lengths(self, origin: str, context: Any, choices: list[Any]) -> None:
         if not context or any(not c or (isinstance(c, list) and len(c) >= self.max_length) for c in choices):
@@ -406,9 +496,11 @@ class MultipleChoiceProbe(Probe):
     ) -> tuple[list[int], list[list[int]], int]:
         context, choices, label = question
         if isinstance(context, str):
-            tokenizer = _data.require_tokenizer(tokenizer, self.name)
-            context = _data.tokenize(tokenizer, context, add_special_tokens=True)
-            choices = [_data.tokenize(tokenizer, self.target_delimiter + c, add_special_tokens=False) for c in choices]
+            tokenizer = _tokens.require_tokenizer(tokenizer, self.name)
+            context = _tokens.tokenize(tokenizer, context, add_special_tokens=True)
+            choices = [
+                _tokens.tokenize(tokenizer, self.target_delimiter + c, add_special_tokens=False) for c in choices
+            ]
             self._check_lengths(origin, context, choices)
         return context, choices, label
 
@@ -416,15 +508,15 @@ class MultipleChoiceProbe(Probe):
         if self._acc is None or self._acc_norm is None:
             self.setup(trainer, pl_module)
         assert self._acc is not None and self._acc_norm is not None
-        where = _data.where(self)
+        where = _checks.where(self)
         model = find_language_model(pl_module)
         device = pl_module.device
         self._acc.restart(device)
         self._acc_norm.restart(device)
-        _data.run_batches(
+        distribution.run_batches(
             self._batches,
             trainer,
-            forward=lambda inputs: _data.forward_logits(model, inputs[0], inputs[1], self.forward_fn, where),
+            forward=lambda inputs: _model.forward_logits(model, inputs[0], inputs[1], self.forward_fn, where),
             prepare=lambda batch: self._prepare(batch, device),
             consume=self._consume,
             where=where,
@@ -444,7 +536,7 @@ class MultipleChoiceProbe(Probe):
                 kept = context[-(self.max_length - len(choice)) :]
                 sequences.append(kept + choice)
                 spans.append((len(kept), len(choice)))
-        input_ids, attention_mask = _data.pad_right(sequences, self._pad_id)
+        input_ids, attention_mask = _tokens.pad_right(sequences, self._pad_id)
         return input_ids.to(device), attention_mask.to(device), spans, batch
 
     def _consume(

@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-__all__ = ["Probe", "find_language_model", "move_batch", "rank_share"]
+__all__ = ["Probe", "find_language_model", "move_batch"]
 
 
 class Probe(abc.ABC):
@@ -93,13 +93,3 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, list):
         return [move_batch(value, device) for value in batch]
     return batch
-
-
-def rank_share(num_items: int, trainer: pl.Trainer | None) -> range:
-    """The indices of ``num_items`` reference items this process evaluates: a strided share (rank, rank + world,
-    ...), so the ranks together cover every item exactly once. The whole range without a trainer or on one
-    process. Shares differ by at most one item; probes that run collectives per batch (forwards of a model sharded
-    with FSDP2) must pad to equal counts, as :func:`~lit_mofo.probes.run_batches` does."""
-    if trainer is None or trainer.world_size <= 1:
-        return range(num_items)
-    return range(trainer.global_rank, num_items, trainer.world_size)

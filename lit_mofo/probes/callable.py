@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lit_mofo.probes import _data
+from lit_mofo.probes import _checks
 from lit_mofo.probes.base import Probe
 
 __all__ = ["CallableProbe"]
@@ -48,11 +48,11 @@ class CallableProbe(Probe):
         higher_is_better: bool | dict[str, bool],
         name: str = "callable",
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
-        self.fn = _data.import_object(fn, "fn", where) if isinstance(fn, str) else fn
-        if not callable(self.fn) or not _data.takes_two_arguments(self.fn):
-            raise _data.error(
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
+        self.fn = _checks.import_object(fn, "fn", where) if isinstance(fn, str) else fn
+        if not callable(self.fn) or not _checks.takes_two_arguments(self.fn):
+            raise _checks.error(
                 where,
                 "fn",
                 fn,
@@ -67,7 +67,7 @@ class CallableProbe(Probe):
                 if not isinstance(v, bool) or not isinstance(k, str) or not k or any(c.isspace() for c in k)
             }
             if bad or not higher_is_better:
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "higher_is_better",
                     higher_is_better,
@@ -81,7 +81,7 @@ class CallableProbe(Probe):
             self._directions = {"value": higher_is_better}
             self._default = higher_is_better
         else:
-            raise _data.error(where, "higher_is_better", higher_is_better, directions_valid, "It must be True/False.")
+            raise _checks.error(where, "higher_is_better", higher_is_better, directions_valid, "It must be True/False.")
 
     @property
     def higher_is_better(self) -> dict[str, bool]:

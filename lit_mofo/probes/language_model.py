@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lit_mofo.probes import _data
+from lit_mofo.probes import _checks, _inspect, _metrics, _model, _records, _tokens, distribution
 from lit_mofo.probes.base import Probe, find_language_model, move_batch
 
 __all__ = ["LanguageModelProbe"]
@@ -39,7 +39,12 @@ class LanguageModelProbe(Probe):
     Texts are tokenized with ``tokenizer`` (an object, or a local path for ``AutoTokenizer``), or with the
     LightningModule's ``tokenizer`` attribute when None; special tokens (e.g. BOS) are added as the tokenizer does.
     Sequences longer than ``max_length`` are cut into consecutive windows of ``max_length`` tokens, each scored on
-    its own; windows of a single token predict nothing and are dropped.
+    its own; windows of a single token predict nothing and are dropped. Every window (and every batch of your
+    ``dataloader``) is checked in ``setup``, before any forward, against the model's maximum positions (its
+    config's ``max_position_embeddings``/``n_positions``/..., and the rows of a learned position table such as
+    GPT-2's ``wpe``): a longer one is refused with the lengths and the fix (``max_length``). A model with rotary or
+    relative positions runs longer windows, beyond what it was trained on; ``allow_beyond_max_positions=True``
+    scores them anyway (a learned table cannot: those stay refused).
 
     The model called is :func:`~lit_mofo.probes.base.find_language_model` of the LightningModule (its ``model``
     attribute, else itself), as ``model(input_ids=..., attention_mask=...)`` (the mask only if its ``forward`` takes
@@ -48,13 +53,23 @@ class LanguageModelProbe(Probe):
     which gets ``batch = {"input_ids": [batch, seq] int64, "attention_mask": [batch, seq]}`` (1 = token, 0 = right
     padding; for your ``dataloader``, its own batch) on the module's device and returns the logits (or an output
     holding them); e.g. ``forward_fn=lambda model, batch: model(batch["input_ids"])``. From YAML, give its import
-    path ``"package.module.function"``. A model whose ``forward`` takes no ``input_ids`` and no ``forward_fn`` is
-    refused in ``setup``, before any forward.
+    path ``"package.module.function"``. Refused in ``setup``, before any forward, without ``forward_fn``: a model
+    whose ``forward`` takes no ``input_ids``, and a transformers model that is not a causal LM
+    (:func:`~lit_mofo.probes.language_model_kind`: an encoder-decoder such as BART or T5, whose logits at ``t``
+    predict token ``t``, not ``t + 1``; a masked LM such as BERT; a vision model), each with the fix.
 
     Bad input fails early, naming the argument, the bad value, the valid range and the fix: files, records and
-    token ids (>= 0) when the probe is built (a directory, a missing file, text that is not UTF-8, invalid JSON
-    with its ``file:line``, a record without ``text_key``); token ids beyond the model's vocabulary (its input and
-    output embeddings, ``config.vocab_size``) in ``setup``; the batches of your ``dataloader`` as they come.
+    token ids (>= 0) when the probe is built (a directory, a missing, empty or binary file, text that is not UTF-8,
+    invalid JSON with its ``file:line``, a record without ``text_key``: the first MiB of each file is read then,
+    the rest as ``setup`` reads it); token ids beyond the model's vocabulary (its input and output embeddings,
+    ``config.vocab_size``) and windows beyond its positions in ``setup``; the batches of your ``dataloader`` as
+    they come.
+
+    Reading is bounded by what ``limit_batches`` needs: with an int limit, ``setup`` reads records (``.txt`` and
+    ``.jsonl`` files line by line, a ``dataset`` item by item) and tokenizes texts only until it has
+    ``limit_batches * batch_size`` windows, tokenizing only as much of a long text as those windows take (the ids
+    are exactly those of the whole text's tokenization). Without a limit, or with a fraction (which needs the
+    total), it reads everything.
 
     Cost: one forward pass (no backward) per batch: about a third of a training step on the same number of tokens.
     ``limit_batches`` bounds it. Under DDP and FSDP2 the batches are dealt round-robin to the processes (batch ``i``
@@ -80,6 +95,8 @@ class LanguageModelProbe(Probe):
         forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model that is not called as
             ``model(input_ids=..., attention_mask=...)``; None calls it so.
         name: the probe's name in metric keys (``probe/<name>/loss``); a monitor's dict key overrides it.
+        allow_beyond_max_positions: score windows longer than the model's maximum positions on a model without a
+            learned position table (rotary, relative positions), beyond what it was trained on; False refuses them.
 
     Example::
 
@@ -99,11 +116,12 @@ class LanguageModelProbe(Probe):
         max_length: int = 512,
         batch_size: int = 8,
         limit_batches: int | float | None = None,
-        forward_fn: _data.ForwardFn | str | None = None,
+        forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "lm",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
         sources = {"files": files, "texts": texts, "token_ids": token_ids, "dataset": dataset, "dataloader": dataloader}
         given = sorted(k for k, v in sources.items() if v is not None)
         if len(given) != 1:
@@ -111,40 +129,37 @@ class LanguageModelProbe(Probe):
                 f"{where} needs exactly one of `files`, `texts`, `token_ids`, `dataset` or `dataloader`, "
                 f"got {given or 'none'}."
             )
-        self.text_key = _data.check_key(text_key, "text_key", where)
-        self.max_length = _data.check_size(max_length, "max_length", where, minimum=2)  # one token predicts the next
-        self.batch_size = _data.check_size(batch_size, "batch_size", where)
-        self.limit_batches = _data.check_limit(limit_batches, where=where)
-        self.tokenizer = _data.check_tokenizer(tokenizer, where)
-        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.text_key = _checks.check_key(text_key, "text_key", where)
+        self.max_length = _checks.check_size(max_length, "max_length", where, minimum=2)  # one token predicts the next
+        self.batch_size = _checks.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _checks.check_limit(limit_batches, where=where)
+        self.tokenizer = _tokens.check_tokenizer(tokenizer, where)
+        self.forward_fn = _checks.check_forward_fn(forward_fn, where)
+        self.allow_beyond_max_positions = _checks.check_flag(
+            allow_beyond_max_positions, "allow_beyond_max_positions", where
+        )
         self.files, self.texts, self.token_ids = files, texts, token_ids
         self.dataset, self.dataloader = dataset, dataloader
-        # the reference items known without the model: texts, token-id lists or (ids, labels) pairs, with origins
-        self._items: list[_data.Record] = []
+        # the reference items given in memory: texts or token-id lists, with origins
+        self._items: list[_records.Record] = []
+        self._files: _records.ReferenceFiles | None = None
         if files is not None:
-            records = _data.read_records(_data.check_files(files, where), where, self.text_key)
-            if not records:
-                raise _data.error(
-                    where,
-                    "files",
-                    files,
-                    "files holding at least one non-empty line or record",
-                    "The reference set is empty.",
-                )
-            self._items = [_data.Record(r.origin, self._record_item(r)) for r in records]
+            self._files = _records.ReferenceFiles(files, where, self.text_key)
+            for record in self._files.head():  # the rest is read, and checked, in setup
+                self._record_item(record)
         elif texts is not None:
             if isinstance(texts, str):
-                raise _data.error(where, "texts", texts, "a list of strings", "For a file use `files=`.")
-            self._items = _data.in_memory_records(texts, "texts", where, "a non-empty list of strings")
+                raise _checks.error(where, "texts", texts, "a list of strings", "For a file use `files=`.")
+            self._items = _records.in_memory_records(texts, "texts", where, "a non-empty list of strings")
             for origin, text in self._items:
                 if not isinstance(text, str):
-                    raise _data.error(where, "texts", f"{origin} = {text!r:.60}", "a list of strings")
+                    raise _checks.error(where, "texts", f"{origin} = {text!r:.60}", "a list of strings")
         elif token_ids is not None:
             rows = token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids
-            records = _data.in_memory_records(rows, "token_ids", where, "a non-empty list of token-id lists")
-            self._items = [_data.Record(o, _data.as_id_list(ids, o, where)) for o, ids in records]
+            records = _records.in_memory_records(rows, "token_ids", where, "a non-empty list of token-id lists")
+            self._items = [_records.Record(o, _tokens.as_id_list(ids, o, where)) for o, ids in records]
             if not any(len(ids) >= 2 for _, ids in self._items):
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "token_ids",
                     f"{token_ids!r:.80}",
@@ -152,13 +167,14 @@ class LanguageModelProbe(Probe):
                     "The reference set is empty: no sequence has 2 tokens.",
                 )
         elif dataset is not None:
-            _data.check_dataset(dataset, where)
+            _records.check_dataset(dataset, where)
         else:
-            _data.check_loader(dataloader, "dataloader", where)
+            _records.check_loader(dataloader, "dataloader", where)
         self._batches: list[Any] | None = None
         self._pad_id = 0
         self._vocab: int | None = None
-        self._loss: _data.SumPair | None = None
+        self._positions = _inspect.Positions()
+        self._loss: _metrics.SumPair | None = None
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -170,32 +186,37 @@ class LanguageModelProbe(Probe):
         return None if self._batches is None else len(self._batches)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        where = _data.where(self)
+        where = _checks.where(self)
         model = find_language_model(pl_module)
-        _data.check_forward(model, self.forward_fn, where)
-        self._vocab = _data.vocabulary_size(model)
+        _inspect.check_next_token_model(model, self.forward_fn, where)
+        _model.check_forward(model, self.forward_fn, where)
+        self._vocab = _inspect.vocabulary_size(model)
+        self._positions = _inspect.model_positions(model)
         if self.dataloader is None:
-            sequences = self._sequences(pl_module)
-            _data.check_in_vocabulary(
-                ((origin, ids + [t for t in labels if t != _data.IGNORE_INDEX]) for origin, (ids, labels) in sequences),
-                self._vocab,
-                where,
-                _data.TOKENIZER_MISMATCH,
-            )
-            windows = [w for _, sequence in sequences for w in self._windows(sequence)]
+            windows = self._read_windows(pl_module)
             if not windows:
                 raise MisconfigurationException(
                     f"Probe {self.name!r}: the reference set is empty (no sequence of at least 2 tokens). "
                     "Check the files/texts given, `text_key` and the tokenizer."
                 )
-            if not any(label != _data.IGNORE_INDEX for _, labels in windows for label in labels[1:]):
+            if not any(label != _tokens.IGNORE_INDEX for _, (_, labels) in windows for label in labels[1:]):
                 raise MisconfigurationException(
                     f"Probe {self.name!r}: no token of the reference set is scored (every label after the first "
                     "token of each window is -100)."
                 )
             batches = [windows[i : i + self.batch_size] for i in range(0, len(windows), self.batch_size)]
-            self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
-        self._loss = _data.SumPair(pl_module.device)
+            batches = batches[: distribution.apply_limit(len(batches), self.limit_batches)]
+            _inspect.check_window_lengths(
+                ((origin, len(ids)) for batch in batches for origin, (ids, _) in batch),
+                self._positions,
+                self.allow_beyond_max_positions,
+                where,
+                "max_length",
+                self.max_length,
+                "Set `max_length={limit}` (longer sequences are cut into windows of at most that many tokens).",
+            )
+            self._batches = [[window for _, window in batch] for batch in batches]
+        self._loss = _metrics.SumPair(pl_module.device)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss = None
@@ -206,16 +227,16 @@ class LanguageModelProbe(Probe):
         assert self._loss is not None
         model = find_language_model(pl_module)
         self._loss.restart(pl_module.device)
-        _data.run_batches(
+        distribution.run_batches(
             self._batches if self._batches is not None else self.dataloader,  # type: ignore[arg-type]
             trainer,
-            forward=lambda inputs: _data.forward_logits(
-                model, inputs[0], inputs[1], self.forward_fn, _data.where(self)
+            forward=lambda inputs: _model.forward_logits(
+                model, inputs[0], inputs[1], self.forward_fn, _checks.where(self)
             ),
             prepare=lambda batch: self._prepare(batch, pl_module.device),
             consume=self._consume,
             limit=None if self._batches is not None else self.limit_batches,  # the built batches are limited already
-            where=_data.where(self),
+            where=_checks.where(self),
         )
         total, count = self._loss.compute()  # summed across processes
         if count == 0:
@@ -231,17 +252,26 @@ class LanguageModelProbe(Probe):
         checked first, so that ids beyond the model fail on every rank before the forward."""
         input_ids, attention_mask, labels = self._collate(batch)
         if self._batches is None:
-            where = _data.where(self)
+            where = _checks.where(self)
             if input_ids.dim() != 2 or 0 in input_ids.shape:  # refused here: a forward failing on one rank would hang
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "dataloader batch",
                     f"input_ids of shape {tuple(input_ids.shape)}",
                     "token ids [batch, sequence] with at least one sequence of at least one token",
                     "Drop empty batches from the reference dataloader.",
                 )
-            _data.check_batch_ids(input_ids, self._vocab, where, "input_ids")
-            _data.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
+            _tokens.check_batch_ids(input_ids, self._vocab, where, "input_ids")
+            _tokens.check_batch_ids(labels, self._vocab, where, "labels", labels=True)
+            _inspect.check_window_lengths(
+                [("a dataloader batch", input_ids.size(1))],
+                self._positions,
+                self.allow_beyond_max_positions,
+                where,
+                "dataloader batch",
+                f"input_ids of {input_ids.size(1)} tokens per row",
+                "Cut the reference sequences to at most {limit} tokens.",
+            )
         return move_batch((input_ids, attention_mask, labels), device)
 
     def _consume(self, inputs: tuple[Tensor, Tensor, Tensor], logits: Tensor) -> None:
@@ -252,57 +282,86 @@ class LanguageModelProbe(Probe):
             self._loss.update(total, count)
 
     # ------------------------------------------------------------------ data
-    def _record_item(self, record: _data.Record) -> str | list[int]:
-        """A file record's text or token ids, checked when the probe is built."""
+    def _record_item(self, record: _records.Record, num_tokens: int | None = None) -> str | list[int]:
+        """A file record's text, or its token ids (the first ``num_tokens``; all when None), checked."""
         data = record.data
         if "input_ids" in data:
-            return _data.as_id_list(data["input_ids"], f"{record.origin} input_ids", _data.where(self))
+            ids = data["input_ids"]
+            if num_tokens is not None and isinstance(ids, list):
+                ids = ids[:num_tokens]
+            return _tokens.as_id_list(ids, f"{record.origin} input_ids", _checks.where(self))
         text = data.get(self.text_key)
         if not isinstance(text, str):
             problem = "has no" if self.text_key not in data else f"has a {type(text).__name__}, not a string, under"
-            raise _data.error(
-                _data.where(self),
+            raise _checks.error(
+                _checks.where(self),
                 "files",
-                self.files,
+                _records.file_of(record.origin),
                 f"records with the text (a string) under `text_key` ({self.text_key!r}) or token ids under 'input_ids'",
                 f"Record {record.origin} {problem} {self.text_key!r}; its keys are {sorted(data)}.",
             )
         return text
 
-    def _sequences(self, pl_module: pl.LightningModule) -> list[tuple[str, tuple[list[int], list[int]]]]:
-        """Every reference sequence as ``(origin, (ids, labels))``."""
-        items = self._items if self.dataset is None else _data.dataset_records(self.dataset, _data.where(self))
-        needs_tokenizer = any(isinstance(item, str) for _, item in items)
-        tokenizer = _data.resolve_tokenizer(self.tokenizer, pl_module, _data.where(self))
-        if needs_tokenizer:
-            tokenizer = _data.require_tokenizer(tokenizer, self.name)
+    def _read_windows(self, pl_module: pl.LightningModule) -> list[tuple[str, tuple[list[int], list[int]]]]:
+        """The reference windows as ``(origin, (ids, labels))``, read (and checked against the model's vocabulary)
+        only as far as an int ``limit_batches`` needs: ``limit_batches * batch_size`` windows."""
+        where = _checks.where(self)
+        needed = self.limit_batches * self.batch_size if isinstance(self.limit_batches, int) else None
+        tokenizer = _tokens.resolve_tokenizer(self.tokenizer, pl_module, where)
         if tokenizer is not None:
-            self._pad_id = _data.pad_id(tokenizer)
-        return [(origin, self._item(origin, item, tokenizer)) for origin, item in items]
+            self._pad_id = _tokens.pad_id(tokenizer)
+        windows: list[tuple[str, tuple[list[int], list[int]]]] = []
+        for origin, item in self._reference_items():
+            num_tokens = None if needed is None else (needed - len(windows)) * self.max_length
+            ids, labels = self._item(origin, item, tokenizer, num_tokens)
+            _tokens.check_in_vocabulary(
+                [(origin, ids + [t for t in labels if t != _tokens.IGNORE_INDEX])],
+                self._vocab,
+                where,
+                _tokens.TOKENIZER_MISMATCH,
+            )
+            windows += [(origin, window) for window in self._windows((ids, labels))]
+            if needed is not None and len(windows) >= needed:
+                return windows[:needed]
+        return windows
 
-    def _item(self, origin: str, item: Any, tokenizer: Any) -> tuple[list[int], list[int]]:
-        where = _data.where(self)
+    def _reference_items(self) -> Iterator[tuple[str, Any]]:
+        """``(origin, item)`` of every reference sequence, read as consumed: a file's records, a dataset's items,
+        or the texts/token ids given."""
+        if self._files is not None:
+            return ((record.origin, record) for record in self._files.records())
+        if self.dataset is not None:
+            return iter(_records.dataset_records(self.dataset))
+        return iter(self._items)
+
+    def _item(self, origin: str, item: Any, tokenizer: Any, num_tokens: int | None) -> tuple[list[int], list[int]]:
+        """``(ids, labels)`` of one reference item, as far as its first ``num_tokens`` tokens (all when None)."""
+        where = _checks.where(self)
+        if isinstance(item, _records.Record):  # a record of the files
+            item = self._record_item(item, num_tokens)
         if isinstance(item, str):
-            ids = _data.tokenize(tokenizer, item, add_special_tokens=True)
+            tokenizer = _tokens.require_tokenizer(tokenizer, self.name)
+            ids = _tokens.tokenize_prefix(tokenizer, item, True, num_tokens)
             return ids, ids
         if isinstance(item, Mapping):
             if "input_ids" not in item:
                 raise MisconfigurationException(
                     f"{where}: {origin} is a dict with keys {sorted(item)} and no 'input_ids'."
                 )
-            ids = _data.as_id_list(item["input_ids"], f"{origin} input_ids", where)
+            ids = _tokens.as_id_list(item["input_ids"], f"{origin} input_ids", where)
             keep = item.get("attention_mask")
             labels = item.get("labels")
-            labels = ids if labels is None else _data.as_id_list(labels, f"{origin} labels", where, labels=True)
+            labels = ids if labels is None else _tokens.as_id_list(labels, f"{origin} labels", where, labels=True)
             if keep is not None:
-                mask = _data.as_id_list(keep, f"{origin} attention_mask", where)
+                mask = _tokens.as_id_list(keep, f"{origin} attention_mask", where)
                 ids = [t for t, m in zip(ids, mask, strict=True) if m]
                 labels = [t for t, m in zip(labels, mask, strict=True) if m]
             return ids, labels
         if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
-            ids = _data.as_id_list(item[0], origin, where)
-            return ids, ids
-        ids = _data.as_id_list(item, origin, where)
+            item = item[0]
+        if num_tokens is not None and isinstance(item, (list, Tensor)):
+            item = item.reshape(-1)[:num_tokens] if isinstance(item, Tensor) else item[:num_tokens]
+        ids = _tokens.as_id_list(item, origin, where)
         return ids, ids
 
     def _windows(self, sequence: tuple[list[int], list[int]]) -> list[tuple[list[int], list[int]]]:
@@ -316,8 +375,8 @@ class LanguageModelProbe(Probe):
 
     def _collate(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         if isinstance(batch, list) and batch and isinstance(batch[0], tuple) and isinstance(batch[0][0], list):
-            input_ids, attention_mask = _data.pad_right([ids for ids, _ in batch], self._pad_id)
-            labels, _ = _data.pad_right([lab for _, lab in batch], _data.IGNORE_INDEX)
+            input_ids, attention_mask = _tokens.pad_right([ids for ids, _ in batch], self._pad_id)
+            labels, _ = _tokens.pad_right([lab for _, lab in batch], _tokens.IGNORE_INDEX)
             return input_ids, attention_mask, labels
         # a batch from the user's dataloader
         if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
@@ -336,7 +395,7 @@ class LanguageModelProbe(Probe):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if labels is None:
-            labels = input_ids.masked_fill(attention_mask == 0, _data.IGNORE_INDEX)
+            labels = input_ids.masked_fill(attention_mask == 0, _tokens.IGNORE_INDEX)
         return input_ids, attention_mask, labels
 
 
@@ -346,9 +405,9 @@ def next_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     shifted = logits[:, :-1].float()
     targets = labels[:, 1:].to(shifted.device)
     total = F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=_data.IGNORE_INDEX, reduction="sum"
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=_tokens.IGNORE_INDEX, reduction="sum"
     )
-    return total, int((targets != _data.IGNORE_INDEX).sum().item())
+    return total, int((targets != _tokens.IGNORE_INDEX).sum().item())
 
 
 def _exp(value: float) -> float:

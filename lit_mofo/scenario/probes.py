@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_mofo._validation import as_int
-from lit_mofo.probes import _data
+from lit_mofo.probes import _checks, _inspect, _metrics, _model, distribution
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.scenario.corpus import RELATION_TEMPLATES, Fact, KnowledgeSpec, generate_facts
 from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
@@ -104,9 +104,11 @@ def _task_batches(examples: Sequence[TaskExample], tokenizer: PreTrainedTokenize
     return batches
 
 
-def _logits(model: nn.Module, batch: _Batch, device: torch.device, forward_fn: _data.ForwardFn | None = None) -> Tensor:
+def _logits(
+    model: nn.Module, batch: _Batch, device: torch.device, forward_fn: _checks.ForwardFn | None = None
+) -> Tensor:
     """The model's float logits of ``batch`` (the forward; see :func:`_checked_logits` for the shape check)."""
-    return _data.forward_logits(
+    return _model.forward_logits(
         model, batch.input_ids.to(device), batch.attention_mask.to(device), forward_fn, "The scenario probe"
     ).float()
 
@@ -122,7 +124,7 @@ def _checked_logits(logits: Tensor, batch: _Batch) -> Tensor:
 
 def _check_vocabulary(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probe: str) -> None:
     """Refuse, before any forward, a model whose embeddings or outputs do not cover the scenario vocabulary."""
-    size = _data.vocabulary_size(model)
+    size = _inspect.vocabulary_size(model)
     if size is not None and size < len(tokenizer):
         raise MisconfigurationException(
             f"{probe} scores the embedded scenario and needs a model over its vocabulary ({len(tokenizer)} tokens, "
@@ -238,21 +240,25 @@ class _ScenarioProbe(Probe):
         self,
         batch_size: int,
         limit_batches: int | float | None,
-        forward_fn: _data.ForwardFn | str | None,
+        forward_fn: _checks.ForwardFn | str | None,
         name: str,
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
-        self.batch_size = _data.check_size(batch_size, "batch_size", where)
-        self.limit_batches = _data.check_limit(limit_batches, where=where)
-        self.forward_fn = _data.check_forward_fn(forward_fn, where)
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
+        self.batch_size = _checks.check_size(batch_size, "batch_size", where)
+        self.limit_batches = _checks.check_limit(limit_batches, where=where)
+        self.forward_fn = _checks.check_forward_fn(forward_fn, where)
+        self.allow_beyond_max_positions = _checks.check_flag(
+            allow_beyond_max_positions, "allow_beyond_max_positions", where
+        )
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._batches: list[_Batch] = []
-        self._hits: _data.SumPair | None = None
-        self._loss: _data.SumPair | None = None
+        self._hits: _metrics.SumPair | None = None
+        self._loss: _metrics.SumPair | None = None
 
     def _spec_int(self, value: Any, argument: str) -> int:
-        return as_int(value, where=_data.where(self), argument=argument, error=MisconfigurationException)
+        return as_int(value, where=_checks.where(self), argument=argument, error=MisconfigurationException)
 
     def _build_batches(self, tokenizer: PreTrainedTokenizerBase) -> list[_Batch]:
         raise NotImplementedError
@@ -264,11 +270,23 @@ class _ScenarioProbe(Probe):
         model = find_language_model(pl_module)
         self._tokenizer = load_tokenizer()
         _check_vocabulary(model, self._tokenizer, type(self).__name__)
-        _data.check_forward(model, self.forward_fn, _data.where(self))
+        where = _checks.where(self)
+        _inspect.check_next_token_model(model, self.forward_fn, where)
+        _model.check_forward(model, self.forward_fn, where)
         batches = self._build_batches(self._tokenizer)
-        self._batches = batches[: _data.apply_limit(len(batches), self.limit_batches)]
-        self._hits = _data.SumPair(pl_module.device)
-        self._loss = _data.SumPair(pl_module.device)
+        self._batches = batches[: distribution.apply_limit(len(batches), self.limit_batches)]
+        _inspect.check_window_lengths(
+            ((f"batch {index}", batch.input_ids.size(1)) for index, batch in enumerate(self._batches)),
+            _inspect.model_positions(model),
+            self.allow_beyond_max_positions,
+            where,
+            "sequences",
+            f"{max((batch.input_ids.size(1) for batch in self._batches), default=0)} tokens",
+            "Score a model with at least that many positions (the scenario base model's recipe sets "
+            "`max_position_embeddings`), or shorter problems.",
+        )
+        self._hits = _metrics.SumPair(pl_module.device)
+        self._loss = _metrics.SumPair(pl_module.device)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._hits is None or self._loss is None or self._tokenizer is None:
@@ -279,12 +297,12 @@ class _ScenarioProbe(Probe):
         self._hits.restart(device)
         self._loss.restart(device)
         with torch.no_grad():  # the monitor already does this; direct calls need it too
-            _data.run_batches(
+            distribution.run_batches(
                 self._batches,
                 trainer,
                 forward=lambda batch: _logits(model, batch, device, self.forward_fn),
                 consume=self._consume,
-                where=_data.where(self),
+                where=_checks.where(self),
             )
         hits, items = self._hits.compute()
         loss, tokens = self._loss.compute()
@@ -325,6 +343,8 @@ class KnowledgeProbe(_ScenarioProbe):
         forward_fn: a function ``(model, batch) -> logits`` (or its import path) for a model not called as
             ``model(input_ids=..., attention_mask=...)``; see :class:`~lit_mofo.probes.LanguageModelProbe`.
         name: the probe's name in metric keys (``probe/<name>/accuracy``).
+        allow_beyond_max_positions: score sequences longer than the model's maximum positions on a model without a
+            learned position table (refused otherwise, in ``setup``); see :class:`~lit_mofo.probes.LanguageModelProbe`.
 
     Example::
 
@@ -340,13 +360,14 @@ class KnowledgeProbe(_ScenarioProbe):
         seed: int = KnowledgeSpec.seed,
         batch_size: int = 256,
         limit_batches: int | float | None = None,
-        forward_fn: _data.ForwardFn | str | None = None,
+        forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "knowledge",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        super().__init__(batch_size, limit_batches, forward_fn, name)
+        super().__init__(batch_size, limit_batches, forward_fn, name, allow_beyond_max_positions)
         relations = (relations,) if isinstance(relations, str) else relations  # one relation, not its letters
         if not isinstance(relations, Sequence) or not all(isinstance(r, str) for r in relations):
-            raise _data.error(_data.where(self), "relations", relations, f"a list of {list(RELATION_TEMPLATES)}")
+            raise _checks.error(_checks.where(self), "relations", relations, f"a list of {list(RELATION_TEMPLATES)}")
         try:
             self.spec = KnowledgeSpec(
                 num_entities=self._spec_int(num_entities, "num_entities"),
@@ -354,7 +375,7 @@ class KnowledgeProbe(_ScenarioProbe):
                 seed=self._spec_int(seed, "seed"),
             )
         except ValueError as error:
-            raise MisconfigurationException(f"{_data.where(self)}: {error}") from error
+            raise MisconfigurationException(f"{_checks.where(self)}: {error}") from error
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -394,6 +415,8 @@ class TaskProbe(_ScenarioProbe):
         name: the probe's name in metric keys (``probe/<name>/exact_match``).
         scenario: which embedded scenario's words the problems are written in (``overlap``, the default, or
             ``disjoint``); must match the data module's and the base model's (:mod:`lit_mofo.scenario.scenarios`).
+        allow_beyond_max_positions: score problems longer than the model's maximum positions on a model without a
+            learned position table (refused otherwise, in ``setup``); see :class:`~lit_mofo.probes.LanguageModelProbe`.
     """
 
     _metric_names = ("exact_match", "loss")
@@ -408,12 +431,13 @@ class TaskProbe(_ScenarioProbe):
         num_examples: int = 256,
         batch_size: int = 256,
         limit_batches: int | float | None = None,
-        forward_fn: _data.ForwardFn | str | None = None,
+        forward_fn: _checks.ForwardFn | str | None = None,
         name: str = "task",
         scenario: ScenarioName = "overlap",
+        allow_beyond_max_positions: bool = False,
     ) -> None:
-        super().__init__(batch_size, limit_batches, forward_fn, name)
-        where = _data.where(self)
+        super().__init__(batch_size, limit_batches, forward_fn, name, allow_beyond_max_positions)
+        where = _checks.where(self)
         try:
             self.spec = TaskSpec(
                 kind=kind,
@@ -425,7 +449,7 @@ class TaskProbe(_ScenarioProbe):
             )
         except ValueError as error:
             raise MisconfigurationException(f"{where}: {error}") from error
-        self.num_examples = _data.check_size(num_examples, "num_examples", where)
+        self.num_examples = _checks.check_size(num_examples, "num_examples", where)
         try:  # the held-out problems need no model: refuse an impossible count now, not at the start of fit
             generate_task(self.spec, num_train=0, num_eval=self.num_examples)
         except ValueError as error:

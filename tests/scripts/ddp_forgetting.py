@@ -9,9 +9,10 @@ Lightning's ``ddp`` strategy re-launches this very command for rank 1, so it mus
 reference set has 10 sequences in 5 batches of 2, so the ranks get unequal shares (3 and 2 batches; rank 1 runs a
 padding forward, as under FSDP2). Each rank writes ``OUT_DIR/rank{r}.pt``: the monitor's baselines and history, the
 drift history, the reference windows this rank scored and the forwards it ran at each evaluation (TaskVectorScaling's
-edits included), and the single-process value of the probe on the pre-trained model, computed before the process
-group exists; also the pre-trained and fine-tuned weights, the monitor's state and the edits' curve, from which the
-tests compute the single-process curve. The report goes to ``OUT_DIR/logs/version_0``.
+edits included), the single-process value of the probe on the pre-trained model, computed before the process group
+exists, and the error of a second fit whose probe holds a window longer than the model's positions; also the
+pre-trained and fine-tuned weights, the monitor's state and the edits' curve, from which the tests compute the
+single-process curve. The report goes to ``OUT_DIR/logs/version_0``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,30 @@ class RecordingProbe(LanguageModelProbe):
         super()._consume(inputs, logits)
 
 
+def overlong_outcome(out_dir: Path) -> tuple[str, str]:
+    """``(error type, message)`` of a fit whose probe holds a 100-token window, beyond the Llama's 64 positions, in
+    the batch dealt to rank 1: every rank must refuse it in setup, before any forward."""
+    windows = [REFERENCE[0], REFERENCE[1], synthetic_progressions(1, 100, 128, seed=5)[0].tolist()]
+    monitor = ForgettingMonitor({"overlong": LanguageModelProbe(token_ids=windows, batch_size=2, max_length=128)})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=1,
+        default_root_dir=out_dir / "overlong",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+    try:
+        trainer.fit(AdamWLM(), SyntheticTokenDataModule(num_sequences=16, seq_len=16, batch_size=8))
+    except Exception as error:  # recorded for the test
+        return type(error).__name__, str(error)
+    return "", ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -98,6 +123,7 @@ def main() -> None:
         callbacks=[monitor, drift, scaling],
     )
     trainer.fit(module, SyntheticTokenDataModule(num_sequences=16 * args.steps, seq_len=16, batch_size=8))
+    overlong = overlong_outcome(args.out_dir)
 
     torch.save(
         {
@@ -114,6 +140,7 @@ def main() -> None:
             "final": {name: param.detach().clone() for name, param in module.named_parameters()},
             "monitor_state": monitor.state_dict(),
             "curve": [point.as_dict() for point in scaling.points],
+            "overlong": overlong,
         },
         args.out_dir / f"rank{trainer.global_rank}.pt",
     )

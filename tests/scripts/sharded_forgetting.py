@@ -16,8 +16,10 @@ steps; every built-in probe has an odd number of reference batches, so rank 1 ru
 probe can fail safely (preparing its data in ``setup``, checking a batch before the forward, reading the output after
 it, a user's function), where both ranks must raise the error instead of waiting for each other; a reference
 dataloader shorter on rank 1, where the ranks must still run as many forwards; one empty on rank 1, which cannot be
-padded and must fail on both ranks; a user's function returning its rank, unreduced; and (with ``--tasks``) an
-lm-eval run failing on rank 1 before its forwards while rank 0 is about to start them.
+padded and must fail on both ranks; a user's function returning its rank, unreduced; a GPT-2 of 32 positions whose
+reference set holds a 60-token window in rank 1's batch (from token ids and from a dataloader), which both ranks
+must refuse before any forward instead of hanging in it; and (with ``--tasks``) an lm-eval run failing on rank 1
+before its forwards while rank 0 is about to start them.
 
 Lightning re-launches this very command for rank 1, so it must run as its own process, never inside pytest. Each rank
 writes ``OUT_DIR/rank{r}.pt``.
@@ -38,7 +40,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor
 from lit_mofo.probes import AccuracyProbe, CallableProbe, LanguageModelProbe, MultipleChoiceProbe, Probe
@@ -61,6 +63,8 @@ def progressions(rows: int, length: int, seed: int) -> Tensor:
     return (start + stride * torch.arange(length)) % VOCAB
 
 
+POSITIONS = 32  # ShardedGPT2's learned positions
+LONG = progressions(1, 60, seed=7)[0]  # 60 tokens: longer than ShardedGPT2's positions
 REFERENCE = progressions(10, 12, seed=31)  # 5 batches of 2: rank 0 scores 3, rank 1 scores 2 and pads one
 TRAIN = progressions(8, 16, seed=5)  # one batch per step, the same on both ranks
 
@@ -89,13 +93,16 @@ class ShardedLM(pl.LightningModule):
     def _count(self, module: nn.Module, args: Any) -> None:
         self.forwards += 1
 
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layers
+
     def configure_model(self) -> None:
         if self.device_mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.model.layers:
+        for layer in self.blocks():
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
@@ -104,6 +111,23 @@ class ShardedLM(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class ShardedGPT2(ShardedLM):
+    """:class:`ShardedLM` with a tiny GPT-2 of 32 learned positions (``n_positions``) instead of the Llama: a window
+    of 33 tokens or more has no position embedding row."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        config = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=64, n_layer=2, n_head=4)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.model = GPT2LMHeadModel(config)
+        self.forwards = 0
+        self.model.register_forward_pre_hook(self._count)
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer.h
 
 
 def last_token_classes(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -319,30 +343,49 @@ def harness_failing_on_rank_1(tasks: Path) -> Probe:
     )
 
 
+def overlong_probes() -> dict[str, Probe]:
+    """Probes of ShardedGPT2 whose reference set holds a window longer than its 32 positions, in the batch dealt to
+    rank 1 (batch 1): built from token ids (checked in ``setup``, on every rank) and from a dataloader (checked by
+    rank 1 before the forward that would index past the position table)."""
+    rows = REFERENCE[:3].tolist()
+    return {
+        "overlong": LanguageModelProbe(
+            token_ids=[rows[0], rows[1], LONG.tolist(), rows[2]], batch_size=2, max_length=64, name="overlong"
+        ),
+        "overlong_loader": LanguageModelProbe(
+            dataloader=[REFERENCE[:2], torch.stack([LONG, LONG])], name="overlong_loader"
+        ),
+    }
+
+
 def run_ranks(out_dir: Path, tasks: Path | None) -> dict[str, Any]:
     outcomes: dict[str, tuple[str, str]] = {}
     forwards: dict[str, int] = {}
     values: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
     chosen: dict[str, Probe] = {
         **failing_probes(),
         "uneven": LanguageModelProbe(dataloader=RankDependentLoader((5, 3)), name="uneven"),
         "empty": LanguageModelProbe(dataloader=RankDependentLoader((2, 0)), name="empty"),
         "unreduced": CallableProbe(lambda trainer, module: float(trainer.global_rank), True, name="unreduced"),
+        **overlong_probes(),
     }
     if tasks is not None:
         chosen["harness"] = harness_failing_on_rank_1(tasks)
     for name, probe in chosen.items():
         monitor = ForgettingMonitor({name: probe}, report=False)
         trainer = trainer_for(2, out_dir / name, [monitor], max_steps=1)
-        module = ShardedLM()
+        module = ShardedGPT2() if name.startswith("overlong") else ShardedLM()
+        start = time.perf_counter()
         try:
             trainer.fit(module, train_loader())
             outcomes[name] = ("", "")
         except Exception as error:  # recorded for the test
             outcomes[name] = (type(error).__name__, str(error))
+        seconds[name] = time.perf_counter() - start
         forwards[name] = module.forwards
         values[name] = monitor.baselines.get(name, {})
-    return {"outcomes": outcomes, "forwards": forwards, "baselines": values}
+    return {"outcomes": outcomes, "forwards": forwards, "baselines": values, "seconds": seconds}
 
 
 def main() -> None:
