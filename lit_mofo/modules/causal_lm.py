@@ -208,7 +208,9 @@ class CausalLMModule(pl.LightningModule):
 
             self.model = get_peft_model(self.model, self.peft_config)
             self.model.train()
-        self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(tokenizer, source)
+        self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(
+            tokenizer, source, from_pretrained_kwargs or {}
+        )
         self.fsdp_param_dtype, self.fsdp_reduce_dtype = self._fsdp_dtypes(fsdp_param_dtype, fsdp_reduce_dtype)
 
     @property
@@ -273,14 +275,22 @@ class CausalLMModule(pl.LightningModule):
     ) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
+        from lit_mofo._hub import resolve_pretrained
+
         options = dict(kwargs)
+        if not options.get("local_files_only"):
+            # A missing local path or an uncached Hub name without network fails here, at once; a cached one loads
+            # without trying the network when the Hub cannot be reached.
+            source, offline = resolve_pretrained(source, argument="CausalLMModule(model=...)")
+            if offline:
+                options["local_files_only"] = True
         if dtype is not None:
             options[_dtype_keyword()] = dtype if dtype == "auto" else _DTYPES[dtype]
         if attn_implementation is not None:
             options["attn_implementation"] = attn_implementation
         try:
             return AutoModelForCausalLM.from_pretrained(source, **options)
-        except (OSError, ValueError) as error:  # OSError: missing path, unknown name, no network
+        except (OSError, ValueError) as error:  # OSError: missing files, unknown name
             if Path(source).expanduser().is_dir():
                 raise MisconfigurationException(
                     f"model={source!r} is a directory but holds no loadable model (a `save_pretrained` directory "
@@ -290,8 +300,7 @@ class CausalLMModule(pl.LightningModule):
                 raise
             raise MisconfigurationException(
                 f"model={source!r} is neither a local directory (cwd: {os.getcwd()}) nor a Hugging Face model that "
-                "can be reached (offline, it must already be in the Hugging Face cache). Check the path or the "
-                f"name. Cause: {error}"
+                f"can be loaded: check the path or the name. Cause: {error}"
             ) from error
 
     @staticmethod
@@ -320,20 +329,29 @@ class CausalLMModule(pl.LightningModule):
         return model
 
     @staticmethod
-    def _load_tokenizer(tokenizer: str | None, source: str | None) -> PreTrainedTokenizerBase | None:
-        from transformers import AutoTokenizer
+    def _load_tokenizer(
+        tokenizer: str | None, source: str | None, options: dict[str, Any]
+    ) -> PreTrainedTokenizerBase | None:
+        from lit_mofo._hub import load_tokenizer, resolve_pretrained
 
+        local_only = {"local_files_only": True} if options.get("local_files_only") else {}
         if tokenizer is not None:
+            name, offline = resolve_pretrained(
+                tokenizer, argument="CausalLMModule(tokenizer=...)", marker="tokenizer_config.json"
+            )
             try:
-                loaded = AutoTokenizer.from_pretrained(tokenizer)
+                loaded = load_tokenizer(name, **({"local_files_only": True} if offline else local_only))
             except (OSError, ValueError) as error:
                 raise MisconfigurationException(
                     f"tokenizer={tokenizer!r} is neither a local directory with tokenizer files nor a Hugging Face "
-                    f"name that can be reached: {error}"
+                    f"name that can be loaded: {error}"
                 ) from error
         elif source is not None:
+            name, offline = source, bool(local_only)
+            if not local_only:
+                name, offline = resolve_pretrained(source, argument="CausalLMModule(model=...)")
             try:
-                loaded = AutoTokenizer.from_pretrained(source)
+                loaded = load_tokenizer(name, **({"local_files_only": True} if offline else {}))
             except (OSError, ValueError, TypeError):  # a model directory without tokenizer files
                 rank_zero_info(f"CausalLMModule: {source!r} has no tokenizer; pass `tokenizer=` if the data needs it.")
                 return None
