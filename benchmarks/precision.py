@@ -115,9 +115,12 @@ def run(model_dir: Path, arch: str, optimizer: str, precision: str, steps: int) 
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        limit_val_batches=0,
         callbacks=[tracker],
     )
-    trainer.fit(module, DataLoader(batches, batch_size=None))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+        trainer.fit(module, DataLoader(batches, batch_size=None))
     return Result(
         arch, optimizer, precision, tracker.share(), tracker.share("norm"), tracker.losses[0], tracker.losses[-1]
     )

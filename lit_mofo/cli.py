@@ -624,8 +624,9 @@ class LitMoFOCLI(LightningCLI):
         from lit_mofo.modules.causal_lm import CausalLMModule
         from lit_mofo.probes.lm_eval import LMEvalProbe
 
-        for key, class_path, init_args in _class_specs(config):
-            cls = _import(class_path)
+        specs = [(key, _import(class_path), init_args) for key, class_path, init_args in _class_specs(config)]
+        expensive = [spec for spec in specs if isinstance(spec[1], type) and issubclass(spec[1], LMEvalProbe)]
+        for key, cls, init_args in [spec for spec in specs if spec not in expensive] + expensive:  # cheap ones first
             if not isinstance(cls, type):
                 continue
             try:
