@@ -38,7 +38,6 @@ import contextlib
 import csv
 import importlib
 import inspect
-import logging
 import os
 import re
 import shlex
@@ -71,54 +70,11 @@ import lit_mofo.modules
 import lit_mofo.optim
 import lit_mofo.probes
 import lit_mofo.scenario  # noqa: F401
+from lit_mofo.notices import quiet_known_notices
 
 __all__ = ["LitMoFOCLI", "console_main", "main", "quiet_known_notices"]
 
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
-
-
-# ---------------------------------------------------------------------------------------------------- notices
-class _DropMessages(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-# Lightning's advertisements, printed on every run that does not use its cloud products.
-_LIGHTNING_TIPS = _DropMessages(("💡 Tip: For seamless cloud logging", "💡 Tip: For seamless cloud uploads"))
-
-
-def quiet_known_notices() -> None:
-    """Filter the notices every run prints that are not about the run, each by its exact text and origin.
-
-    - Lightning's install tips for litlogger and litmodels (info messages);
-    - torch >= 2.13's ``FutureWarning`` that ``LeafSpec`` is deprecated, raised inside Lightning's own
-      ``lightning/pytorch/utilities/_pytree.py`` (nothing a user can change);
-    - peft's "``loftq_config`` specified but will be ignored", which every ``peft.LoraConfig`` built by jsonargparse
-      triggers;
-    - transformers' ``FutureWarning`` that ``is_gradient_checkpointing`` is deprecated, which peft's
-      ``get_peft_model`` triggers on every model it wraps (peft's call, nothing a user can change).
-
-    Every other message and warning stays. Idempotent; the ``lit-mofo`` command calls it, scripts may too.
-    """
-    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _LIGHTNING_TIPS not in rank_zero_logger.filters:
-        rank_zero_logger.addFilter(_LIGHTNING_TIPS)
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
-    # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
-    # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
-    warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
-    warnings.filterwarnings(
-        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module=r"transformers\."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- errors
