@@ -10,7 +10,14 @@ Beyond LightningCLI:
 - **Arguments are checked before anything is built.** A value of the wrong type, an optimizer argument out of range
   (the optimizer is built once on a dummy parameter right after parsing) or a callback argument out of range
   (callbacks are built before the model) ends the command with exit status 2 and the reason first, without the
-  usage text. ``JSONARGPARSE_DEBUG=1`` raises the error with its traceback instead.
+  usage text. ``JSONARGPARSE_DEBUG=1`` raises the error with its traceback instead. Then, before anything loads,
+  the sources the config names are checked: a model, tokenizer or dataset path that does not exist ("no such
+  directory"), a Hub name that is neither cached nor reachable ("not cached and no network", with the download
+  command), an lm-eval task whose data cannot be loaded.
+- **One tokenizer.** ``data.init_args.tokenizer`` given alone becomes ``model.init_args.tokenizer`` too (the model,
+  its probes and the data tokenize alike); two different ones are refused, naming both keys.
+- **SIGTERM** (a scheduler's preemption) stops a fit at the end of its step with a checkpoint of that step, a line
+  ``lit-mofo: stopped by SIGTERM at step N; its checkpoint is PATH. Resume with: ...`` and exit status 143.
 - **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
   ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
   them, and the end-of-fit report lands next to them. With the project's data modules (see
@@ -22,8 +29,9 @@ Beyond LightningCLI:
   TensorBoard installed, without its notice about it); a fit that fails before logging anything removes the version
   directory it created. Give ``--trainer.logger`` to use another logger.
 - Lightning's install tips (litlogger, litmodels) and torch 2.13's ``LeafSpec`` deprecation warning inside Lightning
-  are filtered by their exact text; the progress bar shows ``Epoch N`` without the ``/-2`` of step-limited runs
-  and counts the batches of a resumed epoch from where it resumed.
+  are filtered by their exact text (:func:`lit_mofo.notices.quiet_known_notices`); the progress bar shows ``Epoch
+  N`` without the ``/-2`` of step-limited runs, counts the batches of a resumed epoch from where it resumed, and
+  shows the run's version number (``v_num: 2``).
 
 Example::
 

@@ -323,3 +323,25 @@ def test_the_recipes_lm_eval_data_is_checked_offline_before_the_model_loads(
     assert "task 'arc_easy' needs the Hugging Face dataset 'allenai/ai2_arc' (ARC-Easy), which is not cached" in error
     assert "Not cached and no network (offline mode is on" in error
     assert model_loads == []
+
+
+def test_a_module_of_ones_own_is_named_by_its_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: `--model my_package.lm.MyLM` (or `class_path:` in YAML), importable from PYTHONPATH."""
+    package = tmp_path / "my_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "lm.py").write_text(
+        "from lit_mofo.modules import CausalLMModule\n\n\nclass MyLM(CausalLMModule):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # what PYTHONPATH=. does for a package in the current directory
+    tiny = "{model_type: llama, vocab_size: 32, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, "
+    tiny += "num_attention_heads: 2}"
+    config = tmp_path / "my.yaml"
+    config.write_text(
+        f"model:\n  class_path: my_package.lm.MyLM\n  init_args:\n    model_config: {tiny}\n"
+        "data:\n  class_path: lit_mofo.scenario.ScenarioDataModule\ntrainer:\n  max_steps: 1\n"
+    )
+    command_line = ["--model", "my_package.lm.MyLM", "--model.model_config", tiny, "--data", "ScenarioDataModule"]
+    for args in (["--config", str(config)], command_line):
+        cli = main([*args, f"--trainer.default_root_dir={tmp_path}"], run=False)
+        assert type(cli.model).__module__ == "my_package.lm" and type(cli.model).__name__ == "MyLM"

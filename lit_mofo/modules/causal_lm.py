@@ -65,7 +65,15 @@ class CausalLMModule(pl.LightningModule):
     **from_pretrained_kwargs)`` and put in train mode. ``model_config`` instead builds a randomly initialised model
     from a config (a dict with ``model_type``, or a ``PretrainedConfig``), for tests and from-scratch runs. The
     tokenizer comes from ``tokenizer``, else from the model's directory (None if it has none); a tokenizer without a
-    pad token gets its EOS token as pad token. The loaded model is :attr:`model`, the tokenizer :attr:`tokenizer`.
+    pad token gets its EOS token as pad token. The loaded model is :attr:`model`, the tokenizer :attr:`tokenizer`;
+    :class:`~lit_mofo.data.instruction.InstructionDataModule` and the probes take this tokenizer, so it is set once,
+    here. A tokenizer saved as the generic ``PreTrainedTokenizerFast`` (built with the ``tokenizers`` library) is
+    loaded by that class, also from a model directory whose config would make ``AutoTokenizer`` pick another.
+
+    **Offline.** A local path that does not exist fails with "no such directory"; a Hub name that is not cached while
+    the Hub cannot be reached (``HF_HUB_OFFLINE=1``, or no connection) fails at once with "not cached and no
+    network" and the ``hf download`` command; a cached one then loads from the cache without trying the network
+    (see :mod:`lit_mofo._hub`).
 
     **Batches** are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt tokens and padding,
     as :class:`~lit_mofo.data.instruction.InstructionDataModule` makes them); without ``labels`` every attended
