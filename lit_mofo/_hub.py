@@ -47,12 +47,13 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
 
 
-def is_offline() -> bool:
-    """Whether the environment asks for offline mode: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE`` /
-    ``HF_DATASETS_OFFLINE``) set to 1/ON/YES/TRUE, now or when ``huggingface_hub`` was imported."""
+def is_offline(repo_type: Literal["model", "dataset"] = "model") -> bool:
+    """Whether the environment asks for offline mode: ``HF_HUB_OFFLINE`` set to 1/ON/YES/TRUE (now or when
+    ``huggingface_hub`` was imported), or the library's own switch for the kind of repository
+    (``TRANSFORMERS_OFFLINE`` for models, ``HF_DATASETS_OFFLINE`` for datasets)."""
     from huggingface_hub import constants
 
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE" if repo_type == "model" else "HF_DATASETS_OFFLINE")
     return bool(constants.HF_HUB_OFFLINE) or any(os.environ.get(name, "").upper() in _TRUE for name in names)
 
 
@@ -68,12 +69,12 @@ def _endpoint_answers(endpoint: str, timeout: float) -> bool:
         return False
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0, repo_type: Literal["model", "dataset"] = "model") -> bool:
     """Whether the Hugging Face Hub can be reached: not in offline mode, and a TCP connection to its endpoint
     (``HF_ENDPOINT``, default ``huggingface.co:443``) opens within ``timeout`` seconds. With a proxy configured
     (``HTTPS_PROXY``...) the answer is yes: the Hub client goes through the proxy, which this check cannot judge.
     The connection is tried once per process."""
-    if is_offline():
+    if is_offline(repo_type):
         return False
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return True
@@ -82,11 +83,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return _endpoint_answers(constants.ENDPOINT, timeout)
 
 
-def no_network_reason() -> str:
+def no_network_reason(repo_type: Literal["model", "dataset"] = "model") -> str:
     """Why there is no network, in the words of the environment: offline mode or the unreachable endpoint."""
     from huggingface_hub import constants
 
-    if is_offline():
+    if is_offline(repo_type):
         return "offline mode is on (HF_HUB_OFFLINE=1)"
     return f"{constants.ENDPOINT} cannot be reached"
 
@@ -142,7 +143,7 @@ def resolve_pretrained(
             f"{argument}: no such directory: {name!r} (resolved to {path.resolve()}; cwd: {os.getcwd()}). Check the "
             "path, or give a Hugging Face Hub name such as 'Qwen/Qwen2.5-0.5B'."
         )
-    if hub_reachable():
+    if hub_reachable(repo_type=repo_type):
         return name, False
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -150,7 +151,7 @@ def resolve_pretrained(
         return name, True  # cached: load it without trying the network
     raise MisconfigurationException(
         f"{argument}: {name!r} is no local directory (cwd: {os.getcwd()}) nor in the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}), and {no_network_reason()}. Not cached and no network: "
+        f"({constants.HF_HUB_CACHE}), and {no_network_reason(repo_type)}. Not cached and no network: "
         f"{_cache_hint(name, repo_type)}."
     )
 
@@ -176,13 +177,13 @@ def require_dataset(name: str, *, argument: str) -> bool:
     Raises:
         MisconfigurationException: not cached and no network, with the fix.
     """
-    if hub_reachable():
+    if hub_reachable(repo_type="dataset"):
         return False
     if dataset_is_cached(name):
         return True
     raise MisconfigurationException(
-        f"{argument}: the Hugging Face dataset {name!r} is not in the cache, and {no_network_reason()}. Not cached "
-        "and no network: pass a local path (JSONL files or a dataset directory) or pre-download with "
+        f"{argument}: the Hugging Face dataset {name!r} is not in the cache, and {no_network_reason('dataset')}. "
+        "Not cached and no network: pass a local path (JSONL files or a dataset directory) or pre-download with "
         f"`python -c \"import datasets; datasets.load_dataset('{name}')\"` on a machine with network, into the same "
         "Hugging Face cache (HF_HOME)."
     )

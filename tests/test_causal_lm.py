@@ -146,6 +146,7 @@ def test_an_uncached_hub_name_without_network_fails_before_any_download_saying_h
         reason = r"offline mode is on \(HF_HUB_OFFLINE=1\)"
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(_hub, "_endpoint_answers", lambda endpoint, timeout: False)
         reason = "cannot be reached"
     with pytest.raises(

@@ -103,12 +103,12 @@ def _data_problem(task: str, config: Mapping[str, Any]) -> str | None:
         missing = [file for file in local if not Path(file).expanduser().exists()]
         if missing:
             return f"task {task!r} reads {missing}, which do not exist (cwd: {Path.cwd()})"
-        if len(local) < len(files) and not _hub.hub_reachable():
-            return f"task {task!r} downloads its data files and {_hub.no_network_reason()}"
+        if len(local) < len(files) and not _hub.hub_reachable(repo_type="dataset"):
+            return f"task {task!r} downloads its data files and {_hub.no_network_reason('dataset')}"
         return None
     if Path(path).expanduser().exists():
         return None
-    if not _hub.is_hub_name(path) or _hub.hub_reachable() or _hub.dataset_is_cached(path):
+    if not _hub.is_hub_name(path) or _hub.hub_reachable(repo_type="dataset") or _hub.dataset_is_cached(path):
         return None
     configuration, named = (f", '{name}'", f" ({name})") if isinstance(name, str) else ("", "")
     return (
@@ -328,16 +328,16 @@ class LMEvalProbe(Probe):
         problems = [problem for task, config in configs.items() if (problem := _data_problem(task, config))]
         if problems:
             offline = (
-                f" Not cached and no network ({_hub.no_network_reason()}): pre-download the data as above, or point "
-                "`include_path` at tasks with local data files."
-                if not _hub.hub_reachable()
+                f" Not cached and no network ({_hub.no_network_reason('dataset')}): pre-download the data as above, "
+                "or point `include_path` at tasks with local data files."
+                if not _hub.hub_reachable(repo_type="dataset")
                 else ""
             )
             raise MisconfigurationException(
                 f"{_data.where(self)}: the data of tasks {self.tasks} cannot be loaded: {'; '.join(problems)}.{offline}"
             )
         hub_datasets = [c["dataset_path"] for c in configs.values() if _hub.is_hub_name(str(c.get("dataset_path")))]
-        if hub_datasets and not _hub.hub_reachable() and not _hub.is_offline():
+        if hub_datasets and not _hub.hub_reachable(repo_type="dataset") and not _hub.is_offline("dataset"):
             rank_zero_warn(
                 f"{_data.where(self)}: the Hugging Face Hub cannot be reached; {sorted(set(hub_datasets))} load from "
                 "the cache after the `datasets` library's retries at every evaluation. Set HF_HUB_OFFLINE=1 to skip "
