@@ -516,3 +516,25 @@ def test_a_data_tokenizer_that_differs_from_the_models_is_refused_naming_both(tm
         match=r"Two different tokenizers.*data.init_args.tokenizer.*model.init_args.tokenizer",
     ):
         other.setup("fit")
+
+
+def test_a_hub_dataset_that_is_not_cached_offline_or_a_missing_path_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    pytest.importorskip("datasets")
+    from lit_mofo import _hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(_hub, "dataset_is_cached", lambda name: False)
+    data = InstructionDataModule(dataset="lit-mofo/no-such-dataset")
+    data.tokenizer = tokenizer
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"dataset 'lit-mofo/no-such-dataset' is not in the cache, and offline mode is on.*Not cached and no "
+        r"network: pass a local path .*datasets.load_dataset\('lit-mofo/no-such-dataset'\)",
+    ):
+        data.setup("fit")
+    missing = InstructionDataModule(dataset="./no/such/data")
+    missing.tokenizer = tokenizer
+    with pytest.raises(MisconfigurationException, match=r"no such directory or file: './no/such/data'"):
+        missing.setup("fit")

@@ -553,7 +553,7 @@ class InstructionDataModule(pl.LightningDataModule):
         assert self.dataset is not None
         local = Path(self.dataset).expanduser().exists()
         if not local:
-            from lit_mofo._hub import is_hub_name, require_dataset
+            from lit_mofo._hub import is_hub_name, is_offline, require_dataset
 
             if not is_hub_name(self.dataset):
                 raise MisconfigurationException(
@@ -562,7 +562,7 @@ class InstructionDataModule(pl.LightningDataModule):
                     "'meta-math/MetaMathQA'."
                 )
             unreachable = require_dataset(self.dataset, argument="InstructionDataModule(dataset=...)")
-            if unreachable and not self._dataset_offline:
+            if unreachable and not is_offline("dataset") and not self._dataset_offline:
                 self._dataset_offline = True
                 rank_zero_warn(
                     f"InstructionDataModule: the Hugging Face Hub cannot be reached; dataset={self.dataset!r} loads "
