@@ -160,7 +160,7 @@ def test_an_uncached_hub_name_without_network_fails_before_any_download_saying_h
 def test_a_cached_hub_name_loads_from_the_cache_when_the_hub_cannot_be_reached(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from huggingface_hub import constants
+    from huggingface_hub import constants, file_download
 
     from lit_mofo import _hub
 
@@ -174,7 +174,15 @@ def test_a_cached_hub_name_loads_from_the_cache_when_the_hub_cannot_be_reached(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(_hub, "_endpoint_answers", lambda endpoint, timeout: False)
-    module = CausalLMModule(model="lit-mofo/tiny-qwen2")  # no network: local_files_only, no retries
+    requests: list[object] = []
+
+    def no_request(*args: object, **kwargs: object) -> None:
+        requests.append(args)
+        raise OSError("no network")
+
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_request)
+    module = CausalLMModule(model="lit-mofo/tiny-qwen2")  # from the cache: no request, so no retries
+    assert requests == []
     reference = AutoModelForCausalLM.from_pretrained(source)
     assert all(torch.equal(p, q) for p, q in zip(module.model.parameters(), reference.parameters(), strict=True))
     assert module.tokenizer is not None and module.tokenizer.chat_template == byte_tokenizer().chat_template

@@ -292,6 +292,9 @@ class CausalLMModule(pl.LightningModule):
             source, offline = resolve_pretrained(source, argument="CausalLMModule(model=...)")
             if offline:
                 options["local_files_only"] = True
+        if options.get("local_files_only"):
+            # transformers (5.x) looks for a PEFT adapter_config.json without local_files_only: 45 s of retries
+            options["adapter_kwargs"] = {"local_files_only": True, **(options.get("adapter_kwargs") or {})}
         if dtype is not None:
             options[_dtype_keyword()] = dtype if dtype == "auto" else _DTYPES[dtype]
         if attn_implementation is not None:
