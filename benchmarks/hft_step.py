@@ -182,8 +182,14 @@ def time_steps(setup: Setup, optimizer: str, rounds: int, warmup: int, device: s
             step(method)
             sync()
             times[method].append(time.perf_counter() - start)
-    ratios = {m: statistics.median(t / f for t, f in zip(v, times["full"], strict=True)) for m, v in times.items()}
-    return {"median_s": {m: statistics.median(v) for m, v in times.items()}, "ratio": ratios, "fraction": fractions}
+    paired = {m: [t / f for t, f in zip(v, times["full"], strict=True)] for m, v in times.items()}
+    return {
+        "median_s": {m: statistics.median(v) for m, v in times.items()},
+        "ratio": {m: statistics.median(v) for m, v in paired.items()},
+        "ratio_range": {m: (min(v), max(v)) for m, v in paired.items()},
+        "rounds": rounds,
+        "fraction": fractions,
+    }
 
 
 class _TimedHalfFineTuning(HalfFineTuning):
@@ -258,17 +264,40 @@ def markdown(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads). A step is forward + backward + "
         "(HFT's gradient drop) + optimizer step; the three models side by side, one step of each per round (order "
         f"rotating), {args.rounds} rounds after {args.warmup} warm-up steps. *vs full FT* is the median over the "
-        "rounds of the step's ratio to the full fine-tuning step of the same round.",
+        "rounds of the step's ratio to the full fine-tuning step of the same round, *range* the smallest and the "
+        "largest of those ratios.",
         "",
-        "| method | median step (ms) | vs full FT | callback hooks per step (us) | trainable fraction |",
-        "|---|---:|---:|---:|---:|",
+        "| method | median step (ms) | vs full FT | range over rounds | callback hooks per step (us) "
+        "| trainable fraction |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    unsteady = []
     for method in METHODS:
         hooks = f"{overhead[method] * 1e6:.0f}" if method in overhead else "-"
+        low, high = timing["ratio_range"][method]
         lines.append(
-            f"| {method} | {timing['median_s'][method] * 1e3:.1f} | {timing['ratio'][method]:.2f}x | {hooks} | "
-            f"{timing['fraction'][method]:.1%} |"
+            f"| {method} | {timing['median_s'][method] * 1e3:.1f} | {timing['ratio'][method]:.2f}x | "
+            f"{low:.2f}-{high:.2f}x | {hooks} | {timing['fraction'][method]:.1%} |"
         )
+        of_medians = timing["median_s"][method] / timing["median_s"]["full"]
+        if abs(of_medians / timing["ratio"][method] - 1) > 0.1:
+            unsteady.append(f"{method} {of_medians:.2f}x")
+    if unsteady or args.quick:
+        lines += [
+            "",
+            (
+                f"The ratios of the median steps ({', '.join(unsteady)}) differ from the paired ratios by more "
+                "than 10%: the load changed during the run. "
+                if unsteady
+                else ""
+            )
+            + (
+                f"`--quick` times {args.rounds} rounds of a tiny model: a smoke test of the script, not a measurement. "
+                if args.quick
+                else ""
+            )
+            + "Compare paired ratios from full runs (more `--rounds`, `--threads 1` on a busy machine).",
+        ]
     lines += [
         "",
         f"Optimizer state at the end of a {args.memory_steps}-step fit (`optimizer_state` keep/reset; redraw/2 = "

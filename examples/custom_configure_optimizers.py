@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from tiny_lm import SyntheticTokenDataModule, TinyCausalLM
 
 from lit_mofo import MoFO, mofo_param_groups, warmup_lr_scheduler
-from lit_mofo.cli import quiet_known_notices
+from lit_mofo.notices import quiet_known_notices
 
 
 class MyLM(TinyCausalLM):

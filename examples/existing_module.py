@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_mofo import ForgettingMonitor, HalfFineTuning, MoFOCallback, ParameterDrift
-from lit_mofo.cli import quiet_known_notices
+from lit_mofo.notices import quiet_known_notices
 from lit_mofo.probes import LanguageModelProbe
 
 VOCAB = 128

@@ -10,7 +10,14 @@ Beyond LightningCLI:
 - **Arguments are checked before anything is built.** A value of the wrong type, an optimizer argument out of range
   (the optimizer is built once on a dummy parameter right after parsing) or a callback argument out of range
   (callbacks are built before the model) ends the command with exit status 2 and the reason first, without the
-  usage text. ``JSONARGPARSE_DEBUG=1`` raises the error with its traceback instead.
+  usage text. ``JSONARGPARSE_DEBUG=1`` raises the error with its traceback instead. Then, before anything loads,
+  the sources the config names are checked: a model, tokenizer or dataset path that does not exist ("no such
+  directory"), a Hub name that is neither cached nor reachable ("not cached and no network", with the download
+  command), an lm-eval task whose data cannot be loaded.
+- **One tokenizer.** ``data.init_args.tokenizer`` given alone becomes ``model.init_args.tokenizer`` too (the model,
+  its probes and the data tokenize alike); two different ones are refused, naming both keys.
+- **SIGTERM** (a scheduler's preemption) stops a fit at the end of its step with a checkpoint of that step, a line
+  ``lit-mofo: stopped by SIGTERM at step N; its checkpoint is PATH. Resume with: ...`` and exit status 143.
 - **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
   ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
   them, and the end-of-fit report lands next to them. With the project's data modules (see
@@ -22,8 +29,9 @@ Beyond LightningCLI:
   TensorBoard installed, without its notice about it); a fit that fails before logging anything removes the version
   directory it created. Give ``--trainer.logger`` to use another logger.
 - Lightning's install tips (litlogger, litmodels) and torch 2.13's ``LeafSpec`` deprecation warning inside Lightning
-  are filtered by their exact text; the progress bar shows ``Epoch N`` without the ``/-2`` of step-limited runs
-  and counts the batches of a resumed epoch from where it resumed.
+  are filtered by their exact text (:func:`lit_mofo.notices.quiet_known_notices`); the progress bar shows ``Epoch
+  N`` without the ``/-2`` of step-limited runs, counts the batches of a resumed epoch from where it resumed, and
+  shows the run's version number (``v_num: 2``).
 
 Example::
 
@@ -37,9 +45,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib
-import logging
+import inspect
 import os
 import re
+import shlex
+import signal
 import sys
 import warnings
 import zipfile
@@ -58,7 +68,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
 # Imported for their side effect: jsonargparse resolves short class names among the imported subclasses.
@@ -68,54 +78,11 @@ import lit_mofo.modules
 import lit_mofo.optim
 import lit_mofo.probes
 import lit_mofo.scenario  # noqa: F401
+from lit_mofo.notices import quiet_known_notices
 
 __all__ = ["LitMoFOCLI", "console_main", "main", "quiet_known_notices"]
 
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
-
-
-# ---------------------------------------------------------------------------------------------------- notices
-class _DropMessages(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-# Lightning's advertisements, printed on every run that does not use its cloud products.
-_LIGHTNING_TIPS = _DropMessages(("💡 Tip: For seamless cloud logging", "💡 Tip: For seamless cloud uploads"))
-
-
-def quiet_known_notices() -> None:
-    """Filter the notices every run prints that are not about the run, each by its exact text and origin.
-
-    - Lightning's install tips for litlogger and litmodels (info messages);
-    - torch >= 2.13's ``FutureWarning`` that ``LeafSpec`` is deprecated, raised inside Lightning's own
-      ``lightning/pytorch/utilities/_pytree.py`` (nothing a user can change);
-    - peft's "``loftq_config`` specified but will be ignored", which every ``peft.LoraConfig`` built by jsonargparse
-      triggers;
-    - transformers' ``FutureWarning`` that ``is_gradient_checkpointing`` is deprecated, which peft's
-      ``get_peft_model`` triggers on every model it wraps (peft's call, nothing a user can change).
-
-    Every other message and warning stays. Idempotent; the ``lit-mofo`` command calls it, scripts may too.
-    """
-    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _LIGHTNING_TIPS not in rank_zero_logger.filters:
-        rank_zero_logger.addFilter(_LIGHTNING_TIPS)
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
-    # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
-    # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
-    warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored", category=UserWarning)
-    warnings.filterwarnings(
-        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module=r"transformers\."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -421,6 +388,26 @@ class _ProgressBarFixes(ProgressBar):
             return min(trainer.num_training_batches, seen + remaining)
         return trainer.num_training_batches
 
+    @override
+    def get_metrics(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        """The metrics, with ``v_num`` the run's version number as text (``v_num: 2``): not ``0.000`` (the rich bar
+        formats numbers as floats) nor the last 4 letters of ``version_2`` (``on_2``) after a resume."""
+        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        if "v_num" in items:
+            versions = [_version_number(logger.version) for logger in trainer.loggers]
+            items["v_num"] = "_".join(dict.fromkeys(v for v in versions if v))
+        return items
+
+
+def _version_number(version: int | str | None) -> str:
+    """``2`` for ``2`` and ``"version_2"``; any other version as it is."""
+    if version is None:
+        return ""
+    match = re.fullmatch(r"version_(\d+)", str(version))
+    return match.group(1) if match else str(version)
+
 
 class _RichBar(_ProgressBarFixes, RichProgressBar):
     @override
@@ -433,6 +420,59 @@ class _RichBar(_ProgressBarFixes, RichProgressBar):
 
 class _TQDMBar(_ProgressBarFixes, TQDMProgressBar):
     pass
+
+
+# ---------------------------------------------------------------------------------------------------- SIGTERM
+class _CheckpointOnSigterm(Callback):
+    """Saves a checkpoint when a fit is stopped by SIGTERM (what schedulers send before preemption).
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the training step it arrives in (a
+    ``SystemExit`` with exit status 0). This callback writes that step's checkpoint beside the ``ModelCheckpoint``'s
+    (same directory and naming, e.g. ``epoch=0-step=137.ckpt``; ``<log dir>/checkpoints`` without one) — the
+    state at the end of a complete step, so it resumes like any other. :class:`LitMoFOCLI` then prints where it
+    stopped and how to resume, and exits with status 143 (128 + SIGTERM), so the job reads as interrupted.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.path: Path | None = None
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        self.step = trainer.global_step
+        saver = trainer.checkpoint_callback
+        if saver is not None and getattr(saver, "dirpath", None):
+            path = Path(saver.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step}))
+        else:
+            path = (
+                Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / f"step={trainer.global_step}.ckpt"
+            )
+        if not path.exists():  # ModelCheckpoint may have written this step already
+            trainer.save_checkpoint(path, weights_only=False)
+        self.path = path
+
+
+def _resume_command(argv: list[str] | None, checkpoint: Path) -> str:
+    """The command that continues the run: the same arguments with ``--ckpt_path`` pointing at ``checkpoint``."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "lit-mofo"
+    if program.endswith(".py"):
+        program = "lit-mofo" if Path(sys.argv[0]).resolve() == Path(__file__).resolve() else f"python {sys.argv[0]}"
+    if argv is None:
+        return f"{program} fit <the same arguments> --ckpt_path {shlex.quote(str(checkpoint))}"
+    kept: list[str] = []
+    skip = False
+    for argument in argv:
+        if skip:
+            skip = False
+            continue
+        if argument == "--ckpt_path":
+            skip = True
+            continue
+        if not argument.startswith("--ckpt_path="):
+            kept.append(argument)
+    return shlex.join([*program.split(), *kept, f"--ckpt_path={checkpoint}"])
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -474,6 +514,10 @@ class LitMoFOCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         quiet_known_notices()
+        given = kwargs.get("args")
+        self._argv: list[str] | None = (
+            list(sys.argv[1:]) if given is None else [str(a) for a in given] if isinstance(given, list) else None
+        )
         kwargs.setdefault("parser_class", LitMoFOArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
@@ -511,6 +555,71 @@ class LitMoFOCLI(LightningCLI):
         if threads is not None:
             torch.set_num_threads(threads)
         self._check_optimizers(config)
+        self._share_tokenizer(config)
+        self._check_sources(config)
+
+    def _share_tokenizer(self, config: Namespace) -> None:
+        """One tokenizer for the model and the data: a ``data.init_args.tokenizer`` alone becomes the model's too
+        (the model, its probes and the data then tokenize alike); two different ones are refused now, naming both
+        keys, instead of failing after the model has loaded."""
+        model, data = config.get("model"), config.get("data")
+        model_args = model.get("init_args") if isinstance(model, Namespace) else None
+        data_args = data.get("init_args") if isinstance(data, Namespace) else None
+        if not isinstance(model_args, Namespace) or not isinstance(data_args, Namespace):
+            return
+        if "tokenizer" not in model_args or "tokenizer" not in data_args:
+            return  # one of the classes takes no tokenizer
+        ours, theirs = model_args.get("tokenizer"), data_args.get("tokenizer")
+        if ours is not None and theirs is not None and ours != theirs:
+            self._fail(
+                f"model.init_args.tokenizer={ours!r} and data.init_args.tokenizer={theirs!r} differ: the model, its "
+                "probes and the data must tokenize alike. Set the tokenizer once, on the model "
+                "(--model.init_args.tokenizer): the data takes the model's."
+            )
+        if ours is None and theirs is not None:
+            model_args["tokenizer"] = theirs
+
+    def _check_sources(self, config: Namespace) -> None:
+        """Before anything is built: every model, tokenizer, dataset and lm-eval task the config names can be
+        loaded — a local path that exists, or a Hub name that is cached or reachable — so that a typo or a missing
+        network fails now, in seconds, not after a model has loaded."""
+        from lit_mofo import _hub
+        from lit_mofo.data.instruction import InstructionDataModule
+        from lit_mofo.modules.causal_lm import CausalLMModule
+        from lit_mofo.probes.lm_eval import LMEvalProbe
+
+        specs = [(key, _import(class_path), init_args) for key, class_path, init_args in _class_specs(config)]
+        expensive = [spec for spec in specs if isinstance(spec[1], type) and issubclass(spec[1], LMEvalProbe)]
+        for key, cls, init_args in [spec for spec in specs if spec not in expensive] + expensive:  # cheap ones first
+            if not isinstance(cls, type):
+                continue
+            try:
+                if issubclass(cls, CausalLMModule):
+                    local_only = (init_args.get("from_pretrained_kwargs") or {}).get("local_files_only")
+                    model = init_args.get("model")
+                    if isinstance(model, str) and not model.startswith("scenario:") and not local_only:
+                        _hub.resolve_pretrained(model, argument=f"{key}.init_args.model")
+                    if isinstance(init_args.get("tokenizer"), str) and not local_only:
+                        _hub.resolve_pretrained(
+                            init_args["tokenizer"],
+                            argument=f"{key}.init_args.tokenizer",
+                            marker="tokenizer_config.json",
+                        )
+                elif issubclass(cls, InstructionDataModule) and isinstance(init_args.get("dataset"), str):
+                    dataset = init_args["dataset"]
+                    if not Path(dataset).expanduser().exists():
+                        if not _hub.is_hub_name(dataset):
+                            raise MisconfigurationException(
+                                f"{key}.init_args.dataset: no such directory or file: {dataset!r} (cwd: {os.getcwd()})."
+                            )
+                        _hub.require_dataset(dataset, argument=f"{key}.init_args.dataset")
+                elif issubclass(cls, LMEvalProbe):
+                    parameters = inspect.signature(cls).parameters
+                    cls(**{k: v for k, v in init_args.items() if k in parameters}).check_data()
+            except MisconfigurationException as error:
+                if os.environ.get(_DEBUG_ENV):
+                    raise
+                self._fail(str(error))
 
     def _check_optimizers(self, config: Namespace) -> None:
         """Build every configured torch or lit_mofo optimizer once on a dummy parameter: its own checks of the
@@ -556,8 +665,26 @@ class LitMoFOCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             callbacks.append(_RichBar() if _RICH_AVAILABLE else _TQDMBar())
+        callbacks.append(_CheckpointOnSigterm())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a fit stopped by SIGTERM names its checkpoint, says how to resume and exits with status
+        143 (Lightning's ``SIGTERMException`` would exit with 0, as if the job had succeeded)."""
+        try:
+            self.trainer.fit(**kwargs)
+        except SIGTERMException:
+            saver = next(c for c in self.trainer.callbacks if isinstance(c, _CheckpointOnSigterm))
+            if self.trainer.is_global_zero:
+                where = (
+                    f"; its checkpoint is {saver.path}. Resume with:\n  {_resume_command(self._argv, saver.path)}"
+                    if saver.path is not None
+                    else " (no checkpoint was written)."
+                )
+                sys.stderr.write(f"\nlit-mofo: stopped by SIGTERM at step {saver.step}{where}\n")
+                sys.stderr.flush()
+            raise SystemExit(128 + signal.SIGTERM) from None
 
     def _default_logger(self, default_root_dir: str | None) -> _RunLogger:
         run_dir = _run_dir_of(self._subcommand_config().get("ckpt_path")) if self.subcommand == "fit" else None

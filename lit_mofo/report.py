@@ -318,7 +318,10 @@ class FitReport:
         meta = run_metadata(trainer)
         paths = write_report(directory, sections, meta)
         if print_summary:
-            header = f"lit_mofo report, step {meta['global_step']}, optimizer: {meta['optimizers']}"
+            header = (
+                f"lit_mofo report, step {meta['global_step']}: {meta['method']}; optimizer: {meta['optimizers']}; "
+                f"model: {meta['model']}"
+            )
             tables = [console_table(table) for s in sections for table in s.summary]
             print("\n\n".join([header, *tables, f"Report: {', '.join(str(p) for p in paths.values())}"]))
 
@@ -344,20 +347,51 @@ def _describe(obj: object, settings: dict[str, Any]) -> str:
     return f"{type(obj).__name__}({', '.join(shown)})" if shown else type(obj).__name__
 
 
-def _method(trainer: pl.Trainer, module: nn.Module | None) -> str:
-    """The fine-tuning method: lit_mofo's callbacks that change training (not the measuring ones, which hand in a
-    report section) and Lightning ``BaseFinetuning`` ones; else a lit_mofo optimizer, else how much is trained."""
-    methods = [
+def _method_callbacks(trainer: pl.Trainer) -> list[str]:
+    """The callbacks that change what trains or how: Half Fine-Tuning, the L2-to-θ₀ penalty and Lightning's
+    ``BaseFinetuning`` ones. Measuring callbacks, ``MoFOCallback`` (its MoFO is the optimizer's part) and callbacks
+    that only run the fit (progress bars, loggers' helpers, a CLI's own) are not the method."""
+    from lit_mofo.callbacks.half_finetuning import HalfFineTuning
+    from lit_mofo.callbacks.l2_to_pretrained import L2ToPretrained
+
+    return [
         _describe(c, {k: getattr(c, k) for k in _METHOD_SETTINGS if hasattr(c, k)})
         for c in trainer.callbacks
-        if not callable(getattr(c, "report_section", None))
-        and (type(c).__module__.startswith("lit_mofo.") or isinstance(c, BaseFinetuning))
+        if isinstance(c, (HalfFineTuning, L2ToPretrained, BaseFinetuning))
+        and not callable(getattr(c, "report_section", None))
     ]
-    if methods:
-        return " + ".join(methods)
-    lit_mofo_optimizers = [type(o).__name__ for o in trainer.optimizers if type(o).__module__.startswith("lit_mofo")]
-    if lit_mofo_optimizers:
-        return " + ".join(lit_mofo_optimizers)
+
+
+def _adapters(module: nn.Module | None) -> list[str]:
+    """The PEFT adapters the model trains, e.g. ``LoRA(r=8, alpha=16)`` (``peft_config`` of a ``PeftModel``)."""
+    model = find_language_model(module) if module is not None else None
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return []
+    labels = []
+    for config in configs.values():
+        kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "adapter")))
+        if kind == "LORA":
+            dora = ", DoRA" if getattr(config, "use_dora", False) else ""
+            labels.append(f"LoRA(r={getattr(config, 'r', '?')}, alpha={getattr(config, 'lora_alpha', '?')}{dora})")
+        else:
+            labels.append(f"{kind} adapters")
+    return labels
+
+
+def _method(trainer: pl.Trainer, module: nn.Module | None) -> str:
+    """The fine-tuning method, as the user chose it: MoFO (with its update fraction) when a lit_mofo MoFO steps the
+    model, Half Fine-Tuning, the L2-to-θ₀ penalty, Lightning ``BaseFinetuning`` callbacks and PEFT adapters (LoRA
+    with its rank), joined by ``+``; without any of them "full fine-tuning", or the share of the parameters that
+    trains when the module froze some."""
+    parts = [
+        _describe(optimizer, {"fraction": optimizer.defaults.get("fraction")})
+        for optimizer in trainer.optimizers
+        if type(optimizer).__module__.startswith("lit_mofo.optim")
+    ]
+    parts += _method_callbacks(trainer) + _adapters(module)
+    if parts:
+        return " + ".join(dict.fromkeys(parts))
     if module is not None:
         numel = [(p.numel(), p.requires_grad) for p in module.parameters()]
         total, trained = sum(n for n, _ in numel), sum(n for n, grad in numel if grad)
@@ -382,8 +416,8 @@ def _model(module: nn.Module | None) -> str | None:
 
 def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
     """The run facts a report starts with: when, how far (the step, and the epoch as checkpoints number it), the
-    method (lit_mofo's callbacks that change training), the optimizers with their key settings, the model, the
-    strategy."""
+    method (MoFO and its fraction, Half Fine-Tuning, L2-to-θ₀, LoRA: what the user chose, never the callbacks that
+    only run the fit), the optimizers with their key settings, the model, the strategy."""
     import lit_mofo
 
     optimizers = []

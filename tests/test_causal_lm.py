@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_models import byte_tokenizer, save_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lit_mofo
-from lit_mofo.data.instruction import InstructionCollator, tokenize_example
+from lit_mofo.data.instruction import InstructionCollator, InstructionDataModule, tokenize_example
 from lit_mofo.modules.causal_lm import CausalLMModule
 from lit_mofo.scenario.data import ScenarioDataModule
 from lit_mofo.scenario.vocab import build_tokenizer
@@ -49,11 +51,11 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def trainer(max_steps: int = 3, **kwargs: Any) -> pl.Trainer:
+def trainer(max_steps: int = 3, logger: Any = False, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -111,8 +113,109 @@ def test_from_pretrained_local_directory_loads_weights_tokenizer_and_train_mode(
 
 def test_missing_model_path_names_the_path_and_why(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_model"
-    with pytest.raises(MisconfigurationException, match=r"no_such_model' is neither a local directory .* reached"):
+    with pytest.raises(MisconfigurationException, match=r"model=...\): no such directory: '.*no_such_model'.*cwd"):
         CausalLMModule(model=str(missing))
+
+
+@pytest.mark.parametrize("path", ["./models/llama", "../llama", "~/no/such/llama", "models/llama/v2", "C:\\models"])
+def test_a_path_that_cannot_be_a_hub_name_says_no_such_directory_not_a_repo_id_error(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _no_download)
+    with pytest.raises(MisconfigurationException, match=r"no such directory") as error:
+        CausalLMModule(model=path)
+    assert "Repo id" not in str(error.value)  # transformers' HFValidationError about repository ids
+
+
+def _no_download(*args: object, **kwargs: object) -> None:
+    raise AssertionError("from_pretrained was called: the check should have answered before any download")
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE=1", "hub-unreachable"])
+def test_an_uncached_hub_name_without_network_fails_before_any_download_saying_how_to_get_it(
+    offline: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from huggingface_hub import constants
+
+    from lit_mofo import _hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _no_download)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        reason = r"offline mode is on \(HF_HUB_OFFLINE=1\)"
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(_hub, "_endpoint_answers", lambda endpoint, timeout: False)
+        reason = "cannot be reached"
+    with pytest.raises(
+        MisconfigurationException,
+        match=rf"'Qwen/Qwen2.5-0.5B' is no local directory .*{reason}\. Not cached and no network: pass a local path "
+        r".* pre-download with `hf download Qwen/Qwen2.5-0.5B`",
+    ):
+        CausalLMModule(model="Qwen/Qwen2.5-0.5B")
+
+
+def test_a_cached_hub_name_loads_from_the_cache_when_the_hub_cannot_be_reached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from huggingface_hub import constants, file_download
+
+    from lit_mofo import _hub
+
+    source = save_tiny_model(tmp_path / "tiny", arch="qwen2")
+    snapshot = tmp_path / "cache" / "models--lit-mofo--tiny-qwen2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(_hub, "_endpoint_answers", lambda endpoint, timeout: False)
+    requests: list[object] = []
+
+    def no_request(*args: object, **kwargs: object) -> None:
+        requests.append(args)
+        raise OSError("no network")
+
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_request)
+    module = CausalLMModule(model="lit-mofo/tiny-qwen2")  # from the cache: no request, so no retries
+    assert requests == []
+    reference = AutoModelForCausalLM.from_pretrained(source)
+    assert all(torch.equal(p, q) for p, q in zip(module.model.parameters(), reference.parameters(), strict=True))
+    assert module.tokenizer is not None and module.tokenizer.chat_template == byte_tokenizer().chat_template
+
+
+def test_a_custom_tokenizer_in_a_qwen2_model_directory_is_loaded_by_its_own_class(tmp_path: Path) -> None:
+    words = build_tokenizer()  # a word-level tokenizer built with the `tokenizers` library
+    directory = save_tiny_model(tmp_path / "qwen2", arch="qwen2", tokenizer=words)
+    text = "brafu faxte molbu"
+    # AutoTokenizer takes the class registered for the config's model type (Qwen2Tokenizer): other ids.
+    assert AutoTokenizer.from_pretrained(directory)(text)["input_ids"] != words(text)["input_ids"]
+    module = CausalLMModule(model=str(directory))
+    assert module.tokenizer is not None
+    assert module.tokenizer(text)["input_ids"] == words(text)["input_ids"]
+    assert module.tokenizer.get_vocab() == words.get_vocab()
+
+
+def test_the_tokenizer_set_on_the_model_only_is_the_datas_and_fits_with_a_logger(tmp_path: Path) -> None:
+    """The tokenizer is one setting, the model's; Lightning's hyper-parameter merge does not see a second one."""
+    model_dir = save_tiny_model(tmp_path / "model", arch="qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).unlink()
+    tokenizer_dir = tmp_path / "tokenizer"
+    byte_tokenizer().save_pretrained(tokenizer_dir)
+    train = tmp_path / "train.jsonl"
+    conversation = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    train.write_text(json.dumps({"messages": conversation}) + "\n")
+    module = CausalLMModule(model=str(model_dir), tokenizer=str(tokenizer_dir))
+    data = InstructionDataModule(train_file=str(train), batch_size=1)
+    fit = trainer(max_steps=1, logger=CSVLogger(tmp_path), log_every_n_steps=1)  # Lightning merges the hparams
+    fit.fit(module, data)
+    assert fit.global_step == 1
+    assert data.tokenizer is module.tokenizer
 
 
 def test_directory_without_a_model_is_reported_as_such(tmp_path: Path) -> None:

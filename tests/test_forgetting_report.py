@@ -292,6 +292,44 @@ def test_without_a_method_callback_the_method_is_full_fine_tuning_or_the_trained
     assert run_metadata(trainer)["method"] == f"fine-tuning {share:.3g}% of the parameters"
 
 
+def metadata_of(module: pl.LightningModule, optimizer: torch.optim.Optimizer, callbacks: list[pl.Callback]) -> Any:
+    """``run_metadata`` of a trainer holding ``module``, ``optimizer`` and ``callbacks`` (no fit needed)."""
+    from lit_mofo.report import run_metadata
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=callbacks)
+    trainer.strategy.connect(module)
+    trainer.strategy.optimizers = [optimizer]
+    return run_metadata(trainer)
+
+
+def test_the_method_names_mofo_with_its_fraction_and_never_the_clis_own_callbacks() -> None:
+    from lit_mofo import HalfFineTuning, MoFO, ParameterDrift
+    from lit_mofo.cli import _ContinueMetrics, _TQDMBar
+
+    module = AdamWLM()
+    internals: list[pl.Callback] = [_ContinueMetrics(), _TQDMBar()]  # what `lit-mofo` adds to every fit
+    meta = metadata_of(module, MoFO(module.parameters(), fraction=0.1), [*internals, ParameterDrift()])
+    assert meta["method"] == "MoFO(fraction=0.1)"
+    hft = metadata_of(module, MoFO(module.parameters()), [HalfFineTuning(), *internals])
+    assert hft["method"] == "MoFO(fraction=0.15) + HalfFineTuning(ratio=0.5)"
+    plain = metadata_of(module, torch.optim.AdamW(module.parameters()), internals)
+    assert plain["method"] == "full fine-tuning"
+    assert "_" not in meta["method"] + hft["method"] + plain["method"]
+
+
+def test_a_lora_run_is_named_lora_with_its_rank() -> None:
+    peft = pytest.importorskip("peft")
+    from lit_mofo import MoFO
+    from lit_mofo.modules import CausalLMModule
+
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32}
+    config |= {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    module = CausalLMModule(model_config=config, peft=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trained = [p for p in module.parameters() if p.requires_grad]
+    assert metadata_of(module, MoFO(trained), [])["method"] == "MoFO(fraction=0.15) + LoRA(r=4, alpha=8)"
+    assert metadata_of(module, torch.optim.AdamW(trained), [])["method"] == "LoRA(r=4, alpha=8)"
+
+
 def drawn_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meta: dict[str, Any]) -> Any:
     """Write a report with two panels whose lines overlap exactly; return the matplotlib figure it saved."""
     from matplotlib.figure import Figure

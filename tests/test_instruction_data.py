@@ -1,4 +1,5 @@
-"""InstructionDataModule: prompt/response JSONL to masked causal-LM batches, padding or packing, splits and errors."""
+"""InstructionDataModule: prompt/response and chat JSONL to masked causal-LM batches, padding or packing, splits,
+the tokenizer it shares with the model, and errors."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tiny_models import CHATML, byte_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from lit_mofo.data.instruction import (
@@ -21,6 +23,7 @@ from lit_mofo.data.instruction import (
     TokenizedExample,
     pack_examples,
     read_jsonl,
+    tokenize_conversation,
     tokenize_example,
 )
 from lit_mofo.scenario.vocab import ENTITY_POOL, build_tokenizer
@@ -304,3 +307,234 @@ def test_hugging_face_dataset_without_the_datasets_package_says_how_to_install(
 def test_invalid_arguments_are_rejected_with_the_value(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(MisconfigurationException, match=message):
         InstructionDataModule(**kwargs)
+
+
+# ---- chat records (role/content turns rendered with the chat template) -------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Germany? (ü)"},
+    {"role": "assistant", "content": "Berlin."},
+]
+
+
+def labelled_spans(tokenizer: PreTrainedTokenizerFast, example: TokenizedExample) -> list[str]:
+    """The decoded runs of labelled tokens: what the loss is taken on."""
+    spans: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token  # a label is the token itself (the model shifts them)
+            if previous == IGNORE_INDEX:
+                spans.append([])
+            spans[-1].append(token)
+        previous = label
+    return [tokenizer.decode(span) for span in spans]
+
+
+def chat_file(tmp_path: Path, conversations: list[Any], name: str = "chat.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, [{"messages": messages} for messages in conversations])
+
+
+def test_a_conversation_is_rendered_with_the_chat_template_and_labelled_on_the_assistant_turns_only() -> None:
+    tokenizer = byte_tokenizer()
+    example = tokenize_conversation(tokenizer, CONVERSATION)
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tokenizer.decode(example.input_ids) == rendered  # the whole conversation, as the template writes it
+    # The replies and the end-of-turn markup after each (so the model learns to stop), not the generation prompt.
+    assert labelled_spans(tokenizer, example) == ["Paris.<|im_end|>\n", "Berlin.<|im_end|>\n"]
+    everything = tokenize_conversation(tokenizer, CONVERSATION, train_on_prompt=True)
+    assert everything.input_ids == example.input_ids and everything.labels == everything.input_ids
+    cut = tokenize_conversation(tokenizer, CONVERSATION, max_length=20)
+    assert cut.input_ids == example.input_ids[:20] and cut.labels == example.labels[:20]
+
+
+def test_the_prompt_the_model_sees_at_generation_is_the_unlabelled_text_before_each_reply() -> None:
+    tokenizer = byte_tokenizer()
+    example = tokenize_conversation(tokenizer, CONVERSATION[:3])
+    first_label = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert example.input_ids[:first_label] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_jsonl_batches_label_the_replies_and_prompt_response_files_still_work(tmp_path: Path) -> None:
+    tokenizer = byte_tokenizer()
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    single = [CONVERSATION[1], {"role": "assistant", "content": "Paris."}]
+    path = chat_file(tmp_path, [CONVERSATION, single])
+    data = setup_module_data(InstructionDataModule(train_file=str(path), tokenizer=str(tokenizer_dir)))
+    assert [labelled_spans(tokenizer, e) for e in data.train_examples] == [
+        ["Paris.<|im_end|>\n", "Berlin.<|im_end|>\n"],
+        ["Paris.<|im_end|>\n"],
+    ]
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(
+        label != IGNORE_INDEX for e in data.train_examples for label in e.labels
+    )
+    prompt_response = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "Capital of France? ", "response": "Paris."}])
+    plain = setup_module_data(InstructionDataModule(train_file=str(prompt_response), tokenizer=str(tokenizer_dir)))
+    assert labelled_spans(tokenizer, plain.train_examples[0]) == ["Paris.<|endoftext|>"]
+
+
+def test_chat_template_argument_renders_with_a_template_file(tmp_path: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    data = InstructionDataModule(train_file=str(chat_file(tmp_path, [CONVERSATION[1:3]])), chat_template=str(template))
+    data.tokenizer = byte_tokenizer(chat_template=None)
+    data.setup("fit")
+    tokenizer = data.tokenizer
+    assert tokenizer.decode(data.train_examples[0].input_ids) == "user: Capital of France?\nassistant: Paris.\n"
+    assert labelled_spans(tokenizer, data.train_examples[0]) == ["Paris.\n"]
+    with pytest.raises(MisconfigurationException, match=r"chat_template='nope.jinja' is neither a Jinja template"):
+        InstructionDataModule(train_file="a.jsonl", chat_template="nope.jinja")
+
+
+# Templates that do not know the system role: Gemma's refuses it, another one leaves it out silently.
+REFUSES_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + CHATML
+)
+DROPS_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+USER, REPLY = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+
+
+@pytest.mark.parametrize(
+    ("messages", "chat_template", "message"),
+    [
+        (
+            [USER, USER, REPLY],
+            CHATML,
+            r"turns do not alternate: turn 2 is 'user' after a 'user' turn.*merge consecutive",
+        ),
+        ([REPLY], CHATML, r"turn 1 is 'assistant' as the first turn.*starts with 'user'"),
+        ([USER, REPLY, USER], CHATML, r"ends with a 'user' turn \(turn 3\).*must end with the 'assistant' reply"),
+        (
+            [USER, {"role": "bot", "content": "x"}],
+            CHATML,
+            r"role 'bot'.*'system' \(first turn only\), 'user' or 'assistant'",
+        ),
+        ([USER, {"role": "assistant", "content": "  "}], CHATML, r"turn 2 \(assistant\) is empty.*Write the reply"),
+        (
+            [{"role": "system", "content": "Be brief."}, USER, REPLY],
+            REFUSES_SYSTEM,
+            r"refuses the conversation: System role not supported",
+        ),
+        (
+            [{"role": "system", "content": "Be brief."}, USER, REPLY],
+            DROPS_SYSTEM,
+            r"leaves out turn 1 \(system\).*roles the model's template knows",
+        ),
+        ("Hello", CHATML, r"'messages' is 'Hello'; it must be a non-empty list of turns"),
+    ],
+    ids=[
+        "not-alternating",
+        "reply-first",
+        "ends-with-user",
+        "unknown-role",
+        "empty-reply",
+        "template-refuses-role",
+        "template-drops-role",
+        "not-a-list",
+    ],
+)
+def test_a_bad_conversation_is_refused_with_its_line_and_the_fix(
+    tmp_path: Path, messages: Any, chat_template: str, message: str
+) -> None:
+    path = chat_file(tmp_path, [[USER, REPLY], messages])
+    data = InstructionDataModule(train_file=str(path))
+    data.tokenizer = byte_tokenizer(chat_template)
+    with pytest.raises(MisconfigurationException, match=rf"chat\.jsonl:2: .*{message}"):
+        data.setup("fit")
+
+
+def test_chat_records_with_a_tokenizer_without_a_chat_template_are_refused_with_the_fix(tmp_path: Path) -> None:
+    data = InstructionDataModule(train_file=str(chat_file(tmp_path, [[USER, REPLY]])))
+    data.tokenizer = byte_tokenizer(chat_template=None)
+    with pytest.raises(
+        MisconfigurationException, match=r"chat\.jsonl:1: a chat record .* has no chat template.*give `chat_template`"
+    ):
+        data.setup("fit")
+
+
+def test_a_file_mixing_the_formats_or_a_template_with_chats_is_refused(tmp_path: Path) -> None:
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": [USER, REPLY]}, {"prompt": "a", "response": "b"}])
+    data = InstructionDataModule(train_file=str(mixed))
+    data.tokenizer = byte_tokenizer()
+    with pytest.raises(MisconfigurationException, match=r"mixed\.jsonl:2: a prompt/response record among chat records"):
+        data.setup("fit")
+    neither = write_jsonl(tmp_path / "neither.jsonl", [{"question": "a", "answer": "b"}])
+    data = InstructionDataModule(train_file=str(neither))
+    data.tokenizer = byte_tokenizer()
+    with pytest.raises(MisconfigurationException, match=r"neither\.jsonl:1: the record has neither 'messages'"):
+        data.setup("fit")
+    templated = InstructionDataModule(train_file=str(chat_file(tmp_path, [[USER, REPLY]])), template="Q: {prompt}")
+    templated.tokenizer = byte_tokenizer()
+    with pytest.raises(MisconfigurationException, match=r"chat\.jsonl:1: a chat record .* template='Q: \{prompt\}'"):
+        templated.setup("fit")
+
+
+# ---- one tokenizer for the model and the data ----------------------------------------------------------------------
+
+
+def test_the_data_tokenizer_is_not_a_hyper_parameter_that_could_clash_with_the_models(tmp_path: Path) -> None:
+    data = InstructionDataModule(train_file="a.jsonl", tokenizer=str(tmp_path))
+    assert "tokenizer" not in data.hparams  # Lightning merges the module's and the data's: the model's is the one
+    assert data.hparams["messages_key"] == "messages"
+
+
+def test_a_data_tokenizer_that_differs_from_the_models_is_refused_naming_both(tmp_path: Path) -> None:
+    byte_dir = tmp_path / "byte"
+    byte_tokenizer().save_pretrained(byte_dir)
+    word_dir = tmp_path / "word"
+    build_tokenizer().save_pretrained(word_dir)
+
+    class WithTokenizer(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokenizer = byte_tokenizer()
+
+    path = chat_file(tmp_path, [[USER, REPLY]])
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(WithTokenizer())
+    same = InstructionDataModule(train_file=str(path), tokenizer=str(byte_dir))
+    same.trainer = trainer
+    same.setup("fit")  # the same vocabulary and special tokens, saved elsewhere: accepted
+    assert len(same.train_examples) == 1
+    other = InstructionDataModule(train_file=str(path), tokenizer=str(word_dir))
+    other.trainer = trainer
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"Two different tokenizers.*data.init_args.tokenizer.*model.init_args.tokenizer",
+    ):
+        other.setup("fit")
+
+
+def test_a_hub_dataset_that_is_not_cached_offline_or_a_missing_path_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    pytest.importorskip("datasets")
+    from lit_mofo import _hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(_hub, "dataset_is_cached", lambda name: False)
+    data = InstructionDataModule(dataset="lit-mofo/no-such-dataset")
+    data.tokenizer = tokenizer
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"dataset 'lit-mofo/no-such-dataset' is not in the cache, and offline mode is on.*Not cached and no "
+        r"network: pass a local path .*datasets.load_dataset\('lit-mofo/no-such-dataset'\)",
+    ):
+        data.setup("fit")
+    missing = InstructionDataModule(dataset="./no/such/data")
+    missing.tokenizer = tokenizer
+    with pytest.raises(MisconfigurationException, match=r"no such directory or file: './no/such/data'"):
+        missing.setup("fit")

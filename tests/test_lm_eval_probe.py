@@ -179,3 +179,39 @@ def test_the_monitor_logs_lm_eval_metrics_against_the_pretrained_baseline(task_d
     assert monitor.baselines["harness"] == pytest.approx(expected)
     assert f"forgetting/harness/{TASK}/acc" in trainer.callback_metrics
     assert [r["step"] for r in monitor.history if r["metric"] == f"{TASK}/acc"] == [0, 2]
+
+
+def task_reading(directory: Path, dataset: str) -> Path:
+    """A task directory whose one task reads ``dataset`` (a `datasets` builder line or a Hub name)."""
+    directory.mkdir()
+    (directory / "task.yaml").write_text(
+        f"task: lit_mofo_data_check\n{dataset}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return directory
+
+
+def test_a_task_whose_hub_dataset_is_not_cached_is_refused_offline_in_setup_before_any_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    tasks = task_reading(tmp_path / "tasks", "dataset_path: lit-mofo/no-such-dataset\ndataset_name: easy")
+    lm_eval_probe = LMEvalProbe("lit_mofo_data_check", include_path=tasks, include_defaults=False)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"task 'lit_mofo_data_check' needs the Hugging Face dataset 'lit-mofo/no-such-dataset' \(easy\), which "
+        r"is not cached \(pre-download it with `python -c \"import datasets; datasets.load_dataset\('lit-mofo/"
+        r"no-such-dataset', 'easy'\)\"`.*Not cached and no network \(offline mode is on",
+    ):
+        lm_eval_probe.setup(Single(), LM())  # refused before the tokenizer or the model is looked at
+
+
+def test_a_task_whose_local_data_file_is_missing_is_refused_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.jsonl"
+    tasks = task_reading(tmp_path / "tasks", f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {missing}")
+    with pytest.raises(MisconfigurationException, match=rf"task 'lit_mofo_data_check' reads \['{missing}'\], which do"):
+        LMEvalProbe("lit_mofo_data_check", include_path=tasks, include_defaults=False).check_data()

@@ -10,6 +10,7 @@ runs each one. Adding a command to the README without an entry there fails
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shlex
@@ -101,6 +102,14 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     "python examples/cli.py fit --config configs/examples/tiny_lm.yaml --config configs/hft_callback.yaml "
     "--config configs/mofo.yaml": Run("about 20 s", SHORT_TINY),
     "lit-mofo fit --config configs/l2_to_pretrained.yaml": Run("1-2 minutes", SHORT_QUICKSTART),
+    # fine-tune your own model
+    "lit-mofo fit --config configs/recipes/qwen2.5-0.5b_metamath_mofo.yaml": CoveredBy(
+        "tests/test_recipes.py::test_the_qwen_recipe_runs_as_written_with_a_tiny_local_model_and_data", "not timed here"
+    ),
+    "python benchmarks/precision.py": Run("about a minute", ("--quick",)),
+    "python examples/lm_eval_probe.py --model Qwen/Qwen2.5-0.5B --tasks arc_easy,hellaswag --limit 100": CoveredBy(
+        "tests/test_examples.py::test_lm_eval_probe_example_scores_a_local_model_on_a_local_task", "not timed here"
+    ),
     # benchmarks
     "python benchmarks/optimizer_step.py": CoveredBy(
         "tests/test_benchmarks_optimizer.py::"
@@ -275,3 +284,36 @@ def test_the_main_job_needs_no_extra_for_its_png_and_its_exact_resume() -> None:
     assert "torchdata" in dependencies  # ResumableDataLoader
     extras = _pyproject()["project"]["optional-dependencies"]
     assert extras["plot"] == []  # kept so that `pip install "lit-mofo[plot]"` still works
+
+
+# ---- the data examples -----------------------------------------------------------------------------------------------
+
+
+def test_the_readmes_jsonl_examples_are_data_the_instruction_module_trains_on(tmp_path: Path) -> None:
+    """Each ```jsonl block is a training file in one format; the chat one labels exactly its assistant replies."""
+    from tiny_models import byte_tokenizer
+
+    from lit_mofo.data.instruction import IGNORE_INDEX, InstructionDataModule
+
+    blocks = re.findall(r"```jsonl\n(.*?)```", README, re.S)
+    assert [len(block.splitlines()) for block in blocks] == [5, 2]  # a 5-line chat file, then prompt/response
+    tokenizer = byte_tokenizer()
+    for index, block in enumerate(blocks):
+        path = tmp_path / f"example{index}.jsonl"
+        path.write_text(block)
+        data = InstructionDataModule(train_file=str(path))
+        data.tokenizer = tokenizer
+        data.setup("fit")
+        assert len(data.train_examples) == len(block.splitlines())
+        learned = [
+            tokenizer.decode([t for t, label in zip(e.input_ids, e.labels, strict=True) if label != IGNORE_INDEX])
+            for e in data.train_examples
+        ]
+        replies = [
+            [turn["content"] for turn in json.loads(line)["messages"] if turn["role"] == "assistant"]
+            if index == 0
+            else [json.loads(line)["response"]]
+            for line in block.splitlines()
+        ]
+        end = "<|im_end|>\n" if index == 0 else "<|endoftext|>"  # the chat template's end of turn, or EOS
+        assert learned == ["".join(reply + end for reply in reply_list) for reply_list in replies]

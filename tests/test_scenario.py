@@ -206,7 +206,7 @@ def test_build_is_reproducible(tmp_path: Path) -> None:
 def test_base_model_is_built_into_the_cache_once_and_then_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LIT_MOFO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LIT_MOFO_CACHE_DIR", str(tmp_path / "cache"))
     path = base_model_path(TINY_RECIPE, log=None)
     assert path == tmp_path / "cache" / "scenario" / f"base-{TINY_RECIPE.key()}"
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", METADATA_FILE} <= {p.name for p in path.iterdir()}
@@ -223,6 +223,21 @@ def test_base_model_is_built_into_the_cache_once_and_then_reused(
     assert base_model_path(TINY_RECIPE, log=None) == path
     with pytest.raises(AssertionError, match="rebuilt"):
         base_model_path(TINY_RECIPE, force=True, log=None)
+
+
+def test_one_cache_variable_for_the_scenario_and_the_kernels_and_the_old_name_still_works_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lit_mofo.optim import _fused
+    from lit_mofo.scenario.base_model import cache_root
+
+    monkeypatch.delenv("LIT_MOFO_CACHE", raising=False)
+    monkeypatch.setenv("LIT_MOFO_CACHE_DIR", str(tmp_path / "one"))
+    assert cache_root() == _fused._cache_dir() == tmp_path / "one"
+    monkeypatch.delenv("LIT_MOFO_CACHE_DIR")
+    monkeypatch.setenv("LIT_MOFO_CACHE", str(tmp_path / "old"))
+    with pytest.warns(FutureWarning, match=r"\$LIT_MOFO_CACHE is deprecated.*export LIT_MOFO_CACHE_DIR="):
+        assert cache_root() == tmp_path / "old"
 
 
 def test_missing_model_without_build_says_how_to_build(tmp_path: Path) -> None:

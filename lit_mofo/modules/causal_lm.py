@@ -65,7 +65,15 @@ class CausalLMModule(pl.LightningModule):
     **from_pretrained_kwargs)`` and put in train mode. ``model_config`` instead builds a randomly initialised model
     from a config (a dict with ``model_type``, or a ``PretrainedConfig``), for tests and from-scratch runs. The
     tokenizer comes from ``tokenizer``, else from the model's directory (None if it has none); a tokenizer without a
-    pad token gets its EOS token as pad token. The loaded model is :attr:`model`, the tokenizer :attr:`tokenizer`.
+    pad token gets its EOS token as pad token. The loaded model is :attr:`model`, the tokenizer :attr:`tokenizer`;
+    :class:`~lit_mofo.data.instruction.InstructionDataModule` and the probes take this tokenizer, so it is set once,
+    here. A tokenizer saved as the generic ``PreTrainedTokenizerFast`` (built with the ``tokenizers`` library) is
+    loaded by that class, also from a model directory whose config would make ``AutoTokenizer`` pick another.
+
+    **Offline.** A local path that does not exist fails with "no such directory"; a Hub name that is not cached while
+    the Hub cannot be reached (``HF_HUB_OFFLINE=1``, or no connection) fails at once with "not cached and no
+    network" and the ``hf download`` command; a cached one then loads from the cache without trying the network
+    (see :mod:`lit_mofo._hub`).
 
     **Batches** are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt tokens and padding,
     as :class:`~lit_mofo.data.instruction.InstructionDataModule` makes them); without ``labels`` every attended
@@ -208,7 +216,9 @@ class CausalLMModule(pl.LightningModule):
 
             self.model = get_peft_model(self.model, self.peft_config)
             self.model.train()
-        self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(tokenizer, source)
+        self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(
+            tokenizer, source, from_pretrained_kwargs or {}
+        )
         self.fsdp_param_dtype, self.fsdp_reduce_dtype = self._fsdp_dtypes(fsdp_param_dtype, fsdp_reduce_dtype)
 
     @property
@@ -273,14 +283,25 @@ class CausalLMModule(pl.LightningModule):
     ) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
+        from lit_mofo._hub import resolve_pretrained
+
         options = dict(kwargs)
+        if not options.get("local_files_only"):
+            # A missing local path or an uncached Hub name without network fails here, at once; a cached one loads
+            # without trying the network when the Hub cannot be reached.
+            source, offline = resolve_pretrained(source, argument="CausalLMModule(model=...)")
+            if offline:
+                options["local_files_only"] = True
+        if options.get("local_files_only"):
+            # transformers (5.x) looks for a PEFT adapter_config.json without local_files_only: 45 s of retries
+            options["adapter_kwargs"] = {"local_files_only": True, **(options.get("adapter_kwargs") or {})}
         if dtype is not None:
             options[_dtype_keyword()] = dtype if dtype == "auto" else _DTYPES[dtype]
         if attn_implementation is not None:
             options["attn_implementation"] = attn_implementation
         try:
             return AutoModelForCausalLM.from_pretrained(source, **options)
-        except (OSError, ValueError) as error:  # OSError: missing path, unknown name, no network
+        except (OSError, ValueError) as error:  # OSError: missing files, unknown name
             if Path(source).expanduser().is_dir():
                 raise MisconfigurationException(
                     f"model={source!r} is a directory but holds no loadable model (a `save_pretrained` directory "
@@ -290,8 +311,7 @@ class CausalLMModule(pl.LightningModule):
                 raise
             raise MisconfigurationException(
                 f"model={source!r} is neither a local directory (cwd: {os.getcwd()}) nor a Hugging Face model that "
-                "can be reached (offline, it must already be in the Hugging Face cache). Check the path or the "
-                f"name. Cause: {error}"
+                f"can be loaded: check the path or the name. Cause: {error}"
             ) from error
 
     @staticmethod
@@ -320,20 +340,29 @@ class CausalLMModule(pl.LightningModule):
         return model
 
     @staticmethod
-    def _load_tokenizer(tokenizer: str | None, source: str | None) -> PreTrainedTokenizerBase | None:
-        from transformers import AutoTokenizer
+    def _load_tokenizer(
+        tokenizer: str | None, source: str | None, options: dict[str, Any]
+    ) -> PreTrainedTokenizerBase | None:
+        from lit_mofo._hub import load_tokenizer, resolve_pretrained
 
+        local_only = {"local_files_only": True} if options.get("local_files_only") else {}
         if tokenizer is not None:
+            name, offline = resolve_pretrained(
+                tokenizer, argument="CausalLMModule(tokenizer=...)", marker="tokenizer_config.json"
+            )
             try:
-                loaded = AutoTokenizer.from_pretrained(tokenizer)
+                loaded = load_tokenizer(name, **({"local_files_only": True} if offline else local_only))
             except (OSError, ValueError) as error:
                 raise MisconfigurationException(
                     f"tokenizer={tokenizer!r} is neither a local directory with tokenizer files nor a Hugging Face "
-                    f"name that can be reached: {error}"
+                    f"name that can be loaded: {error}"
                 ) from error
         elif source is not None:
+            name, offline = source, bool(local_only)
+            if not local_only:
+                name, offline = resolve_pretrained(source, argument="CausalLMModule(model=...)")
             try:
-                loaded = AutoTokenizer.from_pretrained(source)
+                loaded = load_tokenizer(name, **({"local_files_only": True} if offline else {}))
             except (OSError, ValueError, TypeError):  # a model directory without tokenizer files
                 rank_zero_info(f"CausalLMModule: {source!r} has no tokenizer; pass `tokenizer=` if the data needs it.")
                 return None

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import glob
 import importlib.util
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lit_mofo import _hub
 from lit_mofo._validation import as_bool, as_int
 from lit_mofo.probes import _data
 from lit_mofo.probes.base import Probe, find_language_model
@@ -36,6 +38,84 @@ def _import_lm_eval() -> tuple[Any, Any, Any]:
     except ImportError as error:
         raise ModuleNotFoundError(f"LMEvalProbe needs lm-evaluation-harness: {_INSTALL_HINT} ({error}).") from error
     return lm_eval.simple_evaluate, HFLM, TaskManager
+
+
+# `datasets` builders that read files named in `dataset_kwargs.data_files` instead of a Hub repository.
+_FILE_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset"})
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: tuple[str, ...], include_defaults: bool) -> Any:
+    """lm-eval's task index (``include_defaults``: its thousands of built-in task files, ~20 s on 2 CPU cores),
+    built once per process for a set of task directories: the CLI's check before the model loads and the probe's
+    ``setup`` share it."""
+    _, _, task_manager_cls = _import_lm_eval()
+    return task_manager_cls(include_path=list(include_path) or None, include_defaults=include_defaults)
+
+
+def _task_configs(manager: Any, name: str, seen: set[str] | None = None) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(task, config)`` of every task that ``name`` (a task, group or tag) runs, from lm-eval's index.
+
+    Reads the index's parsed YAML (``TaskManager.task_index`` entries of lm-eval 0.4.13+); Python-defined tasks and
+    anything the index does not describe are skipped (lm-eval checks those itself when it loads them)."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return
+    seen.add(name)
+    entry = manager.task_index.get(name)
+    if entry is None:
+        return
+    kind, config = getattr(entry.kind, "name", ""), entry.cfg or {}
+    if kind == "TASK":
+        yield name, config
+    elif kind == "GROUP":
+        for child in config.get("task") or []:
+            if isinstance(child, str):
+                yield from _task_configs(manager, child, seen)
+            elif isinstance(child, Mapping) and isinstance(child.get("task"), str):
+                if "dataset_path" in child:
+                    yield child["task"], child
+                else:
+                    yield from _task_configs(manager, child["task"], seen)
+    elif kind == "TAG":
+        for member in sorted(entry.tags):
+            yield from _task_configs(manager, member, seen)
+
+
+def _data_files(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [file for item in value.values() for file in _data_files(item)]
+    if isinstance(value, (list, tuple)):
+        return [file for item in value for file in _data_files(item)]
+    return []
+
+
+def _data_problem(task: str, config: Mapping[str, Any]) -> str | None:
+    """Why the data of ``task`` cannot be loaded now (a missing file, an uncached dataset without network), or None."""
+    path, name = config.get("dataset_path"), config.get("dataset_name")
+    if not isinstance(path, str) or not path:
+        return None
+    if path in _FILE_BUILDERS:
+        files = _data_files((config.get("dataset_kwargs") or {}).get("data_files"))
+        local = [file for file in files if "://" not in file and not glob.has_magic(file)]
+        missing = [file for file in local if not Path(file).expanduser().exists()]
+        if missing:
+            return f"task {task!r} reads {missing}, which do not exist (cwd: {Path.cwd()})"
+        if len(local) < len(files) and not _hub.hub_reachable(repo_type="dataset"):
+            return f"task {task!r} downloads its data files and {_hub.no_network_reason('dataset')}"
+        return None
+    if Path(path).expanduser().exists():
+        return None
+    if not _hub.is_hub_name(path) or _hub.hub_reachable(repo_type="dataset") or _hub.dataset_is_cached(path):
+        return None
+    configuration, named = (f", '{name}'", f" ({name})") if isinstance(name, str) else ("", "")
+    return (
+        f"task {task!r} needs the Hugging Face dataset {path!r}{named}, which is not cached (pre-download it with "
+        f"`python -c \"import datasets; datasets.load_dataset('{path}'{configuration})\"` on a machine with network, "
+        "into the same HF_HOME)"
+    )
 
 
 class _Meeting:
@@ -219,8 +299,54 @@ class LMEvalProbe(Probe):
         """Filled from lm-eval's results: ``{"<task>/<metric>": flag}`` for every metric reported so far."""
         return dict(self._directions)
 
+    def check_data(self) -> Any:
+        """Resolve the tasks in lm-eval's index and check that their data can be loaded now; returns the task index
+        (lm-eval's ``TaskManager``).
+
+        Runs in :meth:`setup`, and in ``lit-mofo`` right after the arguments are parsed, before the model loads.
+        Every task's dataset must be a local file or directory, cached, or reachable: a Hub dataset that is not
+        cached while the Hub cannot be reached (``HF_HUB_OFFLINE=1``, or no network) is refused at once, instead of
+        lm-eval's retries and raw ``ConnectionError`` at the first evaluation.
+
+        Raises:
+            MisconfigurationException: an unknown task (with the closest known names), or data that cannot be
+                loaded (naming the task, the dataset and how to pre-download it).
+        """
+        manager = _task_manager(tuple(self.include_path), self.include_defaults)
+        known = set(manager.all_tasks)
+        unknown = [task for task in self.tasks if task not in known]
+        if unknown:
+            hints = {task: difflib.get_close_matches(task, known, n=3) for task in unknown}
+            raise MisconfigurationException(
+                f"Unknown lm-eval task(s) {unknown} (closest known: {hints}). Check the spelling against "
+                "`lm_eval --tasks list`, or point `include_path` at the directory holding the task's YAML."
+            )
+        try:
+            configs = dict(config for task in self.tasks for config in _task_configs(manager, task))
+        except (AttributeError, TypeError):  # an lm-eval whose index looks otherwise: it checks its data itself
+            return manager
+        problems = [problem for task, config in configs.items() if (problem := _data_problem(task, config))]
+        if problems:
+            offline = (
+                f" Not cached and no network ({_hub.no_network_reason('dataset')}): pre-download the data as above, "
+                "or point `include_path` at tasks with local data files."
+                if not _hub.hub_reachable(repo_type="dataset")
+                else ""
+            )
+            raise MisconfigurationException(
+                f"{_data.where(self)}: the data of tasks {self.tasks} cannot be loaded: {'; '.join(problems)}.{offline}"
+            )
+        hub_datasets = [c["dataset_path"] for c in configs.values() if _hub.is_hub_name(str(c.get("dataset_path")))]
+        if hub_datasets and not _hub.hub_reachable(repo_type="dataset") and not _hub.is_offline("dataset"):
+            rank_zero_warn(
+                f"{_data.where(self)}: the Hugging Face Hub cannot be reached; {sorted(set(hub_datasets))} load from "
+                "the cache after the `datasets` library's retries at every evaluation. Set HF_HUB_OFFLINE=1 to skip "
+                "them."
+            )
+        return manager
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        simple_evaluate, _, task_manager_cls = _import_lm_eval()
+        simple_evaluate, _, _ = _import_lm_eval()
         accepted = inspect.signature(simple_evaluate).parameters
         unknown_kwargs = sorted(set(self.evaluate_kwargs) - set(accepted))
         if unknown_kwargs:
@@ -231,17 +357,7 @@ class LMEvalProbe(Probe):
                 "keyword arguments of lm_eval.simple_evaluate",
                 f"It takes no {unknown_kwargs}; see `help(lm_eval.simple_evaluate)`.",
             )
-        self._task_manager = task_manager_cls(
-            include_path=self.include_path or None, include_defaults=self.include_defaults
-        )
-        known = set(self._task_manager.all_tasks)
-        unknown = [task for task in self.tasks if task not in known]
-        if unknown:
-            hints = {task: difflib.get_close_matches(task, known, n=3) for task in unknown}
-            raise MisconfigurationException(
-                f"Unknown lm-eval task(s) {unknown} (closest known: {hints}). Check the spelling against "
-                "`lm_eval --tasks list`, or point `include_path` at the directory holding the task's YAML."
-            )
+        self._task_manager = self.check_data()
         model = find_language_model(pl_module)
         from transformers import PreTrainedModel
 

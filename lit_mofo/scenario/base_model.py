@@ -7,7 +7,8 @@ the world's facts (:mod:`~lit_mofo.scenario.corpus`) and the skill of copying a 
 knowledge accuracy and copying exact match), loadable with ``AutoModelForCausalLM.from_pretrained``.
 
 :func:`base_model_path` returns the cached model of a recipe, building it on first use, under
-``$LIT_MOFO_CACHE/scenario/base-<key>`` (default cache ``~/.cache/lit_mofo``), where ``<key>`` hashes the recipe,
+``$LIT_MOFO_CACHE_DIR/scenario/base-<key>`` (default cache ``~/.cache/lit_mofo``; the same root and variable as
+MoFO's compiled CPU kernels), where ``<key>`` hashes the recipe,
 the vocabulary and the build format. Two processes asking at once (DDP ranks, parallel tests) do not both build:
 a file lock serialises them, and the model is written to a temporary directory renamed into place only when
 complete, so a reader never sees half a model (the next build removes the temporary directory of a killed one).
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_mofo.scenario.corpus import KnowledgeSpec, generate_facts
 from lit_mofo.scenario.task import TaskSpec, generate_task
@@ -51,7 +52,8 @@ __all__ = [
     "cache_root",
 ]
 
-CACHE_ENV = "LIT_MOFO_CACHE"
+CACHE_ENV = "LIT_MOFO_CACHE_DIR"  # one cache for lit_mofo: the scenario's base models and MoFO's compiled kernels
+_OLD_CACHE_ENV = "LIT_MOFO_CACHE"  # the scenario's own name before 0.1: still read, with a deprecation warning
 METADATA_FILE = "lit_mofo_scenario.json"
 SCENARIO_MODEL = "scenario:base"  # what CausalLMModule(model=...) resolves to the default recipe's cached model
 _FORMAT_VERSION = 1  # bump when the build changes in a way the recipe does not capture
@@ -152,8 +154,23 @@ class BaseModelRecipe:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$LIT_MOFO_CACHE``, else ``~/.cache/lit_mofo``."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lit_mofo").expanduser()
+    """``cache_dir``, else ``$LIT_MOFO_CACHE_DIR``, else ``$XDG_CACHE_HOME/lit_mofo``, else ``~/.cache/lit_mofo``:
+    the root MoFO's compiled CPU kernels use too. The former ``$LIT_MOFO_CACHE`` is still read when
+    ``$LIT_MOFO_CACHE_DIR`` is not set, with a warning to rename it."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    configured = os.environ.get(CACHE_ENV)
+    if not configured and os.environ.get(_OLD_CACHE_ENV):
+        configured = os.environ[_OLD_CACHE_ENV]
+        rank_zero_warn(
+            f"${_OLD_CACHE_ENV} is deprecated: lit_mofo's one cache variable is ${CACHE_ENV} (the scenario's base "
+            f"models and MoFO's compiled kernels). Rename it: export {CACHE_ENV}={configured}",
+            category=FutureWarning,
+        )
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "lit_mofo"
 
 
 @contextmanager
@@ -321,7 +338,7 @@ def base_model_path(
 
     Args:
         recipe: which model.
-        cache_dir: cache root; None uses ``$LIT_MOFO_CACHE`` or ``~/.cache/lit_mofo``.
+        cache_dir: cache root; None: :func:`cache_root` (``$LIT_MOFO_CACHE_DIR`` or ``~/.cache/lit_mofo``).
         build: build a missing model (else raise ``FileNotFoundError``).
         force: rebuild even if cached.
         num_threads: torch threads while building (see :func:`build_base_model`).
