@@ -90,13 +90,14 @@ def check_tokenizer(tokenizer: Any, where: str) -> Any:
 
 
 def resolve_tokenizer(tokenizer: Any, pl_module: nn.Module | None, where: str = "probe") -> Any:
-    """A tokenizer object: ``tokenizer`` itself, loaded with ``AutoTokenizer`` from a local path if a path, or the
-    LightningModule's ``tokenizer`` attribute when None. ``None`` if there is none."""
+    """A tokenizer object: ``tokenizer`` itself, loaded by its own class from a local path if a path
+    (:func:`lit_mofo._hub.load_tokenizer`, as the model's tokenizer is), or the LightningModule's ``tokenizer``
+    attribute when None. ``None`` if there is none."""
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
+        from lit_mofo._hub import load_tokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(tokenizer))
+            return load_tokenizer(str(tokenizer))
         except (OSError, ValueError) as err:
             raise error(
                 where,
