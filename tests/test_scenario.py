@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lit_mofo.probes._data import rank_batches
+from lit_mofo.probes.distribution import rank_batches
 from lit_mofo.scenario import base_model as base_model_module
 from lit_mofo.scenario.base_model import METADATA_FILE, BaseModelRecipe, base_model_path, build_base_model
 from lit_mofo.scenario.corpus import KnowledgeSpec, generate_facts

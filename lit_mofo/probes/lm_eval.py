@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_mofo import _hub
 from lit_mofo._validation import as_bool, as_int
-from lit_mofo.probes import _data
+from lit_mofo.probes import _checks, _model, _tokens
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.strategy import StrategyAdapter
 
@@ -232,13 +232,13 @@ class LMEvalProbe(Probe):
         evaluate_kwargs: dict[str, Any] | None = None,
         name: str = "lm_eval",
     ) -> None:
-        self.name = _data.check_name(name)
-        where = _data.where(self)
+        self.name = _checks.check_name(name)
+        where = _checks.where(self)
         if importlib.util.find_spec("lm_eval") is None:
             raise ModuleNotFoundError(f"{where} needs lm-evaluation-harness: {_INSTALL_HINT}.")
         self.tasks = [tasks] if isinstance(tasks, str) else list(tasks) if isinstance(tasks, Sequence) else []
         if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
-            raise _data.error(
+            raise _checks.error(
                 where,
                 "tasks",
                 tasks,
@@ -248,15 +248,17 @@ class LMEvalProbe(Probe):
         if num_fewshot is not None:
             as_int(num_fewshot, where=where, argument="num_fewshot", minimum=0, error=MisconfigurationException)
         self.num_fewshot = num_fewshot
-        self.limit = _data.check_limit(limit, "limit", where, unit="examples per task")
-        self.batch_size = _data.check_size(batch_size, "batch_size", where)
+        self.limit = _checks.check_limit(limit, "limit", where, unit="examples per task")
+        self.batch_size = _checks.check_size(batch_size, "batch_size", where)
         paths = [include_path] if isinstance(include_path, (str, Path)) else include_path or []
         if not isinstance(paths, Sequence):
-            raise _data.error(where, "include_path", include_path, "a directory of task YAML files, or a list of them")
+            raise _checks.error(
+                where, "include_path", include_path, "a directory of task YAML files, or a list of them"
+            )
         self.include_path = []
         for path in paths:
             if not isinstance(path, (str, Path)) or not Path(path).expanduser().is_dir():
-                raise _data.error(
+                raise _checks.error(
                     where,
                     "include_path",
                     include_path,
@@ -267,20 +269,20 @@ class LMEvalProbe(Probe):
         self.include_defaults = as_bool(
             include_defaults, where=where, argument="include_defaults", error=MisconfigurationException
         )
-        self.tokenizer = _data.check_tokenizer(tokenizer, where)
+        self.tokenizer = _tokens.check_tokenizer(tokenizer, where)
         if max_length is not None:
-            _data.check_size(max_length, "max_length", where)
+            _checks.check_size(max_length, "max_length", where)
         self.max_length = max_length
-        self.bootstrap_iters = _data.check_size(bootstrap_iters, "bootstrap_iters", where, minimum=0)
+        self.bootstrap_iters = _checks.check_size(bootstrap_iters, "bootstrap_iters", where, minimum=0)
         if evaluate_kwargs is not None and (
             not isinstance(evaluate_kwargs, Mapping) or not all(isinstance(k, str) for k in evaluate_kwargs)
         ):
-            raise _data.error(
+            raise _checks.error(
                 where, "evaluate_kwargs", evaluate_kwargs, "None or a dict of keyword arguments for simple_evaluate"
             )
         clashes = sorted(set(evaluate_kwargs or {}) & set(_SET_BY_PROBE))
         if clashes:
-            raise _data.error(
+            raise _checks.error(
                 where,
                 "evaluate_kwargs",
                 evaluate_kwargs,
@@ -334,12 +336,13 @@ class LMEvalProbe(Probe):
                 else ""
             )
             raise MisconfigurationException(
-                f"{_data.where(self)}: the data of tasks {self.tasks} cannot be loaded: {'; '.join(problems)}.{offline}"
+                f"{_checks.where(self)}: the data of tasks {self.tasks} cannot be loaded: "
+                f"{'; '.join(problems)}.{offline}"
             )
         hub_datasets = [c["dataset_path"] for c in configs.values() if _hub.is_hub_name(str(c.get("dataset_path")))]
         if hub_datasets and not _hub.hub_reachable(repo_type="dataset") and not _hub.is_offline("dataset"):
             rank_zero_warn(
-                f"{_data.where(self)}: the Hugging Face Hub cannot be reached; {sorted(set(hub_datasets))} load from "
+                f"{_checks.where(self)}: the Hugging Face Hub cannot be reached; {sorted(set(hub_datasets))} load from "
                 "the cache after the `datasets` library's retries at every evaluation. Set HF_HUB_OFFLINE=1 to skip "
                 "them."
             )
@@ -350,8 +353,8 @@ class LMEvalProbe(Probe):
         accepted = inspect.signature(simple_evaluate).parameters
         unknown_kwargs = sorted(set(self.evaluate_kwargs) - set(accepted))
         if unknown_kwargs:
-            raise _data.error(
-                _data.where(self),
+            raise _checks.error(
+                _checks.where(self),
                 "evaluate_kwargs",
                 self.evaluate_kwargs,
                 "keyword arguments of lm_eval.simple_evaluate",
@@ -365,9 +368,9 @@ class LMEvalProbe(Probe):
             raise MisconfigurationException(
                 f"LMEvalProbe needs a transformers PreTrainedModel as `pl_module.model`, got {type(model).__name__}."
             )
-        _data.check_gathered(model, _data.where(self))
-        self._tokenizer = _data.require_tokenizer(
-            _data.resolve_tokenizer(self.tokenizer, pl_module, _data.where(self)), self.name
+        _model.check_gathered(model, _checks.where(self))
+        self._tokenizer = _tokens.require_tokenizer(
+            _tokens.resolve_tokenizer(self.tokenizer, pl_module, _checks.where(self)), self.name
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -377,7 +380,7 @@ class LMEvalProbe(Probe):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._task_manager is None:
             self.setup(trainer, pl_module)
-        where = _data.where(self)
+        where = _checks.where(self)
         adapter = StrategyAdapter.of(trainer, user=where)
         meeting = _Meeting(adapter, where)
         output: dict[str, Any] | None = None
