@@ -155,6 +155,13 @@ def test_a_missing_extra_gives_the_install_command(monkeypatch: pytest.MonkeyPat
         LMEvalProbe(TASK).setup(Single(), LM())
 
 
+def test_a_max_length_beyond_the_models_positions_is_refused_in_setup(task_dir: Path) -> None:
+    # lm-eval truncates requests to max_length; beyond the model's 64 positions a sharded fit would hang in one rank
+    with pytest.raises(MisconfigurationException, match=r"max_length=65.*64.*Pass max_length=64 or less"):
+        probe(task_dir, max_length=65).setup(Single(), LM())
+    probe(task_dir, max_length=64).setup(Single(), LM())
+
+
 def test_a_model_without_a_tokenizer_is_refused(task_dir: Path) -> None:
     with pytest.raises(MisconfigurationException, match="no tokenizer"):
         LMEvalProbe(TASK, include_path=task_dir, include_defaults=False).setup(Single(), LM())

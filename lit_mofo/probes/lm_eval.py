@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_mofo import _hub
 from lit_mofo._validation import as_bool, as_int
-from lit_mofo.probes import _checks, _model, _tokens
+from lit_mofo.probes import _checks, _inspect, _model, _tokens
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.strategy import StrategyAdapter
 
@@ -369,6 +369,18 @@ class LMEvalProbe(Probe):
                 f"LMEvalProbe needs a transformers PreTrainedModel as `pl_module.model`, got {type(model).__name__}."
             )
         _model.check_gathered(model, _checks.where(self))
+        if self.max_length is not None:
+            # lm-eval truncates every request to max_length: longer than the model's positions, a sharded model would
+            # fail in one rank's forward while the others wait in FSDP's all-gather. Every rank checks the same value.
+            _inspect.check_window_lengths(
+                [("max_length", self.max_length)],
+                _inspect.model_positions(model),
+                allow_beyond=False,
+                where=_checks.where(self),
+                argument="max_length",
+                value=self.max_length,
+                fix="Pass max_length={limit} or less, or leave it None (the model config's).",
+            )
         self._tokenizer = _tokens.require_tokenizer(
             _tokens.resolve_tokenizer(self.tokenizer, pl_module, _checks.where(self)), self.name
         )
