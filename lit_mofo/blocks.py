@@ -185,6 +185,67 @@ LAYOUT_TABLE: tuple[LayoutRow, ...] = (
         "2 of 4",
         "RecurrentGemma's attention layers",
     ),
+    LayoutRow(
+        "attention",
+        "gated-q",
+        ("self_attn.{q_gate_proj,k_proj,v_proj,o_proj}",),
+        "attention",
+        "2 of 4 (q fused with its output gate)",
+        "MiniCPM5-MoE",
+    ),
+    LayoutRow(
+        "attention",
+        "lightning",
+        ("self_attn.{qkv_proj,out_proj}",),
+        "attention",
+        "1 of 2 (fused q/k/v)",
+        "MiniMax's lightning-attention layers",
+    ),
+    LayoutRow(
+        "attention",
+        "gated-deltanet",
+        ("linear_attn.(in_proj_qkv|in_proj_qkvz)", "linear_attn.(in_proj_ba|in_proj_b)", "linear_attn.out_proj"),
+        "attention",
+        "half of the projections (`in_proj_qkv`, `in_proj_z`, `in_proj_a`, `in_proj_b`, `out_proj`); `A_log`, "
+        "`dt_bias`, `conv1d` train; the gated norm with `out_proj`",
+        "Qwen3-Next, Qwen3.5(-MoE), Lara-Mini linear-attention layers",
+    ),
+    LayoutRow(
+        "attention",
+        "nemotron_h",
+        ("mixer.{q,k,v,o}_proj",),
+        "attention",
+        "2 of 4",
+        "Nemotron-H's attention layers",
+    ),
+    # ---- add-ons: recognised beside the block's main attention row
+    LayoutRow(
+        "attention",
+        "gated-deltanet-inputs",
+        ("linear_attn.(in_proj_z|in_proj_a)",),
+        "attention",
+        "drawn with the other projections",
+        "Qwen3.5(-MoE), Lara-Mini",
+        addon=True,
+    ),
+    LayoutRow(
+        "attention",
+        "attention gate",
+        ("self_attn.(gate_proj|g_proj|output_gate)",),
+        "attention",
+        "a unit of the attention draw",
+        "AFMoE, Beam, Laguna, MiniMax (output gates of the attention)",
+        addon=True,
+    ),
+    LayoutRow(
+        "attention",
+        "sparse-attention indexer",
+        ("self_attn.indexer.{wq_b,wk,weights_proj}",),
+        "attention",
+        "units of the attention draw (its `k_norm` with `wk`)",
+        "DeepSeek-V3.2, GLM-MoE-DSA",
+        addon=True,
+    ),
     # ---- cross-attention (optional in a block: recognised with the block's self-attention row)
     LayoutRow(
         "attention",
@@ -256,11 +317,23 @@ LAYOUT_TABLE: tuple[LayoutRow, ...] = (
     LayoutRow(
         "ffn",
         "shared-experts",
-        ("(mlp|feed_forward).(shared_expert|shared_experts|shared_mlp).{gate,up,down}_proj",),
+        (
+            "(mlp|feed_forward|mixer).(shared_expert|shared_experts|shared_mlp).(gate_proj|up_proj|gate_up_proj)",
+            "(mlp|feed_forward|mixer).(shared_expert|shared_experts|shared_mlp).down_proj",
+        ),
         "ffn",
         "drawn as a dense FFN (1 or 2 of 3)",
-        "Qwen2-MoE, DeepSeek-V2/V3, Llama 4, GLM-4-MoE, ...",
+        "Qwen2-MoE, DeepSeek-V2/V3, Llama 4, GLM-4-MoE, MiniMax-M3, Nemotron-H, ...",
     ),
+    LayoutRow(
+        "ffn",
+        "shared-mlp",
+        ("shared_mlp.{input_linear,output_linear}",),
+        "ffn",
+        "1 of 2",
+        "GraniteMoE-Shared, GraniteMoE-Hybrid",
+    ),
+    LayoutRow("ffn", "nemotron_h", ("mixer.{up,down}_proj",), "ffn", "1 of 2", "Nemotron-H's MLP layers"),
     LayoutRow("ffn", "hybrid-projection", ("linear",), "ffn", "a unit of the FFN draw", "Zamba2's hybrid layers"),
     LayoutRow(
         "ffn",
@@ -408,7 +481,7 @@ _COMPILED: tuple[_CompiledRow, ...] = tuple(
 _FOLLOWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("q_norm", ("q_proj", "query", "q", "qkv_proj", "Wqkv", "query_key_value", "c_attn")),
     ("q_layernorm", ("q_proj", "query", "q", "qkv_proj", "Wqkv", "query_key_value", "c_attn")),
-    ("k_norm", ("k_proj", "key", "k", "qkv_proj", "Wqkv", "query_key_value", "c_attn")),
+    ("k_norm", ("k_proj", "key", "k", "wk", "qkv_proj", "Wqkv", "query_key_value", "c_attn")),
     ("k_layernorm", ("k_proj", "key", "k", "qkv_proj", "Wqkv", "query_key_value", "c_attn")),
     ("q_a_layernorm", ("q_a_proj",)),
     ("kv_a_layernorm", ("kv_a_proj_with_mqa",)),
@@ -576,7 +649,7 @@ class ModelLayout:
     """Where the parameters of a model sit: its blocks and what lies outside them.
 
     Args:
-        architecture: the layouts of the blocks (:attr:`Block.layout`), joined by ``"+"`` when they differ (a
+        architecture: the layouts of the blocks (:attr:`Block.layout`), joined by ``", "`` when they differ (a
             hybrid, or DeepSeek's dense and MoE layers); ``"generic"`` when some block is not recognised by name;
             ``"none"`` when no blocks are found.
         blocks: the blocks, in module order.
@@ -715,6 +788,8 @@ def _find_sublayers(block: nn.Module) -> _Sublayers:
     ]
     found.mixers = markers
     for marker in markers:
+        if any(_within(marker, path) for path in found.attention):  # a linear attention's decay: attention
+            continue
         parts = marker.split(".") if marker else []
         for depth in range(1, len(parts) + 1):
             candidate = ".".join(parts[:depth])
@@ -766,9 +841,12 @@ def _order_by_rows(matrices: list[tuple[str, str]], rows: Sequence[_CompiledRow]
     return [name for _, name in ordered], set(rank)
 
 
-def _block_layout(block_name: str, block: nn.Module, names: dict[int, str], adapters: set[int]) -> Block:
+def _block_layout(
+    block_name: str, block: nn.Module, names: dict[int, str], adapters: set[int], seen: set[int]
+) -> Block:
+    """The layout of one block; ``seen`` holds the ids of the parameters earlier blocks took (a tensor shared by
+    several blocks, Zamba's shared transformer, belongs to the first)."""
     sublayers = _find_sublayers(block)
-    seen: set[int] = set()
     matrices: dict[str, list[tuple[str, str]]] = {"attention": [], "ffn": [], "ssm": []}
     norms: list[str] = []
     norm_modules: list[tuple[str, tuple[str, ...]]] = []  # (module path, its parameters)
@@ -795,6 +873,9 @@ def _block_layout(block_name: str, block: nn.Module, names: dict[int, str], adap
             continue
         if is_norm(owner):
             group = tuple(leaves.values())
+            if sublayers.category(rel_path) == "router":  # a norm inside the router routes with it
+                router.extend(group)
+                continue
             norms.extend(group)
             norm_modules.append((rel_path, group))
             continue
@@ -818,8 +899,11 @@ def _block_layout(block_name: str, block: nn.Module, names: dict[int, str], adap
         if isinstance(owner, nn.Embedding):  # T5's relative position bias
             state.extend((name, "embedding") for name in leaves.values())
             continue
+        if isinstance(owner, nn.modules.conv._ConvNd):  # a short convolution (Mamba's conv1d, a linear attention's)
+            state.extend((name, "ffn" if category == "ffn" else category) for name in leaves.values())
+            continue
         if category == "ssm":
-            # Projections are nn.Linear; the state-space core (A_log, D, dt_bias, conv1d, RG-LRU gates) is state.
+            # Projections are nn.Linear; the state-space core (A_log, D, dt_bias, RG-LRU gates) is state.
             found = [(leaf, names[id(p)]) for leaf, p in own if isinstance(owner, nn.Linear) and leaf == "weight"]
         else:
             found = [(leaf, names[id(p)]) for leaf, p in own if _is_matrix(owner, leaf, p)]
@@ -894,7 +978,15 @@ def _norm_units(
     category_of: Mapping[str, str],
     sublayers: _Sublayers,
 ) -> tuple[list[tuple[str, str]], list[tuple[str, ...]]]:
-    """The followers (extra norms -> the matrix they normalise) and the norm groups (see the module docstring)."""
+    """The followers (extra norms -> the matrix they normalise) and the norm groups (see the module docstring).
+
+    A norm inside a sublayer (T5's ``layer.0.layer_norm``, BERT's ``attention.output.LayerNorm``, Qwen3's unmatched
+    extra norms) has that sublayer's side. The block's own norms get a side by name (``*feedforward*``, ``*mlp*``,
+    ``final_layer_norm``... are the FFN side) or, two of them without such a name, by order: the first is the
+    attention side (Llama's ``input_layernorm``), the second the FFN side (its ``post_attention_layernorm``, which
+    normalises the FFN's input). Each side is one group; a block norm whose side cannot be told (one of three
+    unnamed ones, the only one) is a group of its own.
+    """
     followers: list[tuple[str, str]] = []
     sided: dict[str, list[str]] = {}
     block_level: list[tuple[str, tuple[str, ...]]] = []
@@ -916,18 +1008,21 @@ def _norm_units(
             block_level.append((path, params))
         else:
             sided.setdefault(side, []).extend(params)
-    if len(block_level) > 2:
-        by_name: dict[str, list[str]] = {}
-        for path, params in block_level:
-            by_name.setdefault("ffn" if _FFN_SIDE_NORM.search(path.rpartition(".")[2]) else "attention", []).extend(
-                params
-            )
-        if len(by_name) > 1 or sided:
-            for side, params in by_name.items():
-                sided.setdefault(side, []).extend(params)
-            block_level = []
-    groups = [params for _, params in block_level] + [tuple(params) for params in sided.values()]
-    return followers, [tuple(group) for group in groups]
+    by_name = ["ffn" if _FFN_SIDE_NORM.search(path.rpartition(".")[2]) else "attention" for path, _ in block_level]
+    if len(block_level) == 2 and len(set(by_name)) == 1:
+        by_name = ["attention", "ffn"]  # Llama's input_layernorm and post_attention_layernorm, in module order
+    groups: list[tuple[str, ...]] = []
+    if len(block_level) >= 2 and len(set(by_name)) > 1:
+        merged: dict[str, list[str]] = {}
+        for (_, params), side in zip(block_level, by_name, strict=True):
+            merged.setdefault(side, []).extend(params)
+        for side, params in sided.items():
+            merged.setdefault(side, []).extend(params)
+        sided = merged
+    else:
+        groups.extend(params for _, params in block_level)
+    groups.extend(tuple(sided[side]) for side in ("attention", "ffn", "ssm") if sided.get(side))
+    return followers, groups
 
 
 def _side(norm_path: str, category_of: Mapping[str, str]) -> str | None:
@@ -1014,16 +1109,17 @@ def detect_layout(root: nn.Module) -> ModelLayout:
     names = _first_names(root)
     adapters = _adapter_ids(root)
     blocks: list[Block] = []
+    seen: set[int] = set()
     for stack_name, stack in _find_stacks(root):
         for index, block in enumerate(stack):
-            blocks.append(_block_layout(_join(stack_name, str(index)), block, names, adapters))
+            blocks.append(_block_layout(_join(stack_name, str(index)), block, names, adapters, seen))
     layouts = list(dict.fromkeys(block.layout for block in blocks))
     if not blocks:
         architecture = "none"
     elif "generic" in layouts:
         architecture = "generic"
     else:
-        architecture = "+".join(layouts)
+        architecture = ", ".join(layouts)
 
     in_blocks = {name for block in blocks for name in block.parameters}
     id_of = {name: id(param) for name, param in root.named_parameters()}

@@ -564,7 +564,7 @@ class HalfFineTuning(Callback):
 
         if self._generator is None:
             seed = self.seed if self.seed is not None else _default_seed()
-            self._resolved_seed = int(trainer.strategy.broadcast(seed, src=0))
+            self._resolved_seed = int(self._adapter.broadcast(seed, src=0))
             self._generator = torch.Generator().manual_seed(self._resolved_seed)
         self._frozen = ()  # a new fit is a new stage: draw anew, with the generator continuing
         self._draw(trainer, pl_module)
