@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_mofo import HalfFineTuning, L2ToPretrained, ParameterDrift, mofo_param_groups
 from lit_mofo.callbacks.mofo_callback import MoFOCallback
-from lit_mofo.params import WORDS, check_patterns, parameter_words, select_names
+from lit_mofo.params import WORDS, check_patterns, parameter_words, select_names, warn_unmatched
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -130,3 +130,14 @@ def test_a_pattern_that_selects_nothing_is_warned_about_everywhere(case: str) ->
         "MoFOCallback": lambda: MoFOCallback(dense=pattern),
     }[case]()
     _warns_about(lambda: fit(LM(tiny_llama()), [callback]))
+
+
+def test_the_unmatched_warning_suggests_the_near_word_and_shows_a_parameter_name() -> None:
+    words = {"wte.weight": frozenset({"embedding"}), "h.0.ln.bias": frozenset({"norm"})}
+    with pytest.warns(UserWarning) as caught:
+        assert warn_unmatched("dense", ["embeddings", "bias"], words, where="x()") == ["embeddings", "bias"]
+    message = str(caught[0].message)
+    assert "x(): dense entries ['embeddings', 'bias'] match no parameter" in message
+    assert "'embeddings' is not a vocabulary word, did you mean 'embedding'?" in message
+    assert "'bias' is not" not in message  # a word that selected nothing here is no typo
+    assert "'wte.weight'" in message
