@@ -65,6 +65,7 @@ __all__ = [
     "LayoutRow",
     "ModelLayout",
     "Role",
+    "block_groups",
     "detect_layout",
     "layout_table_markdown",
     "parameter_roles",
@@ -1150,6 +1151,29 @@ def detect_layout(root: nn.Module) -> ModelLayout:
         head=tuple(head),
         other=tuple(other),
     )
+
+
+def block_groups(root: nn.Module, layout: ModelLayout | None = None) -> list[tuple[str, ...]]:
+    """The blocks of ``root`` (names, in order) grouped so that blocks sharing a tensor are in one group (Zamba's
+    hybrid layers share one transformer): FSDP2 shards each group as one unit (``fully_shard`` of its modules)."""
+    layout = layout or detect_layout(root)
+    owner: dict[int, int] = {}  # parameter id -> the group that holds it
+    groups: list[list[str]] = []
+    for block in layout.blocks:
+        found = {owner[id(p)] for p in root.get_submodule(block.name).parameters() if id(p) in owner}
+        if found:
+            target = min(found)
+            for other in sorted(found - {target}, reverse=True):  # a block tying two groups merges them
+                groups[target].extend(groups[other])
+                groups[other] = []
+            groups[target].append(block.name)
+            index = target
+        else:
+            groups.append([block.name])
+            index = len(groups) - 1
+        for name in groups[index]:
+            owner.update((id(p), index) for p in root.get_submodule(name).parameters())
+    return [tuple(group) for group in groups if group]
 
 
 def parameter_roles(root: nn.Module) -> dict[str, str]:

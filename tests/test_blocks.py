@@ -17,6 +17,7 @@ from lit_mofo.blocks import (
     ROLES,
     Block,
     ModelLayout,
+    block_groups,
     detect_layout,
     layout_table_markdown,
     parameter_roles,
@@ -507,3 +508,23 @@ def test_the_layout_table_renders_as_markdown_and_the_readme_shows_it() -> None:
     import zoo
 
     assert zoo.layouts_block() == zoo.render_layouts(), "README's layout table is stale: run `python tests/zoo.py`"
+
+
+def test_blocks_sharing_a_tensor_are_sharded_as_one_group() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import zoo
+
+    zamba = zoo.build("zamba")  # its hybrid layers 1 and 3 share one transformer
+    layout = detect_layout(zamba)
+    assert [block.name for block in layout.blocks] == [f"model.layers.{i}" for i in range(4)]
+    assert block_groups(zamba, layout) == [
+        ("model.layers.0",),
+        ("model.layers.1", "model.layers.3"),
+        ("model.layers.2",),
+    ]
+    # the shared tensors belong to the first block that holds them
+    assert any(".shared_transf." in name for name in layout.blocks[1].parameters)
+    assert not any(".shared_transf." in name for name in layout.blocks[3].parameters)
+    assert block_groups(tiny_llama()) == [("model.layers.0",), ("model.layers.1",)]

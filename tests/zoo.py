@@ -250,9 +250,13 @@ def build(model_type: str) -> nn.Module:
 
     own = _OVERRIDES.get(model_type, {})
     values = {**_TINY, **own}
-    config = AutoConfig.for_model(model_type)
-    if hasattr(config, "qk_rope_head_dim") and "head_dim" not in own:  # MLA: rotary on qk_rope_head_dim
+    defaults = AutoConfig.for_model(model_type)
+    if hasattr(defaults, "qk_rope_head_dim") and "head_dim" not in own:  # MLA: rotary on qk_rope_head_dim
         values["head_dim"] = values["qk_rope_head_dim"]
+    try:  # given to the config's __init__, so that the sizes it derives (Zamba's attention width...) follow
+        config = AutoConfig.for_model(model_type, **{key: v for key, v in values.items() if hasattr(defaults, key)})
+    except Exception:  # a config that validates its sizes together: set them one by one instead
+        config = defaults
     config = _shrink(config, values)
     mappings = (
         (auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,)
