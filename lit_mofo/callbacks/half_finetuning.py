@@ -210,7 +210,8 @@ class HalfFineTuning(Callback):
     ``__init__``, not the re-seeding that DDP does - so one script draws the same halves on 1 and on N processes.
     Rank zero's seed is broadcast, and the draws use their own generator, never the global RNG.
 
-    **State**: :attr:`trainable_names`, :attr:`frozen_names` (frozen by this callback), :attr:`left_frozen_names`
+    **State**: :attr:`trainable_names`, :attr:`frozen_names` (frozen by this callback), :attr:`frozen_slices` (frozen
+    experts of fused expert tensors), :attr:`left_frozen_names`
     (frozen by the module), :attr:`trainable_fraction` (share of all parameters, by count, that train now) and
     :attr:`history` (one entry per draw); each draw logs ``hft/trainable_fraction`` to the trainer's loggers, a
     summary with ``rank_zero_info`` (the first draw of a fit: how much trains, and which share of the tensors it
