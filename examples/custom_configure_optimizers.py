@@ -22,7 +22,7 @@ from lit_mofo.notices import quiet_known_notices
 
 class MyLM(TinyCausalLM):
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = mofo_param_groups(self, no_decay=("norm", "embedding"), dense=("embedding", r"lm_head"))
+        groups = mofo_param_groups(self, no_decay=("norm", "embedding"), dense=("embedding", "re:lm_head"))
         optimizer = MoFO(groups, lr=1e-3, fraction=0.15, weight_decay=0.01)
         total = self.trainer.estimated_stepping_batches
         return {"optimizer": optimizer, "lr_scheduler": warmup_lr_scheduler(optimizer, total, schedule="cosine")}

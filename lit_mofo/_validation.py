@@ -7,8 +7,8 @@ fix. The checks that several places need live here once:
 - :func:`as_float` / :func:`as_int`: a real number (never a ``bool``, a string or ``None``; finite unless asked
   otherwise) or an integer in a range;
 - :func:`as_patterns`: a list of name patterns (a single string is one pattern, never its characters), each a word
-  of a vocabulary (parameter categories, roles) or a valid regular expression; :func:`unmatched_patterns_message`
-  for the patterns that matched no parameter, with the nearest vocabulary word for a typo (``"embeddings"``);
+  of a vocabulary or a valid regular expression (:mod:`lit_mofo.params` reads them: words, ``re:`` regexes, and
+  the one policy for patterns that select nothing);
 - :func:`as_dtype`: a floating-point dtype given as a ``torch.dtype``, ``"float16"``, ``"torch.float16"`` or an
   alias (``"fp16"``, ``"half"``, ``"bf16"``, ...), the same forms everywhere;
 - :func:`as_bool`: a real ``bool`` (a YAML ``"false"`` in quotes is a string, and a non-empty string is truthy);
@@ -24,7 +24,6 @@ too, so a YAML value of the wrong kind gets the same message as a wrong value.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -43,8 +42,6 @@ __all__ = [
     "as_float",
     "as_int",
     "as_patterns",
-    "matches",
-    "unmatched_patterns_message",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -167,27 +164,6 @@ def as_patterns(
                 where, argument, value, valid, f"Entry {pattern!r} is not a valid regular expression ({err}).", error
             ) from err
     return checked
-
-
-def matches(pattern: str, name: str, word: str, vocabulary: Sequence[str]) -> bool:
-    """Whether ``pattern`` names a parameter called ``name`` whose category/role is ``word``."""
-    return pattern == word if pattern in vocabulary else re.search(pattern, name) is not None
-
-
-def unmatched_patterns_message(
-    unmatched: Sequence[str], *, where: str, argument: str, vocabulary: Sequence[str], names: Sequence[str]
-) -> str:
-    """The message for patterns that matched no parameter: what they are, a near vocabulary word, an example name."""
-    hints = []
-    for pattern in unmatched:
-        close = [] if pattern in vocabulary else difflib.get_close_matches(pattern, vocabulary, n=1)
-        if close:
-            hints.append(f"{pattern!r} is not a {'/'.join(vocabulary)} word, did you mean {close[0]!r}?")
-    example = f" (e.g. {names[0]!r})" if names else ""
-    return (
-        f"{where}: {argument} entries {list(unmatched)} match no parameter. Entries are one of {list(vocabulary)} "
-        f"or regular expressions searched in the parameter names{example}." + (f" {' '.join(hints)}" if hints else "")
-    )
 
 
 def as_dtype(

@@ -1,9 +1,30 @@
-"""Parameters of a module: their category, and which of them the user left trainable.
+r"""Parameters of a module: the words that select them, and which of them the user left trainable.
 
-**Categories.** One place for the rule, shared by the optimizer helpers (no weight decay / dense step by category)
-and the callbacks that select tensors by category. Categories come from module structure, not names, so they hold
-for any architecture: a parameter owned by a normalisation layer is ``"norm"``, one owned by an ``nn.Embedding``
-is ``"embedding"``, any other parameter called ``bias`` is ``"bias"``, everything else is ``"weight"``.
+**Selecting parameters.** Every argument of lit_mofo that names parameters - ``include``/``exclude`` of
+:class:`~lit_mofo.L2ToPretrained`, :class:`~lit_mofo.ParameterDrift` and :func:`~lit_mofo.mofo_param_groups`,
+``always_trainable``/``always_frozen`` of :class:`~lit_mofo.HalfFineTuning`, ``dense`` and ``no_decay`` of
+:class:`~lit_mofo.callbacks.mofo_callback.MoFOCallback` and :func:`~lit_mofo.mofo_param_groups` - takes a
+pattern or a list of them, read by this module in one way (:func:`check_patterns`, :func:`select_names`):
+
+- a **word** of :data:`WORDS` names the parameters it describes. The roles of :mod:`lit_mofo.blocks`
+  (``attention``, ``ffn``, ``router``, ``ssm``, ``norm``, ``embedding``, ``head``, ``other``:
+  :func:`lit_mofo.blocks.parameter_roles`) say where a parameter sits; the kinds (``bias``, ``norm``,
+  ``embedding``, ``weight``: :func:`named_parameter_categories`) say what it is, by module structure: a parameter
+  of a normalisation layer is ``norm``, one of an ``nn.Embedding`` ``embedding``, any other parameter called
+  ``bias`` (or ``..._bias``) ``bias``, everything else ``weight``. A parameter is named by its role and by its
+  kind, so ``"norm"`` is every normalisation layer's parameters (the block norms and the final norm, which is role
+  ``other``), ``"attention"`` every attention matrix and its bias, ``"weight"`` every matrix (and any other
+  parameter that is no bias, norm or embedding);
+- ``"re:<regex>"`` is a regular expression searched in the parameter's qualified name (``"re:lm_head"``,
+  ``r"re:layers\.0\."``). A word never becomes a regular expression, so ``"attention"`` means the attention
+  matrices on every architecture (Llama's are under ``self_attn``, where a regex ``attention`` finds nothing);
+- a plain string that is not a word is still read as a regular expression, as before, with a ``FutureWarning``:
+  write it with ``re:``. A string one typo away from a word (``"embeddings"``) gets a hint in the messages.
+
+A single string is one pattern. A pattern that selects no parameter of the module is warned about
+(``UserWarning``, with the nearest word for a typo) wherever it is given - never an error, so one configuration
+serves models with and without, say, biases; a selection that leaves nothing to act on is refused by the callback
+that needs something.
 
 **Trainable at the start of fit.** A parameter the module froze itself (``requires_grad=False`` when the fit
 starts) is not lit_mofo's to train. :class:`~lit_mofo.HalfFineTuning` changes ``requires_grad`` flags during fit,
@@ -15,28 +36,43 @@ of the callbacks in ``Trainer(callbacks=[...])``.
 
 from __future__ import annotations
 
+import difflib
+import re
+import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lit_mofo._validation import matches
+from lit_mofo._validation import argument_error, as_patterns
 
 __all__ = [
     "CATEGORIES",
+    "KINDS",
+    "REGEX_PREFIX",
+    "WORDS",
     "Category",
+    "check_patterns",
     "check_trainable",
     "forget_initial_requires_grad",
     "initial_requires_grad",
     "is_norm",
-    "match_any",
+    "matching_patterns",
     "named_parameter_categories",
+    "parameter_words",
     "record_initial_requires_grad",
+    "select_names",
+    "warn_unmatched",
 ]
 
 Category = Literal["bias", "norm", "embedding", "weight"]
-CATEGORIES: tuple[str, ...] = ("bias", "norm", "embedding", "weight")
+KINDS: tuple[str, ...] = ("bias", "norm", "embedding", "weight")
+CATEGORIES = KINDS  # the kinds' former name
+# The kinds, then the roles of lit_mofo.blocks.ROLES that are not kinds.
+WORDS: tuple[str, ...] = ("bias", "norm", "embedding", "weight", "attention", "ffn", "router", "ssm", "head", "other")
+REGEX_PREFIX = "re:"
 
 _NORM_TYPES = (
     nn.LayerNorm,
@@ -48,8 +84,9 @@ _NORM_TYPES = (
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalisation layer: torch's own, or a class named like one (``LlamaRMSNorm``, ``T5LayerNorm``)."""
-    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
+    """A normalisation layer: torch's own, or a class named like one (``LlamaRMSNorm``, ``T5LayerNorm``, Mamba-2's
+    ``MambaRMSNormGated``)."""
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "NormGated"))
 
 
 def _category(owner: nn.Module, leaf_name: str) -> Category:
@@ -57,13 +94,14 @@ def _category(owner: nn.Module, leaf_name: str) -> Category:
         return "norm"
     if isinstance(owner, nn.Embedding):
         return "embedding"
-    if leaf_name == "bias":
+    if leaf_name == "bias" or leaf_name.endswith("_bias"):
         return "bias"
     return "weight"
 
 
 def named_parameter_categories(module: nn.Module) -> Iterator[tuple[str, Tensor, Category]]:
-    """Yield ``(qualified_name, parameter, category)`` in ``named_parameters()`` order, shared tensors once."""
+    """Yield ``(qualified_name, parameter, kind)`` in ``named_parameters()`` order, shared tensors once; the kind is
+    one of :data:`KINDS`."""
     seen: set[int] = set()
     for owner_name, owner in module.named_modules():
         for leaf_name, param in owner.named_parameters(recurse=False):
@@ -74,9 +112,131 @@ def named_parameter_categories(module: nn.Module) -> Iterator[tuple[str, Tensor,
             yield name, param, _category(owner, leaf_name)
 
 
-def match_any(name: str, category: Category, patterns: Iterable[str]) -> bool:
-    """Whether a parameter is named by ``patterns``: each is a category name or a regex searched in ``name``."""
-    return any(matches(pattern, name, category, CATEGORIES) for pattern in patterns)
+def parameter_words(module: nn.Module, roles: Mapping[str, str] | None = None) -> dict[str, frozenset[str]]:
+    """Name (as in ``module.named_parameters()``) -> the words of :data:`WORDS` that name it: its role
+    (:func:`lit_mofo.blocks.parameter_roles`, or ``roles`` when the caller has them) and its kind
+    (:func:`named_parameter_categories`)."""
+    if roles is None:
+        from lit_mofo.blocks import parameter_roles
+
+        roles = parameter_roles(module)
+    kinds = {name: kind for name, _, kind in named_parameter_categories(module)}
+    return {name: frozenset((roles[name], kind)) for name, kind in kinds.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- patterns
+def _near_word(pattern: str) -> str | None:
+    close = difflib.get_close_matches(pattern, WORDS, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def check_patterns(
+    value: str | Iterable[str] | None,
+    *,
+    where: str,
+    argument: str,
+    error: type[Exception] = ValueError,
+) -> tuple[str, ...] | None:
+    """A pattern argument as a tuple (a single string is one pattern; ``None`` stays ``None``), each entry checked.
+
+    Raises ``error`` naming a non-string entry or an invalid regular expression; warns (``FutureWarning``) for a
+    plain string that is not a word of :data:`WORDS`, which is read as a regular expression as before but should be
+    written ``"re:<regex>"``.
+    """
+    checked = as_patterns(value, where=where, argument=argument, vocabulary=WORDS, error=error)
+    if checked is None:
+        return None
+    for pattern in checked:
+        if pattern.startswith(REGEX_PREFIX):
+            try:
+                re.compile(pattern[len(REGEX_PREFIX) :])
+            except re.error as err:
+                raise argument_error(
+                    where,
+                    argument,
+                    value,
+                    f"a word of {list(WORDS)} or {REGEX_PREFIX}<regex>, or a list of them",
+                    f"Entry {pattern!r} is not a valid regular expression ({err}).",
+                    error,
+                ) from err
+    for pattern in checked:
+        if pattern in WORDS or pattern.startswith(REGEX_PREFIX):
+            continue
+        near = _near_word(pattern)
+        hint = f" (did you mean the word {near!r}?)" if near else ""
+        warnings.warn(
+            f"{where}: {argument} entry {pattern!r} is not a word of {list(WORDS)}{hint}; reading it as a regular "
+            f"expression searched in the parameter names is deprecated: write {REGEX_PREFIX + pattern!r}.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return checked
+
+
+def _pattern_matches(pattern: str, name: str, words: Collection[str]) -> bool:
+    if pattern.startswith(REGEX_PREFIX):
+        return re.search(pattern[len(REGEX_PREFIX) :], name) is not None
+    if pattern in WORDS:
+        return pattern in words
+    return re.search(pattern, name) is not None  # the deprecated plain regex (check_patterns warned)
+
+
+def matching_patterns(patterns: Iterable[str], name: str, words: Collection[str]) -> list[str]:
+    """The patterns that name the parameter called ``name`` whose words (see :func:`parameter_words`) are
+    ``words``."""
+    return [pattern for pattern in patterns if _pattern_matches(pattern, name, words)]
+
+
+def warn_unmatched(
+    argument: str,
+    patterns: Sequence[str],
+    words: Mapping[str, Collection[str]],
+    *,
+    where: str,
+    scope: str = "match no parameter",
+) -> list[str]:
+    """Warn about the patterns that name none of ``words`` (name -> its words) and return them: the one policy for
+    patterns that select nothing. ``scope`` says what they missed (the default: any parameter)."""
+    unmatched = [
+        pattern
+        for pattern in patterns
+        if not any(_pattern_matches(pattern, name, name_words) for name, name_words in words.items())
+    ]
+    if unmatched:
+        hints = []
+        for pattern in unmatched:
+            near = None if pattern in WORDS else _near_word(pattern.removeprefix(REGEX_PREFIX))
+            if near:
+                hints.append(f"{pattern!r} is not a vocabulary word, did you mean {near!r}?")
+        example = f" (e.g. {next(iter(words))!r})" if words else ""
+        present = sorted({word for name_words in words.values() for word in name_words})
+        rank_zero_warn(
+            f"{where}: {argument} entries {list(unmatched)} {scope}. Entries are words of {list(WORDS)} (here: "
+            f"{present}) or regular expressions written {REGEX_PREFIX}<regex>, searched in the parameter "
+            f"names{example}." + (f" {' '.join(hints)}" if hints else ""),
+            category=UserWarning,
+        )
+    return unmatched
+
+
+def select_names(
+    words: Mapping[str, Collection[str]],
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+    *,
+    where: str,
+) -> list[str]:
+    """The names of ``words`` (name -> its words, in order) that ``include`` names (None: all) and ``exclude`` does
+    not; warns about patterns of either that name nothing (:func:`warn_unmatched`)."""
+    if include is not None:
+        warn_unmatched("include", include, words, where=where)
+    warn_unmatched("exclude", exclude, words, where=where)
+    return [
+        name
+        for name, name_words in words.items()
+        if (include is None or matching_patterns(include, name, name_words))
+        and not matching_patterns(exclude, name, name_words)
+    ]
 
 
 # ---------------------------------------------------------------------------------------- trainable at fit start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -11,8 +12,19 @@ import torch
 import transformers
 from torch import nn
 
-from lit_mofo.blocks import ROLES, Block, ModelLayout, detect_layout, parameter_roles
+from lit_mofo.blocks import (
+    LAYOUT_TABLE,
+    ROLES,
+    Block,
+    ModelLayout,
+    block_groups,
+    detect_layout,
+    layout_table_markdown,
+    parameter_roles,
+    split_part,
+)
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
@@ -313,3 +325,206 @@ def test_a_stack_nested_in_a_block_belongs_to_the_block() -> None:
     layout = detect_layout(model)
     assert [block.name for block in layout.blocks] == ["layers.0", "layers.1"]
     assert len(layout.blocks[0].ffn) == 8 and layout.blocks[0].attention == ("layers.0.attn.weight",)
+
+
+# ---------------------------------------------------------------------------------------------------- the zoo
+def tiny_mixtral() -> nn.Module:
+    config = transformers.MixtralConfig(**SMALL, num_key_value_heads=2, vocab_size=128, num_local_experts=4)
+    return transformers.MixtralForCausalLM(config)
+
+
+def tiny_gpt_oss() -> nn.Module:
+    config = transformers.GptOssConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, num_local_experts=4,
+    )  # fmt: skip
+    return transformers.GptOssForCausalLM(config)
+
+
+def test_fused_experts_are_ffn_one_unit_per_expert_and_the_router_routes() -> None:
+    layout = detect_layout(tiny_mixtral())
+    assert layout.architecture == "llama-moe"
+    block = layout.blocks[0]
+    (experts,) = block.experts
+    assert experts.count == 4
+    assert experts.tensors == ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj")
+    assert block.ffn == () and block.router == ("model.layers.0.mlp.gate.weight",)
+    assert block.units()["experts"][3] == (
+        "model.layers.0.mlp.experts.gate_up_proj[3]",
+        "model.layers.0.mlp.experts.down_proj[3]",
+    )
+    roles = layout.roles()
+    assert roles["model.layers.0.mlp.experts.gate_up_proj"] == "ffn"
+    assert roles["model.layers.0.mlp.gate.weight"] == "router"
+    assert split_part("model.layers.0.mlp.experts.down_proj[3]") == ("model.layers.0.mlp.experts.down_proj", 3)
+    assert split_part("model.layers.0.mlp.gate.weight") == ("model.layers.0.mlp.gate.weight", None)
+
+
+def test_gpt_oss_expert_biases_belong_to_their_matrix_only_and_sinks_are_attention() -> None:
+    layout = detect_layout(tiny_gpt_oss())
+    block = layout.blocks[0]
+    (experts,) = block.experts
+    prefix = "model.layers.0.mlp.experts."
+    assert experts.biases == (
+        (prefix + "gate_up_proj", prefix + "gate_up_proj_bias"),
+        (prefix + "down_proj", prefix + "down_proj_bias"),
+    )
+    assert set(experts.unit(1)) == {
+        f"{prefix}{name}[1]" for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    }
+    assert prefix + "gate_up_proj_bias" not in block.biases and prefix + "gate_up_proj_bias" not in block.ffn
+    roles = layout.roles()
+    assert roles[prefix + "down_proj_bias"] == "ffn"
+    assert roles["model.layers.0.self_attn.sinks"] == "attention"
+    assert roles["model.layers.0.mlp.router.bias"] == "router"
+
+
+def test_extra_norms_follow_their_matrix_and_block_norms_make_two_sides() -> None:
+    qwen3 = transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16, vocab_size=128)
+    )
+    block = detect_layout(qwen3).blocks[0]
+    p = "model.layers.0."
+    assert dict(block.followers) == {
+        p + "self_attn.q_norm.weight": p + "self_attn.q_proj.weight",
+        p + "self_attn.k_norm.weight": p + "self_attn.k_proj.weight",
+    }
+    assert block.units()["attention"][0] == (p + "self_attn.q_proj.weight", p + "self_attn.q_norm.weight")
+    assert block.norm_groups == ((p + "input_layernorm.weight",), (p + "post_attention_layernorm.weight",))
+    gemma3 = transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=16, vocab_size=128)
+    )
+    block = detect_layout(gemma3).blocks[0]
+    assert block.norm_groups == (
+        (p + "input_layernorm.weight", p + "post_attention_layernorm.weight"),
+        (p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"),
+    )
+
+
+def test_bart_cross_attention_is_attention() -> None:
+    model = transformers.BartForConditionalGeneration(
+        transformers.BartConfig(
+            d_model=64,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
+    )
+    layout = detect_layout(model)
+    assert layout.architecture == "opt" and not layout.unrecognised
+    decoder = layout.blocks[1]
+    p = "model.decoder.layers.0."
+    assert decoder.attention == tuple(
+        f"{p}{a}.{m}_proj.weight" for a in ("self_attn", "encoder_attn") for m in ("q", "k", "v", "out")
+    )
+    assert parameter_roles(model)[p + "encoder_attn.q_proj.bias"] == "attention"
+    assert decoder.norm_groups == (
+        (
+            p + "self_attn_layer_norm.weight",
+            p + "self_attn_layer_norm.bias",
+            p + "encoder_attn_layer_norm.weight",
+            p + "encoder_attn_layer_norm.bias",
+        ),
+        (p + "final_layer_norm.weight", p + "final_layer_norm.bias"),
+    )
+
+
+def test_a_hybrids_mixed_layer_list_is_a_block_stack_with_state_space_roles() -> None:
+    jamba = transformers.JambaForCausalLM(
+        transformers.JambaConfig(
+            **SMALL,
+            num_key_value_heads=2,
+            vocab_size=128,
+            num_experts=4,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_dt_rank=8,
+        )
+    )
+    layout = detect_layout(jamba)
+    assert [block.name for block in layout.blocks] == ["model.layers.0", "model.layers.1"]
+    assert [block.kind for block in layout.blocks] == ["ssm", "attention"]
+    assert layout.architecture == "mamba, llama-moe"
+    mamba = layout.blocks[0]
+    p = "model.layers.0.mamba."
+    assert mamba.ssm == tuple(f"{p}{m}.weight" for m in ("in_proj", "x_proj", "dt_proj", "out_proj"))
+    assert dict(mamba.state) == {f"{p}{n}": "ssm" for n in ("A_log", "D", "conv1d.weight", "conv1d.bias")}
+    assert (p + "dt_layernorm.weight", p + "x_proj.weight") in mamba.followers
+    assert layout.roles()[p + "A_log"] == "ssm"
+
+
+def test_vision_embeddings_t5_relative_bias_and_bert_mlm_head_have_their_roles() -> None:
+    vit = transformers.ViTForImageClassification(
+        transformers.ViTConfig(**SMALL, image_size=32, patch_size=8, num_labels=3)
+    )
+    layout = detect_layout(vit)
+    assert layout.architecture == "vit"
+    assert set(layout.embeddings) == {
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "vit.embeddings.patch_embeddings.projection.weight",
+        "vit.embeddings.patch_embeddings.projection.bias",
+    }
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16, vocab_size=128)
+    )
+    assert parameter_roles(t5)["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] == "embedding"
+    bert = detect_layout(tiny_bert())
+    assert set(bert.head) == {
+        "cls.predictions.bias",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.transform.dense.bias",
+        "cls.predictions.transform.LayerNorm.weight",
+        "cls.predictions.transform.LayerNorm.bias",
+    }
+
+
+def test_fused_projections_are_recognised_layouts() -> None:
+    phi3 = transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(**SMALL, num_key_value_heads=2, vocab_size=128, pad_token_id=0)
+    )
+    falcon = transformers.FalconForCausalLM(
+        transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    )
+    assert detect_layout(phi3).architecture == "phi3"
+    assert detect_layout(falcon).architecture == "falcon"
+
+
+def test_the_layout_table_renders_as_markdown_and_the_readme_shows_it() -> None:
+    import sys
+
+    table = layout_table_markdown()
+    assert table.startswith("| where | layout / rule |") and table.count("\n") == len(LAYOUT_TABLE) + 2
+    assert "`self_attn.{q,k,v,o}_proj`" in table and "| router |" in table
+    sys.path.insert(0, str(ROOT / "tests"))
+    import zoo
+
+    assert zoo.layouts_block() == zoo.render_layouts(), "README's layout table is stale: run `python tests/zoo.py`"
+
+
+def test_blocks_sharing_a_tensor_are_sharded_as_one_group() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import zoo
+
+    zamba = zoo.build("zamba")  # its hybrid layers 1 and 3 share one transformer
+    layout = detect_layout(zamba)
+    assert [block.name for block in layout.blocks] == [f"model.layers.{i}" for i in range(4)]
+    assert block_groups(zamba, layout) == [
+        ("model.layers.0",),
+        ("model.layers.1", "model.layers.3"),
+        ("model.layers.2",),
+    ]
+    # the shared tensors belong to the first block that holds them
+    assert any(".shared_transf." in name for name in layout.blocks[1].parameters)
+    assert not any(".shared_transf." in name for name in layout.blocks[3].parameters)
+    assert block_groups(tiny_llama()) == [("model.layers.0",), ("model.layers.1",)]

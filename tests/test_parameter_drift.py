@@ -297,3 +297,28 @@ def test_a_resumed_fit_measures_against_the_pretrained_weights_from_the_checkpoi
     assert final["step"] == 6
     assert final["relative_l2"] == pytest.approx(math.sqrt(diff / norm), rel=1e-5)
     assert resumed_drift.history[0]["step"] == 0  # the history came with the checkpoint
+
+
+def test_roles_and_blocks_follow_the_layout_table_on_a_mixture_of_experts_model() -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            num_local_experts=4,
+        )
+    )
+    drift = ParameterDrift(include=["ffn", "router"], report=False)
+    drift.on_fit_start(FakeTrainer(), model)  # type: ignore[arg-type]
+    groups = drift.compute(model)
+    assert set(groups["role"]) == {"ffn", "router"}
+    assert groups["role"]["ffn"].numel == 2 * sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.0.mlp.experts.")
+    )
+    assert set(groups["block"]) == {"0", "1"}  # the fused experts and routers are in their blocks

@@ -362,3 +362,36 @@ def test_on_a_lora_model_editing_the_b_matrices_scales_the_effective_task_vector
                 assert torch.equal(value, pretrained[name]), name  # no adapter: frozen
         b_factors = {factors[n] for n in theta0 if ".layers.2." in n}
         assert b_factors == {1.0 if isinstance(edit, LiNeS) else 0.3}
+
+
+def test_lines_sees_every_layer_of_a_hybrid_and_the_experts_of_a_moe_block() -> None:
+    # Jamba's layer list mixes a Mamba layer and an attention layer with fused experts: both are blocks.
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(
+        JambaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            num_experts=4,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_dt_rank=8,
+        )
+    )
+    factors = edit_factors(model, LiNeS(0.2, 0.6))
+    for name, factor in factors.items():
+        if name.startswith("model.layers.0."):  # the Mamba layer, A_log and conv1d included
+            assert factor == pytest.approx(0.2), name
+        elif name.startswith("model.layers.1."):  # the attention layer, its fused experts and router included
+            assert factor == pytest.approx(0.8), name
+        else:
+            assert factor == pytest.approx(0.2), name
+    assert factors["model.layers.1.feed_forward.experts.gate_up_proj"] == pytest.approx(0.8)

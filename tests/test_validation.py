@@ -16,8 +16,6 @@ from lit_mofo._validation import (
     as_float,
     as_int,
     as_patterns,
-    matches,
-    unmatched_patterns_message,
 )
 
 WHERE = "Thing()"
@@ -70,29 +68,6 @@ def test_as_patterns_takes_a_single_string_as_one_pattern() -> None:
 def test_as_patterns_names_the_bad_entry(value: object, reason: str) -> None:
     with pytest.raises(MisconfigurationException, match=rf"Thing\(\): include=.* is invalid.*{reason}"):
         as_patterns(value, where=WHERE, argument="include", vocabulary=("bias",), error=MisconfigurationException)
-
-
-def test_matches_takes_vocabulary_words_as_words_and_the_rest_as_regexes() -> None:
-    vocabulary = ("bias", "norm")
-    assert matches("norm", "model.ln.weight", "norm", vocabulary)
-    assert not matches("norm", "model.norm.weight", "weight", vocabulary)  # a word, not a regex
-    assert matches(r"ln\.", "model.ln.weight", "norm", vocabulary)
-
-
-def test_unmatched_patterns_message_suggests_the_near_vocabulary_word() -> None:
-    message = unmatched_patterns_message(
-        ["embeddings"], where=WHERE, argument="dense", vocabulary=("bias", "embedding"), names=["wte.weight"]
-    )
-    assert "['embeddings'] match no parameter" in message
-    assert "did you mean 'embedding'?" in message
-    assert "'wte.weight'" in message
-
-
-def test_unmatched_patterns_message_suggests_nothing_for_a_vocabulary_word_that_matched_nothing() -> None:
-    message = unmatched_patterns_message(
-        ["norm"], where=WHERE, argument="include", vocabulary=("bias", "norm"), names=["wte.weight"]
-    )
-    assert "['norm'] match no parameter" in message and "did you mean" not in message
 
 
 @pytest.mark.parametrize(

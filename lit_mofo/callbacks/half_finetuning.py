@@ -19,23 +19,23 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lit_mofo._validation import (
-    as_bool,
-    as_choice,
-    as_dtype,
-    as_float,
-    as_int,
-    as_patterns,
-    matches,
-    unmatched_patterns_message,
-)
+from lit_mofo._validation import as_bool, as_choice, as_dtype, as_float, as_int
 from lit_mofo.adapters import is_peft_model
-from lit_mofo.blocks import ROLES, ModelLayout, detect_layout
-from lit_mofo.params import check_trainable, forget_initial_requires_grad, record_initial_requires_grad
+from lit_mofo.blocks import UNIT_CATEGORIES, ModelLayout, detect_layout, split_part
+from lit_mofo.params import (
+    check_patterns,
+    check_trainable,
+    forget_initial_requires_grad,
+    matching_patterns,
+    parameter_words,
+    record_initial_requires_grad,
+    warn_unmatched,
+)
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
 
@@ -50,9 +50,11 @@ OptimizerStatePolicy = Literal["keep", "reset"]
 GRANULARITIES: tuple[str, ...] = ("category", "layer", "tensor")
 MODES: tuple[str, ...] = ("freeze", "mask")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
-_CATEGORIES = ("attention", "ffn", "norm")
+_CATEGORIES = UNIT_CATEGORIES  # attention, ffn, experts, ssm, norm
 
-Unit = tuple[str, ...]  # parameter names that are frozen and unfrozen together (a matrix and its bias, a norm layer)
+# Parameter names (or expert slices "name[e]", lit_mofo.blocks.split_part) frozen and unfrozen together: a matrix
+# and its bias, a norm group, one expert of a fused expert tensor.
+Unit = tuple[str, ...]
 
 
 def _round_half_up(value: float) -> int:
@@ -114,34 +116,61 @@ class HalfFineTuning(Callback):
     - ``"category"`` (the paper's): per transformer block, half of the attention matrices, half of the FFN matrices
       and half of the norm layers are frozen. For Llama that is 2 of {q, k, v, o} trainable; of {gate, up, down} 2
       frozen in a random half of the blocks and 1 in the other half; 1 of the 2 norms frozen. For other ratios
-      block ``b`` freezes ``floor(n·(1-ratio))`` or one more of its ``n`` matrices, spread so the model-wide total
-      is ``round(Σ n·(1-ratio))``. Layouts with other matrix counts get the same rule (see the table):
+      block ``b`` freezes ``floor(n·(1-ratio))`` or one more of its ``n`` units, spread so the model-wide total
+      is ``round(Σ n·(1-ratio))``. The units and categories come from :meth:`lit_mofo.blocks.Block.units`, one rule
+      for every layout (the table of :data:`lit_mofo.blocks.LAYOUT_TABLE`, rendered in the README):
 
-      ============  ============================================  ===========================  ========
-      architecture  attention (trainable at ratio 0.5)            FFN (trainable)              norms
-      ============  ============================================  ===========================  ========
-      llama         2 of q, k, v, o                               1 or 2 of gate, up, down     1 of 2
-      gpt2          1 of ``c_attn`` (fused q/k/v), ``c_proj``     1 of ``c_fc``, ``c_proj``    1 of 2
-      gpt_neox      1 of ``query_key_value`` (fused), ``dense``   1 of h_to_4h, 4h_to_h        1 of 2
-      opt           2 of q, k, v, out                             1 of ``fc1``, ``fc2``        1 of 2
-      bert          2 of query, key, value, attention output      1 of intermediate, output    1 of 2
-      generic       half of the matrices under ``*attn*``         half of the other matrices   half
-      ============  ============================================  ===========================  ========
+      - **attention**: each attention matrix with its bias - self- and cross-attention together (a BART or T5
+        decoder block trains 4 of its 8), fused ones whole (GPT-2's ``c_attn``, NeoX/Falcon/Bloom's
+        ``query_key_value``, Phi-3's ``qkv_proj``, MPT's ``Wqkv``: 1 of 2, so such a block trains 3/4 or 1/4 of
+        its attention weights), DeepSeek's MLA projections (2 or 3 of 5);
+      - **FFN**: each dense FFN matrix with its bias (Llama's gate/up/down, shared experts included);
+      - **experts** (fused 3-D expert tensors of transformers >= 5, ``experts.gate_up_proj`` ``[E, 2F, H]`` and
+        ``experts.down_proj`` ``[E, H, F]``): one unit per expert - its slice of every tensor of the ``experts``
+        module, 2-D biases (GPT-OSS) included - so half of each block's experts are frozen, whole, and with them
+        exactly half of its expert parameters; see **Mixture of experts** below;
+      - **SSM**: each projection of a state-space layer (Mamba's ``in_proj``, ``x_proj``, ``dt_proj``,
+        ``out_proj``; Mamba-2's ``in_proj``, ``out_proj``; RecurrentGemma's ``linear_x/y/out``), so a hybrid
+        (Jamba, Zamba2) draws its attention layers among attention matrices and its Mamba layers among SSM ones;
+      - **norms**: the block norms grouped by side - the attention side (self- and cross-attention) and the FFN
+        side - and one group frozen per block ("1 of the 2 norms": Gemma 2/3's ``input`` and
+        ``post_attention_layernorm`` freeze together, their ``pre``/``post_feedforward_layernorm`` together).
+        Extra norms follow the matrix they normalise: Qwen3/OLMo 2/Gemma 3's ``q_norm``/``k_norm`` freeze with
+        ``q_proj``/``k_proj``, MLA's ``q_a_layernorm``/``kv_a_layernorm`` with ``q_a_proj``/``kv_a_proj_with_mqa``,
+        Mamba-2's gated norm with ``out_proj``.
 
-      Fused attention freezes whole matrices too, never slices, so in GPT-2 and GPT-NeoX a block trains either
-      3/4 or 1/4 of its attention weights. A matrix's bias is frozen with it; a norm layer's weight and bias go
-      together. Block parameters that are none of these (an adapter in a known block) stay trainable.
+      Routers (and a shared-expert gate), the state-space core (``A_log``, ``D``, ``dt_bias``, ``conv1d``), attention
+      sinks and anything else a block holds that is in no unit (an adapter) stay trainable; T5's relative position
+      bias is an embedding. A block whose matrices no row of the table names gets the generic rule (attention =
+      matrices under a child named ``*attn*``/``*attention*``, FFN = the rest) with a warning.
     - ``"layer"``: ``round(B·(1-ratio))`` of the ``B`` blocks are frozen whole.
-    - ``"tensor"``: whole units (a matrix with its bias, a norm layer, any other parameter outside the embeddings and
-      head), anywhere in the model, chosen at random until about ``1-ratio`` of their parameters (by entry count,
-      not by tensor count) are frozen: the share misses the target by at most half of the largest unit, and each
-      draw's summary states the share it reached.
+    - ``"tensor"``: whole units (a matrix with its bias, a norm group, an expert's slices, any other parameter
+      outside the embeddings and head), anywhere in the model, chosen at random until about ``1-ratio`` of their
+      parameters (by entry count, not by tensor count) are frozen: the share misses the target by at most half of
+      the largest unit, and each draw's summary states the share it reached.
 
     Embeddings and the output head (not tied to the embeddings) are trainable unless ``train_embeddings`` /
     ``train_head`` is False; the rest outside the blocks (final norm, pooler, ...) is trainable. Every block stack
-    counts (an encoder and a decoder, see :func:`lit_mofo.blocks.detect_layout`). A model whose blocks are not
-    recognised by name gets the generic rule, and one without blocks the tensor level, each with a warning.
-    ``always_trainable`` and ``always_frozen`` override the draw for the parameters they name.
+    counts (an encoder and a decoder, see :func:`lit_mofo.blocks.detect_layout`), and so does every layer of a
+    hybrid's mixed layer list. A model whose blocks are not recognised by name gets the generic rule, and one without
+    blocks the tensor level, each with a warning. ``always_trainable`` and ``always_frozen`` override the draw for
+    the parameters they name (whole tensors: naming a fused expert tensor freezes or trains all of its experts).
+
+    **Mixture of experts.** ``requires_grad`` is per tensor, so a frozen expert is a slice of a tensor that trains. In
+    both modes its rows of the gradient are zeroed in ``on_before_optimizer_step`` (so no clipping norm counts them),
+    its rows of the weights are copied there and written back right after ``optimizer.step()`` (an optimizer
+    step post-hook): weight decay, momentum or any other rule of any optimizer cannot move them, and a frozen slice
+    stays bit-identical like a frozen matrix, on one device, under DDP and under FSDP2 (where each rank handles the
+    rows of its shard). The cost: the gradient of the whole tensor is computed (``"freeze"`` saves nothing on it),
+    and every step copies the frozen rows twice (transient memory: the frozen experts' weights, plus their
+    optimizer state under ``optimizer_state="keep"``). ``optimizer_state="keep"`` puts the frozen rows of every
+    optimizer state tensor shaped like the parameter (Adam's moments) back after each step as well, so they do not
+    decay while frozen; ``"reset"`` zeroes them when the expert is frozen and after every step (the state of a fresh
+    optimizer; the tensor's step count, which Adam's bias correction uses, is shared by its experts).
+    ``reset=True`` restores a newly frozen expert's slices to their pre-trained values. The router trains: it is a
+    tiny part of the layer and decides which experts a token uses, so it can route around the frozen half. With
+    MoFO, whose filter ranks a whole tensor, a frozen expert's kept moments (``"keep"``) count in its top-k;
+    ``"reset"`` leaves them out.
 
     **When**: once at the start of fit (the paper's "per stage": every ``trainer.fit`` draws anew; in
     ``on_fit_start``, or in ``on_train_start`` under ``ModelParallelStrategy``, which restores a checkpoint between
@@ -181,7 +210,8 @@ class HalfFineTuning(Callback):
     ``__init__``, not the re-seeding that DDP does - so one script draws the same halves on 1 and on N processes.
     Rank zero's seed is broadcast, and the draws use their own generator, never the global RNG.
 
-    **State**: :attr:`trainable_names`, :attr:`frozen_names` (frozen by this callback), :attr:`left_frozen_names`
+    **State**: :attr:`trainable_names`, :attr:`frozen_names` (frozen by this callback), :attr:`frozen_slices` (frozen
+    experts of fused expert tensors), :attr:`left_frozen_names`
     (frozen by the module), :attr:`trainable_fraction` (share of all parameters, by count, that train now) and
     :attr:`history` (one entry per draw); each draw logs ``hft/trainable_fraction`` to the trainer's loggers, a
     summary with ``rank_zero_info`` (the first draw of a fit: how much trains, and which share of the tensors it
@@ -218,12 +248,16 @@ class HalfFineTuning(Callback):
         redraw_every_n_epochs: draw anew at the start of every this many epochs; None: never.
         reset: restore tensors frozen at a re-draw to their pre-trained values; needs a re-draw schedule.
         optimizer_state: ``"keep"`` or ``"reset"`` the optimizer state of frozen tensors (see above).
-        train_embeddings: keep the embedding layers outside the blocks trainable (the paper); False freezes them.
+        train_embeddings: keep the embeddings trainable (the paper; those outside the blocks and T5's relative
+            position bias); False freezes them.
         train_head: keep the output head trainable (the paper); False freezes it. A head tied to the input
             embeddings is an embedding.
-        always_trainable: parameters that never freeze: regular expressions searched in the parameter names (as in
-            ``pl_module.named_parameters()``) or role names (``attention``, ``ffn``, ``norm``, ``embedding``,
-            ``head``, ``other``, see :func:`lit_mofo.blocks.parameter_roles`).
+        always_trainable: parameters that never freeze: a pattern or a list of them, each a word of
+            :data:`lit_mofo.params.WORDS` - a role (``attention``, ``ffn``, ``router``, ``ssm``, ``norm``,
+            ``embedding``, ``head``, ``other``, see :func:`lit_mofo.blocks.parameter_roles`) or a kind (``weight``,
+            ``bias``) - or a regular expression written ``"re:<regex>"``, searched in the parameter names (as in
+            ``pl_module.named_parameters()``); see :mod:`lit_mofo.params`. A pattern that names no parameter is
+            warned about.
         always_frozen: parameters frozen for the whole fit, named the same way.
         seed: seeds the draws, an integer >= 0; None takes the seed of ``seed_everything`` (``PL_GLOBAL_SEED``),
             or 0 if it was not called (see **Seed** above).
@@ -341,6 +375,9 @@ class HalfFineTuning(Callback):
         self._original_requires_grad: dict[str, bool] = {}
         self._managed: tuple[str, ...] = ()  # the tensors the module left trainable: the ones the callback draws among
         self._frozen_params: list[nn.Parameter] = []
+        self._sliced: list[tuple[nn.Parameter, Tensor]] = []  # partially frozen tensors: (parameter, its local rows)
+        self._pending: RemovableHandle | None = None  # the step post-hook that restores the frozen slices
+        self._saved: list[tuple[Tensor, Tensor, Tensor]] = []  # (local tensor, rows, their values before the step)
         self._snapshot: PretrainedSnapshot | None = None
         # Carried by state_dict().
         self._resolved_seed: int | None = None
@@ -369,18 +406,27 @@ class HalfFineTuning(Callback):
 
     @staticmethod
     def _patterns(argument: str, patterns: str | Sequence[str]) -> tuple[str, ...]:
-        checked = as_patterns(
-            patterns, where="HalfFineTuning()", argument=argument, vocabulary=ROLES, error=MisconfigurationException
-        )
+        checked = check_patterns(patterns, where="HalfFineTuning()", argument=argument, error=MisconfigurationException)
         return checked or ()
 
     # ------------------------------------------------------------------ public state
     @property
     def frozen_names(self) -> tuple[str, ...]:
-        """Names (as in ``pl_module.named_parameters()``) of the tensors this callback keeps frozen now: the draw,
-        ``always_frozen`` and ``train_embeddings``/``train_head=False``. The module's own frozen tensors are in
-        :attr:`left_frozen_names`."""
-        return self._frozen
+        """Names (as in ``pl_module.named_parameters()``) of the tensors this callback keeps frozen now, whole: the
+        draw, ``always_frozen`` and ``train_embeddings``/``train_head=False``. The module's own frozen tensors are in
+        :attr:`left_frozen_names`, frozen experts of fused expert tensors in :attr:`frozen_slices`."""
+        return tuple(part for part in self._frozen if split_part(part)[1] is None)
+
+    @property
+    def frozen_slices(self) -> dict[str, tuple[int, ...]]:
+        """Fused expert tensors with frozen experts: name -> the frozen experts (indices along dimension 0). The
+        tensor trains; those slices of it stay exactly as they are (see **Mixture of experts** above)."""
+        slices: dict[str, list[int]] = {}
+        for part in self._frozen:
+            name, index = split_part(part)
+            if index is not None:
+                slices.setdefault(name, []).append(index)
+        return {name: tuple(indices) for name, indices in slices.items()}
 
     @property
     def left_frozen_names(self) -> tuple[str, ...]:
@@ -391,17 +437,28 @@ class HalfFineTuning(Callback):
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
-        """Names of the tensors that train now (empty before the first draw)."""
+        """Names of the tensors that train now, in whole or in part (a fused expert tensor with frozen experts
+        trains its other experts); empty before the first draw."""
         frozen = set(self._frozen)
         return tuple(name for name in self._managed if name not in frozen)
 
     @property
     def trainable_fraction(self) -> float:
         """Share of all the module's parameters (by count of entries) that train now; the tensors the module froze
-        itself count as not training."""
+        itself count as not training, a frozen expert's slice as frozen."""
         if not self._numel_total:
             return 1.0
-        return sum(self._params[name].numel() for name in self.trainable_names) / self._numel_total
+        managed = sum(self._params[name].numel() for name in self._managed)
+        return (managed - self._numel(self._frozen)) / self._numel_total
+
+    def _numel(self, parts: Iterable[str]) -> int:
+        """Entries of whole tensors and expert slices (a slice: the tensor's entries over its number of experts)."""
+        total = 0
+        for part in parts:
+            name, index = split_part(part)
+            param = self._params[name]
+            total += param.numel() if index is None else param.numel() // param.shape[0]
+        return total
 
     @property
     def history(self) -> list[dict[str, float | int]]:
@@ -491,14 +548,14 @@ class HalfFineTuning(Callback):
         """Continue the checkpoint's selection if there was one, else make this fit's first draw."""
         if self._restored:
             self._restored = False
-            unknown = [name for name in self._frozen if name not in self._params]
+            unknown = [part for part in self._frozen if split_part(part)[0] not in self._params]
             if unknown:
                 raise MisconfigurationException(
                     f"The checkpoint's HalfFineTuning selection names {unknown[:3]}, which are not parameters of "
                     f"{type(pl_module).__name__}; resume with the model that wrote the checkpoint."
                 )
             left_frozen = set(self.left_frozen_names)
-            self._frozen = tuple(name for name in self._frozen if name not in left_frozen)
+            self._frozen = tuple(part for part in self._frozen if split_part(part)[0] not in left_frozen)
             self._apply(trainer, newly_frozen=())
             rank_zero_info(
                 f"HalfFineTuning: resumed draw {self._draws} (step {self._last_draw_step}); "
@@ -508,7 +565,7 @@ class HalfFineTuning(Callback):
 
         if self._generator is None:
             seed = self.seed if self.seed is not None else _default_seed()
-            self._resolved_seed = int(trainer.strategy.broadcast(seed, src=0))
+            self._resolved_seed = int(self._adapter.broadcast(seed, src=0))
             self._generator = torch.Generator().manual_seed(self._resolved_seed)
         self._frozen = ()  # a new fit is a new stage: draw anew, with the generator continuing
         self._draw(trainer, pl_module)
@@ -540,6 +597,8 @@ class HalfFineTuning(Callback):
         # tensors have no gradient already; dropping any left over is free and keeps the optimizer off them.
         for param in self._frozen_params:
             param.grad = None
+        if self._sliced:
+            self._mask_slices(optimizer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -559,6 +618,8 @@ class HalfFineTuning(Callback):
             self._adapter.refresh_after_requires_grad_change(pl_module)  # FSDP2 units train as before the fit
         self._original_requires_grad = {}
         self._frozen_params = []
+        self._sliced = []
+        self._drop_pending()
         self._awaiting_checkpoint = False
         self._adapter.release_optimizer_restore_guard(trainer)
         if self._snapshot is not None or PretrainedSnapshot.get(pl_module) is not None:
@@ -631,35 +692,32 @@ class HalfFineTuning(Callback):
             granularity = "tensor"
             rank_zero_warn(
                 f"HalfFineTuning found no transformer blocks in {type(pl_module).__name__} (no nn.ModuleList of "
-                "repeated modules with 2+ weight matrices each), so it freezes whole tensors at random until about "
+                "modules with 2+ weight matrices each), so it freezes whole tensors at random until about "
                 f"{1 - self.ratio:.0%} of their parameters are frozen (tensor level) instead of {self.granularity!r} "
                 "level; each draw's summary gives the share it reached."
             )
-        elif layout.architecture == "generic":
-            first = layout.blocks[0]
+        elif layout.unrecognised:
+            first, count = layout.unrecognised[0], len(layout.unrecognised)
+            some = f"{count} of the {len(layout.blocks)} blocks" if count < len(layout.blocks) else "the blocks"
             rank_zero_warn(
-                f"HalfFineTuning did not recognise the blocks of {type(pl_module).__name__} by name, so it uses the "
-                f"generic rule: {len(layout.blocks)} blocks ({first.name!r}, ...), attention = matrices under a child "
-                f"named *attn*/*attention* ({len(first.attention)} in the first block: {list(first.attention)}), "
-                f"FFN = the other matrices ({len(first.ffn)}: {list(first.ffn)}), {len(first.norm_modules)} norm "
-                "layers. Check that this is what you meant, or name tensors in always_trainable/always_frozen."
+                f"HalfFineTuning did not recognise {some} of {type(pl_module).__name__} by name (no row of "
+                "lit_mofo.blocks.LAYOUT_TABLE names all of their matrices), so it uses the generic rule: "
+                f"{count} blocks ({first.name!r}, ...), attention = matrices under a child named *attn*/*attention* "
+                f"({len(first.attention)} in the first: {list(first.attention)}), FFN = the other matrices "
+                f"({len(first.ffn)}: {list(first.ffn)}), {len(first.norm_groups)} norm units. Check that this is what "
+                "you meant, or name tensors in always_trainable/always_frozen."
             )
         self._effective_granularity = granularity
 
         managed = set(self._managed)
 
-        def trainable(names: Iterable[str]) -> Unit:
-            return tuple(name for name in names if name in managed)
+        def trainable(parts: Iterable[str]) -> Unit:
+            return tuple(part for part in parts if split_part(part)[0] in managed)
 
         block_units: list[dict[str, list[Unit]]] = []
         for block in layout.blocks:
-            biases = {bias for _, bias in block.biases}
-            units = {
-                "attention": [trainable((matrix, *block.bias_of(matrix))) for matrix in block.attention],
-                "ffn": [trainable((matrix, *block.bias_of(matrix))) for matrix in block.ffn],
-                "norm": [trainable(group) for group in block.norm_modules],
-                "rest": [trainable((name,)) for name in block.other if name not in biases],
-            }
+            units = {category: [trainable(unit) for unit in units] for category, units in block.units().items()}
+            units["rest"] = [trainable((name,)) for name in block.fixed]
             # A unit the module froze entirely is not drawn: the shares count the trainable ones.
             block_units.append({key: [unit for unit in values if unit] for key, values in units.items()})
         if granularity == "category":
@@ -675,15 +733,18 @@ class HalfFineTuning(Callback):
             units.extend(tuple(names) for names in by_module.values())
             self._plan = {"units": units}
 
-        roles = layout.roles()
-        self._fixed_trainable = self._match("always_trainable", self._always_trainable, roles) & managed
-        self._fixed_frozen = self._match("always_frozen", self._always_frozen, roles) & managed
+        words = parameter_words(pl_module, layout.roles())
+        self._fixed_trainable = self._match("always_trainable", self._always_trainable, words) & managed
+        self._fixed_frozen = self._match("always_frozen", self._always_frozen, words) & managed
         if not self.train_embeddings:
             self._fixed_frozen.update(trainable(layout.embeddings))
+            self._fixed_frozen.update(
+                name for block in layout.blocks for name, role in block.state if role == "embedding" and name in managed
+            )
         if not self.train_head:
             self._fixed_frozen.update(trainable(layout.head))
         self._fixed_trainable -= self._fixed_frozen
-        if not self._drawable_names() - self._fixed_trainable - self._fixed_frozen:
+        if not self._pool():
             rank_zero_warn(
                 f"HalfFineTuning has nothing to draw in {type(pl_module).__name__}: none of the tensors it draws from "
                 f"({self._effective_granularity} level) is trainable and outside always_trainable/always_frozen, so "
@@ -691,32 +752,24 @@ class HalfFineTuning(Callback):
                 "blocks to fine-tune them with HFT, or drop the callback."
             )
 
-    def _match(self, argument: str, patterns: Iterable[str], roles: dict[str, str]) -> set[str]:
-        matched: set[str] = set()
-        unmatched: list[str] = []
-        for pattern in patterns:
-            names = {name for name in self._params if matches(pattern, name, roles.get(name, "other"), ROLES)}
-            if not names:
-                unmatched.append(pattern)
-            matched |= names
-        if unmatched:
-            raise MisconfigurationException(
-                unmatched_patterns_message(
-                    unmatched, where="HalfFineTuning()", argument=argument, vocabulary=ROLES, names=list(self._params)
-                )
-                + f" Roles present: {sorted(set(roles.values()))}."
-            )
-        return matched
+    def _match(self, argument: str, patterns: Sequence[str], words: dict[str, frozenset[str]]) -> set[str]:
+        warn_unmatched(argument, patterns, words, where="HalfFineTuning()")
+        return {name for name in self._params if matching_patterns(patterns, name, words[name])}
 
-    def _drawable_names(self) -> set[str]:
+    def _drawable_parts(self) -> set[str]:
         if self._effective_granularity == "category":
             units = [unit for category in _CATEGORIES for per_block in self._plan[category] for unit in per_block]
         else:
             units = self._plan["units"]
-        return {name for unit in units for name in unit}
+        return {part for unit in units for part in unit}
+
+    def _pool(self) -> set[str]:
+        """The drawable parts outside ``always_trainable``/``always_frozen``: what the draw decides."""
+        fixed = self._fixed_trainable | self._fixed_frozen
+        return {part for part in self._drawable_parts() if split_part(part)[0] not in fixed}
 
     def _resettable_names(self) -> list[str]:
-        names = self._drawable_names() - self._fixed_trainable - self._fixed_frozen
+        names = {split_part(part)[0] for part in self._pool()}
         if not names:
             raise MisconfigurationException(
                 "`HalfFineTuning(reset=True)`: no tensor can be frozen by a re-draw (everything drawable is in "
@@ -774,72 +827,169 @@ class HalfFineTuning(Callback):
             drawn = [unit for category in _CATEGORIES for unit in _spread(self._plan[category], share, self._generator)]
         elif self._effective_granularity == "tensor":
             units = self._plan["units"]
-            sizes = [sum(self._params[name].numel() for name in unit) for unit in units]
+            sizes = [self._numel(unit) for unit in units]
             drawn = _by_size(units, sizes, share, self._generator)
         else:
             units = self._plan["units"]
             count = _round_half_up(len(units) * share)
             drawn = [units[i] for i in torch.randperm(len(units), generator=self._generator)[:count].tolist()]
-        frozen = ({name for unit in drawn for name in unit} | self._fixed_frozen) - self._fixed_trainable
+        drawn_parts = {part for unit in drawn for part in unit}
+        whole = {part for part in drawn_parts if split_part(part)[1] is None} | self._fixed_frozen
+        whole -= self._fixed_trainable
+        slices: dict[str, list[str]] = {}
+        for part in sorted(drawn_parts, key=lambda part: split_part(part)[1] or 0):
+            name, index = split_part(part)
+            if index is not None and name not in whole and name not in self._fixed_trainable:
+                slices.setdefault(name, []).append(part)
         previous = set(self._frozen)
-        self._frozen = tuple(name for name in self._managed if name in frozen)
+        self._frozen = tuple(
+            part for name in self._managed for part in ((name,) if name in whole else slices.get(name, ()))
+        )
         first = self._draws == 0 or not previous
         self._draws += 1
         self._last_draw_step = trainer.global_step
         self._last_draw_epoch = trainer.current_epoch
-        newly_frozen = () if first else tuple(name for name in self._frozen if name not in previous)
+        newly_frozen = () if first else tuple(part for part in self._frozen if part not in previous)
         self._apply(trainer, newly_frozen=newly_frozen)
 
         fraction = self.trainable_fraction
-        pool = self._drawable_names() - self._fixed_trainable - self._fixed_frozen
-        drawable_numel = sum(self._params[name].numel() for name in pool)
-        drawn_frozen = sum(self._params[name].numel() for name in pool & frozen)
-        drawn_frozen_fraction = drawn_frozen / drawable_numel if drawable_numel else 0.0
+        pool = self._pool()
+        drawable_numel = self._numel(pool)
+        drawn_frozen_fraction = self._numel(pool & set(self._frozen)) / drawable_numel if drawable_numel else 0.0
+        frozen_tensors = len(self.frozen_names)
         entry: dict[str, float | int] = {
             "draw": self._draws,
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "trainable_fraction": fraction,
-            "frozen_tensors": len(self._frozen),
+            "frozen_tensors": frozen_tensors,
             "drawn_frozen_fraction": drawn_frozen_fraction,
         }
+        sliced = self.frozen_slices
+        if sliced:
+            entry["frozen_experts"] = sum(len(indices) for indices in sliced.values())
         self._history.append(entry)
         for logger in trainer.loggers:
             logger.log_metrics({"hft/trainable_fraction": fraction, "hft/draw": self._draws}, step=trainer.global_step)
         left_frozen = len(self._params) - len(self._managed)
+        experts = (
+            f" and {entry['frozen_experts']} expert slices of {len(sliced)} fused expert tensors" if sliced else ""
+        )
         summary = (
             f"HalfFineTuning draw {self._draws} at step {trainer.global_step} ({self._effective_granularity} level, "
             f"{self._layout.architecture if self._layout else '?'} layout): {fraction:.1%} of the parameters train; "
-            f"it froze {len(self._frozen)} of the {len(self._managed)} trainable tensors"
+            f"it froze {frozen_tensors} of the {len(self._managed)} trainable tensors{experts}"
             + (f" ({left_frozen} more were frozen by the module)" if left_frozen else "")
             + f", {drawn_frozen_fraction:.1%} of the parameters it draws from ({1 - self.ratio:.0%} asked"
-            + (", by matrix count per category)." if self._effective_granularity == "category" else ").")
+            + (", by unit count per category)." if self._effective_granularity == "category" else ").")
         )
         if first:
             rank_zero_info(summary)
         if trainer.is_global_zero and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s Trainable: %s", summary, list(self.trainable_names))
+            log.debug("%s Trainable: %s; frozen experts: %s", summary, list(self.trainable_names), sliced)
 
     def _apply(self, trainer: pl.Trainer, newly_frozen: Sequence[str]) -> None:
         """Make the current selection real: reset weights, optimizer state and ``requires_grad`` flags.
 
-        Only the tensors the module left trainable are touched; in ``"mask"`` mode no flag changes at all.
+        Only the tensors the module left trainable are touched; in ``"mask"`` mode no flag changes at all. Expert
+        slices keep their tensor's flag (it trains); their gradients, values and optimizer state are handled around
+        every optimizer step (:meth:`_mask_slices`).
         """
-        frozen = set(self._frozen)
+        whole = set(self.frozen_names)
+        sliced = self.frozen_slices
+        self._sliced = [
+            (self._params[name], self._local_rows(self._params[name], indices)) for name, indices in sliced.items()
+        ]
+        self._sliced = [(param, rows) for param, rows in self._sliced if rows.numel()]
+        local = self._adapter.local
         if self.reset and newly_frozen:
             assert self._snapshot is not None
-            resettable = [name for name in newly_frozen if name in self._snapshot]
-            self._snapshot.restore(self._unwrapped_module(trainer), resettable)
+            snapshot = self._snapshot
+            resettable = [part for part in newly_frozen if split_part(part)[0] in snapshot]
+            snapshot.restore(self._unwrapped_module(trainer), [part for part in resettable if part in whole])
+            new_slices: dict[str, list[int]] = {}
+            for part in resettable:
+                name, index = split_part(part)
+                if index is not None:
+                    new_slices.setdefault(name, []).append(index)
+            with torch.no_grad():
+                for name, indices in new_slices.items():
+                    rows = self._local_rows(self._params[name], indices)
+                    theta0 = snapshot[name].to(rows.device).index_select(0, rows)
+                    local(self._params[name]).index_copy_(0, rows, theta0.to(local(self._params[name]).dtype))
         if self.optimizer_state == "reset":
             for optimizer in trainer.optimizers:
-                for name in self._frozen:
+                for name in whole:
                     optimizer.state.pop(self._params[name], None)
+                self._zero_slice_states(optimizer)
         if self.mode == "freeze":
             for name in self._managed:
-                self._params[name].requires_grad_(name not in frozen)
+                self._params[name].requires_grad_(name not in whole)
             # FSDP2 fixed its units' gradient dtypes at their first forward: let an unfrozen unit have them again.
             self._adapter.refresh_after_requires_grad_change(self._unwrapped_module(trainer))
-        self._frozen_params = [self._params[name] for name in self._frozen]
+        self._frozen_params = [self._params[name] for name in self._frozen if name in whole]
+
+    def _local_rows(self, param: Tensor, indices: Sequence[int]) -> Tensor:
+        """The rows of this rank's part of ``param`` (its shard under FSDP2, sharded on dimension 0 = the experts)
+        that hold the experts ``indices``, on the parameter's device."""
+        mask = torch.zeros(param.shape[0], dtype=torch.bool)
+        mask[list(indices)] = True
+        local_mask = self._adapter.shard_like(mask, param)
+        return local_mask.to(self._adapter.local(param).device).nonzero().flatten()
+
+    def _state_rows(self, optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
+        """(local optimizer state tensor, rows) for every state tensor shaped like a partially frozen parameter
+        (Adam's ``exp_avg``/``exp_avg_sq``, MoFO's, SGD's ``momentum_buffer``, ...)."""
+        found: list[tuple[Tensor, Tensor]] = []
+        for param, rows in self._sliced:
+            shape = self._adapter.local(param).shape
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, Tensor) and self._adapter.local(value).shape == shape:
+                    found.append((self._adapter.local(value), rows))
+        return found
+
+    def _zero_slice_states(self, optimizer: Optimizer) -> None:
+        with torch.no_grad():
+            for value, rows in self._state_rows(optimizer):
+                value.index_fill_(0, rows.to(value.device), 0)
+
+    def _mask_slices(self, optimizer: Optimizer) -> None:
+        """Before the step (after backward and DDP's all-reduce / FSDP2's reduce-scatter, before clipping): zero the
+        frozen experts' gradient rows, keep their values (and, with ``optimizer_state="keep"``, their optimizer
+        state) and restore them right after ``optimizer.step()``, which decay, momentum or any other optimizer
+        would otherwise move."""
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        local = self._adapter.local
+        with torch.no_grad():
+            for param, rows in self._sliced:
+                if param.grad is not None:
+                    local(param.grad).index_fill_(0, rows, 0)
+            if self._pending is not None:  # the closure ran again within one step (LBFGS): keep the first copy
+                return
+            self._saved = [
+                (local(param), rows, local(param).index_select(0, rows))
+                for param, rows in self._sliced
+                if id(param) in in_optimizer
+            ]
+            if self.optimizer_state == "keep":
+                self._saved += [
+                    (value, rows, value.index_select(0, rows)) for value, rows in self._state_rows(optimizer)
+                ]
+        self._pending = optimizer.register_step_post_hook(self._restore_slices)
+
+    def _restore_slices(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for tensor, rows, values in self._saved:
+                tensor.index_copy_(0, rows, values)
+        if self.optimizer_state == "reset":
+            self._zero_slice_states(optimizer)  # the state a fresh optimizer would give them, after every step
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.remove()
+        self._pending = None
+        self._saved = []
 
     @staticmethod
     def _unwrapped_module(trainer: pl.Trainer) -> pl.LightningModule:

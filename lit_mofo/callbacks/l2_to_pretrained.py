@@ -14,22 +14,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lit_mofo._validation import (
-    as_bool,
-    as_choice,
-    as_dtype,
-    as_float,
-    as_patterns,
-    matches,
-    unmatched_patterns_message,
-)
+from lit_mofo._validation import as_bool, as_choice, as_dtype, as_float
 from lit_mofo.adapters import LoraWeight, adapter_values, checked_lora_weights, effective_name
-from lit_mofo.params import CATEGORIES, check_trainable, initial_requires_grad, named_parameter_categories
+from lit_mofo.params import WORDS, check_patterns, check_trainable, initial_requires_grad, parameter_words, select_names
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
 
@@ -88,10 +80,12 @@ class L2ToPretrained(Callback):
         strength: λ, the penalty's weight, a finite number > 0. The MoFO paper sweeps it over powers of ten
             (e.g. 1e-4 … 1e-1).
         norm: ``"l2"`` (default) or ``"l1"``.
-        include: parameters to regularise: a pattern or a list of them, each a category (``"weight"``, ``"bias"``,
-            ``"norm"``, ``"embedding"``) or a regular expression searched in the qualified name (``"lm_head"`` is
-            one pattern); default: every trainable parameter. A pattern that matches no parameter is warned about;
-            a selection of no trainable parameter is refused at the start of fit.
+        include: parameters to regularise: a pattern or a list of them, each a word of
+            :data:`lit_mofo.params.WORDS` - a role (``"attention"``, ``"ffn"``, ``"router"``, ``"ssm"``, ``"norm"``,
+            ``"embedding"``, ``"head"``, ``"other"``) or a kind (``"weight"``, ``"bias"``) - or a regular expression
+            written ``"re:<regex>"``, searched in the qualified name (``"re:lm_head"`` is one pattern; see
+            :mod:`lit_mofo.params`); default: every trainable parameter. A pattern that matches no parameter is
+            warned about; a selection of no trainable parameter is refused at the start of fit.
         exclude: parameters not to regularise, same syntax.
         snapshot_dtype: dtype of the stored θ₀ (``"float32"``, ``"bfloat16"``, ``"bf16"``, ``torch.float16``, ...);
             ``None`` keeps each parameter's dtype.
@@ -126,8 +120,8 @@ class L2ToPretrained(Callback):
             error=error,
         )
         self.norm = as_choice(norm, where=where, argument="norm", choices=_NORMS, error=error)
-        self.include = as_patterns(include, where=where, argument="include", vocabulary=CATEGORIES, error=error)
-        self.exclude = as_patterns(exclude, where=where, argument="exclude", vocabulary=CATEGORIES, error=error) or ()
+        self.include = check_patterns(include, where=where, argument="include", error=error)
+        self.exclude = check_patterns(exclude, where=where, argument="exclude", error=error) or ()
         self.snapshot_dtype = as_dtype(snapshot_dtype, where=where, argument="snapshot_dtype", error=error)
         self.log_penalty = as_bool(log_penalty, where=where, argument="log_penalty", error=error)
         self._names: list[str] = []
@@ -162,43 +156,31 @@ class L2ToPretrained(Callback):
         lora = checked_lora_weights(
             pl_module, user=type(self).__name__, what="penalises", sharded=self._adapter.sharded
         )
-        named = list(named_parameter_categories(pl_module))
-        real = {name: name for name, _, _ in named}
+        words = parameter_words(pl_module)
+        params = dict(pl_module.named_parameters())
+        real = {name: name for name in words}
         if lora:  # a LoRA model: each adapted matrix by its merged name (its base weight's), trainable by its adapters
             adapters = {name for weight in lora.values() for name in weight.adapters}
-            named = [(effective_name(name), param, category) for name, param, category in named if name not in adapters]
-            real = {effective_name(name): name for name in real if name not in adapters}
+            real = {effective_name(name): name for name in words if name not in adapters}
             by_real_name = trainable
             trainable = {effective_name(name): flag for name, flag in by_real_name.items() if name not in adapters}
             for weight in lora.values():
                 trainable[weight.name] = any(by_real_name[name] for name in weight.adapters)
-        for argument, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
-            unmatched = [p for p in patterns if not any(matches(p, name, c, CATEGORIES) for name, _, c in named)]
-            if unmatched:
-                rank_zero_warn(
-                    unmatched_patterns_message(
-                        unmatched,
-                        where="L2ToPretrained()",
-                        argument=argument,
-                        vocabulary=CATEGORIES,
-                        names=[name for name, _, _ in named],
-                    )
-                )
-        chosen = [
-            (name, param)
-            for name, param, category in named
-            if (self.include is None or any(matches(p, name, category, CATEGORIES) for p in self.include))
-            and not any(matches(p, name, category, CATEGORIES) for p in self.exclude)
-        ]
-        selected = [(name, param) for name, param in chosen if trainable[name]]
+        chosen = select_names(
+            {name: words[real_name] for name, real_name in real.items()},
+            self.include,
+            self.exclude,
+            where="L2ToPretrained()",
+        )
+        selected = [(name, params[real[name]]) for name in chosen if trainable[name]]
         if not selected:
             frozen = len(chosen) - len(selected)
             raise MisconfigurationException(
                 f"L2ToPretrained(include={self.include!r}, exclude={self.exclude!r}) selects no trainable parameter "
                 f"of {type(pl_module).__name__}"
                 + (f" ({frozen} match but had requires_grad=False at the start of fit)" if frozen else "")
-                + f". Patterns are regular expressions searched in the parameter names or one of {CATEGORIES}; "
-                "widen `include` or narrow `exclude`."
+                + f". Patterns are words of {list(WORDS)} (roles and kinds, see lit_mofo.params) or regular "
+                "expressions written re:<regex>, searched in the parameter names; widen `include` or narrow `exclude`."
             )
         by_name = {weight.name: weight for weight in lora.values()}
         self._lora = [by_name[name] for name, _ in selected if name in by_name]

@@ -27,9 +27,15 @@ from torch.optim import Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
-from lit_mofo._validation import as_patterns, matches
 from lit_mofo.optim.mofo import MoFO, _validate_hyperparameters
-from lit_mofo.params import CATEGORIES, Category, check_trainable, initial_requires_grad, named_parameter_categories
+from lit_mofo.params import (
+    check_patterns,
+    check_trainable,
+    initial_requires_grad,
+    matching_patterns,
+    parameter_words,
+    warn_unmatched,
+)
 from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["MoFOCallback"]
@@ -55,7 +61,7 @@ _SUPPORTED = (
 )
 # MoFO's options that the callback passes on only when set, so MoFO's own defaults apply otherwise.
 _FORWARDED = ("selection", "fused", "sample_size", "seed", "nonfinite")
-_Named = tuple[str, Category | None, bool]  # qualified name, category, trainable at the start of fit
+_Named = tuple[str, frozenset[str], bool]  # qualified name, its words (lit_mofo.params), trainable at fit start
 
 
 class MoFOCallback(Callback):
@@ -125,9 +131,11 @@ class MoFOCallback(Callback):
             paper's setting is 0.15 (5-20% all work). ``None`` gives every tensor the dense Adam step.
         filter_min_ndim: tensors with fewer dimensions take the dense step; >= 0. The default 2 steps biases and norm
             weights densely, as the paper's reference code does; 0 filters every tensor.
-        dense: param groups whose filtered tensors take the dense step: a pattern or a list of them, each a category
-            of :mod:`lit_mofo.params` (``"bias"``, ``"norm"``, ``"embedding"``, ``"weight"``) or a regular expression
-            searched in the parameter's qualified name (e.g. ``r"lm_head"``; one string is one pattern). MoFO chooses
+        dense: param groups whose filtered tensors take the dense step: a pattern or a list of them, each a word of
+            :data:`lit_mofo.params.WORDS` (a kind - ``"bias"``, ``"norm"``, ``"embedding"``, ``"weight"`` - or a
+            role - ``"attention"``, ``"ffn"``, ``"router"``, ``"ssm"``, ``"head"``, ``"other"``) or a regular
+            expression written ``"re:<regex>"``, searched in the parameter's qualified name (e.g.
+            ``"re:lm_head"``; one string is one pattern; see :mod:`lit_mofo.params`). MoFO chooses
             the dense step per param group, so a group's trainable filtered tensors (``ndim >= filter_min_ndim``)
             must be named all or none: splitting a group would change the group count that schedulers' per-group
             lists, checkpoints and loggers rely on, so that is refused — give those parameters their own group in
@@ -175,10 +183,7 @@ class MoFOCallback(Callback):
         self.fraction = fraction
         self.filter_min_ndim = filter_min_ndim
         self.dense: tuple[str, ...] = (
-            as_patterns(
-                dense, where="MoFOCallback()", argument="dense", vocabulary=CATEGORIES, error=MisconfigurationException
-            )
-            or ()
+            check_patterns(dense, where="MoFOCallback()", argument="dense", error=MisconfigurationException) or ()
         )
         self.selection = selection
         self.fused = fused
@@ -222,7 +227,6 @@ class MoFOCallback(Callback):
         check_trainable(pl_module, where="MoFOCallback", error=MisconfigurationException)
         strategy = trainer.strategy
         names = _parameter_names(pl_module)
-        matched: set[str] = set()
         replacements: dict[int, tuple[Optimizer, MoFO]] = {}
         # Build every MoFO first: a refused optimizer leaves the Trainer untouched.
         for index, optimizer in enumerate(strategy.optimizers):
@@ -231,14 +235,23 @@ class MoFOCallback(Callback):
             if isinstance(optimizer, MoFO):
                 rank_zero_info(f"MoFOCallback: optimizer {index} already is {type(optimizer).__name__}; left as it is.")
                 continue
-            replacements[index] = (optimizer, self._convert(optimizer, names, f"optimizer {index}", matched))
+            replacements[index] = (optimizer, self._convert(optimizer, names, f"optimizer {index}"))
 
-        unmatched = [pattern for pattern in self.dense if pattern not in matched]
-        if unmatched and replacements:
-            rank_zero_warn(
-                f"MoFOCallback(dense=...): {unmatched} name no filtered parameter (ndim >= filter_min_ndim, trainable "
-                f"at the start of fit) of the converted optimizers; entries are a category {CATEGORIES} or a regex "
-                f"searched in the names of {type(pl_module).__name__}.named_parameters()."
+        if replacements:
+            # The filtered tensors the converted optimizers step: what `dense` can name.
+            candidates = {
+                name: words
+                for index, (optimizer, _) in replacements.items()
+                for name, words, trainable in self._filtered(optimizer, names)
+                if trainable
+            }
+            warn_unmatched(
+                "dense",
+                self.dense,
+                candidates,
+                where="MoFOCallback()",
+                scope="name no filtered parameter (ndim >= filter_min_ndim, trainable at the start of fit) of the "
+                "converted optimizers",
             )
 
         by_old = {id(old): new for old, new in replacements.values()}
@@ -265,14 +278,13 @@ class MoFOCallback(Callback):
         fit). ``module`` gives the parameter names and categories that ``dense`` refers to, and which parameters
         are frozen (they do not count for ``dense``).
         """
-        return self._convert(optimizer, _parameter_names(module) if module is not None else {}, "the optimizer", set())
+        return self._convert(optimizer, _parameter_names(module) if module is not None else {}, "the optimizer")
 
     def _convert(
         self,
         optimizer: Optimizer,
         names: Mapping[int, _Named],
         label: str,
-        matched: set[str],
     ) -> MoFO:
         _check_convertible(optimizer, label)
         groups = []
@@ -281,7 +293,7 @@ class MoFOCallback(Callback):
             mofo_group["params"] = list(group["params"])
             mofo_group.setdefault("fraction", self.fraction)
             mofo_group.setdefault("filter_min_ndim", self.filter_min_ndim)
-            if self._takes_dense_step(mofo_group, names, f"param group {group_index} of {label}", matched):
+            if self._takes_dense_step(mofo_group, names, f"param group {group_index} of {label}"):
                 mofo_group["fraction"] = None
             groups.append(mofo_group)
         try:
@@ -315,22 +327,17 @@ class MoFOCallback(Callback):
         group: dict[str, Any],
         names: Mapping[int, _Named],
         where: str,
-        matched: set[str],
     ) -> bool:
         """Whether ``dense`` names the group's trainable filtered tensors; refuses a split of the group."""
         if not self.dense or group["fraction"] is None:
             return False
         # The module's frozen tensors never step, so which step they would take does not split anything.
-        filtered = [
-            names.get(id(p), ("<unnamed>", None, True)) for p in group["params"] if p.dim() >= group["filter_min_ndim"]
-        ]
         named, rest = [], []
-        for name, category, trainable in filtered:
+        for name, words, trainable in self._group_filtered(group, names):
             if not trainable:
                 continue
-            hits = [p for p in self.dense if category is not None and matches(p, name, category, CATEGORIES)]
+            hits = matching_patterns(self.dense, name, words) if words else []
             (named if hits else rest).append(name)
-            matched.update(hits)
         if named and rest:
             raise MisconfigurationException(
                 f"MoFOCallback(dense={list(self.dense)!r}) names {len(named)} of the {len(named) + len(rest)} "
@@ -341,6 +348,21 @@ class MoFOCallback(Callback):
                 "lit_mofo.mofo_param_groups(self, dense=[...])), or narrow `dense`."
             )
         return bool(named)
+
+    def _filtered(self, optimizer: Optimizer, names: Mapping[int, _Named]) -> list[_Named]:
+        """The filtered tensors (``ndim >= filter_min_ndim``) of every group of ``optimizer``, as MoFO will see them."""
+        return [
+            named
+            for group in optimizer.param_groups
+            for named in self._group_filtered(
+                {"filter_min_ndim": group.get("filter_min_ndim", self.filter_min_ndim), **group}, names
+            )
+        ]
+
+    @staticmethod
+    def _group_filtered(group: Mapping[str, Any], names: Mapping[int, _Named]) -> list[_Named]:
+        unnamed: _Named = ("<unnamed>", frozenset(), True)
+        return [names.get(id(p), unnamed) for p in group["params"] if p.dim() >= group["filter_min_ndim"]]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -477,11 +499,10 @@ def _repoint(scheduler: Any, by_old: Mapping[int, Optimizer], seen: set[int]) ->
 
 
 def _parameter_names(module: nn.Module) -> dict[int, _Named]:
-    """``id(parameter) -> (qualified name, category, trainable at the start of fit)``."""
+    """``id(parameter) -> (qualified name, its words, trainable at the start of fit)``."""
     trainable = initial_requires_grad(module)
-    return {
-        id(param): (name, category, trainable[name]) for name, param, category in named_parameter_categories(module)
-    }
+    words = parameter_words(module)
+    return {id(param): (name, words[name], trainable[name]) for name, param in module.named_parameters()}
 
 
 def _qualname(optimizer: Optimizer) -> str:

@@ -20,14 +20,13 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_mofo._validation import as_bool, as_device, as_dtype, as_int, as_patterns, matches, unmatched_patterns_message
+from lit_mofo._validation import as_bool, as_device, as_dtype, as_int
 from lit_mofo.adapters import LoraWeight, adapter_values, checked_lora_weights, effective_name
-from lit_mofo.blocks import ROLES, detect_layout, parameter_roles
-from lit_mofo.params import check_trainable, initial_requires_grad
+from lit_mofo.blocks import detect_layout
+from lit_mofo.params import WORDS, check_patterns, check_trainable, initial_requires_grad, parameter_words, select_names
 from lit_mofo.report import Curve, FitReport, ReportSection, Table
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
@@ -107,8 +106,9 @@ class ParameterDrift(Callback):
     For the selected parameters (all by default), with θ₀ their values before the first optimizer step:
 
     - ``drift/relative_l2``: ``||θ - θ₀|| / ||θ₀||`` over all of them (one long vector);
-    - ``drift/relative_l2/<role>``: the same per role — ``attention``, ``ffn``, ``norm``, ``embedding``, ``head``,
-      ``other`` — as :func:`lit_mofo.blocks.parameter_roles` assigns them (the categorisation Half Fine-Tuning uses);
+    - ``drift/relative_l2/<role>``: the same per role — ``attention``, ``ffn``, ``router``, ``ssm``, ``norm``,
+      ``embedding``, ``head``, ``other`` — as :func:`lit_mofo.blocks.parameter_roles` assigns them (the
+      categorisation Half Fine-Tuning uses; a role appears when the model has parameters of it);
     - ``drift/relative_l2/module/<name>``: per top-level module (see :func:`top_level_modules`, e.g.
       ``model.model`` and ``model.lm_head`` for a Llama inside a LightningModule);
     - ``drift/relative_l2/block/<i>``: per transformer block, in :func:`lit_mofo.blocks.detect_layout` order;
@@ -166,10 +166,11 @@ class ParameterDrift(Callback):
     Args:
         every_n_train_steps: compute after every N-th optimizer step, an integer >= 0; None or 0 only at the end of
             fit.
-        include: parameters to measure: a pattern or a list of them, each a role name (``"attention"``, ``"ffn"``,
-            ``"norm"``, ``"embedding"``, ``"head"``, ``"other"``) or a regex searched in parameter names (one
-            string is one pattern); None selects all. A pattern that matches nothing is warned about; a selection
-            of nothing is refused at the start of fit.
+        include: parameters to measure: a pattern or a list of them, each a word of :data:`lit_mofo.params.WORDS`
+            - a role (``"attention"``, ``"ffn"``, ``"router"``, ``"ssm"``, ``"norm"``, ``"embedding"``, ``"head"``,
+            ``"other"``) or a kind (``"weight"``, ``"bias"``) - or a regular expression written ``"re:<regex>"``,
+            searched in parameter names (one string is one pattern; see :mod:`lit_mofo.params`); None selects all.
+            A pattern that matches nothing is warned about; a selection of nothing is refused at the start of fit.
         exclude: parameters to leave out, in the same form.
         snapshot_dtype: dtype of the stored θ₀ (``"float32"``, ``"bfloat16"``, ``"bf16"``, ``torch.float16``, ...);
             None keeps each parameter's dtype, which keeps ``fraction_changed`` exact. A narrower dtype than the
@@ -205,8 +206,8 @@ class ParameterDrift(Callback):
                 fix="Or None / 0 to measure only at the end of fit.",
                 error=error,
             )
-        include = as_patterns(include, where=where, argument="include", vocabulary=ROLES, error=error)
-        exclude = as_patterns(exclude, where=where, argument="exclude", vocabulary=ROLES, error=error) or ()
+        include = check_patterns(include, where=where, argument="include", error=error)
+        exclude = check_patterns(exclude, where=where, argument="exclude", error=error) or ()
         if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
             raise MisconfigurationException(
                 f"{where}: report_dir={report_dir!r} is invalid; the valid range is a directory path (str or "
@@ -256,34 +257,24 @@ class ParameterDrift(Callback):
         lora = checked_lora_weights(pl_module, user=type(self).__name__, what="measures", sharded=self._adapter.sharded)
         adapter_tensors = {name for weight in lora.values() for name in weight.adapters}
         # A LoRA model is measured on its effective weights: the adapter tensors are part of them, not on their own.
-        roles = {name: role for name, role in parameter_roles(pl_module).items() if name not in adapter_tensors}
+        layout = detect_layout(pl_module)
+        all_roles = layout.roles()
+        words = {
+            name: words for name, words in parameter_words(pl_module, all_roles).items() if name not in adapter_tensors
+        }
+        roles = {name: all_roles[name] for name in words}
         labels = {name: effective_name(name) for name in roles} if lora else {name: name for name in roles}
-
-        def named(patterns: Sequence[str], name: str) -> bool:
-            return any(matches(pattern, labels[name], roles[name], ROLES) for pattern in patterns)
-
-        for argument, patterns in (("include", self.include or []), ("exclude", self.exclude)):
-            unmatched = [pattern for pattern in patterns if not any(named([pattern], name) for name in roles)]
-            if unmatched:
-                rank_zero_warn(
-                    unmatched_patterns_message(
-                        unmatched,
-                        where="ParameterDrift()",
-                        argument=argument,
-                        vocabulary=ROLES,
-                        names=list(labels.values()),
-                    )
-                )
-        names = [
-            name
-            for name in roles
-            if (self.include is None or named(self.include, name)) and not named(self.exclude, name)
-        ]
+        by_label = select_names(
+            {labels[name]: words[name] for name in roles}, self.include, self.exclude, where="ParameterDrift()"
+        )
+        real = {label: name for name, label in labels.items()}
+        names = [real[label] for label in by_label]
         if not names:
             raise MisconfigurationException(
                 f"ParameterDrift(include={self.include!r}, exclude={self.exclude!r}) selects no parameter of "
-                f"{type(pl_module).__name__}. Patterns are roles {ROLES} or regexes searched in parameter names; "
-                "widen `include` or narrow `exclude`."
+                f"{type(pl_module).__name__}. Patterns are words of {list(WORDS)} (roles and kinds, see "
+                "lit_mofo.params) or regular expressions written re:<regex>, searched in parameter names; widen "
+                "`include` or narrow `exclude`."
             )
         self._names = names
         self._labels = {name: labels[name] for name in names}
@@ -292,11 +283,10 @@ class ParameterDrift(Callback):
         self._modules = {
             name: effective_name(m) if lora else m for name, m in top_level_modules(pl_module, names).items()
         }
-        layout = detect_layout(pl_module)
         self._block_names = [effective_name(block.name) if lora else block.name for block in layout.blocks]
         self._blocks = {}
         for index, block in enumerate(layout.blocks):
-            for name in (*block.attention, *block.ffn, *block.norms, *block.other):
+            for name in block.parameters:
                 self._blocks[name] = index
         captured = names
         if lora:  # PEFT: the adapters and whatever trains; the frozen base is its own θ₀ (see the class docstring)

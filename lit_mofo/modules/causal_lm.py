@@ -29,7 +29,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from typing_extensions import override
 
 from lit_mofo._validation import as_dtype
-from lit_mofo.blocks import detect_layout
+from lit_mofo.blocks import block_groups
 from lit_mofo.optim.helpers import Schedule, mofo_configure_optimizers, mofo_param_groups, warmup_lr_scheduler
 from lit_mofo.strategy import StrategyAdapter, full_state_dict, is_dtensor
 
@@ -415,10 +415,12 @@ class CausalLMModule(pl.LightningModule):
             options["mp_policy"] = MixedPrecisionPolicy(
                 param_dtype=self.fsdp_param_dtype, reduce_dtype=self.fsdp_reduce_dtype
             )
-        blocks = [block.name for block in detect_layout(self.model).blocks]
-        for name in blocks:
-            fully_shard(self.model.get_submodule(name), **options)
+        groups = block_groups(self.model)  # blocks that share tensors (Zamba's shared transformer) form one unit
+        for group in groups:
+            modules = [self.model.get_submodule(name) for name in group]
+            fully_shard(modules if len(modules) > 1 else modules[0], **options)
         fully_shard(self.model, **options)
+        blocks = [name for group in groups for name in group]
         precision = (
             f", computing in {self.fsdp_param_dtype or 'the parameter dtype'} and reducing gradients in "
             f"{self.fsdp_reduce_dtype or self.fsdp_param_dtype or 'the parameter dtype'}"

@@ -1,4 +1,4 @@
-"""``configure_optimizers`` helpers: MoFO param groups by parameter name/category, and the paper's schedule.
+"""``configure_optimizers`` helpers: MoFO param groups by parameter word or name, and the paper's schedule.
 
 The three entry points compose: :func:`mofo_param_groups` builds the groups, :func:`warmup_lr_scheduler`
 builds Lightning's per-step scheduler config for any optimizer, and :func:`mofo_configure_optimizers` returns the
@@ -13,13 +13,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_mofo._validation import as_float, as_int, as_patterns, matches, unmatched_patterns_message
+from lit_mofo._validation import as_float, as_int
 from lit_mofo.optim.mofo import MoFO, _validate_hyperparameters
-from lit_mofo.params import CATEGORIES, named_parameter_categories
+from lit_mofo.params import check_patterns, matching_patterns, parameter_words, warn_unmatched
 
 __all__ = ["Schedule", "mofo_configure_optimizers", "mofo_param_groups", "warmup_lr_scheduler"]
 
@@ -47,11 +46,13 @@ def mofo_param_groups(
     (the dense Adam step); every other hyper-parameter is inherited from the optimizer they are passed to, so
     ``MoFO(mofo_param_groups(model), lr=2e-5, fraction=0.1, weight_decay=0.01)`` means what it says.
 
-    Every entry of ``no_decay``, ``dense``, ``include`` and ``exclude`` is either a category — ``bias``,
-    ``norm``, ``embedding`` or ``weight``, decided by module structure (:mod:`lit_mofo.params`) — or a regular
-    expression searched in the parameter's qualified name (e.g. ``r"lm_head"``). A single string is one entry
-    (``dense="lm_head"``). An entry that names no parameter of the module is warned about (with the nearest
-    category for a typo such as ``"embeddings"``), except in the default ``no_decay``.
+    Every entry of ``no_decay``, ``dense``, ``include`` and ``exclude`` is a word of :data:`lit_mofo.params.WORDS`
+    - a kind (``bias``, ``norm``, ``embedding``, ``weight``, by module structure) or a role of
+    :mod:`lit_mofo.blocks` (``attention``, ``ffn``, ``router``, ``ssm``, ``head``, ``other``) - or a regular
+    expression written ``"re:<regex>"``, searched in the parameter's qualified name (``"re:lm_head"``); see
+    :mod:`lit_mofo.params`. A single string is one entry (``dense="re:lm_head"``). An entry that names no
+    parameter of the module is warned about (with the nearest word for a typo such as ``"embeddings"``), except in
+    the default ``no_decay``.
 
     Args:
         module: the model (a LightningModule or any ``nn.Module``).
@@ -74,38 +75,26 @@ def mofo_param_groups(
             "parameters with requires_grad=False."
         )
     arguments = {"no_decay": no_decay, "dense": dense, "include": include, "exclude": exclude}
-    patterns = {
-        name: as_patterns(value, where=where, argument=name, vocabulary=CATEGORIES) for name, value in arguments.items()
-    }
-    named = list(named_parameter_categories(module))
+    patterns = {name: check_patterns(value, where=where, argument=name) for name, value in arguments.items()}
+    words = parameter_words(module)
     for name, value in arguments.items():
         checked = patterns[name]
-        if not checked or (name == "no_decay" and value is DEFAULT_NO_DECAY):
-            continue
-        unmatched = [
-            pattern
-            for pattern in checked
-            if not any(matches(pattern, n, category, CATEGORIES) for n, _, category in named)
-        ]
-        if unmatched:
-            rank_zero_warn(
-                unmatched_patterns_message(
-                    unmatched, where=where, argument=name, vocabulary=CATEGORIES, names=[n for n, _, _ in named]
-                )
-            )
+        if checked and not (name == "no_decay" and value is DEFAULT_NO_DECAY):
+            warn_unmatched(name, checked, words, where=where)
+    params = dict(module.named_parameters())
 
-    def named_by(key: str, name: str, category: str) -> bool:
-        return any(matches(pattern, name, category, CATEGORIES) for pattern in patterns[key] or ())
+    def named_by(key: str, name: str) -> bool:
+        return bool(matching_patterns(patterns[key] or (), name, words[name]))
 
     groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
-    for name, param, category in named:
+    for name, param in params.items():
         if trainable_only and not param.requires_grad:
             continue
-        if patterns["include"] is not None and not named_by("include", name, category):
+        if patterns["include"] is not None and not named_by("include", name):
             continue
-        if named_by("exclude", name, category):
+        if named_by("exclude", name):
             continue
-        key = (named_by("no_decay", name, category), named_by("dense", name, category))
+        key = (named_by("no_decay", name), named_by("dense", name))
         groups.setdefault(key, []).append((name, param))
 
     if not groups:
