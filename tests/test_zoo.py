@@ -88,6 +88,28 @@ def test_roles_name_experts_routers_and_state_space_parameters(
         assert "ssm" in m.roles
 
 
+# What LanguageModelProbe must do per family: score next-token predictions of causal LMs, refuse the others in setup.
+PROBE_BY_FAMILY = {
+    "cross-attention": "refused (seq2seq)",
+    "T5": "refused (seq2seq)",
+    "vision": "refused (other)",
+    "masked LM": "refused (masked)",
+}
+
+
+@pytest.mark.parametrize(("family", "model_type"), ARCHITECTURES, ids=[t for _, t in ARCHITECTURES])
+def test_the_language_model_probe_scores_causal_models_and_refuses_the_others(
+    measurements: dict[str, zoo.Measurement], family: str, model_type: str
+) -> None:
+    m = measurements[model_type]
+    expected = PROBE_BY_FAMILY.get(family, "next-token")
+    if family == "cross-attention" and m.model_class.endswith("ForCausalLM"):
+        expected = "next-token"  # a decoder-only variant (e.g. BartForCausalLM) predicts the next token
+    if model_type == "whisper":
+        expected = "refused (other)"  # a speech model: its encoder reads audio features, not token ids
+    assert m.probe == expected, (family, m.model_class)
+
+
 def test_the_readme_matrix_is_the_one_the_code_produces(measurements: dict[str, zoo.Measurement]) -> None:
     block = zoo.readme_block()
     assert block, f"README.md lacks the {zoo.BEGIN} ... {zoo.END} block"

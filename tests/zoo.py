@@ -21,8 +21,10 @@ Trainer, and to the 2-process scripts.
 :func:`render_matrix` writes the README's table from the measurements; ``python tests/zoo.py`` rewrites the README's
 block between the ``zoo:begin``/``zoo:end`` markers, and ``tests/test_zoo.py`` fails when it differs.
 
-The ``probe`` column is a hook for the probes: :data:`PROBE_CHECK`, a function ``model -> str`` (the probe's result,
-or the first line of its refusal), is None until they provide one, and the column says "not checked" meanwhile.
+The ``probe`` column says what :class:`~lit_mofo.probes.LanguageModelProbe` does on the model, from its ``setup``
+check (:func:`probe_check`): "next-token" where it scores (causal LMs), or "refused (<kind>)" where it refuses before
+any forward (encoder-decoder, masked LM, other heads). ``tests/test_probe_models.py`` compares its scores with
+transformers' own losses on causal models and its refusals' messages.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import pathlib
 import re
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -41,18 +42,28 @@ from typing import Any
 import torch
 import transformers
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoConfig
 
 from lit_mofo.blocks import detect_layout, split_part
 from lit_mofo.callbacks.half_finetuning import HalfFineTuning
+from lit_mofo.probes import language_model_kind
+from lit_mofo.probes._inspect import check_next_token_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
 
-# The probes' hook (see the module docstring): model -> "loss 4.85" or the first line of the probe's refusal.
-PROBE_CHECK: Callable[[nn.Module], str] | None = None
+
+def probe_check(model: nn.Module) -> str:
+    """What LanguageModelProbe's ``setup`` does on ``model``: "next-token" (it scores) or "refused (<kind>)"."""
+    try:
+        check_next_token_model(model, None, "LanguageModelProbe")
+    except MisconfigurationException:
+        return f"refused ({language_model_kind(model)})"
+    return "next-token"
+
 
 _TINY = {
     "hidden_size": 64,
@@ -298,8 +309,8 @@ class Measurement:
     leftovers: list[str]  # block parameters in no role but "other" (unrecognised), apart from biases
     bit_identical: bool
     others_moved: bool
+    probe: str  # what LanguageModelProbe does on the model (probe_check)
     frozen_experts: int = 0
-    probe: str = "not checked"
     notes: list[str] = field(default_factory=list)
 
 
@@ -413,9 +424,8 @@ def _measure(family: str, model_type: str, mode: str) -> Measurement:
         bit_identical=bit_identical,
         others_moved=others_moved,
         frozen_experts=sum(len(indices) for indices in frozen_slices.values()),
+        probe=probe_check(model),
     )
-    if PROBE_CHECK is not None:
-        result.probe = PROBE_CHECK(model)
     return result
 
 
