@@ -1,8 +1,9 @@
 """The embedded scenario: a world of facts, a small Llama pre-trained on it, and a fine-tuning task — offline.
 
 - :mod:`~lit_mofo.scenario.corpus`: seeded facts about generated entities (the "general knowledge").
-- :mod:`~lit_mofo.scenario.task`: word-list problems; ``repeat`` (a skill of the base model) and ``cipher`` (the
-  fine-tuning task).
+- :mod:`~lit_mofo.scenario.task`: word-list problems; ``repeat`` (a skill of the base model), ``cipher`` (the
+  fine-tuning task), ``reverse`` and ``reverse_cipher``, over entity names or relation values.
+- :mod:`~lit_mofo.scenario.sequence`: :data:`TASK_SEQUENCE`, four tasks for continual fine-tuning.
 - :mod:`~lit_mofo.scenario.vocab`: the shipped word-level tokenizer.
 - :mod:`~lit_mofo.scenario.base_model`: builds and caches the base model (``python -m lit_mofo.scenario
   build-base``; built automatically on first use).
@@ -17,12 +18,16 @@ from lit_mofo.scenario.corpus import Fact, KnowledgeSpec, generate_facts
 from lit_mofo.scenario.data import ScenarioDataModule
 from lit_mofo.scenario.probes import KnowledgeProbe, TaskProbe, evaluate_knowledge, evaluate_task
 from lit_mofo.scenario.scenarios import SCENARIOS, Scenario, ScenarioName, get_scenario
-from lit_mofo.scenario.task import TaskExample, TaskSpec, generate_task
+from lit_mofo.scenario.sequence import TASK_SEQUENCE, task_arguments
+from lit_mofo.scenario.task import TASK_KINDS, WORD_POOLS, TaskExample, TaskSpec, generate_task
 from lit_mofo.scenario.vocab import build_tokenizer, load_tokenizer
 
 __all__ = [
     "SCENARIOS",
     "SCENARIO_MODEL",
+    "TASK_KINDS",
+    "TASK_SEQUENCE",
+    "WORD_POOLS",
     "BaseModelRecipe",
     "Fact",
     "KnowledgeProbe",
@@ -42,4 +47,5 @@ __all__ = [
     "generate_task",
     "get_scenario",
     "load_tokenizer",
+    "task_arguments",
 ]

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_mofo.data.instruction import InstructionDataModule
 from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
-from lit_mofo.scenario.task import TaskKind, TaskSpec, generate_task
+from lit_mofo.scenario.task import TaskKind, TaskSpec, WordPool, generate_task
 from lit_mofo.scenario.vocab import load_tokenizer
 
 __all__ = ["ScenarioDataModule"]
@@ -26,8 +26,10 @@ class ScenarioDataModule(InstructionDataModule):
     :class:`~lit_mofo.data.instruction.InstructionDataModule`'s.
 
     Args:
-        kind: ``cipher`` (the fine-tuning task), ``repeat`` or ``reverse`` (see :mod:`lit_mofo.scenario.task`).
-        num_words: word pool of the task.
+        kind: ``cipher`` (the fine-tuning task), ``repeat``, ``reverse`` or ``reverse_cipher`` (see
+            :mod:`lit_mofo.scenario.task`; :data:`~lit_mofo.scenario.sequence.TASK_SEQUENCE` lists the continual
+            sequence's tasks and their arguments).
+        num_words: how many words of the pool the problems draw from (at most 56 with ``pool="values"``).
         min_length: shortest word list.
         max_length: longest word list.
         seed: seeds the problems and the cipher (match it in ``TaskProbe``); the training order comes from
@@ -42,6 +44,8 @@ class ScenarioDataModule(InstructionDataModule):
         scenario: which embedded scenario's words the problems are written in: ``overlap`` (the names of 64 of the
             world's entities, the default) or ``disjoint`` (names no fact is about; fine-tune ``model:
             scenario:disjoint``), see :mod:`lit_mofo.scenario.scenarios`.
+        pool: ``names`` (entity names: the scenario's, the default) or ``values`` (the world's 56 relation values,
+            the same words in every scenario).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class ScenarioDataModule(InstructionDataModule):
         block_size: int = 64,
         num_workers: int = 0,
         scenario: ScenarioName = "overlap",
+        pool: WordPool = TaskSpec.pool,
     ) -> None:
         super().__init__(
             max_length=block_size,
@@ -69,13 +74,8 @@ class ScenarioDataModule(InstructionDataModule):
             seed=seed,
         )
         try:
-            self.spec = TaskSpec(
-                kind=kind,
-                num_words=num_words,
-                min_length=min_length,
-                max_length=max_length,
-                seed=seed,
-                first_word=get_scenario(scenario).first_word,
+            self.spec = get_scenario(scenario).task(
+                kind, pool=pool, num_words=num_words, min_length=min_length, max_length=max_length, seed=seed
             )
         except ValueError as error:
             raise MisconfigurationException(f"ScenarioDataModule: {error}") from error

@@ -4,7 +4,8 @@
 multiple choice over the relation's values (one forward per batch of facts: the values are single tokens, so their
 log-likelihoods are read off the logits after the prompt); it also reports the language-model loss on the fact
 sentences. :class:`TaskProbe` measures exact match on held-out problems of a task (``cipher`` — the fine-tuning
-task — or ``repeat``, the copying skill of the base model) by teacher forcing, which equals greedy decoding.
+task —, ``repeat`` — the copying skill of the base model — or a stage of the continual sequence,
+:data:`~lit_mofo.scenario.sequence.TASK_SEQUENCE`) by teacher forcing, which equals greedy decoding.
 
 Under DDP and FSDP2 both run the same number of forwards on every process (the batches are dealt round-robin; a
 process with one batch fewer runs a padding forward whose result it discards, so sharded models never wait on a
@@ -32,7 +33,7 @@ from lit_mofo.probes import _checks, _inspect, _metrics, _model, distribution
 from lit_mofo.probes.base import Probe, find_language_model
 from lit_mofo.scenario.corpus import RELATION_TEMPLATES, Fact, KnowledgeSpec, generate_facts
 from lit_mofo.scenario.scenarios import ScenarioName, get_scenario
-from lit_mofo.scenario.task import TaskExample, TaskKind, TaskSpec, generate_task
+from lit_mofo.scenario.task import TaskExample, TaskKind, TaskSpec, WordPool, generate_task
 from lit_mofo.scenario.vocab import load_tokenizer
 
 __all__ = ["KnowledgeProbe", "TaskProbe", "evaluate_knowledge", "evaluate_task"]
@@ -395,15 +396,18 @@ class TaskProbe(_ScenarioProbe):
     is the right one at every answer position and then ``<eos>`` — exactly when greedy decoding from the prompt
     produces the answer and stops, at the cost of one forward instead of one per generated token.
 
-    Metrics: ``exact_match`` (higher is better; the base model scores 0 on ``cipher`` and about 0.9-1.0 on
-    ``repeat``) and ``loss`` (mean next-token loss in nats over the answer tokens and ``<eos>``; lower is better).
-    The problems are the evaluation set of :func:`~lit_mofo.scenario.task.generate_task`, which
-    :class:`~lit_mofo.scenario.data.ScenarioDataModule` also uses for validation and never trains on.
+    Metrics: ``exact_match`` (higher is better; the base model scores 0 on ``cipher`` and on every task of
+    :data:`~lit_mofo.scenario.sequence.TASK_SEQUENCE`, and about 0.9-1.0 on ``repeat``) and ``loss`` (mean
+    next-token loss in nats over the answer tokens and ``<eos>``; lower is better). The problems are the evaluation
+    set of :func:`~lit_mofo.scenario.task.generate_task`, which :class:`~lit_mofo.scenario.data.ScenarioDataModule`
+    also uses for validation and never trains on.
 
     Args:
         kind: ``cipher`` (the fine-tuning task), ``repeat`` (the base model's copying skill, to watch it being
-            forgotten) or ``reverse``.
-        num_words: word pool of the task (see :class:`~lit_mofo.scenario.task.TaskSpec`).
+            forgotten), ``reverse`` or ``reverse_cipher`` (:data:`~lit_mofo.scenario.sequence.TASK_SEQUENCE` lists
+            the continual sequence's tasks and their arguments).
+        num_words: how many words of the pool the problems draw from (see :class:`~lit_mofo.scenario.task.
+            TaskSpec`; at most 56 with ``pool="values"``).
         min_length: shortest word list.
         max_length: longest word list.
         seed: the task's seed (problems and cipher); must match the data module's.
@@ -417,6 +421,8 @@ class TaskProbe(_ScenarioProbe):
             ``disjoint``); must match the data module's and the base model's (:mod:`lit_mofo.scenario.scenarios`).
         allow_beyond_max_positions: score problems longer than the model's maximum positions on a model without a
             learned position table (refused otherwise, in ``setup``); see :class:`~lit_mofo.probes.LanguageModelProbe`.
+        pool: ``names`` (entity names: the scenario's, the default) or ``values`` (the world's 56 relation values,
+            the same words in every scenario); must match the data module's.
     """
 
     _metric_names = ("exact_match", "loss")
@@ -435,17 +441,18 @@ class TaskProbe(_ScenarioProbe):
         name: str = "task",
         scenario: ScenarioName = "overlap",
         allow_beyond_max_positions: bool = False,
+        pool: WordPool = TaskSpec.pool,
     ) -> None:
         super().__init__(batch_size, limit_batches, forward_fn, name, allow_beyond_max_positions)
         where = _checks.where(self)
         try:
-            self.spec = TaskSpec(
-                kind=kind,
+            self.spec = get_scenario(scenario).task(
+                kind,
+                pool=pool,
                 num_words=self._spec_int(num_words, "num_words"),
                 min_length=self._spec_int(min_length, "min_length"),
                 max_length=self._spec_int(max_length, "max_length"),
                 seed=self._spec_int(seed, "seed"),
-                first_word=get_scenario(scenario).first_word,
             )
         except ValueError as error:
             raise MisconfigurationException(f"{where}: {error}") from error

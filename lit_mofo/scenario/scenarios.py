@@ -28,7 +28,7 @@ from typing import Literal
 
 from lit_mofo.scenario.base_model import SCENARIO_MODEL, BaseModelRecipe
 from lit_mofo.scenario.corpus import KnowledgeSpec, generate_facts
-from lit_mofo.scenario.task import TaskKind, TaskSpec
+from lit_mofo.scenario.task import TaskKind, TaskSpec, WordPool
 
 __all__ = ["SCENARIOS", "Scenario", "ScenarioName", "get_scenario", "scenario_for_model"]
 
@@ -59,9 +59,11 @@ class Scenario:
         default = BaseModelRecipe()
         return replace(default, skill=replace(default.skill, first_word=self.first_word))
 
-    def task(self, kind: TaskKind = "cipher", **options: int) -> TaskSpec:
-        """The scenario's ``kind`` problems (``cipher``: the fine-tuning task; ``repeat``: the copying skill)."""
-        return TaskSpec(kind=kind, first_word=self.first_word, **options)
+    def task(self, kind: TaskKind = "cipher", pool: WordPool = "names", **options: int) -> TaskSpec:
+        """The scenario's ``kind`` problems (``cipher``: the fine-tuning task; ``repeat``: the copying skill): over
+        its names, or over the relation values (``pool="values"``: the same words in every scenario)."""
+        first_word = self.first_word if pool == "names" else 0
+        return TaskSpec(kind=kind, first_word=first_word, pool=pool, **options)
 
     def overlap(self, kind: TaskKind = "cipher") -> set[str]:
         """The words of the scenario's ``kind`` task that are also words of a fact of its world (empty for
