@@ -715,7 +715,7 @@ class LitMoFOCLI(LightningCLI):
         found = newest_complete_checkpoint(directories, _model_hyper_parameters(config))
         if found is None:
             where = ", ".join(str(d) for d in directories[:3]) + (", ..." if len(directories) > 3 else "")
-            rank_zero_info(f"--ckpt_path last: no complete checkpoint of this run in {where}; starting from the start.")
+            rank_zero_info(f"--ckpt_path last: no complete checkpoint of this run in {where}; starting from the beginning.")
             return None
         rank_zero_info(f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {found}")
         return str(found)
