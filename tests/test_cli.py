@@ -1,4 +1,5 @@
-"""The `lit-mofo` CLI and every shipped config: each parses (no download, no training), short names resolve."""
+"""The `lit-mofo` CLI and every shipped config: each parses (no download, no training), short names resolve; errors
+name their cause; ``--ckpt_path`` resumes only from complete checkpoints of the same run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
+from process_launch import run_script
 
 from lit_mofo.cli import main
 
@@ -490,6 +493,39 @@ def test_another_models_checkpoint_is_refused_naming_the_tensors_that_do_not_fit
     assert first.startswith(f"error: --ckpt_path {other} holds the weights of another model: ")  # used to: missing keys
     assert "1 of its tensors are not in this model (e.g. ['net.0.weight'])" in first
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_killed_mid_write_is_never_taken_as_complete_and_last_resumes_the_previous_one(
+    tmp_path: Path,
+) -> None:
+    """2 processes under FSDP2, both killed while the checkpoint of step 3 is written (its shards and ``.metadata``
+    on disk, not ``meta.pt``), used to leave ``epoch=0-step=3.ckpt`` that looked finished and could not load. Three
+    launches of about 30 s each (quiet machine): the killed fit, its resume with ``--ckpt_path last``, an
+    uninterrupted fit."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    script = ROOT / "tests" / "scripts" / "killed_save.py"
+    killed = run_script(script, str(tmp_path / "run"), "--kill-at-save", "3", timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt.partial"]
+    assert (checkpoints / "epoch=0-step=3.ckpt.partial" / ".metadata").is_file()  # the shards were all written
+
+    resumed = run_script(script, str(tmp_path / "run"), "--ckpt_path", "last", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    previous = checkpoints / "epoch=0-step=2.ckpt"
+    assert f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {previous}" in resumed.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch=0-step={step}.ckpt" for step in (1, 2, 3, 4)]
+
+    reference = run_script(script, str(tmp_path / "reference"), timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    final = "lightning_logs/version_0/checkpoints/epoch=0-step=4.ckpt"
+    weights = _load_distributed_checkpoint(tmp_path / "reference" / final)["state_dict"]
+    resumed_weights = _load_distributed_checkpoint(tmp_path / "run" / final)["state_dict"]
+    assert weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
 
 
 # ---- errors that name their cause ---------------------------------------------------------------------------------
