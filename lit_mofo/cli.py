@@ -69,6 +69,7 @@ import lit_mofo.modules
 import lit_mofo.optim
 import lit_mofo.probes
 import lit_mofo.scenario  # noqa: F401
+from lit_mofo.callbacks.task_vector_scaling import applied_edit
 from lit_mofo.checkpoints import (
     checkpoint_problem,
     newest_complete_checkpoint,
@@ -396,7 +397,7 @@ def _ckpt_path_problem(value: str, config: Namespace, subcommand: str) -> str | 
             f"its checkpoints. {_resume_hint(path, hyper_parameters)}"
         )
     if subcommand == "fit":
-        edited = _task_vector_edit(meta)
+        edited = applied_edit(meta)
         if edited is not None:
             return (
                 f"--ckpt_path {value} holds the weights TaskVectorScaling edited at the end of its fit ({edited}: "
@@ -406,14 +407,6 @@ def _ckpt_path_problem(value: str, config: Namespace, subcommand: str) -> str | 
                 "which keeps the weights its score was measured on); to fine-tune the edited model anew, load its "
                 "weights without --ckpt_path; to evaluate it, use `lit-mofo validate` or `test` with --ckpt_path."
             )
-    return None
-
-
-def _task_vector_edit(meta: dict[str, Any]) -> str | None:
-    """The edit TaskVectorScaling applied to the checkpoint's weights (it rewrites the final checkpoints), or None."""
-    for key, state in (meta.get("callbacks") or {}).items():
-        if str(key).startswith("TaskVectorScaling") and isinstance(state, dict) and state.get("applied"):
-            return str(state["applied"])
     return None
 
 
@@ -715,7 +708,9 @@ class LitMoFOCLI(LightningCLI):
         found = newest_complete_checkpoint(directories, _model_hyper_parameters(config))
         if found is None:
             where = ", ".join(str(d) for d in directories[:3]) + (", ..." if len(directories) > 3 else "")
-            rank_zero_info(f"--ckpt_path last: no complete checkpoint of this run in {where}; starting from the beginning.")
+            rank_zero_info(
+                f"--ckpt_path last: no complete checkpoint of this run in {where}; starting from the beginning."
+            )
             return None
         rank_zero_info(f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {found}")
         return str(found)
