@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from process_launch import run_script
 
 from lit_mofo.cli import main
@@ -500,32 +499,24 @@ def test_a_sharded_checkpoint_killed_mid_write_is_never_taken_as_complete_and_la
     tmp_path: Path,
 ) -> None:
     """2 processes under FSDP2, both killed while the checkpoint of step 3 is written (its shards and ``.metadata``
-    on disk, not ``meta.pt``), used to leave ``epoch=0-step=3.ckpt`` that looked finished and could not load. Three
-    launches of about 30 s each (quiet machine): the killed fit, its resume with ``--ckpt_path last``, an
-    uninterrupted fit."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
+    on disk, not ``meta.pt``), used to leave ``epoch=0-step=3.ckpt`` that looked finished and could not load. Two
+    launches of about 20 s each (quiet machine): the killed fit and its resume with ``--ckpt_path last``. (That a
+    sharded resume ends bit-identical to the uninterrupted fit is tested in ``tests/test_resume.py``.)"""
     script = ROOT / "tests" / "scripts" / "killed_save.py"
-    killed = run_script(script, str(tmp_path / "run"), "--kill-at-save", "3", timeout=600)
+    killed = run_script(script, str(tmp_path), "--kill-at-save", "3", timeout=600)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    checkpoints = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     names = sorted(p.name for p in checkpoints.iterdir())
     assert names == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt.partial"]
     assert (checkpoints / "epoch=0-step=3.ckpt.partial" / ".metadata").is_file()  # the shards were all written
 
-    resumed = run_script(script, str(tmp_path / "run"), "--ckpt_path", "last", timeout=600)
+    resumed = run_script(script, str(tmp_path), "--ckpt_path", "last", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     previous = checkpoints / "epoch=0-step=2.ckpt"
     assert f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {previous}" in resumed.stderr
+    assert f"Restored all states from the checkpoint at {previous}" in resumed.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch=0-step={step}.ckpt" for step in (1, 2, 3, 4)]
-
-    reference = run_script(script, str(tmp_path / "reference"), timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    final = "lightning_logs/version_0/checkpoints/epoch=0-step=4.ckpt"
-    weights = _load_distributed_checkpoint(tmp_path / "reference" / final)["state_dict"]
-    resumed_weights = _load_distributed_checkpoint(tmp_path / "run" / final)["state_dict"]
-    assert weights.keys() == resumed_weights.keys()
-    assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # the same run goes on
 
 
 # ---- errors that name their cause ---------------------------------------------------------------------------------
