@@ -10,14 +10,24 @@ Beyond LightningCLI:
 - **Arguments are checked before anything is built.** A value of the wrong type, an optimizer argument out of range
   (the optimizer is built once on a dummy parameter right after parsing) or a callback argument out of range
   (callbacks are built before the model) ends the command with exit status 2 and the reason first, without the
-  usage text. ``JSONARGPARSE_DEBUG=true`` raises the error with its traceback instead.
+  usage text. A class whose constructor refuses its arguments is reported with its own message first (for a probe
+  inside a monitor, with its config key: jsonargparse would name only the abstract ``Probe``).
+  ``JSONARGPARSE_DEBUG=true`` raises the error with its traceback instead.
 - **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
   ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
   them, and the end-of-fit report lands next to them. With the project's data modules (see
-  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one (from a
-  checkpoint written in the middle of a step, Lightning does not redo the rest of that step's logging). A
-  ``--ckpt_path`` that is missing, empty, truncated or not a checkpoint is refused up front, naming the previous
-  checkpoint in that directory.
+  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one, on one
+  process, under DDP and FSDP2 (from a checkpoint written in the middle of a step, Lightning does not redo the rest
+  of that step's logging). ``--ckpt_path last`` resumes from the newest complete checkpoint of this run (the same
+  model hyper-parameters) where the configured run writes checkpoints, or starts afresh when there is none.
+- **Checkpoints a crash cannot tear.** Every checkpoint is written under ``<name>.partial`` and renamed when complete
+  (:func:`~lit_mofo.checkpoints.save_checkpoints_atomically`). A ``--ckpt_path`` that is missing, empty, cut short,
+  an incomplete sharded directory or not a checkpoint is refused up front, naming the newest complete checkpoint of
+  the same run before it in that directory; another program's file and a checkpoint that ``TaskVectorScaling``
+  rewrote with an edit (for ``fit``) too. Once the model and the Trainer are built, and before anything is restored,
+  a checkpoint of another model (tensors that do not fit) or a sharded directory given to a strategy that reads
+  single files is refused with the fix. A checkpoint written outside LightningCLI gives its hyper-parameters to the
+  configured model class.
 - **Default logger**: a CSV logger in ``<default_root_dir>/lightning_logs/version_N`` (what Lightning picks without
   TensorBoard installed, without its notice about it); a fit that fails before logging anything removes the version
   directory it created. Give ``--trainer.logger`` to use another logger.
