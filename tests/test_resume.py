@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from process_launch import run_ranks
+from process_launch import run_ranks, run_script
 from torch.utils.data import DistributedSampler, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lit_mofo import HalfFineTuning
@@ -261,20 +261,21 @@ RESUME_ORDER = ROOT / "tests" / "scripts" / "resume_order.py"
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp2"])
-def distributed_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """One launch per strategy: the uninterrupted fit and its resumes from steps 2, 3 and 5 (about 30 s quiet)."""
+def distributed_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """One launch per strategy: the uninterrupted fit and its resumes from steps 2, 3 and 5 (about 30 s quiet); the
+    launch's directory (its checkpoints under ``checkpoints/``) and what each rank recorded."""
     out_dir = tmp_path_factory.mktemp(f"resume_{request.param}")
-    return run_ranks(RESUME_ORDER, out_dir, "--strategy", request.param, timeout=600)
+    return out_dir, run_ranks(RESUME_ORDER, out_dir, "--strategy", request.param, timeout=600)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step", [2, 3, 5], ids=["mid-epoch-0", "last-batch-of-epoch-0", "mid-epoch-1"])
 def test_a_distributed_fit_resumed_from_any_checkpoint_sees_the_same_batches_and_ends_bit_identical(
-    distributed_runs: list[dict], step: int
+    distributed_runs: tuple[Path, list[dict]], step: int
 ) -> None:
     """``ResumableDataLoader(shuffle=True)`` under DDP and FSDP2, sharded by Lightning's distributed sampler: its
     order used to be lost (Lightning wrapped the loader's sampler, whose state no checkpoint held)."""
-    rank0, rank1 = distributed_runs
+    _, (rank0, rank1) = distributed_runs
     assert rank0["uninterrupted"]["batches"] != rank1["uninterrupted"]["batches"]  # each rank its own share
     for rank in (rank0, rank1):
         full, resumed = rank["uninterrupted"], rank[str(step)]
@@ -282,6 +283,27 @@ def test_a_distributed_fit_resumed_from_any_checkpoint_sees_the_same_batches_and
         assert resumed["batches"] == [b for b in full["batches"] if b[0] >= step]
         assert full["weights"].keys() == resumed["weights"].keys()
         assert all(torch.equal(full["weights"][n], resumed["weights"][n]) for n in full["weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributed_runs", ["fsdp2"], indirect=True)
+def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one_process_under_fsdp2(
+    distributed_runs: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    """A sharded checkpoint is resharded onto another number of processes (the fix the CLI names when a sharded
+    checkpoint is given to a 1-process or DDP run). One more launch, about 20 s quiet."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    checkpoint = distributed_runs[0] / "checkpoints" / "step=5.ckpt"
+    result = run_script(
+        RESUME_ORDER, str(tmp_path), "--strategy", "fsdp2", "--devices", "1", "--resume", str(checkpoint), timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(tmp_path / "rank0.pt", weights_only=False)["resumed"]
+    saved = _load_distributed_checkpoint(checkpoint)["state_dict"]
+    assert resumed["start"].keys() == saved.keys()
+    assert all(torch.equal(resumed["start"][name], saved[name]) for name in saved)  # both ranks' shards, whole
+    assert resumed["global_step"] == 8 and [b[0] for b in resumed["batches"]] == [5, 6, 7]
 
 
 # The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.

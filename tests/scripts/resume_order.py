@@ -11,7 +11,9 @@ writes a checkpoint after every step (sharded directories under FSDP2), then one
 checkpoints in ``RESUME_FROM`` - in the middle of epoch 0, on the last batch of epoch 0 and in the middle of epoch
 1 - to the same step. Lightning re-launches this very command for rank 1, so it must run as its own process, never
 inside pytest. Each rank writes ``OUT_DIR/rank{r}.pt``: per fit (``"uninterrupted"`` or the step resumed from) the
-batches it trained on as ``(global_step, epoch, batch_idx, sum of the input ids)`` and the whole final weights.
+batches it trained on as ``(global_step, epoch, batch_idx, sum of the input ids)``, the whole weights when training
+started and at the end. ``--resume CHECKPOINT --devices N`` runs only a fit resumed from ``CHECKPOINT`` on ``N``
+processes (``"resumed"``): a sharded checkpoint of 2 ranks resharded onto another number of processes.
 """
 
 from __future__ import annotations
@@ -36,16 +38,26 @@ RESUME_FROM = (2, 3, 5)  # mid-epoch 0, the last batch of epoch 0, mid-epoch 1
 
 
 class Trace(Callback):
-    """What each training batch of this rank is: the step, the epoch, the batch index and its data."""
+    """What each training batch of this rank is (the step, the epoch, the batch index and its data), and the whole
+    weights when training starts (after a resumed fit's restore)."""
 
     def __init__(self) -> None:
         self.batches: list[tuple[int, int, int, int]] = []
+        self.start: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = _whole_weights(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self.batches.append((trainer.global_step, trainer.current_epoch, idx, int(batch["input_ids"].sum())))
 
 
-def fit(strategy: str, root: Path, ckpt_path: Path | None = None) -> dict[str, Any]:
+def _whole_weights(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    parameters = StrategyAdapter.named_parameters(module)
+    return {name: StrategyAdapter.full(p.detach()).clone() for name, p in parameters.items()}
+
+
+def fit(strategy: str, root: Path, ckpt_path: Path | None = None, devices: int = 2) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     trace = Trace()
     callbacks: list[Callback] = [trace]
@@ -55,8 +67,10 @@ def fit(strategy: str, root: Path, ckpt_path: Path | None = None) -> dict[str, A
         )
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
-        strategy="ddp" if strategy == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        devices=devices,
+        strategy="ddp"
+        if strategy == "ddp"
+        else ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
         max_steps=STEPS,
         default_root_dir=root,
         callbacks=callbacks,
@@ -78,17 +92,27 @@ def fit(strategy: str, root: Path, ckpt_path: Path | None = None) -> dict[str, A
     module = CausalLMModule(model_config=config)
     data = ScenarioDataModule(num_train=2 * BATCH * BATCHES_PER_EPOCH, num_val=0, batch_size=BATCH)
     trainer.fit(module, data, ckpt_path=ckpt_path)
-    parameters = StrategyAdapter.named_parameters(module)
-    weights = {name: StrategyAdapter.full(p.detach()).clone() for name, p in parameters.items()}
-    return {"rank": trainer.global_rank, "batches": trace.batches, "weights": weights}
+    return {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "batches": trace.batches,
+        "start": trace.start,
+        "weights": _whole_weights(module),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--strategy", choices=("ddp", "fsdp2"), required=True)
+    parser.add_argument("--resume", type=Path, default=None, help="only resume this checkpoint, on --devices")
+    parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.resume is not None:
+        run = fit(args.strategy, args.out_dir, ckpt_path=args.resume, devices=args.devices)
+        torch.save({"resumed": run}, args.out_dir / f"rank{run['rank']}.pt")
+        return
 
     runs: dict[str, dict[str, Any]] = {"uninterrupted": fit(args.strategy, args.out_dir)}
     for step in RESUME_FROM:
