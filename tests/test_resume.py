@@ -115,22 +115,31 @@ def test_a_loader_with_a_distributed_sampler_resumes_the_epoch_it_was_in_before_
     ],
     ids=["RandomSampler", "WeightedRandomSampler", "wrapped-RandomSampler"],
 )
-def test_a_loader_whose_order_no_checkpoint_can_hold_warns_when_built_naming_the_fix(sampler: Any, fix: str) -> None:
+def test_a_loader_whose_order_no_checkpoint_can_hold_warns_once_when_it_starts_naming_the_fix(
+    sampler: Any, fix: str
+) -> None:
     dataset = TensorDataset(torch.arange(10))
+    loader = ResumableDataLoader(dataset, batch_size=3, sampler=sampler(dataset))  # Lightning may still replace it
     with pytest.warns(UserWarning, match="a fit resumed from a checkpoint would see other batches") as caught:
-        ResumableDataLoader(dataset, batch_size=3, sampler=sampler(dataset))
-    assert fix in str(caught[0].message)
-
-
-def test_a_loader_whose_order_resumes_builds_without_a_warning() -> None:
-    dataset = TensorDataset(torch.arange(10))
+        list(loader)
+    assert len(caught) == 1 and fix in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ResumableDataLoader(dataset, batch_size=3, shuffle=True)
-        ResumableDataLoader(dataset, batch_size=3, sampler=DistributedSampler(dataset, num_replicas=2, rank=0))
-        ResumableDataLoader(dataset, batch_size=3, sampler=[9, 8, 7])
-        wrapped = DistributedSamplerWrapper([9, 8, 7, 6], num_replicas=2, rank=0)
-        ResumableDataLoader(dataset, batch_size=3, sampler=wrapped)
+        list(loader)  # once
+
+
+def test_a_loader_whose_order_resumes_iterates_without_a_warning() -> None:
+    dataset = TensorDataset(torch.arange(10))
+    wrapped = DistributedSamplerWrapper([9, 8, 7, 6], num_replicas=2, rank=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for options in (
+            {"shuffle": True},
+            {"sampler": DistributedSampler(dataset, num_replicas=2, rank=0)},
+            {"sampler": [9, 8, 7]},
+            {"sampler": wrapped},
+        ):
+            list(ResumableDataLoader(dataset, batch_size=3, **options))
 
 
 # ---- Lightning: resume from every kind of checkpoint ----------------------------------------------------------------

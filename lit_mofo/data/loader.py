@@ -32,9 +32,9 @@ With ``shuffle=True`` and no ``generator`` the one-process order is drawn from t
 built (``seed_everything`` makes it reproducible) and continues from the checkpoint's generator state on resume;
 under DDP/FSDP2 it is the ``DistributedSampler``'s, from the seed and the epoch. A ``sampler=`` of your own resumes
 exactly if it is deterministic given its epoch (a ``DistributedSampler``, a fixed order) or has
-``state_dict``/``load_state_dict``; a random sampler without state (``RandomSampler(...)``,
+``state_dict``/``load_state_dict``; a random sampler without state (``RandomSampler(...)`` on one process,
 ``WeightedRandomSampler``, or any random sampler that Lightning wraps for a distributed run) cannot, and the loader
-warns when it is built, naming the fix.
+warns when it starts its first epoch (at the start of fit), naming the fix.
 """
 
 from __future__ import annotations
@@ -90,9 +90,7 @@ class ResumableDataLoader(StatefulDataLoader):
             super().__init__(*args, **kwargs)
         self._epoch_in_progress: int | None = None  # the sampler's epoch when the current iterator started
         self._epoch_to_restore: int | None = None
-        problem = self._order_problem()
-        if problem is not None:
-            rank_zero_warn(problem)
+        self._order_checked = False
 
     # ------------------------------------------------------------------ the sampler's epoch
     def _epoch_sampler(self) -> Any | None:
@@ -131,6 +129,11 @@ class ResumableDataLoader(StatefulDataLoader):
         return iterator
 
     def _get_iterator(self) -> Any:
+        if not self._order_checked:  # the loader that is iterated: Lightning may have replaced the one built first
+            self._order_checked = True
+            problem = self._order_problem()
+            if problem is not None:
+                rank_zero_warn(problem)
         restoring = self.next_iter_state is not None
         epoch, self._epoch_to_restore = self._epoch_to_restore, None
         if restoring and epoch is not None:
