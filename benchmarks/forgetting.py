@@ -5,7 +5,7 @@ Usage::
     python benchmarks/forgetting.py                      # full mode: both scenarios, LR sweep + 5 seeds x 11 fits
     python benchmarks/forgetting.py --workers 2          # two runs at a time (each on one thread)
     python benchmarks/forgetting.py --scenarios disjoint --methods full_ft mofo_0.15 full_ft+lines --seeds 1 2 3
-    python benchmarks/forgetting.py --quick --out-dir /tmp/forgetting   # smoke run of every method (~2 min, tested)
+    python benchmarks/forgetting.py --quick --out-dir /tmp/forgetting   # smoke run of every method (1-2 min, tested)
 
 **Scenarios** (``lit_mofo.scenario``; ``--scenarios``, both by default, reported side by side): a pre-trained
 1.1M-parameter Llama that knows the 512 facts of a generated world and can copy a word list is fine-tuned on the
@@ -1229,8 +1229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="a smoke run of every method: 12 steps, one LR, 2 seeds, small probes and post-hoc grid, no knowledge "
-        "split, in this process (48 fits: about 2 minutes on 2 busy CPU cores once the base models are built, 4 "
-        "with --workers 2)",
+        "split, in this process (48 fits once the base models are built: about 1 minute on 2 quiet CPU cores, 2 on "
+        "busy ones; a little more with --workers 2)",
     )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(

@@ -237,7 +237,7 @@ def test_quick_mode_runs_every_method_on_both_scenarios_and_writes_json_markdown
     tmp_path: Path, base_models: None
 ) -> None:
     bench = _load_benchmark()
-    result = _run("--quick", "--out-dir", str(tmp_path))  # 48 fits in this process: about 2 minutes, quiet
+    result = _run("--quick", "--out-dir", str(tmp_path))  # 48 fits in this process: about 1 minute, quiet
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "forgetting_quick.json").read_text())
     methods = list(bench.METHODS)
