@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/kill_resume.py                  # 20 kills (about 30 minutes on 2 busy CPU cores)
+    python benchmarks/kill_resume.py                  # 20 trials (about 20 minutes on 2 busy CPU cores)
     python benchmarks/kill_resume.py --kills 5 --out /tmp/kill_resume.json
 
 The fit: ``lit-mofo fit`` of the embedded scenario's base model (1.1M parameters, so that a sharded checkpoint of
@@ -18,7 +18,10 @@ uniformly over the rest of the training time (seeded by ``--seed``), and counts:
 - whether ``lit-mofo fit --ckpt_path last`` resumed (the newest complete checkpoint of the run, or a fresh start
   when none was written) and ended with weights bit-identical to the reference.
 
-Writes a JSON of every trial (``--out``) and prints a summary.
+A trial whose fit ends before its kill time (the machine ran faster than the reference) is counted as no kill.
+Writes a JSON of every trial (``--out``) and prints a summary. Measured (20 trials, 2 CPU cores at a load falling
+from 6 to 0.5): 16 kills, 3 of them during a save (a ``.partial`` left, no checkpoint under its name), 154 of 154
+checkpoints under a checkpoint's name complete, 20 of 20 resumes bit-identical to the uninterrupted fit.
 """
 
 from __future__ import annotations
