@@ -10,10 +10,12 @@ Beyond LightningCLI:
 - **Arguments are checked before anything is built.** A value of the wrong type, an optimizer argument out of range
   (the optimizer is built once on a dummy parameter right after parsing) or a callback argument out of range
   (callbacks are built before the model) ends the command with exit status 2 and the reason first, without the
-  usage text. ``JSONARGPARSE_DEBUG=1`` raises the error with its traceback instead. Then, before anything loads,
-  the sources the config names are checked: a model, tokenizer or dataset path that does not exist ("no such
-  directory"), a Hub name that is neither cached nor reachable ("not cached and no network", with the download
-  command), an lm-eval task whose data cannot be loaded.
+  usage text. A class whose constructor refuses its arguments is reported with its own message first (for a probe
+  inside a monitor, with its config key: jsonargparse would name only the abstract ``Probe``).
+  ``JSONARGPARSE_DEBUG=true`` raises the error with its traceback instead. Then, before anything loads, the sources
+  the config names are checked: a model, tokenizer or dataset path that does not exist ("no such directory"), a Hub
+  name that is neither cached nor reachable ("not cached and no network", with the download command), an lm-eval
+  task whose data cannot be loaded.
 - **One tokenizer.** ``data.init_args.tokenizer`` given alone becomes ``model.init_args.tokenizer`` too (the model,
   its probes and the data tokenize alike); two different ones are refused, naming both keys.
 - **SIGTERM** (a scheduler's preemption) stops a fit at the end of its step with a checkpoint of that step, a line
@@ -21,10 +23,18 @@ Beyond LightningCLI:
 - **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
   ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
   them, and the end-of-fit report lands next to them. With the project's data modules (see
-  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one (from a
-  checkpoint written in the middle of a step, Lightning does not redo the rest of that step's logging). A
-  ``--ckpt_path`` that is missing, empty, truncated or not a checkpoint is refused up front, naming the previous
-  checkpoint in that directory.
+  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one, on one
+  process, under DDP and FSDP2 (from a checkpoint written in the middle of a step, Lightning does not redo the rest
+  of that step's logging). ``--ckpt_path last`` resumes from the newest complete checkpoint of this run (the same
+  model hyper-parameters) where the configured run writes checkpoints, or starts afresh when there is none.
+- **Checkpoints a crash cannot tear.** Every checkpoint is written under ``<name>.partial`` and renamed when complete
+  (:func:`~lit_mofo.checkpoints.save_checkpoints_atomically`). A ``--ckpt_path`` that is missing, empty, cut short,
+  an incomplete sharded directory or not a checkpoint is refused up front, naming the newest complete checkpoint of
+  the same run before it in that directory; another program's file and a checkpoint that ``TaskVectorScaling``
+  rewrote with an edit (for ``fit``) too. Once the model and the Trainer are built, and before anything is restored,
+  a checkpoint of another model (tensors that do not fit) or a sharded directory given to a strategy that reads
+  single files is refused with the fix. A checkpoint written outside LightningCLI gives its hyper-parameters to the
+  configured model class.
 - **Default logger**: a CSV logger in ``<default_root_dir>/lightning_logs/version_N`` (what Lightning picks without
   TensorBoard installed, without its notice about it); a fit that fails before logging anything removes the version
   directory it created. Give ``--trainer.logger`` to use another logger.
@@ -52,7 +62,6 @@ import shlex
 import signal
 import sys
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -67,8 +76,10 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 # Imported for their side effect: jsonargparse resolves short class names among the imported subclasses.
@@ -78,6 +89,14 @@ import lit_mofo.modules
 import lit_mofo.optim
 import lit_mofo.probes
 import lit_mofo.scenario  # noqa: F401
+from lit_mofo.callbacks.task_vector_scaling import applied_edit
+from lit_mofo.checkpoints import (
+    checkpoint_problem,
+    newest_complete_checkpoint,
+    read_checkpoint_meta,
+    replacement_checkpoint,
+    save_checkpoints_atomically,
+)
 from lit_mofo.notices import quiet_known_notices
 
 __all__ = ["LitMoFOCLI", "console_main", "main", "quiet_known_notices"]
@@ -90,6 +109,43 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
+_PROBLEM_WITH_CLASS = re.compile(r"(\s*)- Problem with given class_path '([^']+)':")
+
+
+def _without_base_class_alternatives(lines: list[str]) -> list[str]:
+    """``lines`` without the union alternatives that retry a value with a base class of the class it was given for.
+
+    For ``--trainer.callbacks.mode=freez`` after ``--trainer.callbacks+=HalfFineTuning``, jsonargparse reports the
+    value against ``lit_mofo.HalfFineTuning`` (the real reason: not one of its modes) and against
+    ``lightning.Callback`` (which has no option ``mode``); the second says nothing about the user's class."""
+    problems = [
+        (i, len(m.group(1)), m.group(2)) for i, line in enumerate(lines) if (m := _PROBLEM_WITH_CLASS.match(line))
+    ]
+    classes = {path: _import(path) for _, _, path in problems}
+    dropped: set[int] = set()
+    for i, indent, path in problems:
+        base = classes[path]
+        if not isinstance(base, type):
+            continue
+        siblings = [classes[other] for _, other_indent, other in problems if other_indent == indent and other != path]
+        if any(isinstance(other, type) and other is not base and issubclass(other, base) for other in siblings):
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > indent):
+                end += 1
+            dropped.update(range(i, end))
+    return [line for i, line in enumerate(lines) if i not in dropped]
+
+
+def _expected(type_text: str) -> str:
+    """``<class 'float'>`` -> ``float``, ``typing.Literal['freeze', 'mask']`` -> ``one of 'freeze', 'mask'``."""
+    literal = re.fullmatch(r"(?:typing\.)?Literal\[(.*)\]", type_text)
+    if literal:
+        return f"one of {literal.group(1)}"
+    name = re.fullmatch(r"<class '([^']+)'>", type_text)
+    text = name.group(1) if name else type_text
+    return "None" if text == "NoneType" else text
+
+
 def _condensed_parser_error(message: str) -> str:
     """One line for jsonargparse's nested errors: the full key, then the bad value and what was expected, or the
     option the class does not accept.
@@ -98,7 +154,7 @@ def _condensed_parser_error(message: str) -> str:
     each listing the alternatives of a union); the reason is in the deepest block. Returns "" when the message has no
     such structure (then it is short already).
     """
-    lines = message.splitlines()
+    lines = _without_base_class_alternatives(message.splitlines())
     keys = [
         (i, _indent(line), m.group(1))
         for i, line in enumerate(lines)
@@ -126,15 +182,24 @@ def _condensed_parser_error(message: str) -> str:
         if line.strip() and _indent(line) <= deepest[1]:
             break
         block.append(line.strip())
-    given = next(
-        (line.split(":", 1)[1].split(". Got value:")[0].strip() for line in block if line.startswith("Given value:")),
-        None,
-    )
-    expected = [m.group(1) for line in block for m in [re.match(r"- Expected a <class '([^']+)'>", line)] if m]
+    given: str | None = None
+    expected: list[str] = []
+    for line in block:
+        if line.startswith("Given value:"):
+            given = line.split(":", 1)[1].split(". Got value:")[0].strip()
+        elif (union := re.match(r"- Expected a (.+)$", line)) is not None:
+            expected.append(_expected(union.group(1)))
+        elif (single := re.match(r"Expected a (.+?)\. Got value: (.*)$", line)) is not None:
+            expected, given = [_expected(single.group(1))], single.group(2).strip()
     if given is None:
         return ""
-    want = f"; expected {' or '.join('None' if e == 'NoneType' else e for e in expected)}" if expected else ""
+    want = f"; expected {' or '.join(expected)}" if expected else ""
     return f"{path_to(deepest[0], deepest[1])}: invalid value {given!r}{want}."
+
+
+def _debug() -> bool:
+    """Whether ``JSONARGPARSE_DEBUG=true``: errors are raised with their traceback (jsonargparse's own setting)."""
+    return os.environ.get(_DEBUG_ENV, "").strip().lower() == "true"
 
 
 class LitMoFOArgumentParser(LightningArgumentParser):
@@ -142,96 +207,195 @@ class LitMoFOArgumentParser(LightningArgumentParser):
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get(_DEBUG_ENV):
+        if not self.exit_on_error or _debug():
             super().error(message, ex)
         summary = _condensed_parser_error(message)
         prog = self.prog.replace(" [options]", "")
         text = f"error: {summary}\n\nThe parser's full message:\n{message}" if summary else f"error: {message}"
-        sys.stderr.write(f"{text}\n\ntip: `{prog} --help` lists the options; {_DEBUG_ENV}=1 shows the traceback.\n")
+        sys.stderr.write(f"{text}\n\ntip: `{prog} --help` lists the options; {_DEBUG_ENV}=true shows the traceback.\n")
         self.exit(2)
 
 
-def _innermost(error: BaseException) -> BaseException:
-    """The exception that started a chain (jsonargparse wraps a constructor's error in its own ValueErrors)."""
-    seen = {id(error)}
-    while (cause := error.__cause__ or error.__context__) is not None and id(cause) not in seen:
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from, outermost first."""
+    chain, seen = [error], {id(error)}
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and id(cause) not in seen:
         seen.add(id(cause))
-        error = cause
-    return error
+        chain.append(cause)
+    return chain
+
+
+# jsonargparse's own words for "this alternative of a union did not fit", which hide the constructor's error.
+_GENERIC_REASON = re.compile(
+    r"(Expected a |Expected an instantiatable class|Does not validate against any of the Union subtypes|"
+    r"Not a valid subclass of|Problem with given class_path|Type .* expects a function|Parser key|"
+    r"Subclass types expect|Import path .* does not|Given value)"
+)
+
+
+def _alternatives(text: str) -> list[str]:
+    """The errors jsonargparse lists for the alternatives of a union (``Errors:`` then ``- ...`` items), each with
+    its continuation lines."""
+    lines = text.splitlines()
+    items: list[str] = []
+    for i, line in enumerate(lines):
+        item = re.match(r"(\s*)- (.*)$", line)
+        if item is None:
+            continue
+        parts, depth = [item.group(2)], len(item.group(1))
+        for following in lines[i + 1 :]:
+            if not following.strip() or _indent(following) <= depth or following.lstrip().startswith("- "):
+                break
+            parts.append(following.strip())
+        items.append(" ".join(parts))
+    return items
+
+
+def _instantiation_error(error: BaseException, config: Namespace) -> str:
+    """The reason a class of the config could not be built, first: the constructor's own message.
+
+    A constructor's error reaches here wrapped by jsonargparse: as the start of the exception chain, or, for a value
+    that may be one of several types (a probe, a mapping of probes, a sequence of probes), only as one line of a
+    union's "Errors:" list whose first item is jsonargparse's ("Expected an instantiatable class, but ... is
+    abstract"). That line is found, and prefixed with the config key of the class that raised it when the message
+    names the class.
+    """
+    chain = _chain(error)
+    innermost = chain[-1]
+    if isinstance(innermost, MisconfigurationException):
+        return str(innermost)
+    if not _GENERIC_REASON.match(str(innermost)):
+        return f"{type(innermost).__name__}: {innermost}"
+    for link in chain:
+        for reason in _alternatives(str(link)):
+            if not _GENERIC_REASON.match(reason):
+                key = _key_of(reason, config)
+                return f"{key}: {reason}" if key else reason
+    return f"{type(innermost).__name__}: {innermost}"
+
+
+def _key_of(reason: str, config: Namespace) -> str | None:
+    """The config key of the class whose constructor wrote ``reason`` (it starts with the class name), when one
+    class spec of that name fits (several: the one whose argument values the message quotes)."""
+    named = re.match(r"([A-Za-z_]\w*)\b", reason)
+    if named is None:
+        return None
+    specs = [
+        (key.replace(".init_args", ""), init_args)
+        for key, class_path, init_args in _class_specs(config)
+        if class_path.rpartition(".")[2] == named.group(1)
+    ]
+    if len(specs) > 1:
+        specs = [(key, args) for key, args in specs if any(repr(v) in reason for v in args.values() if v is not None)]
+    return specs[0][0] if len(specs) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
 
-def _checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a checkpoint written by ``torch.save`` (a zip archive with a pickle), or None.
+def _is_local(ckpt_path: str) -> bool:
+    return ckpt_path not in _SPECIAL_CKPT_PATHS and "://" not in ckpt_path and not ckpt_path.startswith("registry:")
 
-    Reads only the archive's table of contents: cheap for any size, and enough to catch an empty file, a file cut
-    short while it was written (the table is at its end) and a file that is something else.
-    """
+
+def _model_hyper_parameters(config: Namespace) -> dict[str, Any]:
+    """The hyper-parameters the configured model would save (``_class_path`` and its plain init arguments), to tell
+    a checkpoint of this run from one of another model."""
+    model = config.get("model")
+    if isinstance(model, Namespace):
+        model = model.as_dict()
+    if not isinstance(model, dict) or not isinstance(model.get("class_path"), str):
+        return {}
+    init_args = model.get("init_args") or {}
+    plain = {
+        key: value
+        for key, value in dict(init_args).items()
+        if not (isinstance(value, dict) and "class_path" in value)  # optimizers, schedulers, adapters: not saved
+    }
+    return {"_class_path": model["class_path"], **plain}
+
+
+def _checkpoint_directories(config: Namespace) -> list[Path]:
+    """Where the configured run writes its checkpoints: each ``ModelCheckpoint``'s ``dirpath``, the
+    ``version_*/checkpoints`` directories of the logger's runs (the ``lit-mofo`` default: ``<default_root_dir>/
+    lightning_logs``), and ``<default_root_dir>/checkpoints`` (Lightning's place without a logger)."""
+    trainer = config.get("trainer")
+    trainer = trainer.as_dict() if isinstance(trainer, Namespace) else dict(trainer or {})
+    root = Path(trainer.get("default_root_dir") or os.getcwd()).expanduser()
+    directories = [
+        Path(str(init_args["dirpath"])).expanduser()
+        for _, class_path, init_args in _class_specs(trainer.get("callbacks"))
+        if class_path.rpartition(".")[2] == "ModelCheckpoint" and init_args.get("dirpath")
+    ]
+    logger = trainer.get("logger")
+    runs = [root / "lightning_logs"] if logger in (None, True) else []
+    for _, _, init_args in _class_specs(logger) if logger not in (None, True, False) else ():
+        runs.append(Path(str(init_args.get("save_dir") or root)).expanduser() / str(init_args.get("name") or ""))
+    for run in runs:
+        directories += sorted(run.glob("version_*/checkpoints"))
+    return [*directories, root / "checkpoints"]
+
+
+def _resume_hint(path: Path, hyper_parameters: dict[str, Any]) -> str:
+    """What to resume from instead of the unusable checkpoint ``path`` (see
+    :func:`~lit_mofo.checkpoints.replacement_checkpoint`)."""
+    found = replacement_checkpoint(path, hyper_parameters)
+    if found is None:
+        return f"There is no other complete checkpoint of this run in {path.parent}; start without --ckpt_path."
+    other, before = found
+    which = "The previous" if before else "The newest"
+    return (
+        f"{which} complete checkpoint of this run in that directory is {other}: resume from it with --ckpt_path {other}"
+    )
+
+
+def _ckpt_path_problem(value: str, config: Namespace, subcommand: str) -> str | None:
+    """The message for a local ``--ckpt_path`` that is missing, incomplete, damaged or not a Lightning checkpoint
+    that can continue this run, else None. Reads the archive's table of contents (or a sharded checkpoint's metadata)
+    and the pickled entries without the tensors."""
+    path = Path(value).expanduser()
+    hyper_parameters = _model_hyper_parameters(config)
+    if not path.exists() and not path.parent.is_dir():
+        return f"--ckpt_path {value}: no such file, and no directory {path.parent}."
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        what = ": no such file" if not path.exists() else f" is not a valid checkpoint: {problem}"
+        return f"--ckpt_path {value}{what}. {_resume_hint(path, hyper_parameters)}"
     try:
-        size = path.stat().st_size
-        with path.open("rb") as file:
-            head = file.read(1)
-    except OSError as error:
-        return f"the file cannot be read ({error.strerror})"
-    if size == 0:
-        return "the file is empty (0 bytes)"
-    if head == b"\x80":  # a pickle written by torch.save before torch 1.6: torch checks it itself
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+        meta = read_checkpoint_meta(path)
+    except Exception as error:  # whatever unpickling a foreign file raises
+        return f"--ckpt_path {value} cannot be read as a checkpoint ({type(error).__name__}: {error})."
+    if "pytorch-lightning_version" not in meta:
+        keys = sorted(map(str, meta))[:6]
         return (
-            f"the file ({size} bytes) ends without the table of contents that torch.save writes last: it was cut "
-            "short while being written, or it is not a checkpoint"
+            f"--ckpt_path {value} is not a checkpoint written by Lightning (no 'pytorch-lightning_version' entry; it "
+            f"holds {keys}): it cannot resume a fit. To start from weights saved by another program, load them into "
+            "the model (CausalLMModule(model=...) takes a save_pretrained directory); to continue a run, give one of "
+            f"its checkpoints. {_resume_hint(path, hyper_parameters)}"
         )
-    if not any(name.endswith("data.pkl") for name in names):
-        return "the file is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
+    if subcommand == "fit":
+        edited = applied_edit(meta)
+        if edited is not None:
+            return (
+                f"--ckpt_path {value} holds the weights TaskVectorScaling edited at the end of its fit ({edited}: "
+                "θ₀ + λ·Δ), not the fine-tune's, while its optimizer state is the fine-tune's: training on from it "
+                "would mix the two, and a second sweep would edit the edit. To train further, resume from a "
+                "checkpoint written before the edit (one of an earlier step, or of a ModelCheckpoint with a monitor, "
+                "which keeps the weights its score was measured on); to fine-tune the edited model anew, load its "
+                "weights without --ckpt_path; to evaluate it, use `lit-mofo validate` or `test` with --ckpt_path."
+            )
     return None
 
 
-def _other_checkpoint(path: Path) -> tuple[Path, bool] | None:
-    """A valid checkpoint next to ``path`` and whether it was written before it: the newest one older than ``path``,
-    else the newest one (by modification time)."""
-    try:
-        others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()]
-        others.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
-        written = path.stat().st_mtime if path.exists() else None
-    except OSError:
-        return None
-    valid = [p for p in others if _checkpoint_problem(p) is None]
-    for candidate in valid:
-        if written is not None and candidate.stat().st_mtime <= written:
-            return candidate, True
-    return (valid[0], False) if valid else None
-
-
-def _check_ckpt_path(value: str) -> str | None:
-    """The message for a local ``--ckpt_path`` that is missing or not a checkpoint, else None (Lightning's special
-    names, remote URLs and directories of sharded checkpoints are left to Lightning)."""
-    if value in _SPECIAL_CKPT_PATHS or "://" in value or value.startswith("registry:"):
-        return None
-    path = Path(value).expanduser()
+def _saved_weight_names(path: Path) -> set[str]:
+    """The names in the checkpoint's ``state_dict``: a file's keys (tensors not read), or the ``state_dict.*``
+    entries of a sharded checkpoint's metadata."""
     if path.is_dir():
-        return None
-    if not path.exists():
-        if not path.parent.is_dir():
-            return f"--ckpt_path {value}: no such file, and no directory {path.parent}."
-        message = f"--ckpt_path {value}: no such file."
-    else:
-        problem = _checkpoint_problem(path)
-        if problem is None:
-            return None
-        message = f"--ckpt_path {value} is not a valid checkpoint: {problem}."
-    other = _other_checkpoint(path)
-    if other is None:
-        return f"{message} There is no other checkpoint in {path.parent}; start without --ckpt_path."
-    candidate, before = other
-    which = "The previous checkpoint" if before else "The newest checkpoint"
-    return f"{message} {which} in that directory is {candidate}: resume from it with --ckpt_path {candidate}"
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return {key.removeprefix("state_dict.") for key in keys if key.startswith("state_dict.")}
+    return set(read_checkpoint_meta(path).get("state_dict") or {})
 
 
 def _run_dir_of(ckpt_path: str | None) -> Path | None:
@@ -543,10 +707,117 @@ class LitMoFOCLI(LightningCLI):
         # Before LightningCLI reads the checkpoint's hyper-parameters (torch.load of the whole file).
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            problem = _check_ckpt_path(str(ckpt_path))
+        if not ckpt_path:
+            return
+        config = self.config[subcommand]
+        if str(ckpt_path) == "last":
+            self.config[subcommand]["ckpt_path"] = self._last_checkpoint(config)
+        elif _is_local(str(ckpt_path)):
+            problem = _ckpt_path_problem(str(ckpt_path), config, subcommand)
             if problem is not None:
                 self._parser(subcommand).error(problem)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's hyper-parameters from the ``--ckpt_path`` file, as LightningCLI does, reading only its
+        pickled entries (not the weights) and also when it was written outside LightningCLI: its hyper-parameters
+        are then those of the configured model class, and a clear error says when they do not fit it."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(str(ckpt_path)).expanduser().is_file():
+            return
+        hparams = dict(read_checkpoint_meta(Path(str(ckpt_path)).expanduser()).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        if class_path is not None:  # written by LightningCLI: its own model class
+            model: dict[str, Any] = {"class_path": class_path, "dict_kwargs": hparams}
+        else:
+            configured = _model_hyper_parameters(self.config[subcommand]).get("_class_path")
+            if configured is None:
+                return
+            model = {"class_path": configured, "init_args": hparams}
+        parser = self._parser(subcommand)
+        exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        except Exception as error:
+            if _debug():
+                raise
+            reason = _condensed_parser_error(str(error)) or str(error).splitlines()[0]
+            self._parser(subcommand).error(
+                f"--ckpt_path {ckpt_path} was written by a model whose hyper-parameters ({sorted(hparams)}) do not "
+                f"fit the configured {model['class_path']}: {reason} Resume with the config it was written with (its "
+                "run directory's config.yaml), or start without --ckpt_path."
+            )
+        finally:
+            parser.exit_on_error = exit_on_error
+
+    @staticmethod
+    def _last_checkpoint(config: Namespace) -> str | None:
+        """``--ckpt_path last``: the newest complete checkpoint of this run (the same model hyper-parameters) where
+        the configured run writes them, or None (a fresh start) when there is none."""
+        directories = _checkpoint_directories(config)
+        found = newest_complete_checkpoint(directories, _model_hyper_parameters(config))
+        if found is None:
+            where = ", ".join(str(d) for d in directories[:3]) + (", ..." if len(directories) > 3 else "")
+            rank_zero_info(
+                f"--ckpt_path last: no complete checkpoint of this run in {where}; starting from the beginning."
+            )
+            return None
+        rank_zero_info(f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {found}")
+        return str(found)
+
+    def _check_checkpoint_fits_the_run(self) -> None:
+        """Refuse a ``--ckpt_path`` that this Trainer's strategy cannot load, or that holds another model's weights,
+        now that both are built (before anything is restored)."""
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        if not ckpt_path or not _is_local(str(ckpt_path)):
+            return
+        path = Path(str(ckpt_path)).expanduser()
+        strategy = self.trainer.strategy
+        if path.is_dir() and not isinstance(strategy, ModelParallelStrategy):
+            self._fail(
+                f"--ckpt_path {ckpt_path} is a sharded checkpoint (a torch.distributed.checkpoint directory written "
+                f"by ModelParallelStrategy/FSDP2), which `{type(strategy).__name__}` cannot load: it reads a single "
+                "checkpoint file. Resume it with the strategy that wrote it (ModelParallelStrategy, with any number of "
+                "processes: it reshards), or have that run write single files with "
+                "`ModelParallelStrategy(save_distributed_checkpoint=False)`. For the weights alone: "
+                f"`python -m torch.distributed.checkpoint.format_utils dcp_to_torch {ckpt_path} weights.pt`."
+            )
+        expected = set(self.model.state_dict())
+        if not expected or not self.model.strict_loading:
+            return
+        saved = _saved_weight_names(path)
+        missing = sorted(expected - saved)
+        if saved and missing:
+            unexpected = sorted(saved - expected)
+            meta = read_checkpoint_meta(path)
+            written_by = (meta.get("hyper_parameters") or {}).get("_class_path") or "another module"
+            self._fail(
+                f"--ckpt_path {ckpt_path} holds the weights of another model: {len(missing)} of this model's "
+                f"{len(expected)} tensors are not in it (e.g. {missing[:2]})"
+                + (
+                    f" and {len(unexpected)} of its tensors are not in this model (e.g. {unexpected[:2]})"
+                    if unexpected
+                    else ""
+                )
+                + f". It was written by {written_by} with other settings (an adapter, another architecture). Resume "
+                "with the config it was written with (its run directory's config.yaml), or start without --ckpt_path."
+            )
+
+    def before_fit(self) -> None:
+        self._check_checkpoint_fits_the_run()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits_the_run()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits_the_run()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint_fits_the_run()
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -617,7 +888,7 @@ class LitMoFOCLI(LightningCLI):
                     parameters = inspect.signature(cls).parameters
                     cls(**{k: v for k, v in init_args.items() if k in parameters}).check_data()
             except MisconfigurationException as error:
-                if os.environ.get(_DEBUG_ENV):
+                if _debug():
                     raise
                 self._fail(str(error))
 
@@ -637,7 +908,7 @@ class LitMoFOCLI(LightningCLI):
             try:
                 cls([torch.nn.Parameter(torch.zeros(2, 2))], **init_args)
             except Exception as error:
-                if os.environ.get(_DEBUG_ENV):
+                if _debug():
                     raise
                 self._fail(f"{key} ({class_path}): {error}")
 
@@ -646,12 +917,9 @@ class LitMoFOCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as error:
-            if os.environ.get(_DEBUG_ENV):
+            if _debug():
                 raise
-            cause = _innermost(error)
-            self._fail(
-                f"{type(cause).__name__}: {cause}" if not isinstance(cause, MisconfigurationException) else str(cause)
-            )
+            self._fail(_instantiation_error(error, self._subcommand_config()))
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -667,7 +935,9 @@ class LitMoFOCLI(LightningCLI):
             callbacks.append(_RichBar() if _RICH_AVAILABLE else _TQDMBar())
         callbacks.append(_CheckpointOnSigterm())
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        save_checkpoints_atomically(trainer.strategy)  # a killed save never leaves a checkpoint that cannot load
+        return trainer
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; a fit stopped by SIGTERM names its checkpoint, says how to resume and exits with status

@@ -69,6 +69,8 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Sin
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lit_mofo.checkpoints import checkpoint_problem, module_hyper_parameters, replacement_checkpoint
+
 __all__ = ["StrategyAdapter", "StrategyKind", "full_state_dict", "is_dtensor"]
 
 StrategyKind = Literal["single", "ddp", "fsdp2"]
@@ -339,6 +341,7 @@ class StrategyAdapter:
 
         def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
             path = Path(str(strategy.broadcast(checkpoint_path)))
+            _refuse_incomplete_checkpoint(path, strategy)  # before reading its metadata, as Lightning's load would
             held = _park_parameters_without_optimizer_state(path, strategy)
             try:
                 return load(checkpoint_path, *args, **kwargs)
@@ -504,6 +507,24 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _refuse_incomplete_checkpoint(path: Path, strategy: Strategy) -> None:
+    """Raise a ``MisconfigurationException`` naming what is wrong with the local checkpoint ``path`` (cut short while
+    written, damaged, not a checkpoint) and the newest complete checkpoint of the same run beside it; a path that
+    does not exist (or a remote one) is left to the strategy's own load."""
+    if not path.exists():
+        return
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return
+    module = strategy.lightning_module
+    found = replacement_checkpoint(path, None if module is None else module_hyper_parameters(module))
+    if found is None:
+        fix = f"There is no other complete checkpoint of this run in {path.parent}; start without ckpt_path."
+    else:
+        fix = f"The {'previous' if found[1] else 'newest'} complete checkpoint of this run there is {found[0]}."
+    raise MisconfigurationException(f"Cannot resume from {path}: {problem}. {fix}")
 
 
 def _park_parameters_without_optimizer_state(path: Path, strategy: Strategy) -> list[Tensor]:

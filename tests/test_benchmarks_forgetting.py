@@ -24,10 +24,21 @@ def _load_benchmark() -> Any:
     return module
 
 
-def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="module")
+def base_models() -> None:
+    """Both scenarios' base models, built here on first use (about 2 minutes each on a quiet machine, once per
+    cache) rather than inside a timed benchmark run."""
+    from lit_mofo.scenario import get_scenario
+    from lit_mofo.scenario.base_model import base_model_path
+
+    for name in ("overlap", "disjoint"):
+        base_model_path(get_scenario(name).recipe)
 
 
 def test_lr_rule_takes_the_best_task_score_and_the_smallest_lr_among_ties() -> None:
@@ -222,9 +233,11 @@ def test_a_json_of_the_one_scenario_version_is_redrawn_as_the_overlap_scenario()
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_every_method_on_both_scenarios_and_writes_json_markdown_and_plots(tmp_path: Path) -> None:
+def test_quick_mode_runs_every_method_on_both_scenarios_and_writes_json_markdown_and_plots(
+    tmp_path: Path, base_models: None
+) -> None:
     bench = _load_benchmark()
-    result = _run("--quick", "--out-dir", str(tmp_path))
+    result = _run("--quick", "--out-dir", str(tmp_path))  # 48 fits in this process: about 1 minute, quiet
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "forgetting_quick.json").read_text())
     methods = list(bench.METHODS)
@@ -313,7 +326,7 @@ def test_quick_mode_runs_every_method_on_both_scenarios_and_writes_json_markdown
 
 
 @pytest.mark.slow
-def test_worker_processes_report_each_runs_peak_memory(tmp_path: Path) -> None:
+def test_worker_processes_report_each_runs_peak_memory(tmp_path: Path, base_models: None) -> None:
     result = _run(
         "--quick",
         "--scenarios",
@@ -333,3 +346,55 @@ def test_worker_processes_report_each_runs_peak_memory(tmp_path: Path) -> None:
     assert len(scenario["runs"]) == 4
     assert all(run["peak_rss_mib"] > 100 for run in scenario["runs"])  # the Python/torch runtime is most of it
     assert scenario["summary"]["full_ft"]["peak_rss_mib"]["n"] == 2
+    assert "leaked" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_with_workers_stopped_by_sigterm_exits_at_once_and_leaves_nothing_behind(
+    tmp_path: Path, base_models: None
+) -> None:
+    """A job scheduler's SIGTERM used to leave the worker pool's semaphores behind ("5 leaked semaphore objects")."""
+    import os
+    import signal
+    import time
+
+    command = [sys.executable, str(SCRIPT), "--quick", "--scenarios", "overlap", "--methods", "full_ft", "hft_once"]
+    with subprocess.Popen(
+        [*command, "--workers", "2", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        assert process.stderr is not None
+        lines = []
+        try:
+            for line in process.stderr:  # stop it once the first run is in: the workers are busy with the next
+                lines.append(line)
+                if "[  1/4]" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            _, rest = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        stderr = "".join(lines) + rest
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "leaked" not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "forgetting_quick.json").exists()
+
+    def processes_left() -> bool:  # the runs and the fork server, all in the session the command started
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 60  # the fork server exits once its parent is gone
+    while processes_left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_left()
+    if left:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not left, "processes of the interrupted benchmark outlived it"

@@ -1,4 +1,5 @@
-"""The `lit-mofo` CLI and every shipped config: each parses (no download, no training), short names resolve."""
+"""The `lit-mofo` CLI and every shipped config: each parses (no download, no training), short names resolve; errors
+name their cause; ``--ckpt_path`` resumes only from complete checkpoints of the same run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from process_launch import run_script
 
 from lit_mofo.cli import main
 
@@ -290,12 +292,23 @@ def test_a_callback_argument_out_of_range_is_refused_before_the_model_loads(
 # ---- --ckpt_path ----------------------------------------------------------------------------------------------------
 
 
-def _write_checkpoint(path: Path, mtime: float) -> Path:
+# What the quickstart config's CausalLMModule saves as its hyper-parameters (the entries these tests compare).
+QUICKSTART_HPARAMS = {"_class_path": "lit_mofo.modules.CausalLMModule", "model": "scenario:base", "tokenizer": None}
+
+
+def _write_checkpoint(path: Path, mtime: float, **entries: object) -> Path:
     import os
 
     import torch
 
-    torch.save({"state_dict": {"w": torch.zeros(64)}, "global_step": 1}, path)
+    checkpoint = {
+        "pytorch-lightning_version": "2.6.0",
+        "state_dict": {"w": torch.zeros(64)},
+        "global_step": 1,
+        "hyper_parameters": QUICKSTART_HPARAMS,
+        **entries,
+    }
+    torch.save(checkpoint, path)
     os.utime(path, (mtime, mtime))
     return path
 
@@ -324,7 +337,10 @@ def test_a_broken_ckpt_path_is_refused_up_front_naming_the_file_and_the_previous
     err = _refused([f"--ckpt_path={broken}"], capsys)
     first = err.splitlines()[0]
     assert first.startswith(f"error: --ckpt_path {broken} is not a valid checkpoint: ")
-    assert f"The previous checkpoint in that directory is {older}: resume from it with --ckpt_path {older}" in first
+    assert (
+        f"The previous complete checkpoint of this run in that directory is {older}: resume from it with "
+        f"--ckpt_path {older}"
+    ) in first
     assert "weights_only" not in err and "Traceback" not in err
     assert model_loads == []
 
@@ -334,9 +350,242 @@ def test_a_missing_ckpt_path_without_other_checkpoints_says_to_start_without_it(
 ) -> None:
     err = _refused([f"--ckpt_path={tmp_path / 'epoch=0-step=100.ckpt'}"], capsys)
     assert err.splitlines()[0] == (
-        f"error: --ckpt_path {tmp_path / 'epoch=0-step=100.ckpt'}: no such file. There is no other checkpoint in "
-        f"{tmp_path}; start without --ckpt_path."
+        f"error: --ckpt_path {tmp_path / 'epoch=0-step=100.ckpt'}: no such file. There is no other complete checkpoint "
+        f"of this run in {tmp_path}; start without --ckpt_path."
     )
+
+
+def test_the_checkpoint_named_instead_of_a_broken_one_is_of_the_same_run_not_another_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_loads: list[str]
+) -> None:
+    ours = _write_checkpoint(tmp_path / "epoch=0-step=100.ckpt", mtime=1_000_000)
+    other_model = {**QUICKSTART_HPARAMS, "model": "scenario:disjoint"}
+    _write_checkpoint(tmp_path / "other-epoch=0-step=150.ckpt", mtime=1_500_000, hyper_parameters=other_model)
+    _write_checkpoint(tmp_path / "foreign.ckpt", mtime=1_600_000, hyper_parameters={"_class_path": "x.Other"})
+    broken = tmp_path / "epoch=0-step=200.ckpt"
+    broken.write_bytes(b"")
+    first = _refused([f"--ckpt_path={broken}"], capsys).splitlines()[0]
+    assert first.endswith(f"is {ours}: resume from it with --ckpt_path {ours}")
+
+
+def test_an_incomplete_sharded_checkpoint_is_refused_naming_what_is_missing_and_the_previous_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_loads: list[str]
+) -> None:
+    previous = _write_checkpoint(tmp_path / "epoch=0-step=100.ckpt", mtime=1_000_000)
+    torn = tmp_path / "epoch=0-step=200.ckpt"  # killed during the save: shards, no .metadata, no meta.pt
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"\0" * 64)
+    first = _refused([f"--ckpt_path={torn}"], capsys).splitlines()[0]
+    assert first.startswith(
+        f"error: --ckpt_path {torn} is not a valid checkpoint: the sharded checkpoint was cut short"
+    )
+    assert (
+        "`.metadata`" in first
+        and f"The previous complete checkpoint of this run in that directory is {previous}" in first
+    )
+    assert model_loads == []
+
+
+def test_ckpt_path_last_resumes_from_the_newest_complete_checkpoint_of_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, model_loads: list[str]
+) -> None:
+    runs = tmp_path / "lightning_logs"
+    first = runs / "version_0" / "checkpoints"
+    second = runs / "version_1" / "checkpoints"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    _write_checkpoint(first / "epoch=0-step=100.ckpt", mtime=1_000_000)
+    newest = _write_checkpoint(second / "epoch=0-step=50.ckpt", mtime=2_000_000)
+    torn = _write_checkpoint(second / "epoch=0-step=100.ckpt", mtime=3_000_000)
+    torn.write_bytes(torn.read_bytes()[:300])
+    other = {**QUICKSTART_HPARAMS, "model": "scenario:disjoint"}
+    _write_checkpoint(second / "last.ckpt", mtime=4_000_000, hyper_parameters=other)
+    args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}"]
+    with caplog.at_level("INFO"), pytest.raises(SystemExit):  # at the model: the checkpoint was chosen before
+        main([*args, "--ckpt_path=last"])
+    assert f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {newest}" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO"), pytest.raises(SystemExit):
+        main([*args[:-1], f"--trainer.default_root_dir={tmp_path / 'elsewhere'}", "--ckpt_path=last"])
+    assert "--ckpt_path last: no complete checkpoint of this run in" in caplog.text  # a fresh start
+    assert len(model_loads) == 2  # the runs went on to build the model
+
+
+def test_a_file_that_lightning_did_not_write_is_refused_as_a_ckpt_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_loads: list[str]
+) -> None:
+    import torch
+
+    weights = tmp_path / "model.ckpt"
+    torch.save({"model": {"w": torch.zeros(2)}}, weights)  # another program's torch.save (used to: KeyError)
+    first = _refused([f"--ckpt_path={weights}"], capsys).splitlines()[0]
+    assert first.startswith(
+        f"error: --ckpt_path {weights} is not a checkpoint written by Lightning (no 'pytorch-lightning_version' "
+        "entry; it holds ['model']): it cannot resume a fit."
+    )
+    assert model_loads == []
+
+
+def test_a_checkpoint_rewritten_by_task_vector_scaling_is_refused_for_training_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_loads: list[str]
+) -> None:
+    state = {"applied": "wise_ft_a0.5", "chosen": "wise_ft_a0.5", "points": []}
+    last = _write_checkpoint(
+        tmp_path / "last.ckpt", mtime=1_000_000, callbacks={"TaskVectorScaling{'edits': ['wise_ft_a0.5']}": state}
+    )
+    first = _refused([f"--ckpt_path={last}"], capsys).splitlines()[0]
+    assert first.startswith(
+        f"error: --ckpt_path {last} holds the weights TaskVectorScaling edited at the end of its fit (wise_ft_a0.5"
+    )
+    assert "resume from a checkpoint written before the edit" in first
+    assert model_loads == []
+
+
+def _error_line(err: str) -> str:
+    """The error's line (after the model was built, transformers' loading bar is on stderr before it)."""
+    return next(line for line in err.splitlines() if line.startswith("error: "))
+
+
+def _sharded_checkpoint(path: Path, state_dict: dict[str, object]) -> Path:
+    """A sharded checkpoint as ModelParallelStrategy writes it, from this one process."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"state_dict": state_dict}, checkpoint_id=path)
+    torch.save(
+        {"pytorch-lightning_version": "2.6.0", "global_step": 2, "hyper_parameters": QUICKSTART_HPARAMS},
+        path / "meta.pt",
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_into_a_one_device_run_is_refused_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    sharded = _sharded_checkpoint(tmp_path / "epoch=0-step=2.ckpt", {"model.lm_head.weight": torch.zeros(2, 2)})
+    err = _refused([f"--ckpt_path={sharded}", f"--trainer.default_root_dir={tmp_path}"], capsys)
+    first = _error_line(err)
+    assert first.startswith(f"error: --ckpt_path {sharded} is a sharded checkpoint")  # used to: IsADirectoryError
+    assert "`SingleDeviceStrategy` cannot load" in first
+    assert "ModelParallelStrategy(save_distributed_checkpoint=False)" in first and "dcp_to_torch" in first
+
+
+@pytest.mark.slow
+def test_another_models_checkpoint_is_refused_naming_the_tensors_that_do_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    other = _write_checkpoint(
+        tmp_path / "epoch=0-step=2.ckpt", mtime=1_000_000, state_dict={"net.0.weight": torch.zeros(2, 2)}
+    )
+    err = _refused([f"--ckpt_path={other}", f"--trainer.default_root_dir={tmp_path}"], capsys)
+    first = _error_line(err)
+    assert first.startswith(f"error: --ckpt_path {other} holds the weights of another model: ")  # used to: missing keys
+    assert "1 of its tensors are not in this model (e.g. ['net.0.weight'])" in first
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_killed_mid_write_is_never_taken_as_complete_and_last_resumes_the_previous_one(
+    tmp_path: Path,
+) -> None:
+    """2 processes under FSDP2, both killed while the checkpoint of step 3 is written (its shards and ``.metadata``
+    on disk, not ``meta.pt``), used to leave ``epoch=0-step=3.ckpt`` that looked finished and could not load. Two
+    launches of about 20 s each (quiet machine): the killed fit and its resume with ``--ckpt_path last``. (That a
+    sharded resume ends bit-identical to the uninterrupted fit is tested in ``tests/test_resume.py``.)"""
+    script = ROOT / "tests" / "scripts" / "killed_save.py"
+    killed = run_script(script, str(tmp_path), "--kill-at-save", "3", timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt.partial"]
+    assert (checkpoints / "epoch=0-step=3.ckpt.partial" / ".metadata").is_file()  # the shards were all written
+
+    resumed = run_script(script, str(tmp_path), "--ckpt_path", "last", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    previous = checkpoints / "epoch=0-step=2.ckpt"
+    assert f"--ckpt_path last: resuming from the newest complete checkpoint of this run, {previous}" in resumed.stderr
+    assert f"Restored all states from the checkpoint at {previous}" in resumed.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch=0-step={step}.ckpt" for step in (1, 2, 3, 4)]
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # the same run goes on
+
+
+# ---- errors that name their cause ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "The reference set is empty"),
+        (b"\x00\x01\xff\xfe", "not UTF-8"),
+        (b'{"foo": 1}\n', "has no 'text'"),
+        (None, "does not exist"),
+    ],
+    ids=["empty", "binary", "wrong-schema", "missing"],
+)
+def test_a_bad_probe_file_in_yaml_is_reported_with_its_key_file_and_reason_first(
+    tmp_path: Path, content: bytes | None, reason: str, capsys: pytest.CaptureFixture[str], model_loads: list[str]
+) -> None:
+    """The probe's own error used to hide behind jsonargparse's "Expected an instantiatable class, but
+    lit_mofo.probes.Probe is abstract" (the first alternative of the probes' union type)."""
+    reference = tmp_path / "reference.jsonl"
+    if content is not None:
+        reference.write_bytes(content)
+    config = tmp_path / "probe.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lit_mofo.ForgettingMonitor\n      init_args:\n        probes:\n"
+        "          general:\n            class_path: lit_mofo.probes.LanguageModelProbe\n            init_args:\n"
+        f"              files: {reference}\n"
+    )
+    first = _refused(["--config", str(config)], capsys).splitlines()[0]
+    assert first.startswith("error: trainer.callbacks[0].probes.general: LanguageModelProbe")
+    assert str(reference) in first and reason in first
+    assert "abstract" not in first
+    assert model_loads == []
+
+
+@pytest.mark.parametrize("given", ["yaml", "flag"])
+def test_a_typo_in_a_callbacks_choice_names_the_choices(
+    tmp_path: Path, given: str, capsys: pytest.CaptureFixture[str], model_loads: list[str]
+) -> None:
+    if given == "yaml":
+        config = tmp_path / "hft.yaml"
+        config.write_text(
+            "trainer:\n  callbacks:\n    - class_path: lit_mofo.HalfFineTuning\n      init_args:\n        mode: freez\n"
+        )
+        args = ["--config", str(config)]
+    else:
+        args = ["--trainer.callbacks+=HalfFineTuning", "--trainer.callbacks.mode=freez"]
+    first = _refused(args, capsys).splitlines()[0]
+    # It used to blame the base class: "lightning.Callback has no option 'mode'".
+    assert first == "error: trainer.callbacks.mode: invalid value 'freez'; expected one of 'freeze', 'mask'."
+
+
+def test_the_debug_tip_names_a_value_jsonargparse_accepts_and_it_raises_the_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    err = _refused(["--trainer.callbacks+=HalfFineTuning", "--trainer.callbacks.ratio=2"], capsys)
+    assert "JSONARGPARSE_DEBUG=true shows the traceback" in err
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")  # "1" made jsonargparse 4.53 fail: "Invalid boolean value"
+    with pytest.raises(ValueError, match=r"ratio=2\.0 is invalid"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/quickstart.yaml"),
+                "--trainer.callbacks+=HalfFineTuning",
+                "--trainer.callbacks.ratio=2",
+            ]
+        )
 
 
 # ---- the run directory ----------------------------------------------------------------------------------------------

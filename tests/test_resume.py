@@ -1,5 +1,6 @@
 """Exact resume from any checkpoint: the loader the data modules use, the epoch counter after a checkpoint written on
-the last batch of an epoch, and ``lit-mofo fit --ckpt_path`` continuing its run (same weights, logs and report)."""
+the last batch of an epoch, the data order of later epochs and of distributed runs (DDP, FSDP2), and a user's own
+``DistributedSampler``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import TensorDataset
+from process_launch import run_ranks, run_script
+from torch.utils.data import DistributedSampler, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lit_mofo import HalfFineTuning
 from lit_mofo.data import ResumableDataLoader
@@ -61,6 +64,84 @@ def test_a_loader_restored_after_any_batch_yields_exactly_the_rest_and_no_empty_
         assert [batch for epoch in rest for batch in epoch] == flat[seen:], f"restored after {seen} batches"
 
 
+def _distributed_sampler(kind: str, dataset: TensorDataset) -> DistributedSampler:
+    if kind == "DistributedSampler":  # a user's own, rank 1 of 2
+        return DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=7)
+    # What Lightning injects for a loader given a fixed order: it shuffles that order by seed and epoch.
+    return DistributedSamplerWrapper(list(range(len(dataset)))[::-1], num_replicas=2, rank=1, shuffle=True, seed=7)
+
+
+@pytest.mark.parametrize("kind", ["DistributedSampler", "DistributedSamplerWrapper"])
+def test_a_loader_with_a_distributed_sampler_resumes_the_epoch_it_was_in_before_lightning_sets_the_epoch(
+    kind: str,
+) -> None:
+    """Lightning's order on resume: the loader's state is loaded and its iterator created, *then* ``set_epoch`` is
+    called with the epoch the fit continues in (the next one after a checkpoint on an epoch's last batch). The
+    sampler's order depends on its epoch, which the loader's state must carry."""
+    dataset = TensorDataset(torch.arange(20))
+
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(dataset, batch_size=3, sampler=_distributed_sampler(kind, dataset))
+
+    original, reference, states = loader(), [], []
+    for epoch in range(3):  # 4 batches per epoch on this rank (10 samples)
+        original.sampler.set_epoch(epoch)
+        for batch in original:
+            reference.append(batch[0].tolist())
+            states.append(original.state_dict())
+    assert len({tuple(map(tuple, reference[i : i + 4])) for i in (0, 4, 8)}) == 3  # every epoch in its own order
+    for seen in range(1, len(reference)):
+        resumed = loader()
+        resumed.load_state_dict(states[seen - 1])
+        iterator = iter(resumed)  # Lightning's setup_data(), before the epoch is set
+        epoch = seen // 4  # the epoch Lightning continues in: the next one after its last batch
+        resumed.sampler.set_epoch(epoch)
+        rest = [batch[0].tolist() for batch in iterator]
+        for later in range(epoch + 1, 3):
+            resumed.sampler.set_epoch(later)
+            rest += [batch[0].tolist() for batch in resumed]
+        assert rest == reference[seen:], f"resumed after {seen} batches"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "fix"),
+    [
+        (lambda d: RandomSampler(d), "pass `shuffle=True` instead of a sampler"),
+        (lambda d: WeightedRandomSampler([1.0] * len(d), len(d)), "pass `shuffle=True` instead of a sampler"),
+        (
+            lambda d: DistributedSamplerWrapper(RandomSampler(d), num_replicas=2, rank=0),
+            "`Trainer(use_distributed_sampler=False)`",
+        ),
+    ],
+    ids=["RandomSampler", "WeightedRandomSampler", "wrapped-RandomSampler"],
+)
+def test_a_loader_whose_order_no_checkpoint_can_hold_warns_once_when_it_starts_naming_the_fix(
+    sampler: Any, fix: str
+) -> None:
+    dataset = TensorDataset(torch.arange(10))
+    loader = ResumableDataLoader(dataset, batch_size=3, sampler=sampler(dataset))  # Lightning may still replace it
+    with pytest.warns(UserWarning, match="a fit resumed from a checkpoint would see other batches") as caught:
+        list(loader)
+    assert len(caught) == 1 and fix in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(loader)  # once
+
+
+def test_a_loader_whose_order_resumes_iterates_without_a_warning() -> None:
+    dataset = TensorDataset(torch.arange(10))
+    wrapped = DistributedSamplerWrapper([9, 8, 7, 6], num_replicas=2, rank=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for options in (
+            {"shuffle": True},
+            {"sampler": DistributedSampler(dataset, num_replicas=2, rank=0)},
+            {"sampler": [9, 8, 7]},
+            {"sampler": wrapped},
+        ):
+            list(ResumableDataLoader(dataset, batch_size=3, **options))
+
+
 # ---- Lightning: resume from every kind of checkpoint ----------------------------------------------------------------
 
 BATCHES_PER_EPOCH = 3
@@ -76,8 +157,23 @@ class Trace(Callback):
         self.batches.append((trainer.global_step, trainer.current_epoch, idx, int(batch["input_ids"].sum())))
 
 
+class _OwnSamplerData(ScenarioDataModule):
+    """The scenario's data through a user's own ``DistributedSampler`` (one replica here: the whole data)."""
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        loader = super().train_dataloader()
+        sampler = DistributedSampler(loader.dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+        return ResumableDataLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn
+        )
+
+
 def _fit(
-    max_steps: int, checkpoint_dir: Path | None = None, ckpt_path: Path | None = None, hft: bool = False
+    max_steps: int,
+    checkpoint_dir: Path | None = None,
+    ckpt_path: Path | None = None,
+    hft: bool = False,
+    own_sampler: bool = False,
 ) -> tuple[Trace, dict[str, torch.Tensor], list[dict[str, Any]], int]:
     pl.seed_everything(0)
     trace = Trace()
@@ -108,7 +204,9 @@ def _fit(
         "max_position_embeddings": 64,
     }
     module = CausalLMModule(model_config=config)
-    data = ScenarioDataModule(num_train=16 * BATCHES_PER_EPOCH, num_val=0, batch_size=16)
+    data = (_OwnSamplerData if own_sampler else ScenarioDataModule)(
+        num_train=16 * BATCHES_PER_EPOCH, num_val=0, batch_size=16
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     weights = {name: p.detach().clone() for name, p in module.state_dict().items()}
     history = next((c.history for c in trainer.callbacks if isinstance(c, HalfFineTuning)), [])
@@ -141,6 +239,80 @@ def test_fit_resumed_from_any_checkpoint_sees_the_same_batches_epochs_and_ends_w
     assert resumed.batches == [b for b in trace.batches if b[0] >= step]
     assert resumed_final_epoch == final_epoch
     assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_with_own_sampler(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[Any, ...]]:
+    directory = tmp_path_factory.mktemp("checkpoints_own_sampler")
+    return directory, _fit(3 * BATCHES_PER_EPOCH, checkpoint_dir=directory, own_sampler=True)
+
+
+@pytest.mark.parametrize("step", [3, 5, 6], ids=["last-batch-of-epoch-0", "mid-epoch-1", "last-batch-of-epoch-1"])
+def test_fit_with_its_own_distributed_sampler_resumes_the_order_of_every_later_epoch(
+    uninterrupted_with_own_sampler: tuple[Path, tuple[Any, ...]], step: int
+) -> None:
+    """A ``DistributedSampler``'s order is drawn from its seed and the epoch Lightning sets; a resumed fit used to
+    replay epoch 0's order in every epoch after the first."""
+    directory, (trace, weights, _, final_epoch) = uninterrupted_with_own_sampler
+    epochs = [[b[3] for b in trace.batches if b[1] == epoch] for epoch in range(3)]
+    assert len({tuple(e) for e in epochs}) == 3  # every epoch in its own order
+    resumed, resumed_weights, _, resumed_final_epoch = _fit(
+        3 * BATCHES_PER_EPOCH, ckpt_path=directory / f"step={step}.ckpt", own_sampler=True
+    )
+    assert resumed.batches == [b for b in trace.batches if b[0] >= step]
+    assert resumed_final_epoch == final_epoch
+    assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
+
+
+# ---- 2 processes: DDP and FSDP2 -------------------------------------------------------------------------------------
+
+RESUME_ORDER = ROOT / "tests" / "scripts" / "resume_order.py"
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def distributed_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """One launch per strategy: the uninterrupted fit and its resumes from steps 2, 3 and 5 (about 30 s quiet); the
+    launch's directory (its checkpoints under ``checkpoints/``) and what each rank recorded."""
+    out_dir = tmp_path_factory.mktemp(f"resume_{request.param}")
+    return out_dir, run_ranks(RESUME_ORDER, out_dir, "--strategy", request.param, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [2, 3, 5], ids=["mid-epoch-0", "last-batch-of-epoch-0", "mid-epoch-1"])
+def test_a_distributed_fit_resumed_from_any_checkpoint_sees_the_same_batches_and_ends_bit_identical(
+    distributed_runs: tuple[Path, list[dict]], step: int
+) -> None:
+    """``ResumableDataLoader(shuffle=True)`` under DDP and FSDP2, sharded by Lightning's distributed sampler: its
+    order used to be lost (Lightning wrapped the loader's sampler, whose state no checkpoint held)."""
+    _, (rank0, rank1) = distributed_runs
+    assert rank0["uninterrupted"]["batches"] != rank1["uninterrupted"]["batches"]  # each rank its own share
+    for rank in (rank0, rank1):
+        full, resumed = rank["uninterrupted"], rank[str(step)]
+        assert [b[:2] for b in full["batches"]] == [(s, s // 3) for s in range(8)]  # 3 batches per epoch and rank
+        assert resumed["batches"] == [b for b in full["batches"] if b[0] >= step]
+        assert full["weights"].keys() == resumed["weights"].keys()
+        assert all(torch.equal(full["weights"][n], resumed["weights"][n]) for n in full["weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributed_runs", ["fsdp2"], indirect=True)
+def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one_process_under_fsdp2(
+    distributed_runs: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    """A sharded checkpoint is resharded onto another number of processes (the fix the CLI names when a sharded
+    checkpoint is given to a 1-process or DDP run). One more launch, about 20 s quiet."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    checkpoint = distributed_runs[0] / "checkpoints" / "step=5.ckpt"
+    result = run_script(
+        RESUME_ORDER, str(tmp_path), "--strategy", "fsdp2", "--devices", "1", "--resume", str(checkpoint), timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(tmp_path / "rank0.pt", weights_only=False)["resumed"]
+    saved = _load_distributed_checkpoint(checkpoint)["state_dict"]
+    assert resumed["start"].keys() == saved.keys()
+    assert all(torch.equal(resumed["start"][name], saved[name]) for name in saved)  # both ranks' shards, whole
+    assert resumed["global_step"] == 8 and [b[0] for b in resumed["batches"]] == [5, 6, 7]
 
 
 # The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.

@@ -266,6 +266,7 @@ def test_a_guarded_restore_asks_no_optimizer_state_for_parameters_the_checkpoint
 
         path = tmp_path / "last.ckpt"
         dcp.save({"optimizer_0": {"state": {"0.weight": state, "1.weight": state}}}, checkpoint_id=path)
+        torch.save({"global_step": 1}, path / "meta.pt")  # Lightning's part, written after the shards
     adapter = StrategyAdapter("fsdp2", strategy)  # type: ignore[arg-type]
     trainer = SimpleNamespace(strategy=strategy)
     adapter.guard_optimizer_restore(trainer)  # type: ignore[arg-type]
@@ -283,3 +284,39 @@ def test_whole_tensors_are_not_guarded() -> None:
     strategy = RestoringStrategy(torch.nn.Linear(2, 1))
     StrategyAdapter("ddp", strategy).guard_optimizer_restore(SimpleNamespace(strategy=strategy))  # type: ignore[arg-type]
     assert "load_checkpoint" not in vars(strategy)
+
+
+# The directory cases write a torch.distributed.checkpoint in this one process, which torch notes.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
+@pytest.mark.parametrize("damage", ["torn-file", "no-meta", "no-dcp-metadata"])
+def test_a_guarded_restore_of_an_incomplete_checkpoint_says_so_and_names_the_previous_one_before_reading_it(
+    damage: str, tmp_path: Path
+) -> None:
+    """A checkpoint cut short while it was written used to fail with a raw FileNotFoundError (no ``.metadata``) or a
+    zip error from the guard's own read of the optimizer states, before Lightning had looked at the path."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    strategy = RestoringStrategy(module)
+    hyper_parameters = {"_class_path": "torch.nn.modules.container.Sequential"}
+    previous = tmp_path / "epoch=0-step=4.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.0", "hyper_parameters": hyper_parameters}, previous)
+    os.utime(previous, (1_000_000, 1_000_000))
+    path = tmp_path / "epoch=0-step=8.ckpt"
+    if damage == "torn-file":
+        torch.save({"state_dict": module.state_dict(), "optimizer_states": []}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        dcp.save({"state_dict": module.state_dict()}, checkpoint_id=path)
+        if damage == "no-dcp-metadata":
+            (path / ".metadata").unlink()
+            torch.save({"global_step": 8}, path / "meta.pt")
+    adapter = StrategyAdapter("fsdp2", strategy)  # type: ignore[arg-type]
+    adapter.guard_optimizer_restore(SimpleNamespace(strategy=strategy))  # type: ignore[arg-type]
+    reason = {"torn-file": "cut short", "no-meta": "`meta.pt`", "no-dcp-metadata": "`.metadata`"}[damage]
+    with pytest.raises(MisconfigurationException, match=f"Cannot resume from {path}: .*{reason}") as caught:
+        strategy.load_checkpoint(path)
+    assert f"The previous complete checkpoint of this run there is {previous}." in str(caught.value)
+    assert strategy.seen == {}  # nothing was loaded

@@ -1,10 +1,12 @@
 """TaskVectorScaling: the grid measured with the monitor's probes at fit end, exact at the ends, restored bit for bit,
-the picked edit in the module, the checkpoint and the export; rules, Pareto front, report, LoRA, bad settings."""
+the picked edit in the module, the checkpoint and the export, no fit resumed from an edited checkpoint; rules, Pareto
+front, report, LoRA, bad settings (an export directory that is a file among them)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lit_mofo import ForgettingMonitor, ParameterDrift, TaskVectorScaling
 from lit_mofo.blocks import detect_layout
-from lit_mofo.callbacks.task_vector_scaling import EditPoint, pareto_front, select_point
+from lit_mofo.callbacks.task_vector_scaling import EditPoint, applied_edit, pareto_front, select_point
 from lit_mofo.modules.causal_lm import CausalLMModule
 from lit_mofo.probes import CallableProbe
 from lit_mofo.scenario.data import ScenarioDataModule
@@ -216,6 +218,8 @@ def test_lines_edits_follow_the_formula_per_block_and_give_alpha_outside(config:
 # ---- the picked edit: in the module, the checkpoints and the export ------------------------------------------------
 
 
+# The refused resume leaves out the checkpoint callbacks of the first fit, which Lightning notes.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_the_picked_edit_is_in_the_module_the_last_checkpoints_and_the_export(tmp_path: Path) -> None:
     recorder = WeightRecorder()
     newest = ModelCheckpoint(dirpath=tmp_path / "newest", save_last=True)
@@ -263,6 +267,26 @@ def test_the_picked_edit_is_in_the_module_the_last_checkpoints_and_the_export(tm
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     for name, value in exported.state_dict().items():
         assert torch.equal(value, expected[f"model.{name}"]), name
+
+    # The rewritten checkpoints hold the edit with the fine-tune's optimizer state: no fit goes on from them (it used to
+    # continue silently from θ₀ + 0.3·Δ). Evaluating them is fine.
+    assert applied_edit(torch.load(newest.last_model_path, weights_only=False)) == "wise_ft_a0.3"
+    assert applied_edit(torch.load(ranked.best_model_path, weights_only=False)) is None
+    resumed = pl.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[monitor_with(WeightRecorder()), TaskVectorScaling(wise_ft=[0.5], lines=[], report=False)],
+    )
+    with pytest.raises(MisconfigurationException, match=r"holds the weights this callback edited .*\(wise_ft_a0\.3"):
+        resumed.fit(
+            make_module(), ScenarioDataModule(num_train=40, num_val=0, batch_size=8), ckpt_path=newest.last_model_path
+        )
+    assert resumed.global_step == 0
 
 
 def test_when_no_edit_qualifies_the_fine_tune_is_kept_with_a_warning() -> None:
@@ -536,3 +560,14 @@ def test_the_python_sweep_measures_a_module_outside_of_a_fit() -> None:
     assert [p.values for p in points] == in_fit
     assert_bitwise(weights(module), recorder.seen[1])
     assert not math.isnan(points[1].lost("knowledge/accuracy"))
+
+
+def test_an_export_dir_that_is_an_existing_file_is_refused_at_setup_before_training(tmp_path: Path) -> None:
+    taken = tmp_path / "model.bin"
+    taken.write_bytes(b"")
+    for export_dir, where in ((taken, "is an existing file"), (taken / "export", f"on its path, {taken}")):
+        module = make_module(export_dir=str(export_dir))
+        with pytest.raises(MisconfigurationException, match=f"export_dir=.* {re.escape(where)}") as caught:
+            fit(module, [])
+        assert module.trainer.global_step == 0  # refused before the fit, not by the export after it
+        assert "Give the path of a directory" in str(caught.value)

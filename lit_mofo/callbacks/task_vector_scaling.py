@@ -45,7 +45,7 @@ from lit_mofo.task_vectors import (
     task_vector_names,
 )
 
-__all__ = ["RULES", "EditPoint", "Rule", "TaskVectorScaling", "pareto_front", "select_point"]
+__all__ = ["RULES", "EditPoint", "Rule", "TaskVectorScaling", "applied_edit", "pareto_front", "select_point"]
 
 Rule = Literal["none", "best_task", "least_forgetting"]
 RULES: tuple[str, ...] = ("none", "best_task", "least_forgetting")
@@ -108,6 +108,15 @@ class EditPoint:
             "seconds": self.seconds,
             "pareto": dict(self.pareto),
         }
+
+
+def applied_edit(checkpoint: Mapping[str, Any]) -> str | None:
+    """The key of the edit a :class:`TaskVectorScaling` applied to the weights of ``checkpoint`` (it rewrites the
+    checkpoints of the final step with the edit it applies), or None for a checkpoint of fine-tuned weights."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("TaskVectorScaling") and isinstance(state, Mapping) and state.get("applied"):
+            return str(state["applied"])
+    return None
 
 
 def _split(metric: str) -> tuple[str, str]:
@@ -210,6 +219,12 @@ class TaskVectorScaling(Callback):
     replaced by a file, so the linked top-k checkpoint keeps its scored weights) and, for a ``ModelCheckpoint``
     without ``monitor`` (which keeps the newest checkpoints), the one saved at the final step. Checkpoints ranked by
     a monitored metric keep the weights their score was measured on. The module keeps the applied edit after fit.
+
+    **Resume.** A checkpoint rewritten with an applied edit holds the edited weights next to the fine-tune's
+    optimizer state (:func:`applied_edit` tells): a fit resumed from it is refused when the restore reaches this
+    callback (``lit-mofo fit --ckpt_path`` refuses it up front, with or without the callback), since training on would
+    mix the two and the end-of-fit sweep would edit the edit. Resume from a checkpoint written before the edit;
+    ``validate`` and ``test`` from an edited checkpoint are fine.
 
     **Measured**: every probe of the trainer's :class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor`
     (the same evaluation as the monitor's, through
@@ -546,6 +561,17 @@ class TaskVectorScaling(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        edit = applied_edit(checkpoint)
+        if edit is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise MisconfigurationException(
+                f"TaskVectorScaling: the checkpoint {trainer.ckpt_path} holds the weights this callback edited at the "
+                f"end of its fit ({edit}: θ₀ + λ·Δ), not the fine-tune's, while its optimizer state is the "
+                "fine-tune's: training on from it would mix the two, and the sweep at the end would edit the edit. "
+                "To train further, resume from a checkpoint written before the edit (one of an earlier step, or of a "
+                "ModelCheckpoint with a monitor, which keeps the weights its score was measured on); to fine-tune "
+                "the edited model anew, load its weights without ckpt_path (e.g. "
+                "CausalLMModule.load_from_checkpoint); to evaluate it, use trainer.validate/test(ckpt_path=...)."
+            )
         PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self)
 
     @override

@@ -478,8 +478,23 @@ class CausalLMModule(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if self.export_dir is not None and stage == "fit":
+            self._check_export_dir(self.export_dir)
         if self.is_peft and self.export_dir is not None and self._trainer is not None:
             self._refuse_sharded_peft_export()
+
+    @staticmethod
+    def _check_export_dir(export_dir: str) -> None:
+        """Refuse an ``export_dir`` that cannot become a directory (an existing file, or a file on its path) now,
+        rather than when the export runs, after the whole fit."""
+        path = Path(export_dir).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is an existing file" if existing == path else f"has an existing file on its path, {existing}"
+            raise MisconfigurationException(
+                f"CausalLMModule: export_dir={export_dir!r} {where}, and the export at the end of fit writes a "
+                "directory there (save_pretrained). Give the path of a directory (new or existing), or move the file."
+            )
 
     @override
     def on_fit_end(self) -> None:
