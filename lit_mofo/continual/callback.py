@@ -422,7 +422,10 @@ class ContinualLearning(Callback):
         old = list(trainer.optimizers)
         self._build_optimizers(trainer, pl_module)
         self._built_for = sequence.current
-        self._notify(trainer, pl_module, "on_stage_start", self._context(trainer, sequence.current, resumed=True))
+        saved = checkpoint.get("callbacks", {}).get(self.state_key, {})  # this callback's state, loaded next
+        start = saved.get("starts", {}).get(sequence.current)
+        context = self._context(trainer, sequence.current, resumed=True, start_step=start)
+        self._notify(trainer, pl_module, "on_stage_start", context)
         for before, after in zip(old, trainer.optimizers, strict=True):
             after.load_state_dict(before.state_dict())
 
@@ -459,7 +462,9 @@ class ContinualLearning(Callback):
             raise RuntimeError("ContinualLearning: the stage sequence is known from setup on.")
         return self._sequence
 
-    def _context(self, trainer: pl.Trainer, index: int, resumed: bool = False) -> StageContext:
+    def _context(
+        self, trainer: pl.Trainer, index: int, resumed: bool = False, start_step: int | None = None
+    ) -> StageContext:
         sequence = self._require_sequence()
         stage = sequence.stages[index]
         return StageContext(
@@ -468,7 +473,7 @@ class ContinualLearning(Callback):
             num_stages=len(sequence),
             max_steps=sequence.budget(index),
             lr=stage.lr,
-            start_step=self._starts.get(index, trainer.global_step),
+            start_step=start_step if start_step is not None else self._starts.get(index, trainer.global_step),
             resumed=resumed,
         )
 
