@@ -271,6 +271,8 @@ def report_title(meta: dict[str, Any]) -> str | None:
     if not meta.get("method") and not parts:
         return None
     first = f"Forgetting while fine-tuning with {meta['method']}" if meta.get("method") else "Forgetting report"
+    if meta.get("stages"):
+        first += f", in stages {meta['stages']}"
     return "\n".join([first, "  ·  ".join(parts)]) if parts else first
 
 
@@ -474,7 +476,8 @@ def _model(module: nn.Module | None) -> str | None:
 def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
     """The run facts a report starts with: when, how far (the step, and the epoch as checkpoints number it), the
     method (MoFO and its fraction, Half Fine-Tuning, L2-to-θ₀, LoRA: what the user chose, never the callbacks that
-    only run the fit), the optimizers with their key settings, the model, the strategy."""
+    only run the fit), the optimizers with their key settings, the model, the strategy, and in a continual run
+    (:mod:`lit_mofo.continual`) its ``stages`` in order."""
     import lit_mofo
 
     optimizers = []
@@ -482,6 +485,10 @@ def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
         hyper = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
         optimizers.append(_describe(optimizer, {k: hyper[k] for k in ("lr", "fraction", "weight_decay") if k in hyper}))
     module = getattr(trainer.strategy, "lightning_module", None)
+    from lit_mofo.continual.callback import continual_learning  # here: lit_mofo.continual imports this module
+
+    continual = continual_learning(trainer)
+    stages = {"stages": " → ".join(continual.stage_names)} if continual is not None and continual.stage_names else {}
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "lit_mofo_version": lit_mofo.__version__,
@@ -492,4 +499,5 @@ def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
         "model": _model(module),
         "strategy": type(trainer.strategy).__name__,
         "world_size": trainer.world_size,
+        **stages,
     }

@@ -63,14 +63,23 @@ class StrideData(pl.LightningDataModule):
     """Training progressions of one stride, shuffled from torch's global RNG as lit_mofo's data modules are (so
     ``seed_everything`` gives the same order on every process, and the loader resumes exactly across passes)."""
 
-    def __init__(self, stride: int, num_sequences: int = 24, batch_size: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self, stride: int, num_sequences: int = 24, batch_size: int = 4, seed: int = 0, num_val: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.stride, self.num_sequences, self.batch_size, self.seed = stride, num_sequences, batch_size, seed
+        self.num_val = num_val
 
     def train_dataloader(self) -> ResumableDataLoader:
         rows = progressions(self.stride, self.num_sequences, seed=1000 + self.seed)
         return ResumableDataLoader(_Rows(rows), batch_size=self.batch_size, shuffle=True, collate_fn=_collate)
+
+    def val_dataloader(self) -> ResumableDataLoader | list[Any]:
+        if not self.num_val:
+            return []
+        rows = progressions(self.stride, self.num_val, seed=2000 + self.seed)
+        return ResumableDataLoader(_Rows(rows), batch_size=self.batch_size, collate_fn=_collate)
 
 
 class StrideProbe(Probe):

@@ -131,9 +131,10 @@ class ContinualLearning(Callback):
 
     - sets the Trainer up for it at ``setup``: it stops the fit after the last stage (``fit_loop.max_epochs``) and
       reloads the dataloaders every epoch (``reload_dataloaders_every_n_epochs=1``, when left at 0); refused, with the
-      fix: ``max_steps``, ``limit_train_batches``, a ``max_epochs`` other than the number of stages, another reload
+      fix: ``max_steps``, ``limit_train_batches``, a ``max_epochs`` below the number of stages, another reload
       interval, no ``StageSequence``, two ContinualLearning callbacks, and the strategies lit_mofo's callbacks do not
-      support (DeepSpeed, FSDP1, tensor parallelism, XLA);
+      support (DeepSpeed, FSDP1, tensor parallelism, XLA). Give the Trainer ``max_epochs`` = the number of stages, or
+      leave it unset (Lightning then notes that it sets 1000; the fit still ends after the last stage);
     - gives every stage after the first **a fresh optimizer and learning-rate schedule** before its first batch:
       ``trainer.strategy.setup_optimizers(trainer)`` calls the module's ``configure_optimizers`` again, with every
       parameter's ``requires_grad`` as the module left it (Half Fine-Tuning's previous half unfrozen while it runs),

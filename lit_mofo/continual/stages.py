@@ -20,7 +20,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -198,7 +197,7 @@ class StageLoader:
                 set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        inner = self.loader.state_dict() if isinstance(self.loader, _Stateful) else None
+        inner = self.loader.state_dict() if _stateful(self.loader) else None
         return {
             "stage": self.stage,
             "yielded": self._yielded,
@@ -215,7 +214,7 @@ class StageLoader:
             )
         self._yielded, self._pass, self._in_pass = state["yielded"], state["pass"], state["in_pass"]
         self._iterator = None
-        if state["loader"] is not None and isinstance(self.loader, _Stateful):
+        if state["loader"] is not None and _stateful(self.loader):
             self.loader.load_state_dict(state["loader"])
             self._restored = True  # its restored iterator may be at the end of its pass: that ends the pass quietly
         elif self._in_pass:
@@ -225,6 +224,11 @@ class StageLoader:
                 "an exact resume use lit_mofo.data.ResumableDataLoader (or torchdata's StatefulDataLoader)."
             )
             self._in_pass = 0
+
+
+def _stateful(loader: object) -> bool:
+    """Whether ``loader`` saves and restores its position (what Lightning checkpoints of a fit's loaders)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
 
 
 def _train_loader(trainer: pl.Trainer, data: pl.LightningDataModule, seed: int = 0) -> Iterable[Any]:
