@@ -212,7 +212,7 @@ def test_probes_take_their_stage_names_and_the_sequence_describes_itself() -> No
     assert description[0]["max_steps"] == 2 and description[0]["lr"] == 1e-3
     assert description[0]["data"] == {
         "class": "continual_tasks.StrideData",
-        "hparams": {"batch_size": 4, "num_sequences": 24, "seed": 0, "stride": 1},
+        "hparams": {"batch_size": 4, "num_sequences": 24, "num_val": 0, "seed": 0, "stride": 1},
     }
     assert description[1]["probe"] == "continual_tasks.StrideProbe"
 
