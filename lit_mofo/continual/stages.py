@@ -337,8 +337,9 @@ class StageSequence(pl.LightningDataModule):
         unknown = [name for name in probes if name not in seen]
         if unknown:
             raise MisconfigurationException(
-                f"{where}: probes names {unknown}, which {'is no stage' if len(unknown) == 1 else 'are no stages'}; "
-                f"the stages are {list(seen)}. Key each probe by the name of the stage whose task it measures."
+                f"{where}: `probes` has {'an entry' if len(unknown) == 1 else 'entries'} {unknown} that "
+                f"{'names no stage' if len(unknown) == 1 else 'name no stage'}; the stages are {list(seen)}. Key each "
+                "probe by the name of the stage whose task it measures."
             )
         self._probes: dict[str, Probe] = {}
         for stage in checked:
