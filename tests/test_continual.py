@@ -442,8 +442,12 @@ def test_every_logged_metric_name_carries_its_stage(run: Run) -> None:
         "continual/stage",
     } <= continual
     assert not [c for c in continual if c != "continual/stage" and not c.split("/")[1].startswith("stage")]
-    stages = {int(float(r["step"])): float(r["continual/stage"]) for r in rows if r.get("continual/stage")}
-    assert stages[0] == 1.0 and stages[3] == 1.0 and stages[4] == 2.0 and stages[11] == 3.0
+    # Every row of measurements says its stage: the probes' and the drift's rows as much as the training steps'.
+    assert all(r["continual/stage"] for r in rows)  # hft/..., probe/..., drift/..., continual/..., train_loss
+    stages = {int(float(r["step"])): float(r["continual/stage"]) for r in rows if r["train_loss"]}
+    assert [stages[step] for step in (0, 3, 4, 11)] == [1.0, 1.0, 2.0, 3.0]  # the training steps
+    baseline = [r for r in rows if r.get("probe/general/accuracy") and int(float(r["step"])) == 0]
+    assert float(baseline[0]["continual/stage"]) == 0.0  # the monitor's baseline: before stage 1
     final = run.trainer.callback_metrics["continual/stage3_minus2/bwt/accuracy"].item()
     assert final == pytest.approx(run.continual.summary()["bwt"])
 

@@ -568,6 +568,8 @@ class ForgettingMonitor(Callback):
         for name, values, seconds in self._probe_values(trainer, pl_module):
             self._seconds += seconds
             metrics.update(self._record(trainer, name, values, trigger, seconds))
+        if self._continual and metrics:  # the logged row says which stage it belongs to
+            metrics["continual/stage"] = float(self._stage_fields(trigger)["stage"])
         self._publish(trainer, metrics, log=True)
 
     def _record(

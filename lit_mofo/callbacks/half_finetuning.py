@@ -939,8 +939,11 @@ class HalfFineTuning(Callback):
         if sliced:
             entry["frozen_experts"] = sum(len(indices) for indices in sliced.values())
         self._history.append(entry)
+        logged = {"hft/trainable_fraction": fraction, "hft/draw": self._draws}
+        if self._continual:  # the logged row says which stage it belongs to
+            logged["continual/stage"] = float(self._stage + 1)
         for logger in trainer.loggers:
-            logger.log_metrics({"hft/trainable_fraction": fraction, "hft/draw": self._draws}, step=trainer.global_step)
+            logger.log_metrics(logged, step=trainer.global_step)
         left_frozen = len(self._params) - len(self._managed)
         experts = (
             f" and {entry['frozen_experts']} expert slices of {len(sliced)} fused expert tensors" if sliced else ""

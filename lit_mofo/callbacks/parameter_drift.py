@@ -463,6 +463,7 @@ class ParameterDrift(Callback):
                     metrics[f"drift/relative_l2/{scope}/{group}"] = stats.relative_l2
         if self._continual:
             metrics.update(self._record_stage(trainer, self.compute(pl_module, reference="stage_start"), log=False))
+            metrics["continual/stage"] = float(self._stage[0])  # the logged row says which stage it belongs to
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -497,6 +498,7 @@ class ParameterDrift(Callback):
                 else:
                     metrics[f"drift/stage/relative_l2/{group}"] = stats.relative_l2
         if log:
+            metrics["continual/stage"] = float(number)
             trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
             if trainer.is_global_zero:
                 for logger in trainer.loggers:

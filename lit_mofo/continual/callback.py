@@ -162,8 +162,9 @@ class ContinualLearning(Callback):
       at its end (:math:`R_{i,task}`, the last point);
     - ``continual/stage{i}_{name}/op/{metric}``, ``.../bwt/{metric}``, ``.../fwt/{metric}``,
       ``.../average_forgetting/{metric}`` and ``.../forgetting/{task}/{metric}``;
-    - ``continual/stage``: the stage number (1-based) at every training step (``self.log``, so at the Trainer's
-      ``log_every_n_steps``): every logged row of a run can be told apart by stage.
+    - ``continual/stage``: the stage number (1-based; 0 before stage 1) with every row of measurements that
+      ContinualLearning, ForgettingMonitor and ParameterDrift log, and at every training step (``self.log``, so at the
+      Trainer's ``log_every_n_steps``): every logged row of a run says which stage it belongs to.
 
     **On disk.** After every stage (and the row before stage 1) rank zero rewrites ``continual_matrix.json`` and
     ``continual_matrix.md`` in ``report_dir`` (default ``trainer.log_dir``): the rows so far and their figures, so a
@@ -622,8 +623,7 @@ class ContinualLearning(Callback):
     def _measure_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, row: int) -> None:
         values = self._measure(trainer, pl_module, trigger="start" if row == 0 else "stage_end", row=row)
         self._rows.append({"row": row, "step": trainer.global_step, "values": values})
-        metrics_now = self._row_metrics(row)
-        self._publish(trainer, metrics_now, log=True)
+        self._publish(trainer, {**self._row_metrics(row), "continual/stage": float(row)}, log=True)
         self._write_matrix(trainer)
 
     def _measure(
@@ -657,11 +657,8 @@ class ContinualLearning(Callback):
                 )
         if row is None:
             prefix = _prefix(stage, self._names)
-            self._publish(
-                trainer,
-                {f"{prefix}/R/{task}/{m}": v for task, measured in values.items() for m, v in measured.items()},
-                log=True,
-            )
+            logged = {f"{prefix}/R/{task}/{m}": v for task, measured in values.items() for m, v in measured.items()}
+            self._publish(trainer, {**logged, "continual/stage": float(stage)}, log=True)
         return values
 
     def _check_metrics(self, values: dict[str, dict[str, float]]) -> None:
