@@ -345,9 +345,14 @@ def _fit(directory: Path, ckpt_path: Path | None = None, checkpoints: bool = Fal
         "l2": L2ToPretrained(strength=0.1, anchor="previous_stage"),
     }
     callbacks: list[Callback] = [*run_callbacks.values(), MoFOCallback(fraction=0.5), trace]
-    if checkpoints:
+    if checkpoints:  # after every step, and at every stage's (epoch's) end, after the stage's end was handled
         callbacks.append(
             ModelCheckpoint(dirpath=directory / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        )
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=directory / "checkpoints", filename="end-{step}", save_on_train_epoch_end=True, save_top_k=-1
+            )
         )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -598,11 +603,12 @@ def test_l2_to_the_previous_stage_pulls_towards_the_weights_the_stage_started_fr
 
 
 def test_resuming_from_any_checkpoint_ends_with_the_same_weights_matrix_and_histories(run: Run, tmp_path: Path) -> None:
-    # 2: mid stage 1; 4: stage 1's last step (its end not handled yet); 6: mid stage 2; 9: first step of stage 3;
-    # 12: the last step of the run (the last stage's end not handled yet).
-    for step in (2, 4, 6, 9, 12):
-        resumed = _fit(tmp_path / f"from{step}", ckpt_path=run.directory / "checkpoints" / f"step={step}.ckpt")
-        where = f"resumed from step {step}"
+    # 2: mid stage 1; 4: stage 1's last step (its end not handled yet), and its end (handled); 6: mid stage 2; 9:
+    # first step of stage 3; 12: the last step of the run (the last stage's end not handled yet).
+    for name in ("step=2", "step=4", "end-step=4", "step=6", "step=9", "step=12"):
+        step = int(name.rpartition("=")[2])
+        resumed = _fit(tmp_path / name, ckpt_path=run.directory / "checkpoints" / f"{name}.ckpt")
+        where = f"resumed from {name}"
         assert resumed.trainer.global_step == 12, where
         assert all(torch.equal(run.weights[name], resumed.weights[name]) for name in run.weights), where
         assert resumed.continual.rows == run.continual.rows, where

@@ -225,15 +225,6 @@ class MoFOCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_trainable(pl_module, where="MoFOCallback", error=MisconfigurationException)
-        self._replace_optimizers(trainer, pl_module, announce=True)
-
-    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
-        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): every stage of a continual run builds a
-        fresh optimizer; convert it like the first. Its moments start at zero (the papers' fresh optimizer per
-        stage) unless ``ContinualLearning(optimizer_state="keep")`` carried the previous stage's over."""
-        self._replace_optimizers(trainer, pl_module, announce=False)
-
-    def _replace_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, announce: bool) -> None:
         strategy = trainer.strategy
         names = _parameter_names(pl_module)
         replacements: dict[int, tuple[Optimizer, MoFO]] = {}
@@ -242,10 +233,7 @@ class MoFOCallback(Callback):
             if isinstance(optimizer, _MockOptimizer):  # configure_optimizers returned None
                 continue
             if isinstance(optimizer, MoFO):
-                if announce:
-                    rank_zero_info(
-                        f"MoFOCallback: optimizer {index} already is {type(optimizer).__name__}; left as it is."
-                    )
+                rank_zero_info(f"MoFOCallback: optimizer {index} already is {type(optimizer).__name__}; left as it is.")
                 continue
             replacements[index] = (optimizer, self._convert(optimizer, names, f"optimizer {index}"))
 
@@ -281,8 +269,13 @@ class MoFOCallback(Callback):
                 + (f"; {dense} group(s) take the dense step." if dense else ".")
             )
         strategy.optimizers = optimizers  # re-creates the LightningOptimizer wrappers behind self.optimizers()
-        if announce or replacements:
-            self._converted = sorted(replacements)
+        self._converted = sorted(replacements)
+
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): every stage of a continual run builds a
+        fresh optimizer; convert it as at the start of fit. Its moments start at zero (the papers' fresh optimizer per
+        stage) unless ``ContinualLearning(optimizer_state="keep")`` carried the previous stage's over."""
+        self.on_fit_start(trainer, pl_module)
 
     def convert(self, optimizer: Optimizer, module: nn.Module | None = None) -> MoFO:
         """The :class:`~lit_mofo.MoFO` equivalent of ``optimizer`` (an Adam or AdamW), with this callback's options.
