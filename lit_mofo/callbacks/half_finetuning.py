@@ -618,6 +618,7 @@ class HalfFineTuning(Callback):
             self._resolved_seed = int(self._adapter.broadcast(seed, src=0))
             self._generator = torch.Generator().manual_seed(self._resolved_seed)
         self._frozen = ()  # a new fit is a new stage: draw anew, with the generator continuing
+        self._stage = 0  # a continual run's first stage
         self._draw(trainer, pl_module)
 
     @override
