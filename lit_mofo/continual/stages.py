@@ -276,6 +276,10 @@ class StageSequence(pl.LightningDataModule):
     data module's. ``prepare_data`` and ``setup`` run for every stage's data module at the start of fit (so bad data
     in the last stage fails before the first one trains); each stage's data module gets this one's ``trainer``.
 
+    **Why a data module.** The stage list is the run's data, so it sits where LightningCLI users put data (``data:``),
+    and Lightning asks the data module for each epoch's loaders through public hooks; a callback could not hand
+    Lightning a new training loader at a stage boundary without reaching into the fit loop.
+
     **Probes.** Every stage has one task probe: ``Stage.probe``, or an entry of ``probes`` keyed by the stage's name
     (for configs that keep the data and the evaluation apart); the probe takes the stage's name.
 
