@@ -8,6 +8,7 @@ from lit_mofo.callbacks import (
     ParameterDrift,
     TaskVectorScaling,
 )
+from lit_mofo.continual import ContinualLearning, Stage, StageSequence, stage_steps
 from lit_mofo.optim import (
     MoFO,
     MoFOStepStats,
@@ -20,6 +21,7 @@ from lit_mofo.snapshot import PretrainedSnapshot
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ContinualLearning",
     "ForgettingMonitor",
     "HalfFineTuning",
     "L2ToPretrained",
@@ -28,9 +30,12 @@ __all__ = [
     "MoFOStepStats",
     "ParameterDrift",
     "PretrainedSnapshot",
+    "Stage",
+    "StageSequence",
     "TaskVectorScaling",
     "__version__",
     "mofo_configure_optimizers",
     "mofo_param_groups",
+    "stage_steps",
     "warmup_lr_scheduler",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "ReportSection",
     "Table",
     "console_table",
+    "draw_heatmap",
     "epoch_of_last_step",
     "format_value",
     "json_safe",
@@ -69,12 +70,15 @@ class Table:
 
 @dataclass
 class Curve:
-    """One panel of the PNG: ``lines`` maps a label to ``(step, value)`` points; ``baseline`` draws a dashed line."""
+    """One panel of the PNG: ``lines`` maps a label to ``(step, value)`` points; ``baseline`` draws a dashed line;
+    ``boundaries`` marks ``(step, label)`` points of the step axis with a dotted vertical line each (the starts of a
+    continual run's stages, :mod:`lit_mofo.continual`)."""
 
     title: str
     lines: dict[str, list[tuple[int, float]]]
     baseline: float | None = None
     ylabel: str = ""
+    boundaries: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -189,6 +193,19 @@ def _plot(path: Path, curves: Sequence[Curve], title: str | None = None) -> bool
                 markerfacecolor="none" if index % 2 else f"C{index % 10}",
                 zorder=2 + index,
             )
+        for step, label in curve.boundaries:  # stage starts: behind the lines, labelled at the top
+            ax.axvline(step, color="0.55", linestyle=":", linewidth=1, zorder=1)
+            ax.annotate(
+                label,
+                (step, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -2),
+                textcoords="offset points",
+                fontsize=6,
+                color="0.35",
+                va="top",
+                rotation=90,
+            )
         if curve.baseline is not None and math.isfinite(curve.baseline):  # thinnest, so on top of the lines
             top = 2 + len(curve.lines)
             ax.axhline(curve.baseline, color="0.3", linestyle=(0, (4, 3)), linewidth=1, label="pre-trained", zorder=top)
@@ -206,6 +223,46 @@ def _plot(path: Path, curves: Sequence[Curve], title: str | None = None) -> bool
     return True
 
 
+def draw_heatmap(
+    path: Path,
+    matrix: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    title: str = "",
+    higher: bool = True,
+) -> bool:
+    """Write ``matrix`` as an annotated heatmap PNG to ``path`` (rows top to bottom, columns left to right; greener is
+    better, by ``higher``); returns False without matplotlib (see :func:`write_report`)."""
+    global _NO_MATPLOTLIB_NOTED
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _NO_MATPLOTLIB_NOTED:
+            _NO_MATPLOTLIB_NOTED = True
+            rank_zero_info(f"matplotlib is not installed, so {path.name} is not drawn: `pip install matplotlib`.")
+        return False
+    values = [[v if v is not None and math.isfinite(v) else float("nan") for v in row] for row in matrix]
+    figure = Figure(
+        figsize=(2.2 + 1.1 * max(1, len(column_labels)), 1.4 + 0.55 * max(1, len(row_labels))), layout="constrained"
+    )
+    ax = figure.subplots()
+    image = ax.imshow(values, cmap="RdYlGn" if higher else "RdYlGn_r", aspect="auto")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            ax.text(j, i, format_value(value), ha="center", va="center", fontsize=8, color="black")
+    ax.set_xticks(range(len(column_labels)), labels=list(column_labels), fontsize=8)
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels), fontsize=8)
+    ax.set_xlabel("task (the stage it was trained in)")
+    ax.set_ylabel("model")
+    ax.xaxis.set_label_position("top")
+    ax.xaxis.tick_top()
+    figure.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=100)
+    return True
+
+
 def report_title(meta: dict[str, Any]) -> str | None:
     """The report's title from the run metadata: the method, the optimizer and the model (what is known)."""
     parts = [
@@ -214,6 +271,8 @@ def report_title(meta: dict[str, Any]) -> str | None:
     if not meta.get("method") and not parts:
         return None
     first = f"Forgetting while fine-tuning with {meta['method']}" if meta.get("method") else "Forgetting report"
+    if meta.get("stages"):
+        first += f", in stages {meta['stages']}"
     return "\n".join([first, "  ·  ".join(parts)]) if parts else first
 
 
@@ -313,7 +372,7 @@ class FitReport:
         directory = directories[0] if directories else (trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        order = {"forgetting": 0, "drift": 1}
+        order = {"continual": 0, "forgetting": 1, "drift": 2}
         sections = sorted(self._sections.values(), key=lambda s: (order.get(s.key, len(order)), s.key))
         meta = run_metadata(trainer)
         paths = write_report(directory, sections, meta)
@@ -417,7 +476,8 @@ def _model(module: nn.Module | None) -> str | None:
 def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
     """The run facts a report starts with: when, how far (the step, and the epoch as checkpoints number it), the
     method (MoFO and its fraction, Half Fine-Tuning, L2-to-θ₀, LoRA: what the user chose, never the callbacks that
-    only run the fit), the optimizers with their key settings, the model, the strategy."""
+    only run the fit), the optimizers with their key settings, the model, the strategy, and in a continual run
+    (:mod:`lit_mofo.continual`) its ``stages`` in order."""
     import lit_mofo
 
     optimizers = []
@@ -425,6 +485,10 @@ def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
         hyper = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
         optimizers.append(_describe(optimizer, {k: hyper[k] for k in ("lr", "fraction", "weight_decay") if k in hyper}))
     module = getattr(trainer.strategy, "lightning_module", None)
+    from lit_mofo.continual.callback import continual_learning  # here: lit_mofo.continual imports this module
+
+    continual = continual_learning(trainer)
+    stages = {"stages": " → ".join(continual.stage_names)} if continual is not None and continual.stage_names else {}
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "lit_mofo_version": lit_mofo.__version__,
@@ -435,4 +499,5 @@ def run_metadata(trainer: pl.Trainer) -> dict[str, Any]:
         "model": _model(module),
         "strategy": type(trainer.strategy).__name__,
         "world_size": trainer.world_size,
+        **stages,
     }

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from lit_mofo.strategy import StrategyAdapter, is_dtensor
 
-__all__ = ["PretrainedSnapshot"]
+__all__ = ["PretrainedSnapshot", "StageStartSnapshot"]
 
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, PretrainedSnapshot] = weakref.WeakKeyDictionary()
 
@@ -90,6 +90,11 @@ class PretrainedSnapshot:
 
     CHECKPOINT_KEY = "lit_mofo_pretrained_snapshot"
     STATE_DICT_PREFIX = "lit_mofo_pretrained_snapshot."
+    WHAT = "θ₀"  # what the copies are, in messages
+
+    @classmethod
+    def _registry(cls) -> weakref.WeakKeyDictionary[nn.Module, PretrainedSnapshot]:
+        return _REGISTRY
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -104,26 +109,28 @@ class PretrainedSnapshot:
     @classmethod
     def attach(cls, pl_module: nn.Module, owner: object) -> PretrainedSnapshot:
         """The module's shared snapshot, created on first use; ``owner`` (a callback) keeps it alive."""
-        snapshot = _REGISTRY.get(pl_module)
+        registry = cls._registry()
+        snapshot = registry.get(pl_module)
         if snapshot is None:
-            snapshot = _REGISTRY[pl_module] = cls()
+            snapshot = registry[pl_module] = cls()
         snapshot._owners.add(id(owner))
         return snapshot
 
     @classmethod
     def detach(cls, pl_module: nn.Module, owner: object) -> None:
         """Release ``owner``'s hold; the last owner frees the copies, so the next fit starts a new snapshot."""
-        snapshot = _REGISTRY.get(pl_module)
+        registry = cls._registry()
+        snapshot = registry.get(pl_module)
         if snapshot is None:
             return
         snapshot._owners.discard(id(owner))
         if not snapshot._owners:
-            del _REGISTRY[pl_module]
+            del registry[pl_module]
 
     @classmethod
     def get(cls, pl_module: nn.Module) -> PretrainedSnapshot | None:
         """The module's snapshot if some callback holds one, else ``None``."""
-        return _REGISTRY.get(pl_module)
+        return cls._registry().get(pl_module)
 
     # ------------------------------------------------------------------ capture
     def capture(
@@ -171,7 +178,7 @@ class PretrainedSnapshot:
             self._keep(name, StrategyAdapter.local(param.detach()), param, want)
             added += 1
         if added:
-            rank_zero_info(f"PretrainedSnapshot: copied θ₀ of {added} tensor(s); {self.describe()}.")
+            rank_zero_info(f"{type(self).__name__}: copied {self.WHAT} of {added} tensor(s); {self.describe()}.")
 
     def _keep(self, name: str, local: Tensor, param: Tensor, dtype: torch.dtype | None = None) -> None:
         # copy=True: a tensor of its own, never a view that would keep a larger storage (a whole tensor, FSDP2's
@@ -241,7 +248,7 @@ class PretrainedSnapshot:
         ``on_save_checkpoint``; every owner may call it, the first one stores). ``trainer`` tells how the checkpoint
         is written (see the module docstring); ``None`` is a checkpoint file. Under a sharded strategy it is a
         collective: call it on every rank."""
-        snapshot = _REGISTRY.get(pl_module)
+        snapshot = cls._registry().get(pl_module)
         if snapshot is None or cls.CHECKPOINT_KEY in checkpoint:
             return
         params = StrategyAdapter.named_parameters(pl_module)  # FSDP2: the shards
@@ -272,7 +279,7 @@ class PretrainedSnapshot:
         may call it, the first one loads). A sharded checkpoint is read from ``trainer.ckpt_path`` (a collective).
         Raises if tensors were asked for (:meth:`capture`) that the checkpoint does not hold."""
         saved = checkpoint.get(cls.CHECKPOINT_KEY)
-        snapshot = _REGISTRY.get(pl_module)
+        snapshot = cls._registry().get(pl_module)
         if snapshot is not None and snapshot._loaded == id(checkpoint):
             return
         # Copied in on_fit_start from the weights before the restore (ModelParallelStrategy): the checkpoint must
@@ -306,4 +313,39 @@ class PretrainedSnapshot:
         missing = [name for name in captured if name not in snapshot._tensors]
         if missing:
             raise cls._resume_error(ckpt_path, missing)
-        rank_zero_info(f"PretrainedSnapshot: θ₀ restored from the checkpoint; {snapshot.describe()}.")
+        rank_zero_info(f"{cls.__name__}: {cls.WHAT} restored from the checkpoint; {snapshot.describe()}.")
+
+
+_STAGE_REGISTRY: weakref.WeakKeyDictionary[nn.Module, PretrainedSnapshot] = weakref.WeakKeyDictionary()
+
+
+class StageStartSnapshot(PretrainedSnapshot):
+    """The weights at the start of the current stage of a continual run (:mod:`lit_mofo.continual`), shared like
+    :class:`PretrainedSnapshot` and separate from it.
+
+    :class:`~lit_mofo.L2ToPretrained` (``anchor="previous_stage"``), :class:`~lit_mofo.ParameterDrift` (drift within
+    the stage) and :class:`~lit_mofo.HalfFineTuning` (``reset_to="stage_start"``) ask it for the tensors they need in
+    ``on_fit_start``, exactly as they ask :class:`PretrainedSnapshot` (the first stage starts with the fit);
+    :class:`~lit_mofo.continual.ContinualLearning` :meth:`retake`\\ s every copy at the start of each later stage,
+    before the callbacks hear of the new stage. Outside a continual run it holds the weights of the start of fit, like
+    θ₀. It is carried in checkpoints under its own keys (:attr:`CHECKPOINT_KEY`, :attr:`STATE_DICT_PREFIX`), so a run
+    resumed in the middle of a stage measures against that stage's start; it costs one more copy of the tensors
+    asked for, in memory and in every checkpoint.
+    """
+
+    CHECKPOINT_KEY = "lit_mofo_stage_start_snapshot"
+    STATE_DICT_PREFIX = "lit_mofo_stage_start_snapshot."
+    WHAT = "the stage-start weights"
+
+    @classmethod
+    def _registry(cls) -> weakref.WeakKeyDictionary[nn.Module, PretrainedSnapshot]:
+        return _STAGE_REGISTRY
+
+    def retake(self, pl_module: nn.Module) -> None:
+        """Copy the current value of every tensor held (in place, each in the dtype it was asked in): the start of a
+        new stage. A sharded parameter's copy is the rank's own shard, as in :meth:`capture`."""
+        params = StrategyAdapter.named_parameters(pl_module)  # FSDP2: the shards
+        with torch.no_grad():
+            for name, stored in self._tensors.items():
+                stored.copy_(StrategyAdapter.local(params[name].detach()))
+        self._from_checkpoint = False

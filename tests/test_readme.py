@@ -87,6 +87,10 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     "lit-mofo fit --config configs/fsdp2_cpu.yaml": CoveredBy(
         "tests/test_fsdp2_callbacks.py::test_fsdp2_config_completes_and_writes_the_forgetting_report", "about 2 minutes"
     ),
+    "lit-mofo fit --config configs/continual.yaml": CoveredBy(
+        "tests/test_continual.py::test_the_continual_config_runs_end_to_end_shortened_and_writes_the_heatmap",
+        "about 1.5 minutes",
+    ),
     "lit-mofo fit --config configs/task_vector_scaling.yaml": CoveredBy(
         "tests/test_cli.py::test_task_vector_scaling_config_measures_the_edits_and_applies_the_rules_pick", "40-70 s"
     ),

@@ -35,6 +35,7 @@ from lit_mofo.strategy import StrategyAdapter
 
 __all__ = [
     "ForgettingMonitor",
+    "ProbeSet",
     "forgetting",
     "isolated_evaluation",
     "retention",
@@ -120,6 +121,107 @@ def isolated_evaluation(module: nn.Module) -> Iterator[None]:
             numpy.random.set_state(numpy_rng)
 
 
+class ProbeSet:
+    """Named probes evaluated together, the way :class:`ForgettingMonitor` evaluates them: one probe loop shared by
+    the monitor and :class:`~lit_mofo.continual.ContinualLearning` (its task probes).
+
+    :meth:`values` evaluates every probe in :func:`isolated_evaluation` with the precision plugin's forward context,
+    on every process, a probe failing on one rank failing every rank; it checks what each probe returns (a dict of
+    numbers with a declared direction per metric, names without whitespace) and records rank zero's values on every
+    rank, with a warning (once per probe and fit) when the ranks disagree. :attr:`directions` holds each metric's
+    higher-is-better flag as first seen.
+
+    Args:
+        probes: the probes by name (names already checked).
+        directions: the dict to keep the metric directions in (a callback's, so its ``state_dict`` holds them).
+    """
+
+    def __init__(self, probes: Mapping[str, Probe], directions: dict[str, dict[str, bool]] | None = None) -> None:
+        self.probes = dict(probes)
+        self.directions: dict[str, dict[str, bool]] = {} if directions is None else directions
+        self._disagreement_warned: set[str] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, adapter: StrategyAdapter) -> None:
+        """Each probe's ``setup``, on every rank together (a rank that fails fails them all); once per fit."""
+        self._disagreement_warned = set()
+        for name, probe in self.probes.items():
+            adapter.run_together(f"The setup of probe {name!r}", lambda probe=probe: probe.setup(trainer, pl_module))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for probe in self.probes.values():
+            probe.teardown(trainer, pl_module)
+
+    def values(
+        self, trainer: pl.Trainer | None, pl_module: pl.LightningModule, adapter: StrategyAdapter
+    ) -> Iterator[tuple[str, dict[str, float], float]]:
+        """``(probe, values, seconds)`` for each probe in turn, evaluated in isolation (the one probe loop)."""
+        context = nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+        if trainer is None:
+            adapter = StrategyAdapter("single")
+        with isolated_evaluation(pl_module), context:
+            for name, probe in self.probes.items():
+                start = time.perf_counter()
+                values = adapter.run_together(  # a probe failing on one rank fails every rank
+                    f"Probe {name!r}",
+                    lambda name=name, probe=probe: self.checked(name, probe, probe.evaluate(trainer, pl_module)),  # type: ignore[arg-type]
+                )
+                values = self._rank_zero_values(adapter, name, values)
+                yield name, values, time.perf_counter() - start
+
+    def _rank_zero_values(self, adapter: StrategyAdapter, name: str, values: dict[str, float]) -> dict[str, float]:
+        """Rank zero's values (and metric directions) on every rank, so every rank records what is logged; a
+        warning (once per probe and fit) when the ranks disagree: the probe did not reduce across processes."""
+        gathered = adapter.all_gather_object((values, self.directions[name]))
+        reference, directions = gathered[0]
+        if (
+            any(not _same_values(other, reference) for other, _ in gathered[1:])
+            and name not in self._disagreement_warned
+        ):
+            self._disagreement_warned.add(name)
+            rank_zero_warn(
+                f"Probe {name!r} returned different values on different processes ({[v for v, _ in gathered]!r:.300}); "
+                "the monitor records rank zero's. A probe must reduce its figures across processes (the built-in "
+                "probes sum their counts with torchmetrics; in a CallableProbe use `trainer.strategy.reduce`) so they "
+                "describe the whole reference set."
+            )
+        for metric in reference:
+            self.directions[name].setdefault(metric, directions[metric])
+        return dict(reference)
+
+    def checked(self, name: str, probe: Probe, values: Any) -> dict[str, float]:
+        """``values`` returned by ``probe`` as ``{metric: float}``, checked (see the class docstring); records the
+        metrics' directions."""
+        directions = probe.higher_is_better
+        if not isinstance(values, Mapping):
+            raise MisconfigurationException(
+                f"Probe {name!r} returned {type(values).__name__}; `evaluate` must return a dict {{metric: value}}."
+            )
+        unflagged = [metric for metric in values if not isinstance(directions.get(metric), bool)]
+        if unflagged:
+            raise MisconfigurationException(
+                f"Probe {name!r} returned metric(s) {unflagged} without a higher-is-better flag; its "
+                f"`higher_is_better` declares {directions}. Add each metric with True (higher is better, e.g. "
+                "accuracy) or False (lower is better, e.g. loss)."
+            )
+        checked = {}
+        for metric, value in values.items():
+            if not isinstance(metric, str) or not metric or any(c.isspace() for c in metric):
+                raise MisconfigurationException(
+                    f"Probe {name!r} returned an invalid metric name {metric!r}: use a non-empty string without "
+                    "whitespace (it becomes part of `probe/<probe>/<metric>`)."
+                )
+            try:
+                checked[metric] = float(value.item() if isinstance(value, Tensor) else value)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise MisconfigurationException(
+                    f"Probe {name!r} returned {value!r:.60} for {metric!r}; metric values must be numbers."
+                ) from error
+        previous = self.directions.setdefault(name, {})
+        for metric in checked:
+            previous.setdefault(metric, directions[metric])
+        return checked
+
+
 class ForgettingMonitor(Callback):
     r"""Evaluate probes on the pre-trained model and then while it fine-tunes; log value, forgetting and retention.
 
@@ -154,6 +256,11 @@ class ForgettingMonitor(Callback):
     cores) with ``configs/forgetting_callbacks.yaml``'s probe (64 sequences of 32 tokens): 6-9% of the fit time
     with the default interval, most of it the first evaluation's warm-up. :attr:`evaluation_seconds` and the
     report's ``seconds`` column give the figure for your run.
+
+    **Continual runs** (:mod:`lit_mofo.continual`: a sequence of stages in one fit): the baseline is measured once,
+    before stage 1, so every figure is against the pre-trained model (θ₀ of stage 1) across all stages; the probes are
+    also evaluated at the end of every stage; every measurement carries its ``stage`` (0 for the baseline) and
+    ``stage_name``; the report's curves mark where each stage starts.
 
     **End of fit.** On rank zero a report is written to ``report_dir`` (default: ``trainer.log_dir``, or
     ``default_root_dir`` without a logger; a warning at the start of fit says when that is the current directory
@@ -248,9 +355,12 @@ class ForgettingMonitor(Callback):
         self._restored = False
         self._fitting = False
         self._non_finite_warned: set[tuple[str, str]] = set()
-        self._disagreement_warned: set[str] = set()
         self._epoch_of_step: int | None = None  # the epoch the latest step of this fit ran in
         self._adapter = StrategyAdapter("single")
+        self._probe_set = ProbeSet(self._probes, self._directions)
+        self._continual = False  # a lit_mofo.continual run (its measurements carry their stage)
+        self._stage: tuple[int, str] | None = None  # (number, name) of a continual run's current stage
+        self._stage_starts: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -320,6 +430,9 @@ class ForgettingMonitor(Callback):
         if stage != TrainerFn.FITTING:
             return
         self._adapter = StrategyAdapter.of(trainer, user=type(self).__name__)
+        from lit_mofo.continual.callback import continual_learning  # here: lit_mofo.continual imports this module
+
+        self._continual = continual_learning(trainer) is not None
         if self.report:
             FitReport.attach(trainer, self, self.report_dir)
 
@@ -328,13 +441,11 @@ class ForgettingMonitor(Callback):
         # Whether the fit resumes is decided in on_train_start: under ModelParallelStrategy the callbacks' states are
         # restored only after on_fit_start, under the other strategies before it; on_train_start comes after both.
         self._fitting = True
+        if not self._restored:  # a new fit (ModelParallelStrategy restores a checkpoint's stages later)
+            self._stage, self._stage_starts = None, []
         self._non_finite_warned = set()
-        self._disagreement_warned = set()
         self._epoch_of_step = None
-        for name, probe in self._probes.items():
-            self._adapter.run_together(
-                f"The setup of probe {name!r}", lambda probe=probe: probe.setup(trainer, pl_module)
-            )
+        self._probe_set.setup(trainer, pl_module, self._adapter)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -373,6 +484,20 @@ class ForgettingMonitor(Callback):
         if self.evaluate_on_validation and self._fitting and not trainer.sanity_checking and self._baselines:
             self._evaluate(trainer, pl_module, trigger="validation")
 
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): records the stage (its measurements carry
+        it, its start is marked on the report's curves). The baseline stays the model before stage 1."""
+        if stage.resumed:
+            return
+        self._stage = (stage.number, stage.name)
+        if (trainer.global_step, stage.name) not in self._stage_starts:
+            self._stage_starts.append((trainer.global_step, stage.name))
+
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol: evaluate at the stage's last step (once per step), so the curves have a point at every
+        stage boundary."""
+        self._evaluate(trainer, pl_module, trigger="stage_end")
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluate(trainer, pl_module, trigger="fit_end")
@@ -383,8 +508,7 @@ class ForgettingMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        for probe in self._probes.values():
-            probe.teardown(trainer, pl_module)
+        self._probe_set.teardown(trainer, pl_module)
         FitReport.detach(trainer, self)
         self._restored = False
         self._fitting = False
@@ -397,15 +521,24 @@ class ForgettingMonitor(Callback):
             "history": self.history,
             "last_step": self._last_step,
             "seconds": self._seconds,
+            **(
+                {"stage": list(self._stage), "stage_starts": [list(s) for s in self._stage_starts]}
+                if self._stage
+                else {}
+            ),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._baselines = {probe: dict(values) for probe, values in state_dict["baselines"].items()}
-        self._directions = {probe: dict(d) for probe, d in state_dict.get("directions", {}).items()}
+        self._directions.clear()  # the dict the probe set records into
+        self._directions.update({probe: dict(d) for probe, d in state_dict.get("directions", {}).items()})
         self._history = [dict(record) for record in state_dict["history"]]
         self._last_step = state_dict["last_step"]
         self._seconds = float(state_dict.get("seconds", 0.0))
+        stage = state_dict.get("stage")
+        self._stage = None if stage is None else (int(stage[0]), str(stage[1]))
+        self._stage_starts = [(int(step), str(name)) for step, name in state_dict.get("stage_starts", [])]
         self._restored = True
 
     # ------------------------------------------------------------------ evaluation
@@ -423,18 +556,8 @@ class ForgettingMonitor(Callback):
     def _probe_values(
         self, trainer: pl.Trainer | None, pl_module: pl.LightningModule
     ) -> Iterator[tuple[str, dict[str, float], float]]:
-        """``(probe, values, seconds)`` for each probe in turn, evaluated in isolation (the one probe loop)."""
-        context = nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
-        adapter = StrategyAdapter("single") if trainer is None else self._adapter
-        with isolated_evaluation(pl_module), context:
-            for name, probe in self._probes.items():
-                start = time.perf_counter()
-                values = adapter.run_together(  # a probe failing on one rank fails every rank
-                    f"Probe {name!r}",
-                    lambda name=name, probe=probe: self._checked(name, probe, probe.evaluate(trainer, pl_module)),  # type: ignore[arg-type]
-                )
-                values = self._rank_zero_values(adapter, name, values)
-                yield name, values, time.perf_counter() - start
+        """``(probe, values, seconds)`` for each probe in turn (:meth:`ProbeSet.values`)."""
+        return self._probe_set.values(trainer, pl_module, self._adapter)
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
         step = trainer.global_step
@@ -445,58 +568,9 @@ class ForgettingMonitor(Callback):
         for name, values, seconds in self._probe_values(trainer, pl_module):
             self._seconds += seconds
             metrics.update(self._record(trainer, name, values, trigger, seconds))
+        if self._continual and metrics:  # the logged row says which stage it belongs to
+            metrics["continual/stage"] = float(self._stage_fields(trigger)["stage"])
         self._publish(trainer, metrics, log=True)
-
-    def _rank_zero_values(self, adapter: StrategyAdapter, name: str, values: dict[str, float]) -> dict[str, float]:
-        """Rank zero's values (and metric directions) on every rank, so every rank records what is logged; a
-        warning (once per probe and fit) when the ranks disagree: the probe did not reduce across processes."""
-        gathered = adapter.all_gather_object((values, self._directions[name]))
-        reference, directions = gathered[0]
-        if (
-            any(not _same_values(other, reference) for other, _ in gathered[1:])
-            and name not in self._disagreement_warned
-        ):
-            self._disagreement_warned.add(name)
-            rank_zero_warn(
-                f"Probe {name!r} returned different values on different processes ({[v for v, _ in gathered]!r:.300}); "
-                "the monitor records rank zero's. A probe must reduce its figures across processes (the built-in "
-                "probes sum their counts with torchmetrics; in a CallableProbe use `trainer.strategy.reduce`) so they "
-                "describe the whole reference set."
-            )
-        for metric in reference:
-            self._directions[name].setdefault(metric, directions[metric])
-        return dict(reference)
-
-    def _checked(self, name: str, probe: Probe, values: Any) -> dict[str, float]:
-        directions = probe.higher_is_better
-        if not isinstance(values, Mapping):
-            raise MisconfigurationException(
-                f"Probe {name!r} returned {type(values).__name__}; `evaluate` must return a dict {{metric: value}}."
-            )
-        unflagged = [metric for metric in values if not isinstance(directions.get(metric), bool)]
-        if unflagged:
-            raise MisconfigurationException(
-                f"Probe {name!r} returned metric(s) {unflagged} without a higher-is-better flag; its "
-                f"`higher_is_better` declares {directions}. Add each metric with True (higher is better, e.g. "
-                "accuracy) or False (lower is better, e.g. loss)."
-            )
-        checked = {}
-        for metric, value in values.items():
-            if not isinstance(metric, str) or not metric or any(c.isspace() for c in metric):
-                raise MisconfigurationException(
-                    f"Probe {name!r} returned an invalid metric name {metric!r}: use a non-empty string without "
-                    "whitespace (it becomes part of `probe/<probe>/<metric>`)."
-                )
-            try:
-                checked[metric] = float(value.item() if isinstance(value, Tensor) else value)
-            except (TypeError, ValueError, RuntimeError) as error:
-                raise MisconfigurationException(
-                    f"Probe {name!r} returned {value!r:.60} for {metric!r}; metric values must be numbers."
-                ) from error
-        previous = self._directions.setdefault(name, {})
-        for metric in checked:
-            previous.setdefault(metric, directions[metric])
-        return checked
 
     def _record(
         self, trainer: pl.Trainer, name: str, values: dict[str, float], trigger: str, seconds: float
@@ -535,12 +609,19 @@ class ForgettingMonitor(Callback):
                     "retention": kept,
                     "higher_is_better": higher,
                     "seconds": seconds,
+                    **(self._stage_fields(trigger) if self._continual else {}),
                 }
             )
             logged[f"probe/{name}/{metric}"] = value
             logged[f"forgetting/{name}/{metric}"] = lost
             logged[f"retention/{name}/{metric}"] = kept
         return logged
+
+    def _stage_fields(self, trigger: str) -> dict[str, Any]:
+        """A continual run's measurement: the stage it was taken in (0: before stage 1, the baseline)."""
+        if trigger == "baseline" or self._stage is None:
+            return {"stage": 0, "stage_name": None}
+        return {"stage": self._stage[0], "stage_name": self._stage[1]}
 
     def _epoch(self, trainer: pl.Trainer, trigger: str) -> int:
         """The epoch the measured step ran in, as checkpoints number it."""
@@ -593,6 +674,7 @@ class ForgettingMonitor(Callback):
                     lines={metric: [(r["step"], r["value"]) for r in records]},
                     baseline=final["baseline"],
                     ylabel=f"{metric} ({'higher' if final['higher_is_better'] else 'lower'} is better)",
+                    boundaries=list(self._stage_starts),
                 )
             )
         final_step = self._history[-1]["step"] if self._history else 0

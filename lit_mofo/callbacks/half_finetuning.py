@@ -36,20 +36,22 @@ from lit_mofo.params import (
     record_initial_requires_grad,
     warn_unmatched,
 )
-from lit_mofo.snapshot import PretrainedSnapshot
+from lit_mofo.snapshot import PretrainedSnapshot, StageStartSnapshot
 from lit_mofo.strategy import StrategyAdapter
 
-__all__ = ["HalfFineTuning"]
+__all__ = ["HalfFineTuning", "stage_seed"]
 
 log = logging.getLogger(__name__)
 
 Granularity = Literal["category", "layer", "tensor"]
 Mode = Literal["freeze", "mask"]
 OptimizerStatePolicy = Literal["keep", "reset"]
+ResetTarget = Literal["pretrained", "stage_start"]
 
 GRANULARITIES: tuple[str, ...] = ("category", "layer", "tensor")
 MODES: tuple[str, ...] = ("freeze", "mask")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
+RESET_TARGETS: tuple[str, ...] = ("pretrained", "stage_start")
 _CATEGORIES = UNIT_CATEGORIES  # attention, ffn, experts, ssm, norm
 
 # Parameter names (or expert slices "name[e]", lit_mofo.blocks.split_part) frozen and unfrozen together: a matrix
@@ -180,6 +182,17 @@ class HalfFineTuning(Callback):
     :class:`~lit_mofo.ParameterDrift`, ``ModelCheckpoint``) sees the weights that step produced, before any reset,
     whatever the callback order; no draw follows the last step.
 
+    **Continual runs** (:mod:`lit_mofo.continual`: the stages of one fit): a new category-level draw at the start of
+    every stage, as the paper draws anew for every stage of a sequence (``redraw_every_stage``; False keeps the
+    previous stage's half). Stage 1 draws with the seed itself, exactly as a plain fit does; stage ``k >= 2`` with a
+    generator seeded by a hash of (seed, ``k``) — the same halves on every rerun and every process, and each stage's
+    draw independent of how many re-draws earlier stages made. The step/epoch re-draws within a stage continue that
+    stage's generator. ``reset=True`` restores the tensors a stage's draw newly freezes (the stage boundary counts as a
+    re-draw) to ``reset_to``: ``"pretrained"`` (θ₀, the weights before stage 1: the paper's reset to the pre-trained
+    model) or ``"stage_start"`` (the weights the current stage started from, the
+    :class:`~lit_mofo.snapshot.StageStartSnapshot`: a re-draw within a stage undoes only that stage's update of the
+    tensors it freezes; at the boundary itself nothing changes).
+
     **How** (``mode``):
 
     - ``"freeze"``: frozen tensors get ``requires_grad=False``, so backward computes no weight gradient for them -
@@ -246,7 +259,13 @@ class HalfFineTuning(Callback):
         mode: ``"freeze"`` (``requires_grad=False``, saves compute) or ``"mask"`` (drop gradients, any strategy).
         redraw_every_n_steps: draw anew after every this many optimizer steps; None: never.
         redraw_every_n_epochs: draw anew at the start of every this many epochs; None: never.
-        reset: restore tensors frozen at a re-draw to their pre-trained values; needs a re-draw schedule.
+        reset: restore tensors frozen at a re-draw to their ``reset_to`` values; needs a re-draw schedule (or, in a
+            continual run, ``redraw_every_stage=True``).
+        reset_to: what ``reset`` restores: ``"pretrained"`` (θ₀, the paper's; in a continual run the weights before
+            stage 1) or ``"stage_start"`` (the weights at the start of the current stage of a continual run; at the
+            start of fit otherwise).
+        redraw_every_stage: in a continual run, draw a new half at the start of every stage (None or True, the
+            paper's) or keep the previous stage's half (False). Ignored outside a continual run.
         optimizer_state: ``"keep"`` or ``"reset"`` the optimizer state of frozen tensors (see above).
         train_embeddings: keep the embeddings trainable (the paper; those outside the blocks and T5's relative
             position bias); False freezes them.
@@ -302,6 +321,8 @@ class HalfFineTuning(Callback):
         always_frozen: str | Sequence[str] = (),
         seed: int | None = None,
         snapshot_dtype: str | torch.dtype | None = None,
+        reset_to: ResetTarget = "pretrained",
+        redraw_every_stage: bool | None = None,
     ) -> None:
         where, error = "HalfFineTuning()", MisconfigurationException
         ratio = as_float(
@@ -336,11 +357,25 @@ class HalfFineTuning(Callback):
         self.reset = as_bool(reset, where=where, argument="reset", error=error)
         self.train_embeddings = as_bool(train_embeddings, where=where, argument="train_embeddings", error=error)
         self.train_head = as_bool(train_head, where=where, argument="train_head", error=error)
-        if self.reset and not self._redraws:
+        self.reset_to: ResetTarget = as_choice(
+            reset_to,
+            where=where,
+            argument="reset_to",
+            choices=RESET_TARGETS,
+            fix="'pretrained' restores θ₀ (the paper's), 'stage_start' the weights the current stage started from.",
+            error=error,
+        )
+        self.redraw_every_stage = (
+            None
+            if redraw_every_stage is None
+            else as_bool(redraw_every_stage, where=where, argument="redraw_every_stage", error=error)
+        )
+        if self.reset and not self._redraws and self.redraw_every_stage is not True:
             raise MisconfigurationException(
                 "`HalfFineTuning(reset=True)` restores matrices to their pre-trained values when a re-draw freezes "
                 "them, but neither `redraw_every_n_steps` nor `redraw_every_n_epochs` is set, so nothing would ever "
-                "be reset. Set one of them (e.g. `redraw_every_n_steps=500`), or drop `reset=True`."
+                "be reset. Set one of them (e.g. `redraw_every_n_steps=500`), or in a continual run (lit_mofo."
+                "continual) `redraw_every_stage=True` to reset at every stage start, or drop `reset=True`."
             )
         self.seed = (
             None
@@ -379,6 +414,11 @@ class HalfFineTuning(Callback):
         self._pending: RemovableHandle | None = None  # the step post-hook that restores the frozen slices
         self._saved: list[tuple[Tensor, Tensor, Tensor]] = []  # (local tensor, rows, their values before the step)
         self._snapshot: PretrainedSnapshot | None = None
+        self._snapshot_class: type[PretrainedSnapshot] = (
+            StageStartSnapshot if self.reset_to == "stage_start" else PretrainedSnapshot
+        )
+        self._continual = False  # a lit_mofo.continual run: stage starts are draws
+        self._stage = 0  # the stage the current selection was drawn for
         # Carried by state_dict().
         self._resolved_seed: int | None = None
         self._generator: torch.Generator | None = None
@@ -509,6 +549,16 @@ class HalfFineTuning(Callback):
             raise MisconfigurationException(
                 "Two HalfFineTuning callbacks on one Trainer would fight over the same tensors; keep one."
             )
+        from lit_mofo.continual.callback import continual_learning  # here: lit_mofo.continual imports this module
+
+        self._continual = continual_learning(trainer) is not None
+        if self.reset and not self._redraws and not self._continual:
+            raise MisconfigurationException(
+                "`HalfFineTuning(reset=True, redraw_every_stage=True)` resets at the stage starts of a continual run, "
+                "but this fit has no lit_mofo.continual.ContinualLearning callback and neither `redraw_every_n_steps` "
+                "nor `redraw_every_n_epochs` is set, so nothing would ever be reset. Add the callback (and a "
+                "StageSequence), set a re-draw schedule, or drop `reset=True`."
+            )
 
     @property
     def _redraws(self) -> bool:
@@ -528,7 +578,7 @@ class HalfFineTuning(Callback):
         self._report_left_frozen()
 
         if self.reset:
-            self._snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
+            self._snapshot = self._snapshot_class.attach(pl_module, owner=self)
             self._snapshot.capture(trainer, pl_module, self._resettable_names(), dtype=self.snapshot_dtype)
 
         if self._adapter.restores_after_fit_start(trainer):
@@ -568,6 +618,7 @@ class HalfFineTuning(Callback):
             self._resolved_seed = int(self._adapter.broadcast(seed, src=0))
             self._generator = torch.Generator().manual_seed(self._resolved_seed)
         self._frozen = ()  # a new fit is a new stage: draw anew, with the generator continuing
+        self._stage = 0  # a continual run's first stage
         self._draw(trainer, pl_module)
 
     @override
@@ -587,6 +638,24 @@ class HalfFineTuning(Callback):
         epoch_due = by_epochs is not None and epoch > 0 and epoch % by_epochs == 0 and epoch != self._last_draw_epoch
         if not (step_due or epoch_due):
             return
+        self._draw(trainer, pl_module)
+
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): a new stage's draw, with its own seed.
+
+        The stage's fresh optimizers hold every tensor the module left trainable; the draw (or, with
+        ``redraw_every_stage=False``, the previous selection) is applied to them. Nothing happens for the stage the
+        selection belongs to already (the first stage, drawn at the start of fit) nor for a resumed run's call.
+        """
+        if stage.resumed or stage.index == self._stage:
+            return
+        self._stage = stage.index
+        self._check_optimizers(trainer)
+        if self.redraw_every_stage is False:
+            self._apply(trainer, newly_frozen=())
+            return
+        assert self._resolved_seed is not None
+        self._generator = torch.Generator().manual_seed(stage_seed(self._resolved_seed, stage.index))
         self._draw(trainer, pl_module)
 
     @override
@@ -622,8 +691,8 @@ class HalfFineTuning(Callback):
         self._drop_pending()
         self._awaiting_checkpoint = False
         self._adapter.release_optimizer_restore_guard(trainer)
-        if self._snapshot is not None or PretrainedSnapshot.get(pl_module) is not None:
-            PretrainedSnapshot.detach(pl_module, owner=self)
+        if self._snapshot is not None or self._snapshot_class.get(pl_module) is not None:
+            self._snapshot_class.detach(pl_module, owner=self)
             self._snapshot = None
 
     @override
@@ -631,15 +700,15 @@ class HalfFineTuning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._snapshot is not None:
-            PretrainedSnapshot.save_to(pl_module, checkpoint, trainer)
+            self._snapshot_class.save_to(pl_module, checkpoint, trainer)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.reset:
-            PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
-            self._snapshot = PretrainedSnapshot.get(pl_module)
+            self._snapshot_class.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
+            self._snapshot = self._snapshot_class.get(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -652,6 +721,7 @@ class HalfFineTuning(Callback):
             "last_draw_epoch": self._last_draw_epoch,
             "history": self.history,
             "config": self._config(),
+            "stage": self._stage,
         }
 
     @override
@@ -672,6 +742,7 @@ class HalfFineTuning(Callback):
         self._last_draw_step = state_dict["last_draw_step"]
         self._last_draw_epoch = state_dict["last_draw_epoch"]
         self._history = [dict(entry) for entry in state_dict["history"]]
+        self._stage = int(state_dict.get("stage", 0))
         self._restored = True
 
     def _config(self) -> dict[str, Any]:
@@ -869,8 +940,11 @@ class HalfFineTuning(Callback):
         if sliced:
             entry["frozen_experts"] = sum(len(indices) for indices in sliced.values())
         self._history.append(entry)
+        logged = {"hft/trainable_fraction": fraction, "hft/draw": self._draws}
+        if self._continual:  # the logged row says which stage it belongs to
+            logged["continual/stage"] = float(self._stage + 1)
         for logger in trainer.loggers:
-            logger.log_metrics({"hft/trainable_fraction": fraction, "hft/draw": self._draws}, step=trainer.global_step)
+            logger.log_metrics(logged, step=trainer.global_step)
         left_frozen = len(self._params) - len(self._managed)
         experts = (
             f" and {entry['frozen_experts']} expert slices of {len(sliced)} fused expert tensors" if sliced else ""
@@ -994,6 +1068,17 @@ class HalfFineTuning(Callback):
     @staticmethod
     def _unwrapped_module(trainer: pl.Trainer) -> pl.LightningModule:
         return trainer.lightning_module
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed of stage ``stage``'s draws (0-based) in a continual run: ``seed`` itself for the first stage (as a plain
+    fit draws), else :func:`lit_mofo.continual.stages.derived_seed` of ``(seed, stage)``: the first 8 bytes of BLAKE2b
+    of ``"<seed>/<stage>"`` (little-endian, below 2**63)."""
+    if stage == 0:
+        return seed
+    from lit_mofo.continual.stages import derived_seed  # here: lit_mofo.continual imports this module
+
+    return derived_seed(seed, stage)
 
 
 def _default_seed() -> int:

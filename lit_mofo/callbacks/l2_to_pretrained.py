@@ -22,12 +22,14 @@ from typing_extensions import override
 from lit_mofo._validation import as_bool, as_choice, as_dtype, as_float
 from lit_mofo.adapters import LoraWeight, adapter_values, checked_lora_weights, effective_name
 from lit_mofo.params import WORDS, check_patterns, check_trainable, initial_requires_grad, parameter_words, select_names
-from lit_mofo.snapshot import PretrainedSnapshot
+from lit_mofo.snapshot import PretrainedSnapshot, StageStartSnapshot
 from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["L2ToPretrained"]
 
 _NORMS = ("l2", "l1")
+_ANCHORS = ("pretrained", "previous_stage")
+Anchor = Literal["pretrained", "previous_stage"]
 
 
 class L2ToPretrained(Callback):
@@ -72,6 +74,13 @@ class L2ToPretrained(Callback):
     other trainable tensors (``modules_to_save``, biases) are regularised as above. θ₀ costs only the adapter
     tensors. DoRA and other adapter kinds are refused at the start of fit; PEFT under FSDP2 too.
 
+    **Continual runs** (:mod:`lit_mofo.continual`): ``anchor="pretrained"`` (default) pulls towards θ₀, the weights
+    before stage 1, in every stage; ``anchor="previous_stage"`` pulls towards the weights the current stage started
+    from (the previous stage's end; θ₀ in stage 1), kept in the :class:`~lit_mofo.snapshot.StageStartSnapshot` and
+    re-read at every stage start — the regulariser of a sequence that should stay close to what it has learnt so far
+    rather than to the pre-trained model. Outside a continual run both anchors are the weights at the start of fit.
+    The logged penalty is against the anchor in use.
+
     .. warning:: DeepSpeed, FSDP1 (``strategy="fsdp"``), tensor parallelism and XLA are refused in ``setup`` with
        the fix: they flatten or partition the parameters so that no rank holds a tensor or a dimension-0 shard of
        it. Use ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` or ``strategy="ddp"``.
@@ -92,6 +101,8 @@ class L2ToPretrained(Callback):
         log_penalty: log ``l2_to_pretrained/penalty``, the penalty term at the weights the step starts from (over
             every regularised tensor, with a gradient that step or not), alongside the loss. It costs one reduction
             per regularised tensor.
+        anchor: ``"pretrained"`` (θ₀) or ``"previous_stage"`` (the weights the current stage of a continual run
+            started from); see **Continual runs**.
 
     Example::
 
@@ -108,6 +119,7 @@ class L2ToPretrained(Callback):
         exclude: str | Sequence[str] = (),
         snapshot_dtype: str | torch.dtype | None = None,
         log_penalty: bool = True,
+        anchor: Anchor = "pretrained",
     ) -> None:
         where, error = "L2ToPretrained()", MisconfigurationException
         self.strength = as_float(
@@ -124,6 +136,17 @@ class L2ToPretrained(Callback):
         self.exclude = check_patterns(exclude, where=where, argument="exclude", error=error) or ()
         self.snapshot_dtype = as_dtype(snapshot_dtype, where=where, argument="snapshot_dtype", error=error)
         self.log_penalty = as_bool(log_penalty, where=where, argument="log_penalty", error=error)
+        self.anchor: Anchor = as_choice(
+            anchor,
+            where=where,
+            argument="anchor",
+            choices=_ANCHORS,
+            fix="'pretrained' pulls towards θ₀, 'previous_stage' towards the weights the current stage started from.",
+            error=error,
+        )
+        self._snapshot_class: type[PretrainedSnapshot] = (
+            StageStartSnapshot if self.anchor == "previous_stage" else PretrainedSnapshot
+        )
         self._names: list[str] = []
         self._regularised: list[str] = []
         self._params: list[Tensor] = []
@@ -142,7 +165,9 @@ class L2ToPretrained(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(strength=self.strength, norm=self.norm)
+        if self.anchor == "pretrained":  # the key of the checkpoints written before the anchor existed
+            return self._generate_state_key(strength=self.strength, norm=self.norm)
+        return self._generate_state_key(strength=self.strength, norm=self.norm, anchor=self.anchor)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -188,7 +213,7 @@ class L2ToPretrained(Callback):
         self._names = [real[name] for name, _ in selected]
         self._regularised = [*self._names, *(weight.name for weight in self._lora)]
         self._params = [param for _, param in selected]
-        snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
+        snapshot = self._snapshot_class.attach(pl_module, owner=self)
         captured = [*self._names, *(name for weight in self._lora for name in weight.adapters)]
         snapshot.capture(trainer, pl_module, captured, dtype=self.snapshot_dtype)
         params = dict(pl_module.named_parameters())
@@ -204,7 +229,16 @@ class L2ToPretrained(Callback):
         # θ₀ is read here, after every callback's on_fit_start: another one may still widen the snapshot's dtype
         # for a tensor there (the widest request wins), and θ₀ must not depend on the order of the callbacks. A
         # resumed sharded fit has it from the checkpoint only now, too.
-        snapshot = PretrainedSnapshot.get(pl_module)
+        self._read_anchor(pl_module)
+
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): with ``anchor="previous_stage"``, pull
+        towards the weights this stage starts from (the stage-start snapshot, retaken just before)."""
+        if self.anchor == "previous_stage" and not stage.resumed:
+            self._read_anchor(pl_module)
+
+    def _read_anchor(self, pl_module: pl.LightningModule) -> None:
+        snapshot = self._snapshot_class.get(pl_module)
         assert snapshot is not None
         self._theta0 = []
         for name, param in zip(self._names, self._params, strict=True):
@@ -264,17 +298,17 @@ class L2ToPretrained(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        PretrainedSnapshot.save_to(pl_module, checkpoint, trainer)
+        self._snapshot_class.save_to(pl_module, checkpoint, trainer)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
+        self._snapshot_class.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._params, self._theta0 = [], []
             self._lora, self._lora_params, self._lora_delta0 = [], [], []
-            PretrainedSnapshot.detach(pl_module, owner=self)
+            self._snapshot_class.detach(pl_module, owner=self)

@@ -271,6 +271,12 @@ class MoFOCallback(Callback):
         strategy.optimizers = optimizers  # re-creates the LightningOptimizer wrappers behind self.optimizers()
         self._converted = sorted(replacements)
 
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): every stage of a continual run builds a
+        fresh optimizer; convert it as at the start of fit. Its moments start at zero (the papers' fresh optimizer per
+        stage) unless ``ContinualLearning(optimizer_state="keep")`` carried the previous stage's over."""
+        self.on_fit_start(trainer, pl_module)
+
     def convert(self, optimizer: Optimizer, module: nn.Module | None = None) -> MoFO:
         """The :class:`~lit_mofo.MoFO` equivalent of ``optimizer`` (an Adam or AdamW), with this callback's options.
 

@@ -28,7 +28,7 @@ from lit_mofo.adapters import LoraWeight, adapter_values, checked_lora_weights, 
 from lit_mofo.blocks import detect_layout
 from lit_mofo.params import WORDS, check_patterns, check_trainable, initial_requires_grad, parameter_words, select_names
 from lit_mofo.report import Curve, FitReport, ReportSection, Table
-from lit_mofo.snapshot import PretrainedSnapshot
+from lit_mofo.snapshot import PretrainedSnapshot, StageStartSnapshot
 from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["DriftStats", "ParameterDrift", "top_level_modules"]
@@ -150,6 +150,13 @@ class ParameterDrift(Callback):
     Cost: per evaluation one pass over the selected parameters (θ₀ copied tensor by tensor to ``device``), no
     forward pass; memory: the snapshot (one copy of the parameters in ``snapshot_dtype`` on the CPU).
 
+    **Continual runs** (:mod:`lit_mofo.continual`): the figures above stay against θ₀, the weights before stage 1,
+    across all stages; besides, the drift *within the current stage* — from the weights it started from (the
+    :class:`~lit_mofo.snapshot.StageStartSnapshot`, one more copy of the selected tensors) — is measured at the
+    same times and at every stage start (0) and end, and logged as ``drift/stage/relative_l2``,
+    ``drift/stage/fraction_changed``, ``drift/stage/max_abs_change`` and ``drift/stage/relative_l2/<role>``. The
+    report adds a table of each stage's drift at its end and the curves mark the stage boundaries.
+
     **Strategies.** Under DDP every process holds the same weights, so each computes the same figures without
     communication; rank zero logs and writes. Under FSDP2 (Lightning's ``ModelParallelStrategy`` with
     ``tensor_parallel_size=1``, the module sharding itself as :class:`~lit_mofo.modules.CausalLMModule` does) each
@@ -231,6 +238,10 @@ class ParameterDrift(Callback):
         self._last_step: int | None = None
         self._restored = False
         self._adapter = StrategyAdapter("single")
+        self._continual = False  # a lit_mofo.continual run: also the drift within each stage
+        self._stage: tuple[int, str] = (1, "")  # (number, name) of the current stage
+        self._stage_history: list[dict[str, Any]] = []
+        self._stage_starts: list[tuple[int, str]] = []
 
     @property
     def state_key(self) -> str:
@@ -241,6 +252,13 @@ class ParameterDrift(Callback):
         """Every measurement: dicts with ``step``, ``scope`` (``overall``/``role``/``module``/``block``), ``group``
         and the figures of :meth:`DriftStats.as_dict`."""
         return [dict(record) for record in self._history]
+
+    @property
+    def stage_history(self) -> list[dict[str, Any]]:
+        """In a continual run, every measurement of the drift within the current stage: dicts with ``step``,
+        ``stage`` (its number, 1-based), ``stage_name``, ``scope`` (``overall``/``role``), ``group`` and the
+        figures of :meth:`DriftStats.as_dict`."""
+        return [dict(record) for record in self._stage_history]
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -295,8 +313,15 @@ class ParameterDrift(Callback):
             captured += [adapter for name in names if name in lora for adapter in lora[name].adapters]
         snapshot = PretrainedSnapshot.attach(pl_module, owner=self)
         snapshot.capture(trainer, pl_module, captured, dtype=self.snapshot_dtype)
+        from lit_mofo.continual.callback import continual_learning  # here: lit_mofo.continual imports the callbacks
+
+        self._continual = continual_learning(trainer) is not None
+        if self._continual:
+            stage_start = StageStartSnapshot.attach(pl_module, owner=self)
+            stage_start.capture(trainer, pl_module, captured, dtype=self.snapshot_dtype)
         if not self._restored:
             self._history, self._last_step = [], None
+            self._stage_history, self._stage_starts, self._stage = [], [], (1, "")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -311,6 +336,21 @@ class ParameterDrift(Callback):
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
             self._measure(trainer, pl_module)
 
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol (:class:`lit_mofo.continual.StageCallback`): from here on the drift within the stage is
+        measured from its start (the stage-start snapshot, retaken just before); its first point, 0, is recorded."""
+        if stage.resumed:
+            return
+        self._stage = (stage.number, stage.name)
+        if (trainer.global_step, stage.name) not in self._stage_starts:
+            self._stage_starts.append((trainer.global_step, stage.name))
+        if self._continual:
+            self._record_stage(trainer, self.compute(pl_module, reference="stage_start"))
+
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
+        """The stage protocol: the drift at the stage's last step (once per step)."""
+        self._measure(trainer, pl_module)
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measure(trainer, pl_module)
@@ -322,38 +362,55 @@ class ParameterDrift(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         PretrainedSnapshot.save_to(pl_module, checkpoint, trainer)
+        StageStartSnapshot.save_to(pl_module, checkpoint, trainer)  # a continual run's (nothing otherwise)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         PretrainedSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
+        if StageStartSnapshot.CHECKPOINT_KEY in checkpoint or StageStartSnapshot.get(pl_module) is not None:
+            StageStartSnapshot.on_load_checkpoint(pl_module, checkpoint, owner=self, trainer=trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
         PretrainedSnapshot.detach(pl_module, owner=self)
+        StageStartSnapshot.detach(pl_module, owner=self)
         FitReport.detach(trainer, self)
         self._restored = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last_step": self._last_step}
+        state: dict[str, Any] = {"history": self.history, "last_step": self._last_step}
+        if self._continual:
+            state.update(
+                stage_history=self.stage_history, stage_starts=[list(s) for s in self._stage_starts], stage=self._stage
+            )
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = [dict(record) for record in state_dict["history"]]
         self._last_step = state_dict["last_step"]
+        self._stage_history = [dict(record) for record in state_dict.get("stage_history", [])]
+        self._stage_starts = [(int(step), str(name)) for step, name in state_dict.get("stage_starts", [])]
+        number, name = state_dict.get("stage", (1, ""))
+        self._stage = (int(number), str(name))
         self._restored = True
 
     # ------------------------------------------------------------------ measurement
-    def compute(self, pl_module: nn.Module) -> dict[str, dict[str, DriftStats]]:
+    def compute(self, pl_module: nn.Module, reference: str = "pretrained") -> dict[str, dict[str, DriftStats]]:
         """The drift of ``pl_module`` from the snapshot now: ``{scope: {group: stats}}`` with scopes ``overall``
-        (group ``all``), ``role``, ``module`` and ``block`` (groups are block indices as strings)."""
-        snapshot = PretrainedSnapshot.get(pl_module)
+        (group ``all``), ``role``, ``module`` and ``block`` (groups are block indices as strings). ``reference``:
+        ``"pretrained"`` (θ₀) or, in a continual run, ``"stage_start"`` (the current stage's start)."""
+        snapshot = (StageStartSnapshot if reference == "stage_start" else PretrainedSnapshot).get(pl_module)
         if snapshot is None:
-            raise RuntimeError("ParameterDrift.compute needs the pre-trained snapshot: call it during fit.")
+            raise RuntimeError(
+                f"ParameterDrift.compute(reference={reference!r}) needs that snapshot: call it during fit (a continual "
+                "run's, for 'stage_start')."
+            )
         params = StrategyAdapter.named_parameters(pl_module)  # FSDP2: the shards, also after an evaluation
         adapter = self._adapter
 
@@ -404,10 +461,49 @@ class ParameterDrift(Callback):
                     metrics[f"drift/max_abs_change/{group}"] = stats.max_abs
                 else:
                     metrics[f"drift/relative_l2/{scope}/{group}"] = stats.relative_l2
+        if self._continual:
+            metrics.update(self._record_stage(trainer, self.compute(pl_module, reference="stage_start"), log=False))
+            metrics["continual/stage"] = float(self._stage[0])  # the logged row says which stage it belongs to
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def _record_stage(
+        self, trainer: pl.Trainer, groups: dict[str, dict[str, DriftStats]], log: bool = True
+    ) -> dict[str, float]:
+        """Record (and log, or return to be logged) the drift within the current stage."""
+        step = trainer.global_step
+        number, name = self._stage
+        metrics: dict[str, float] = {}
+        last = self._stage_history[-1] if self._stage_history else None
+        if last is not None and (last["step"], last["stage"]) == (step, number):
+            return metrics  # measured at this step already (the stage start and on_train_start, in either order)
+        for scope in ("overall", "role"):
+            for group, stats in groups[scope].items():
+                self._stage_history.append(
+                    {
+                        "step": step,
+                        "stage": number,
+                        "stage_name": name,
+                        "scope": scope,
+                        "group": group,
+                        **stats.as_dict(),
+                    }
+                )
+                if scope == "overall":
+                    metrics["drift/stage/relative_l2"] = stats.relative_l2
+                    metrics["drift/stage/fraction_changed"] = stats.fraction_changed
+                    metrics["drift/stage/max_abs_change"] = stats.max_abs
+                else:
+                    metrics[f"drift/stage/relative_l2/{group}"] = stats.relative_l2
+        if log:
+            metrics["continual/stage"] = float(number)
+            trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+        return metrics
 
     # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection:
@@ -453,15 +549,56 @@ class ParameterDrift(Callback):
                 ]
             return out
 
+        boundaries = list(self._stage_starts)
         curves = [
-            Curve("drift: ||θ-θ₀|| / ||θ₀||", lines("relative_l2"), baseline=0.0, ylabel="relative L2"),
-            Curve("drift: share of entries changed", lines("fraction_changed"), baseline=0.0, ylabel="fraction"),
+            Curve(
+                "drift: ||θ-θ₀|| / ||θ₀||",
+                lines("relative_l2"),
+                baseline=0.0,
+                ylabel="relative L2",
+                boundaries=boundaries,
+            ),
+            Curve(
+                "drift: share of entries changed",
+                lines("fraction_changed"),
+                baseline=0.0,
+                ylabel="fraction",
+                boundaries=boundaries,
+            ),
         ]
+        summary_tables = [summary]
+        if self._stage_history:
+            within = [r for r in self._stage_history if r["scope"] == "overall"]
+            ends: dict[int, dict[str, Any]] = {}
+            for record in within:
+                ends[record["stage"]] = record  # the last measurement of each stage
+            summary_tables.append(
+                Table(
+                    title="Drift within each stage, from the weights it started from (at its last measurement)",
+                    headers=["stage", "name", "at step", "relative L2", "changed", "max |Δ|"],
+                    rows=[
+                        [n, r["stage_name"], r["step"], r["relative_l2"], r["fraction_changed"], r["max_abs_change"]]
+                        for n, r in sorted(ends.items())
+                    ],
+                )
+            )
+            curves.append(
+                Curve(
+                    "drift within the stage: ||θ-θ_stage start|| / ||θ_stage start||",
+                    {
+                        f"{n} {name}": [(r["step"], r["relative_l2"]) for r in within if r["stage"] == n]
+                        for n, name in sorted({(r["stage"], r["stage_name"]) for r in within})
+                    },
+                    baseline=0.0,
+                    ylabel="relative L2",
+                    boundaries=boundaries,
+                )
+            )
         return ReportSection(
             key="drift",
             title="Parameter drift from the pre-trained model",
             records=self.history,
-            summary=[summary],
+            summary=summary_tables,
             history=[detail, history],
             curves=curves,
             meta={
@@ -474,6 +611,7 @@ class ParameterDrift(Callback):
                     "drift/max_abs_change[/<role>]",
                 ],
                 "blocks": self._block_names,
+                **({"stage_drift": self.stage_history, "stage_starts": self._stage_starts} if self._continual else {}),
             },
         )
 

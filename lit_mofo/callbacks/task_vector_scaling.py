@@ -252,7 +252,10 @@ class TaskVectorScaling(Callback):
     **θ₀** comes from the shared :class:`~lit_mofo.snapshot.PretrainedSnapshot`, captured at the start of fit for
     every tensor the module left trainable (the task vector; frozen tensors do not move) and carried in
     checkpoints. On a PEFT model the edits scale the effective weights: a LoRA layer's B·A through B alone (see
-    :func:`~lit_mofo.task_vectors.task_vector_names`); DoRA and non-linear adapters are refused at setup.
+    :func:`~lit_mofo.task_vectors.task_vector_names`); DoRA and non-linear adapters are refused at setup. In a
+    continual run (:mod:`lit_mofo.continual`, the stages of one fit) the start of fit is before stage 1, so the task
+    vector is the whole sequence's and the edits run once, after the last stage; add the stages' task probes to the
+    monitor to see what each edit gives back on every task.
 
     **Cost.** One probe evaluation per edit (plus one for the fine-tune when the monitor did not measure the final
     step), and per edit one pass over the edited tensors; memory: a CPU copy of each tensor an edit changes

@@ -85,8 +85,10 @@ class CausalLMModule(pl.LightningModule):
     ``lit_mofo.MoFO``. ``lr_scheduler`` is called with the optimizer and stepped every optimizer step
     (``ReduceLROnPlateau``: every epoch, on ``val_loss``). Without ``lr_scheduler`` the learning rate follows
     ``schedule`` after a linear warmup over ``warmup_ratio`` of the steps (over ``trainer.estimated_stepping_batches``
-    steps). Without ``optimizer``: MoFO with the paper's settings (lr 2e-5, fraction 0.15, no weight decay) and that
-    schedule (cosine, warmup 3% by default), via :func:`~lit_mofo.optim.helpers.mofo_configure_optimizers`.
+    steps; in a continual run, :mod:`lit_mofo.continual`, over the current stage's steps,
+    :func:`~lit_mofo.continual.stage_steps`, so that every stage's fresh optimizer gets a whole schedule). Without
+    ``optimizer``: MoFO with the paper's settings (lr 2e-5, fraction 0.15, no weight decay) and that schedule (cosine,
+    warmup 3% by default), via :func:`~lit_mofo.optim.helpers.mofo_configure_optimizers`.
 
     **LoRA and other adapters (PEFT).** With ``peft`` (a ``peft.PeftConfig``, e.g. ``peft.LoraConfig(r=8,
     lora_alpha=16, target_modules="all-linear")``, or in YAML ``peft: {class_path: peft.LoraConfig, init_args:
@@ -472,7 +474,9 @@ class CausalLMModule(pl.LightningModule):
             else:
                 config = {"scheduler": scheduler, "interval": "step"}
             return {"optimizer": optimizer, "lr_scheduler": config}
-        steps = self.trainer.estimated_stepping_batches
+        from lit_mofo.continual.stages import stage_steps  # here: lit_mofo.continual imports the callbacks
+
+        steps = stage_steps(self.trainer)  # the current stage's budget in a continual run, else the whole fit's
         scheduler_config = warmup_lr_scheduler(optimizer, steps, schedule=self.schedule, warmup_ratio=self.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
 

@@ -192,9 +192,10 @@ def mofo_configure_optimizers(
         def configure_optimizers(self):
             return mofo_configure_optimizers(self, lr=2e-5, fraction=0.15)
 
-    ``num_training_steps`` defaults to ``trainer.estimated_stepping_batches`` (optimizer steps, so gradient
-    accumulation and ``max_steps`` are accounted for). ``group_options`` (``no_decay``, ``dense``, ``include``,
-    ``exclude``, ``trainable_only``) go to :func:`mofo_param_groups`.
+    ``num_training_steps`` defaults to :func:`lit_mofo.continual.stage_steps`: ``trainer.estimated_stepping_batches``
+    (optimizer steps, so gradient accumulation and ``max_steps`` are accounted for), or in a continual run the current
+    stage's budget, so that every stage's fresh schedule spans that stage. ``group_options`` (``no_decay``,
+    ``dense``, ``include``, ``exclude``, ``trainable_only``) go to :func:`mofo_param_groups`.
     """
     where = "mofo_configure_optimizers()"
     unknown = sorted(set(group_options) - set(_GROUP_OPTIONS))
@@ -221,7 +222,9 @@ def mofo_configure_optimizers(
                 f"{where}: {type(pl_module).__name__} is not attached to a Trainer, so the number of training steps "
                 "is unknown; call it from configure_optimizers during fit, or pass num_training_steps."
             )
-        num_training_steps = pl_module.trainer.estimated_stepping_batches
+        from lit_mofo.continual.stages import stage_steps  # here: lit_mofo.continual imports the callbacks
+
+        num_training_steps = stage_steps(pl_module.trainer)
         _check_schedule(schedule, warmup_ratio, num_training_steps, where)
     scheduler = warmup_lr_scheduler(optimizer, num_training_steps, schedule=schedule, warmup_ratio=warmup_ratio)
     return {"optimizer": optimizer, "lr_scheduler": scheduler}
