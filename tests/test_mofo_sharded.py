@@ -18,7 +18,7 @@ import torch.distributed as dist
 from process_launch import run_ranks, run_script
 from torch import nn
 
-from lit_mofo.optim import _fused
+from lit_mofo.optim import _cpu
 from lit_mofo.optim.mofo import MoFO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_sharded_dtensor_parameters_step_bit_identically_to_whole_tensors(ranks,
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (the dev extra)")
-@pytest.mark.skipif(_fused.load() is None, reason="the reference is the C kernels")
+@pytest.mark.skipif(_cpu.load() is None, reason="the reference is the C kernels")
 def test_sharded_dtensors_through_the_triton_kernels_give_the_single_process_c_kernels_bits(triton_ranks):
     # Run on CPU shards under Triton's interpreter; the kernels compute exactly what the C kernels compute.
     scenarios = sharded_mofo.triton_scenarios()

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from lit_mofo.optim import _batched, _selection
+from lit_mofo.optim import _kernels, _selection
 from lit_mofo.optim.mofo import MoFO
 
 STEPS = 3
@@ -230,9 +230,9 @@ def worker(rank: int, out_dir: Path, port: int, triton: bool) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         if triton:
-            _batched.ROUTE_CPU_TENSORS = True  # CPU shards through the (interpreted) Triton kernels
+            _kernels.FUSED_KERNELS["cpu"] = _kernels.TRITON_KERNELS  # CPU shards through the interpreted Triton kernels
             results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in triton_scenarios().items()}
-            kernels = _batched.load_triton()
+            kernels = _kernels.load_triton()
             results["launches"] = dict(kernels.launches) if kernels is not None else {}
         else:
             results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in dtensor_scenarios().items()}
