@@ -233,6 +233,9 @@ def load_seconds() -> float:
     return _state.seconds
 
 
+_NO_MEMORY = "MoFO's sample selection could not allocate its buffer (one float per sample entry)"
+
+
 def _ptr(t: Tensor) -> int:
     if not t.is_contiguous():  # the driver's tables and buffers are; a temporary copy would be freed before the call
         raise ValueError("MoFO internal error: the C kernels need contiguous tensors")
@@ -248,6 +251,7 @@ class CpuKernels:
 
     name = "C kernels"
     block = 1 << 16  # unused: a C call loops over the whole batch itself
+    fuses_sampling = True
 
     def __init__(self, lib: ctypes.CDLL, isa: str = "native") -> None:
         lib.mofo_abi_version.restype = _INT
@@ -263,6 +267,8 @@ class CpuKernels:
         lib.mofo_select_sample.restype = _INT
         lib.mofo_histogram_candidates.argtypes = [_PTR, _I64, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _PTR]
         lib.mofo_histogram_candidates.restype = None
+        lib.mofo_vectors.restype = ctypes.c_char_p
+        self.vectors = lib.mofo_vectors().decode()  # the vector instructions the passes use
         self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         signatures = {
             "sample": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR],
@@ -270,23 +276,33 @@ class CpuKernels:
             "histogram_range": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _I64],
             "update": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _INT, _I64],
             "fused": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _INT, _I64],
+            "sampled_bracket": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64],
+            "sampled_fused": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _I64],
         }
+        returns_status = ("sampled_bracket", "sampled_fused")
         for dtype in self.dtypes:
             for name, argtypes in signatures.items():
                 fn = getattr(lib, f"mofo_{name}_{_SUFFIX[dtype]}")
                 fn.argtypes = argtypes
-                fn.restype = None
+                fn.restype = _INT if name in returns_status else None
                 self._fns[name, dtype] = fn
 
     def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None) -> bool:
         """Whether these (local, non-DTensor) tensors can take the fused kernels."""
-        tensors = [param, grad, exp_avg, exp_avg_sq] + ([master] if master is not None else [])
-        return (
+        return (  # spelled out: this runs for every tensor at every step
             param.dtype in self.dtypes
             and grad.dtype == param.dtype
             and exp_avg.dtype == exp_avg_sq.dtype == torch.float32
-            and (master is None or master.dtype == torch.float32)
-            and all(t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided for t in tensors)
+            and param.is_cpu
+            and grad.is_cpu
+            and exp_avg.is_cpu
+            and exp_avg_sq.is_cpu
+            and not grad.is_sparse
+            and param.is_contiguous()
+            and grad.is_contiguous()
+            and exp_avg.is_contiguous()
+            and exp_avg_sq.is_contiguous()
+            and (master is None or (master.dtype == torch.float32 and master.is_cpu and master.is_contiguous()))
         )
 
     @staticmethod
@@ -307,8 +323,31 @@ class CpuKernels:
             _ptr(batch.meta), batch.size, _ptr(samples), _ptr(ranks), ranks.shape[1], _ptr(out)
         )
         if failed:
-            raise MemoryError("MoFO's sample selection could not allocate its buffer (one float per sample entry)")
+            raise MemoryError(_NO_MEMORY)
         return out
+
+    def sampled_moments_bracket(self, batch: Batch, counts: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+        """Sample, bracket and first pass of an unsharded batch in one call; returns the brackets ``(lo, hi)``."""
+        samples = torch.empty(batch.sample_total, dtype=torch.float32)
+        lo, hi = torch.empty(batch.size, dtype=torch.float32), torch.empty(batch.size, dtype=torch.float32)
+        failed = self._fns["sampled_bracket", batch.dtype](
+            _ptr(batch.meta), _ptr(batch.scal), batch.size, _ptr(batch.param_base), _ptr(batch.moment_base),
+            _ptr(samples), _ptr(lo), _ptr(hi), _ptr(counts), _ptr(candidates), self.threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError(_NO_MEMORY)
+        return lo, hi
+
+    def sampled_fused(self, batch: Batch, sample_rank: int, counts: Tensor) -> None:
+        """Sample, threshold (the ``sample_rank``-th largest of each sample) and one-pass step of an unsharded batch."""
+        samples = torch.empty(batch.sample_total, dtype=torch.float32)
+        tau = torch.empty(batch.size, dtype=torch.float32)
+        failed = self._fns["sampled_fused", batch.dtype](
+            _ptr(batch.meta), _ptr(batch.scal), batch.size, _ptr(batch.param_base), _ptr(batch.moment_base),
+            _ptr(samples), sample_rank, _ptr(tau), _ptr(counts), int(batch.has_master), self.threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError(_NO_MEMORY)
 
     def moments_bracket(self, batch: Batch, lo: Tensor, hi: Tensor, counts: Tensor, candidates: Tensor) -> None:
         self._call("moments_bracket", batch, _ptr(batch.meta), _ptr(batch.scal), batch.size, _ptr(batch.param_base),

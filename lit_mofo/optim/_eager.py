@@ -141,6 +141,7 @@ class EagerKernels:
 
     name = "torch operations"
     block = 1024
+    fuses_sampling = False
     dtypes = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
 
     def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None) -> bool:

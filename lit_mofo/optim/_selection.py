@@ -39,6 +39,7 @@ moments and weight unchanged, ``|m| = 0`` in the selection, never moved.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,9 +124,13 @@ def _mix64(z: int) -> int:
 
 def sample_key(seed: int, tensor_index: int, step: int) -> int:
     """The 64-bit key of one tensor's sample at one step."""
+    return _mix64((_tensor_key(seed, tensor_index) ^ (step * _MIX2)) & _MASK64)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tensor_key(seed: int, tensor_index: int) -> int:
     z = _mix64((seed * _GOLDEN + 0x632BE59BD9B4E019) & _MASK64)
-    z = _mix64((z ^ (tensor_index * _MIX1)) & _MASK64)
-    return _mix64((z ^ (step * _MIX2)) & _MASK64)
+    return _mix64((z ^ (tensor_index * _MIX1)) & _MASK64)
 
 
 def _as_int64(value: int) -> int:
@@ -364,6 +369,10 @@ class BatchedKernels(Protocol):
     name: str
     block: int
     dtypes: frozenset[torch.dtype] | set[torch.dtype]  # the parameter dtypes the kernels step
+    # Whether the kernels also provide sampled_moments_bracket and sampled_fused: the sample, its selection and the
+    # pass of a batch whose samples need no sum over ranks in one call, each tensor's sample taken while the tensor
+    # before it streams (its random reads then overlap that streaming, and its lines are cached for its own pass).
+    fuses_sampling: bool
 
     def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None) -> bool:
         """Whether these local tensors can be stepped by these kernels (dtype, device, layout)."""
@@ -436,16 +445,19 @@ def exact_thresholds(kernels: BatchedKernels, batch: Batch) -> tuple[Tensor, Ten
     counts = torch.zeros(size, C_COLUMNS, dtype=torch.int64, device=device)
     numel = batch.column(M_GLOBAL_NUMEL)
     k = batch.column(M_K)
-    lo = torch.zeros(size, dtype=torch.float32, device=device)
-    hi = torch.full((size,), math.inf, dtype=torch.float32, device=device)
-    if batch.sample_total:
-        ends = _sample_values(kernels, batch, (lambda e: e.j_hi, lambda e: e.j_lo))
-        sample, j_hi, j_lo = batch.column(M_SAMPLE), batch.column(M_J_HI), batch.column(M_J_LO)
-        has_sample = sample > 0
-        hi = torch.where(has_sample & (j_hi >= 1), ends[:, 0], hi)
-        lo = torch.where(has_sample & (j_lo <= sample), ends[:, 1], lo)
     candidates = torch.empty(max(1, batch.candidates_total), dtype=torch.float32, device=device)
-    kernels.moments_bracket(batch, lo, hi, counts, candidates)
+    if batch.sample_total and batch.group is None and kernels.fuses_sampling:
+        lo, hi = kernels.sampled_moments_bracket(batch, counts, candidates)  # type: ignore[attr-defined]
+    else:
+        lo = torch.zeros(size, dtype=torch.float32, device=device)
+        hi = torch.full((size,), math.inf, dtype=torch.float32, device=device)
+        if batch.sample_total:
+            ends = _sample_values(kernels, batch, (lambda e: e.j_hi, lambda e: e.j_lo))
+            sample, j_hi, j_lo = batch.column(M_SAMPLE), batch.column(M_J_HI), batch.column(M_J_LO)
+            has_sample = sample > 0
+            hi = torch.where(has_sample & (j_hi >= 1), ends[:, 0], hi)
+            lo = torch.where(has_sample & (j_lo <= sample), ends[:, 1], lo)
+        kernels.moments_bracket(batch, lo, hi, counts, candidates)
 
     capacity = batch.column(M_CAND_CAPACITY)
     overflowed = (counts[:, C_INSIDE] > capacity).to(torch.int64)
@@ -495,11 +507,14 @@ def step_batch(kernels: BatchedKernels, batch: Batch, exact: bool, sample_rank: 
         kernels.update(batch, tau, counts)
     else:
         counts = torch.zeros(batch.size, C_COLUMNS, dtype=torch.int64, device=batch.device)
-        tau = torch.zeros(batch.size, dtype=torch.float32, device=batch.device)
-        if batch.sample_total:
-            values = _sample_values(kernels, batch, (lambda e: sample_rank,))[:, 0]
-            tau = torch.where(batch.column(M_SAMPLE) > 0, values, tau)
-        kernels.fused(batch, tau, counts)
+        if batch.sample_total and batch.group is None and kernels.fuses_sampling:
+            kernels.sampled_fused(batch, sample_rank, counts)  # type: ignore[attr-defined]
+        else:
+            tau = torch.zeros(batch.size, dtype=torch.float32, device=batch.device)
+            if batch.sample_total:
+                values = _sample_values(kernels, batch, (lambda e: sample_rank,))[:, 0]
+                tau = torch.where(batch.column(M_SAMPLE) > 0, values, tau)
+            kernels.fused(batch, tau, counts)
     return batch.all_reduce(counts[:, [C_MOVED, C_SKIPPED]].contiguous())
 
 

@@ -451,6 +451,7 @@ class TritonKernels:
 
     name = "Triton kernels"
     dtypes = frozenset(_DTYPES)
+    fuses_sampling = False
     block = 4096
     sample_block = 1024
     warps = 8

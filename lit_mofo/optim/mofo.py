@@ -476,11 +476,12 @@ def mofo(
     eager = EagerKernels()
     members: list[tuple[BatchedKernels, Entry]] = []
     numels, filtered = [], []
+    if state_steps:
+        torch._foreach_add_(state_steps, 1)  # one call for the group, as torch's Adam does
     for p, g, m, v, w, step_t, index in zip(params, grads, exp_avgs, exp_avg_sqs, masters, state_steps, indices,
                                              strict=True):  # fmt: skip
         layout = _layout(p, "MoFO")
         tensors = _local_tensors(p, g, m, v, w)
-        step_t += 1
         step = step_t.item()  # a CPU tensor (kept there by load_state_dict too): no device synchronisation
         scalars = scalars_by_step.get(step)
         if scalars is None:

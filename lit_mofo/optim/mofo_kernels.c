@@ -67,7 +67,6 @@ static inline uint16_t store_bf16(float f) {
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
-static inline uint32_t bits_u16(uint16_t h) { return h; }
 
 #if defined(__FLT16_MAX__)
 static inline float load_f16(uint16_t h) {
@@ -228,7 +227,8 @@ int mofo_select_sample(const int64_t* meta, int64_t T, const float* samples, con
 }
 
 /* Adds to hist[t] the radix digits of tensor t's stored candidates whose higher digits equal prefix[t], for the
-   tensors whose source is SOURCE_CANDIDATES. */
+   tensors whose source is SOURCE_CANDIDATES. The first round counts every candidate (four interleaved histograms,
+   so that runs of equal digits do not wait on each other's increments); the later ones skip most of them. */
 void mofo_histogram_candidates(const int64_t* meta, int64_t T, const int64_t* source, const int64_t* prefix,
                                int shift, int width, const int64_t* counts, const float* cand, int64_t* hist) {
     const int high = shift + width;
@@ -240,212 +240,572 @@ void mofo_histogram_candidates(const int64_t* meta, int64_t T, const int64_t* so
         if (stored > row[M_CAND_CAPACITY]) stored = row[M_CAND_CAPACITY];
         const uint32_t* x = (const uint32_t*)(cand + row[M_CAND_OFFSET]);
         int64_t* h = hist + t * RADIX_BINS;
-        for (int64_t i = 0; i < stored; ++i)
-            if (high >= 32 || (int64_t)(x[i] >> high) == prefix[t]) h[(x[i] >> shift) & digit_mask]++;
+        if (high >= 32) {
+            int64_t(*parts)[RADIX_BINS] = calloc(4, sizeof *parts);
+            if (parts == NULL) { /* one histogram, slower */
+                for (int64_t i = 0; i < stored; ++i) h[(x[i] >> shift) & digit_mask]++;
+                continue;
+            }
+            int64_t i = 0;
+            for (; i + 4 <= stored; i += 4)
+                for (int q = 0; q < 4; ++q) parts[q][(x[i + q] >> shift) & digit_mask]++;
+            for (; i < stored; ++i) parts[0][(x[i] >> shift) & digit_mask]++;
+            for (int b = 0; b < RADIX_BINS; ++b) h[b] += parts[0][b] + parts[1][b] + parts[2][b] + parts[3][b];
+            free(parts);
+        } else {
+            const uint32_t want = (uint32_t)prefix[t];
+            for (int64_t i = 0; i < stored; ++i)
+                if ((x[i] >> high) == want) h[(x[i] >> shift) & digit_mask]++;
+        }
     }
 }
 
-/* ---- the exact selection's first pass over one chunk: moments, counts and candidates -----------------------------
-   counts[0]: |m_t| NaN, [1]: above hi, [2]: in [lo, hi], [3]: candidates stored in mine (at most cap),
-   [4]: entries with a non-finite gradient (moments left unchanged). */
+/* ---- vectors -------------------------------------------------------------------------------------------------------
+   The passes over memory are written once, as spans over operations of one width: the scalar operations (s_*, width
+   1) and the vector operations of the instruction set the library is built for (v_*: AVX-512, 16 floats; AVX2 with
+   FMA and F16C, 8 floats). Each operation is the same IEEE operation at every width (fma where torch fuses, correctly
+   rounded sqrt and division, round-to-nearest-even narrowing), so a span computes the same bits at any width, and a
+   build for any level the same bits as any other. */
 
-#define BRACKET_SCALAR(LOAD)                                                                                           \
-    {                                                                                                                  \
-        float gf = LOAD(g[i]);                                                                                         \
-        int fin = finite_f(gf);                                                                                        \
-        float mi = lerp_w(m[i], gf, w);                                                                                \
-        float vi = second_moment(v[i], gf, b2, omb2);                                                                  \
-        m[i] = fin ? mi : m[i];                                                                                        \
-        v[i] = fin ? vi : v[i];                                                                                        \
-        float a = fin ? fabsf(mi) : 0.0f;                                                                              \
-        c_skip += !fin;                                                                                                \
-        c_nan += a != a;                                                                                               \
-        c_gt += a > hi;                                                                                                \
-        if ((a >= lo) & (a <= hi)) {                                                                                   \
-            if (stored < cap) mine[stored++] = a;                                                                      \
-            ++c_in;                                                                                                    \
-        }                                                                                                              \
-    }
+typedef float s_f;
+typedef int s_m;
+#define s_W 1
+static inline s_f s_load(const float* p) { return *p; }
+static inline void s_store(float* p, s_f x) { *p = x; }
+static inline s_f s_set(float x) { return x; }
+static inline s_f s_abs(s_f x) { return fabsf(x); }
+static inline s_f s_fma(s_f a, s_f b, s_f c) { return fmaf(a, b, c); }
+static inline s_f s_add(s_f a, s_f b) { return a + b; }
+static inline s_f s_sub(s_f a, s_f b) { return a - b; }
+static inline s_f s_mul(s_f a, s_f b) { return a * b; }
+static inline s_f s_div(s_f a, s_f b) { return a / b; }
+static inline s_f s_sqrt(s_f a) { return sqrtf(a); }
+static inline s_m s_lt(s_f a, s_f b) { return a < b; }
+static inline s_m s_le(s_f a, s_f b) { return a <= b; }
+static inline s_m s_gt(s_f a, s_f b) { return a > b; }
+static inline s_m s_ge(s_f a, s_f b) { return a >= b; }
+static inline s_m s_unord(s_f a, s_f b) { return (a != a) | (b != b); }
+static inline s_m s_and(s_m a, s_m b) { return a & b; }
+static inline s_m s_all(void) { return 1; }
+static inline s_f s_select(s_m m, s_f a, s_f b) { return m ? a : b; }
+static inline unsigned s_bits(s_m m) { return (unsigned)m; }
+/* Writes the selected lanes of a to dst[0 : count] (and possibly more lanes after them) and returns count. */
+static inline int s_compact(float* dst, s_m m, s_f a) {
+    *dst = a;
+    return m;
+}
+/* parameters: the raw stored value, widened to float and narrowed back (rounded to nearest even) */
+typedef float s_raw_f32;
+typedef uint16_t s_raw_bf16;
+typedef uint16_t s_raw_f16;
+static inline s_raw_f32 s_pload_f32(const float* p) { return *p; }
+static inline s_f s_widen_f32(s_raw_f32 x) { return x; }
+static inline s_raw_f32 s_narrow_f32(s_f x) { return x; }
+static inline s_raw_f32 s_pselect_f32(s_m m, s_raw_f32 a, s_raw_f32 b) { return m ? a : b; }
+static inline s_m s_peq_f32(s_raw_f32 a, s_raw_f32 b) { return bits_f32(a) == bits_f32(b); }
+static inline void s_pstore_f32(float* p, s_raw_f32 x) { *p = x; }
+static inline s_raw_bf16 s_pload_bf16(const uint16_t* p) { return *p; }
+static inline s_f s_widen_bf16(s_raw_bf16 x) { return load_bf16(x); }
+static inline s_raw_bf16 s_narrow_bf16(s_f x) { return store_bf16(x); }
+static inline s_raw_bf16 s_pselect_bf16(s_m m, s_raw_bf16 a, s_raw_bf16 b) { return m ? a : b; }
+static inline s_m s_peq_bf16(s_raw_bf16 a, s_raw_bf16 b) { return a == b; }
+static inline void s_pstore_bf16(uint16_t* p, s_raw_bf16 x) { *p = x; }
+#if defined(__FLT16_MAX__)
+static inline s_raw_f16 s_pload_f16(const uint16_t* p) { return *p; }
+static inline s_f s_widen_f16(s_raw_f16 x) { return load_f16(x); }
+static inline s_raw_f16 s_narrow_f16(s_f x) { return store_f16(x); }
+static inline s_raw_f16 s_pselect_f16(s_m m, s_raw_f16 a, s_raw_f16 b) { return m ? a : b; }
+static inline s_m s_peq_f16(s_raw_f16 a, s_raw_f16 b) { return a == b; }
+static inline void s_pstore_f16(uint16_t* p, s_raw_f16 x) { *p = x; }
+#endif
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
-static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const uint16_t* p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#define MOFO_VECTORS "avx512"
+typedef __m512 v_f;
+typedef __mmask16 v_m;
+#define v_W 16
+static inline v_f v_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float* p, v_f x) { _mm512_storeu_ps(p, x); }
+static inline v_f v_set(float x) { return _mm512_set1_ps(x); }
+static inline v_f v_abs(v_f x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
 }
+static inline v_f v_fma(v_f a, v_f b, v_f c) { return _mm512_fmadd_ps(a, b, c); }
+static inline v_f v_add(v_f a, v_f b) { return _mm512_add_ps(a, b); }
+static inline v_f v_sub(v_f a, v_f b) { return _mm512_sub_ps(a, b); }
+static inline v_f v_mul(v_f a, v_f b) { return _mm512_mul_ps(a, b); }
+static inline v_f v_div(v_f a, v_f b) { return _mm512_div_ps(a, b); }
+static inline v_f v_sqrt(v_f a) { return _mm512_sqrt_ps(a); }
+static inline v_m v_lt(v_f a, v_f b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline v_m v_le(v_f a, v_f b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+static inline v_m v_gt(v_f a, v_f b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline v_m v_ge(v_f a, v_f b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+static inline v_m v_unord(v_f a, v_f b) { return _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q); }
+static inline v_m v_and(v_m a, v_m b) { return a & b; }
+static inline v_m v_all(void) { return 0xFFFF; }
+static inline v_f v_select(v_m m, v_f a, v_f b) { return _mm512_mask_blend_ps(m, b, a); }
+static inline unsigned v_bits(v_m m) { return (unsigned)m; }
+static inline int v_compact(float* dst, v_m m, v_f a) {
+    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(m, a)); /* the register form: the memory form is slow on AMD */
+    return __builtin_popcount((unsigned)m);
+}
+typedef __m512 v_raw_f32;
+typedef __m256i v_raw_bf16;
+typedef __m256i v_raw_f16;
+static inline v_raw_f32 v_pload_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline v_f v_widen_f32(v_raw_f32 x) { return x; }
+static inline v_raw_f32 v_narrow_f32(v_f x) { return x; }
+static inline v_raw_f32 v_pselect_f32(v_m m, v_raw_f32 a, v_raw_f32 b) { return _mm512_mask_blend_ps(m, b, a); }
+static inline v_m v_peq_f32(v_raw_f32 a, v_raw_f32 b) {
+    return _mm512_cmpeq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b));
+}
+static inline void v_pstore_f32(float* p, v_raw_f32 x) { _mm512_storeu_ps(p, x); }
+static inline v_raw_bf16 v_pload_bf16(const uint16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline v_f v_widen_bf16(v_raw_bf16 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+static inline v_raw_bf16 v_narrow_bf16(v_f x) { /* store_bf16, 16 at a time */
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+static inline v_raw_bf16 v_pselect_bf16(v_m m, v_raw_bf16 a, v_raw_bf16 b) { return _mm256_mask_blend_epi16(m, b, a); }
+static inline v_m v_peq_bf16(v_raw_bf16 a, v_raw_bf16 b) { return _mm256_cmpeq_epi16_mask(a, b); }
+static inline void v_pstore_bf16(uint16_t* p, v_raw_bf16 x) { _mm256_storeu_si256((__m256i*)p, x); }
 #if defined(__FLT16_MAX__)
-static inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline v_raw_f16 v_pload_f16(const uint16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline v_f v_widen_f16(v_raw_f16 x) { return _mm512_cvtph_ps(x); }
+static inline v_raw_f16 v_narrow_f16(v_f x) { return _mm512_cvtps_ph(x, _MM_FROUND_CUR_DIRECTION); }
+static inline v_raw_f16 v_pselect_f16(v_m m, v_raw_f16 a, v_raw_f16 b) { return _mm256_mask_blend_epi16(m, b, a); }
+static inline v_m v_peq_f16(v_raw_f16 a, v_raw_f16 b) { return _mm256_cmpeq_epi16_mask(a, b); }
+static inline void v_pstore_f16(uint16_t* p, v_raw_f16 x) { _mm256_storeu_si256((__m256i*)p, x); }
 #endif
 
-/* One loop, 16 entries at a time: the comparisons become masks and the candidates a compressed store. */
-#define DEFINE_BRACKET_CHUNK(SUF, PT, LOAD)                                                                            \
-    static void bracket_chunk_##SUF(float* restrict m, float* restrict v, const PT* restrict g, int64_t begin,         \
-                                    int64_t end, float w, float b2, float omb2, float lo, float hi,                   \
-                                    float* restrict mine, int64_t cap, int64_t* restrict counts) {                    \
-        const int small = fabsf(w) < 0.5f;                                                                            \
-        const __m512 vw = _mm512_set1_ps(small ? w : w - 1.0f), vb2 = _mm512_set1_ps(b2);                             \
-        const __m512 vomb2 = _mm512_set1_ps(omb2), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);                \
-        const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);                                                        \
-        const __m512 vinf = _mm512_set1_ps(INFINITY);                                                                 \
-        int64_t c_nan = 0, c_gt = 0, c_in = 0, c_skip = 0, stored = 0, i = begin;                                     \
-        for (; i + 16 <= end; i += 16) {                                                                              \
-            __m512 gv = load16_##SUF(g + i), mv = _mm512_loadu_ps(m + i), vv = _mm512_loadu_ps(v + i);                \
-            __m512 ga = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(gv), absmask));                      \
-            __mmask16 fin = _mm512_cmp_ps_mask(ga, vinf, _CMP_LT_OQ);                                                 \
-            __m512 mi = _mm512_fmadd_ps(vw, _mm512_sub_ps(gv, mv), small ? mv : gv);                                  \
-            __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(vomb2, gv), gv, _mm512_mul_ps(vv, vb2));                        \
-            _mm512_mask_storeu_ps(m + i, fin, mi);                                                                    \
-            _mm512_mask_storeu_ps(v + i, fin, vi);                                                                    \
-            c_skip += 16 - __builtin_popcount((unsigned)fin);                                                         \
-            __m512 a =                                                                                                \
-                _mm512_maskz_mov_ps(fin, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(mi), absmask)));    \
-            c_nan += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q));                            \
-            c_gt += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(a, vhi, _CMP_GT_OQ));                             \
-            __mmask16 in = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);           \
-            if (in) {                                                                                                 \
-                int count = __builtin_popcount((unsigned)in);                                                         \
-                if (stored + 16 <= cap) {                                                                             \
-                    _mm512_mask_compressstoreu_ps(mine + stored, in, a);                                              \
-                    stored += count;                                                                                  \
-                } else {                                                                                              \
-                    float lanes[16];                                                                                  \
-                    _mm512_storeu_ps(lanes, a);                                                                       \
-                    for (int l = 0; l < 16 && stored < cap; ++l)                                                      \
-                        if ((in >> l) & 1) mine[stored++] = lanes[l];                                                 \
-                }                                                                                                     \
-                c_in += count;                                                                                        \
-            }                                                                                                         \
-        }                                                                                                             \
-        for (; i < end; ++i) BRACKET_SCALAR(LOAD)                                                                     \
-        counts[0] = c_nan;                                                                                            \
-        counts[1] = c_gt;                                                                                             \
-        counts[2] = c_in;                                                                                             \
-        counts[3] = stored;                                                                                           \
-        counts[4] = c_skip;                                                                                           \
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MOFO_VECTORS "avx2"
+typedef __m256 v_f;
+typedef __m256 v_m; /* all ones where true */
+#define v_W 8
+static inline v_f v_load(const float* p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float* p, v_f x) { _mm256_storeu_ps(p, x); }
+static inline v_f v_set(float x) { return _mm256_set1_ps(x); }
+static inline v_f v_abs(v_f x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+static inline v_f v_fma(v_f a, v_f b, v_f c) { return _mm256_fmadd_ps(a, b, c); }
+static inline v_f v_add(v_f a, v_f b) { return _mm256_add_ps(a, b); }
+static inline v_f v_sub(v_f a, v_f b) { return _mm256_sub_ps(a, b); }
+static inline v_f v_mul(v_f a, v_f b) { return _mm256_mul_ps(a, b); }
+static inline v_f v_div(v_f a, v_f b) { return _mm256_div_ps(a, b); }
+static inline v_f v_sqrt(v_f a) { return _mm256_sqrt_ps(a); }
+static inline v_m v_lt(v_f a, v_f b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+static inline v_m v_le(v_f a, v_f b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+static inline v_m v_gt(v_f a, v_f b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+static inline v_m v_ge(v_f a, v_f b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+static inline v_m v_unord(v_f a, v_f b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
+static inline v_m v_and(v_m a, v_m b) { return _mm256_and_ps(a, b); }
+static inline v_m v_all(void) { return _mm256_castsi256_ps(_mm256_set1_epi32(-1)); }
+static inline v_f v_select(v_m m, v_f a, v_f b) { return _mm256_blendv_ps(b, a, m); }
+static inline unsigned v_bits(v_m m) { return (unsigned)_mm256_movemask_ps(m); }
+/* AVX2 has no compress: a permutation per 8-bit mask moves the selected lanes to the front. */
+static __m256i compact_table[256];
+__attribute__((constructor)) static void compact_init(void) {
+    for (int mask = 0; mask < 256; ++mask) {
+        int lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0}, count = 0;
+        for (int l = 0; l < 8; ++l)
+            if (mask >> l & 1) lanes[count++] = l;
+        compact_table[mask] =
+            _mm256_setr_epi32(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]);
     }
+}
+static inline int v_compact(float* dst, v_m m, v_f a) {
+    unsigned bits = (unsigned)_mm256_movemask_ps(m);
+    _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps(a, compact_table[bits]));
+    return __builtin_popcount(bits);
+}
+/* an 8-lane 32-bit mask as 8 lanes of 16 bits, and back */
+static inline __m128i mask16(v_m m) {
+    __m256i wide = _mm256_castps_si256(m);
+    return _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+}
+static inline v_m mask32(__m128i m) { return _mm256_castsi256_ps(_mm256_cvtepi16_epi32(m)); }
+typedef __m256 v_raw_f32;
+typedef __m128i v_raw_bf16;
+typedef __m128i v_raw_f16;
+static inline v_raw_f32 v_pload_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline v_f v_widen_f32(v_raw_f32 x) { return x; }
+static inline v_raw_f32 v_narrow_f32(v_f x) { return x; }
+static inline v_raw_f32 v_pselect_f32(v_m m, v_raw_f32 a, v_raw_f32 b) { return _mm256_blendv_ps(b, a, m); }
+static inline v_m v_peq_f32(v_raw_f32 a, v_raw_f32 b) {
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+}
+static inline void v_pstore_f32(float* p, v_raw_f32 x) { _mm256_storeu_ps(p, x); }
+static inline v_raw_bf16 v_pload_bf16(const uint16_t* p) { return _mm_loadu_si128((const __m128i*)p); }
+static inline v_f v_widen_bf16(v_raw_bf16 x) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)); }
+static inline v_raw_bf16 v_narrow_bf16(v_f x) { /* store_bf16, 8 at a time */
+    __m256i u = _mm256_castps_si256(x);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+static inline v_raw_bf16 v_pselect_bf16(v_m m, v_raw_bf16 a, v_raw_bf16 b) { return _mm_blendv_epi8(b, a, mask16(m)); }
+static inline v_m v_peq_bf16(v_raw_bf16 a, v_raw_bf16 b) { return mask32(_mm_cmpeq_epi16(a, b)); }
+static inline void v_pstore_bf16(uint16_t* p, v_raw_bf16 x) { _mm_storeu_si128((__m128i*)p, x); }
+#if defined(__FLT16_MAX__)
+static inline v_raw_f16 v_pload_f16(const uint16_t* p) { return _mm_loadu_si128((const __m128i*)p); }
+static inline v_f v_widen_f16(v_raw_f16 x) { return _mm256_cvtph_ps(x); }
+static inline v_raw_f16 v_narrow_f16(v_f x) { return _mm256_cvtps_ph(x, _MM_FROUND_CUR_DIRECTION); }
+static inline v_raw_f16 v_pselect_f16(v_m m, v_raw_f16 a, v_raw_f16 b) { return _mm_blendv_epi8(b, a, mask16(m)); }
+static inline v_m v_peq_f16(v_raw_f16 a, v_raw_f16 b) { return mask32(_mm_cmpeq_epi16(a, b)); }
+static inline void v_pstore_f16(uint16_t* p, v_raw_f16 x) { _mm_storeu_si128((__m128i*)p, x); }
+#endif
 #else
-#define DEFINE_BRACKET_CHUNK(SUF, PT, LOAD)                                                                            \
-    static void bracket_chunk_##SUF(float* restrict m, float* restrict v, const PT* restrict g, int64_t begin,         \
-                                    int64_t end, float w, float b2, float omb2, float lo, float hi,                   \
-                                    float* restrict mine, int64_t cap, int64_t* restrict counts) {                    \
-        int64_t c_nan = 0, c_gt = 0, c_in = 0, c_skip = 0, stored = 0;                                                \
-        for (int64_t i = begin; i < end; ++i) BRACKET_SCALAR(LOAD)                                                    \
-        counts[0] = c_nan;                                                                                            \
-        counts[1] = c_gt;                                                                                             \
-        counts[2] = c_in;                                                                                             \
-        counts[3] = stored;                                                                                           \
-        counts[4] = c_skip;                                                                                           \
-    }
+#define MOFO_VECTORS "none"
 #endif
 
-DEFINE_BRACKET_CHUNK(f32, float, load_f32)
-DEFINE_BRACKET_CHUNK(bf16, uint16_t, load_bf16)
+const char* mofo_vectors(void) { return MOFO_VECTORS; }
+
+/* ---- the passes over memory, as spans of one width (V: s or v) -----------------------------------------------------
+   bracket: the exact selection's first pass; both moments on every entry with a finite gradient, counts of |m_t| that
+            are NaN (c[0]), above hi (c[1]), in [lo, hi] (c[2]), of the candidates stored (c[3], at most cap) and of the
+            skipped entries (c[4]); an entry with a non-finite gradient counts as |m_t| = 0.
+   update:  the exact selection's second pass; the AdamW step on the entries with |m| >= tau (and a finite gradient,
+            when the gradient is given), from the master copy where the parameter still holds its rounding.
+   fused:   moments, comparison with tau (every finite entry when dense) and step in one pass.
+   Every entry of a vector is computed and stored (the unselected ones with their own bits): a branch on whether a
+   vector holds a selected entry costs more in mispredictions than it saves. Each returns the entries it moved. */
+
+#define DEFINE_SPANS(V, SUF, PT)                                                                                       \
+    static inline void bracket_span_##V##_##SUF(float* restrict m, float* restrict v, const PT* restrict g,            \
+                                                int64_t* ip, int64_t end, const scalars_t* s, float lo, float hi,      \
+                                                float* restrict mine, int64_t cap, int64_t* restrict c) {              \
+        const int small = fabsf(s->w) < 0.5f;                                                                          \
+        const V##_f vw = V##_set(small ? s->w : s->w - 1.0f), vb2 = V##_set(s->b2), vomb2 = V##_set(s->omb2);          \
+        const V##_f vlo = V##_set(lo), vhi = V##_set(hi), vinf = V##_set(INFINITY), vzero = V##_set(0.0f);            \
+        int64_t i = *ip;                                                                                               \
+        for (; i + V##_W <= end; i += V##_W) {                                                                         \
+            const V##_f gv = V##_widen_##SUF(V##_pload_##SUF(g + i)), mv = V##_load(m + i), vv = V##_load(v + i);      \
+            const V##_m fin = V##_lt(V##_abs(gv), vinf);                                                               \
+            const V##_f mi = V##_fma(vw, V##_sub(gv, mv), small ? mv : gv);                                            \
+            const V##_f vi = V##_fma(V##_mul(vomb2, gv), gv, V##_mul(vv, vb2));                                        \
+            V##_store(m + i, V##_select(fin, mi, mv));                                                                 \
+            V##_store(v + i, V##_select(fin, vi, vv));                                                                 \
+            const V##_f a = V##_select(fin, V##_abs(mi), vzero);                                                       \
+            c[4] += V##_W - __builtin_popcount(V##_bits(fin));                                                         \
+            c[0] += __builtin_popcount(V##_bits(V##_unord(a, a)));                                                     \
+            c[1] += __builtin_popcount(V##_bits(V##_gt(a, vhi)));                                                      \
+            const V##_m inside = V##_and(V##_ge(a, vlo), V##_le(a, vhi));                                              \
+            if (c[3] + V##_W <= cap) { /* no branch on the data: a store to the same cache line when none is in */    \
+                const int found = V##_compact(mine + c[3], inside, a);                                                 \
+                c[2] += found;                                                                                         \
+                c[3] += found;                                                                                         \
+            } else {                                                                                                   \
+                unsigned in = V##_bits(inside);                                                                        \
+                float lanes[V##_W];                                                                                    \
+                V##_store(lanes, a);                                                                                   \
+                c[2] += __builtin_popcount(in);                                                                        \
+                for (; in; in &= in - 1)                                                                               \
+                    if (c[3] < cap) mine[c[3]++] = lanes[__builtin_ctz(in)];                                           \
+            }                                                                                                          \
+        }                                                                                                              \
+        *ip = i;                                                                                                       \
+    }                                                                                                                  \
+    static inline __attribute__((always_inline)) int64_t update_span_##V##_##SUF(                                     \
+        PT* restrict p, const float* restrict m, const float* restrict v, const PT* restrict g, float* restrict w,    \
+        int64_t* ip, int64_t end, float tau, const scalars_t* s, const int has_g, const int has_w) {                  \
+        const V##_f vtau = V##_set(tau), vinf = V##_set(INFINITY), decay = V##_set(s->decay);                          \
+        const V##_f nss = V##_set(s->nss), bc2 = V##_set(s->bc2), eps = V##_set(s->eps);                               \
+        int64_t moved = 0, i = *ip;                                                                                    \
+        for (; i + V##_W <= end; i += V##_W) {                                                                         \
+            const V##_f mv = V##_load(m + i);                                                                          \
+            V##_m sel = V##_ge(V##_abs(mv), vtau);                                                                     \
+            if (has_g) sel = V##_and(sel, V##_lt(V##_abs(V##_widen_##SUF(V##_pload_##SUF(g + i))), vinf));             \
+            const unsigned bits = V##_bits(sel);                                                                       \
+            const V##_raw_##SUF old = V##_pload_##SUF(p + i);                                                          \
+            V##_f base = V##_widen_##SUF(old), wv = base;                                                              \
+            if (has_w) {                                                                                               \
+                wv = V##_load(w + i);                                                                                  \
+                base = V##_select(V##_peq_##SUF(V##_narrow_##SUF(wv), old), wv, base);                                 \
+            }                                                                                                          \
+            const V##_f q = s->has_wd ? V##_mul(base, decay) : base;                                                   \
+            const V##_f den = V##_add(V##_div(V##_sqrt(V##_load(v + i)), bc2), eps);                                   \
+            const V##_f nw = V##_add(q, V##_div(V##_mul(nss, mv), den));                                               \
+            V##_pstore_##SUF(p + i, V##_pselect_##SUF(sel, V##_narrow_##SUF(nw), old));                                \
+            if (has_w) V##_store(w + i, V##_select(sel, nw, wv));                                                      \
+            moved += __builtin_popcount(bits);                                                                         \
+        }                                                                                                              \
+        *ip = i;                                                                                                       \
+        return moved;                                                                                                  \
+    }                                                                                                                  \
+    static inline __attribute__((always_inline)) int64_t fused_span_##V##_##SUF(                                      \
+        PT* restrict p, float* restrict m, float* restrict v, const PT* restrict g, float* restrict w, int64_t* ip,    \
+        int64_t end, float tau, int dense, const scalars_t* s, const int has_w, int64_t* restrict skipped) {           \
+        const int small = fabsf(s->w) < 0.5f;                                                                          \
+        const V##_f vw = V##_set(small ? s->w : s->w - 1.0f), vb2 = V##_set(s->b2), vomb2 = V##_set(s->omb2);          \
+        const V##_f vtau = V##_set(tau), vinf = V##_set(INFINITY), decay = V##_set(s->decay);                          \
+        const V##_f nss = V##_set(s->nss), bc2 = V##_set(s->bc2), eps = V##_set(s->eps);                               \
+        int64_t moved = 0, skip = 0, i = *ip;                                                                          \
+        for (; i + V##_W <= end; i += V##_W) {                                                                         \
+            const V##_f gv = V##_widen_##SUF(V##_pload_##SUF(g + i)), mv = V##_load(m + i), vv = V##_load(v + i);      \
+            const V##_m fin = V##_lt(V##_abs(gv), vinf);                                                               \
+            const V##_f mi = V##_fma(vw, V##_sub(gv, mv), small ? mv : gv);                                            \
+            const V##_f vi = V##_fma(V##_mul(vomb2, gv), gv, V##_mul(vv, vb2));                                        \
+            V##_store(m + i, V##_select(fin, mi, mv));                                                                 \
+            V##_store(v + i, V##_select(fin, vi, vv));                                                                 \
+            skip += V##_W - __builtin_popcount(V##_bits(fin));                                                         \
+            const V##_m sel = dense ? fin : V##_and(fin, V##_ge(V##_abs(mi), vtau));                                   \
+            const unsigned bits = V##_bits(sel);                                                                       \
+            const V##_raw_##SUF old = V##_pload_##SUF(p + i);                                                          \
+            V##_f base = V##_widen_##SUF(old), wv = base;                                                              \
+            if (has_w) {                                                                                               \
+                wv = V##_load(w + i);                                                                                  \
+                base = V##_select(V##_peq_##SUF(V##_narrow_##SUF(wv), old), wv, base);                                 \
+            }                                                                                                          \
+            const V##_f q = s->has_wd ? V##_mul(base, decay) : base;                                                   \
+            const V##_f den = V##_add(V##_div(V##_sqrt(vi), bc2), eps);                                                \
+            const V##_f nw = V##_add(q, V##_div(V##_mul(nss, mi), den));                                               \
+            V##_pstore_##SUF(p + i, V##_pselect_##SUF(sel, V##_narrow_##SUF(nw), old));                                \
+            if (has_w) V##_store(w + i, V##_select(sel, nw, wv));                                                      \
+            moved += __builtin_popcount(bits);                                                                         \
+        }                                                                                                              \
+        *ip = i;                                                                                                       \
+        *skipped += skip;                                                                                              \
+        return moved;                                                                                                  \
+    }
+
+#if defined(MOFO_VECTORS) && defined(v_W)
+#define DEFINE_ALL_SPANS(SUF, PT) DEFINE_SPANS(s, SUF, PT) DEFINE_SPANS(v, SUF, PT)
+/* The vector spans, then the scalar ones for the tail. */
+#define RUN_SPANS(CALL_V, CALL_S) \
+    CALL_V;                       \
+    CALL_S
+#else
+#define DEFINE_ALL_SPANS(SUF, PT) DEFINE_SPANS(s, SUF, PT)
+#define RUN_SPANS(CALL_V, CALL_S) CALL_S
+#endif
+
+DEFINE_ALL_SPANS(f32, float)
+DEFINE_ALL_SPANS(bf16, uint16_t)
 #if defined(__FLT16_MAX__)
-DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
+DEFINE_ALL_SPANS(f16, uint16_t)
 #endif
 
 /* |m[i]| as the selection sees it: 0 where a gradient is given and non-finite, as in the bracket pass. */
 #define MAGNITUDE(m, g, i, LOAD) ((g) != NULL && !finite_f(LOAD((g)[i])) ? 0.0f : fabsf((m)[i]))
 
-/* The new stored value of a selected parameter entry, and of its master copy: the step starts from the master
-   where the parameter still holds the master's rounding (bit for bit), from the parameter where someone wrote it
-   since (a reset to pre-trained weights, a loaded state dict). */
-#define STEP_ENTRY(PT, LOAD, STORE, BITS)                                                                              \
-    PT old = p[i];                                                                                                     \
-    float base = LOAD(old);                                                                                            \
-    if (mw != NULL && BITS(STORE(mw[i])) == BITS(old)) base = mw[i];                                                   \
-    float nw = adam_step(base, mi, vi, &s);                                                                            \
-    p[i] = sel ? STORE(nw) : old;                                                                                      \
-    if (mw != NULL) mw[i] = sel ? nw : mw[i];
+#define DEFINE_CHUNKS(SUF, PT)                                                                                         \
+    /* One chunk of the update pass, specialised for each combination of gradient check and master copy. */          \
+    static int64_t update_chunk_##SUF(PT* restrict p, const float* restrict m, const float* restrict v,                \
+                                      const PT* restrict g, float* restrict w, int64_t begin, int64_t end, float tau,  \
+                                      const scalars_t* s) {                                                            \
+        int64_t i = begin, moved = 0;                                                                                  \
+        if (g != NULL && w != NULL) {                                                                                  \
+            RUN_SPANS(moved += update_span_v_##SUF(p, m, v, g, w, &i, end, tau, s, 1, 1),                              \
+                      moved += update_span_s_##SUF(p, m, v, g, w, &i, end, tau, s, 1, 1));                             \
+        } else if (g != NULL) {                                                                                        \
+            RUN_SPANS(moved += update_span_v_##SUF(p, m, v, g, w, &i, end, tau, s, 1, 0),                              \
+                      moved += update_span_s_##SUF(p, m, v, g, w, &i, end, tau, s, 1, 0));                             \
+        } else if (w != NULL) {                                                                                        \
+            RUN_SPANS(moved += update_span_v_##SUF(p, m, v, g, w, &i, end, tau, s, 0, 1),                              \
+                      moved += update_span_s_##SUF(p, m, v, g, w, &i, end, tau, s, 0, 1));                             \
+        } else {                                                                                                       \
+            RUN_SPANS(moved += update_span_v_##SUF(p, m, v, g, w, &i, end, tau, s, 0, 0),                              \
+                      moved += update_span_s_##SUF(p, m, v, g, w, &i, end, tau, s, 0, 0));                             \
+        }                                                                                                              \
+        return moved;                                                                                                  \
+    }                                                                                                                  \
+    static int64_t fused_chunk_##SUF(PT* restrict p, float* restrict m, float* restrict v, const PT* restrict g,       \
+                                     float* restrict w, int64_t begin, int64_t end, float tau, int dense,              \
+                                     const scalars_t* s, int64_t* restrict skipped) {                                  \
+        int64_t i = begin, moved = 0;                                                                                  \
+        if (w != NULL) {                                                                                               \
+            RUN_SPANS(moved += fused_span_v_##SUF(p, m, v, g, w, &i, end, tau, dense, s, 1, skipped),                  \
+                      moved += fused_span_s_##SUF(p, m, v, g, w, &i, end, tau, dense, s, 1, skipped));                 \
+        } else {                                                                                                       \
+            RUN_SPANS(moved += fused_span_v_##SUF(p, m, v, g, w, &i, end, tau, dense, s, 0, skipped),                  \
+                      moved += fused_span_s_##SUF(p, m, v, g, w, &i, end, tau, dense, s, 0, skipped));                 \
+        }                                                                                                              \
+        return moved;                                                                                                  \
+    }
+
+DEFINE_CHUNKS(f32, float)
+DEFINE_CHUNKS(bf16, uint16_t)
+#if defined(__FLT16_MAX__)
+DEFINE_CHUNKS(f16, uint16_t)
+#endif
+
+/* ---- the sample, taken a block at a time ---------------------------------------------------------------------------
+   A sampler takes samples [next, end) of one tensor's sample, computing the positions of the blocks of 64 ahead of
+   the one it reads and prefetching them into L2 (the L1 has too few outstanding misses for random reads): its cost is
+   the latency of a few lines at a time, not of each. Taken right before its tensor's own pass, the lines it brought
+   in may still be cached when the pass reads them. */
+
+enum { SAMPLE_BLOCK = 64, SAMPLE_DEPTH = 8 /* blocks whose positions are computed and prefetched ahead */ };
+
+typedef struct {
+    const int64_t* row;
+    const float* m;
+    const char* g; /* the gradient, of the batch's parameter dtype */
+    float* out;    /* the tensor's region of the sample buffer */
+    float w;
+    int64_t next, end, fetched; /* samples [next, end) still to take; positions computed for [next, fetched) */
+    int head, ahead;            /* the ring slot of the block at next, and how many blocks are fetched from it */
+    int64_t pos[SAMPLE_DEPTH][SAMPLE_BLOCK];
+} sampler_t;
+
+static void sampler_init(sampler_t* sp, const int64_t* row, const float* scal_row, const char* pbase, size_t size,
+                         const float* mbase, float* samples, int64_t begin, int64_t end) {
+    sp->row = row;
+    sp->m = mbase + row[M_EXP_AVG];
+    sp->g = pbase + row[M_GRAD] * (int64_t)size;
+    sp->out = samples + row[M_SAMPLE_OFFSET];
+    sp->w = scal_row[S_WEIGHT];
+    sp->next = sp->fetched = begin;
+    sp->end = end;
+    sp->head = sp->ahead = 0;
+}
+
+/* Computes and prefetches the positions of blocks until SAMPLE_DEPTH are ahead (local positions of a shard, -1 for
+   the ones another rank holds). */
+static void sampler_fetch(sampler_t* sp, size_t size) {
+    const int64_t* row = sp->row;
+    const int whole = whole_tensor(row);
+    while (sp->ahead < SAMPLE_DEPTH && sp->fetched < sp->end) {
+        const int64_t j0 = sp->fetched, len = sp->end - j0 < SAMPLE_BLOCK ? sp->end - j0 : SAMPLE_BLOCK;
+        int64_t* pos = sp->pos[(sp->head + sp->ahead) % SAMPLE_DEPTH];
+        sample_positions((uint64_t)row[M_KEY], j0, len, row[M_SAMPLE], row[M_GLOBAL_NUMEL], pos);
+        for (int64_t q = 0; q < len; ++q) {
+            if (!whole) pos[q] = local_position(row, pos[q]);
+            if (pos[q] >= 0) {
+                __builtin_prefetch(sp->m + pos[q], 0, 2);
+                __builtin_prefetch(sp->g + pos[q] * (int64_t)size, 0, 2);
+            }
+        }
+        sp->fetched += len;
+        sp->ahead += 1;
+    }
+}
+
+#define DEFINE_SAMPLER(SUF, PT, LOAD)                                                                                  \
+    /* Takes up to count more samples (whole blocks); returns how many are left. */                                   \
+    static int64_t sampler_take_##SUF(sampler_t* sp, int64_t count) {                                                  \
+        const PT* g = (const PT*)sp->g;                                                                                \
+        while (count > 0 && sp->next < sp->end) {                                                                      \
+            sampler_fetch(sp, sizeof(PT));                                                                             \
+            const int64_t len = sp->end - sp->next < SAMPLE_BLOCK ? sp->end - sp->next : SAMPLE_BLOCK;                 \
+            const int64_t* pos = sp->pos[sp->head];                                                                    \
+            float* o = sp->out + sp->next;                                                                             \
+            for (int64_t q = 0; q < len; ++q)                                                                          \
+                o[q] = pos[q] < 0 ? 0.0f : sample_value(sp->m[pos[q]], LOAD(g[pos[q]]), sp->w);                        \
+            sp->next += len;                                                                                           \
+            sp->head = (sp->head + 1) % SAMPLE_DEPTH;                                                                  \
+            sp->ahead -= 1;                                                                                            \
+            count -= len;                                                                                              \
+        }                                                                                                              \
+        return sp->end - sp->next;                                                                                     \
+    }
+
+DEFINE_SAMPLER(f32, float, load_f32)
+DEFINE_SAMPLER(bf16, uint16_t, load_bf16)
+#if defined(__FLT16_MAX__)
+DEFINE_SAMPLER(f16, uint16_t, load_f16)
+#endif
 
 /* ---- per parameter dtype ---------------------------------------------------------------------------------------- */
 
-#define DEFINE_KERNELS(SUF, PT, LOAD, STORE, BITS)                                                                     \
+#define DEFINE_KERNELS(SUF, PT, LOAD)                                                                                  \
     /* Every tensor's sample of |m_t| at its hashed positions, m_t computed from m_{t-1} and g as the moment update   \
        will; 0 at the positions another rank holds. One thread: a sample is too little work for a parallel region,   \
        which stalls whenever another process holds one of the cores. */                                              \
     void mofo_sample_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase, const float* mbase,   \
                            float* out) {                                                                              \
-        enum { B = 64 };                                                                                               \
-        int64_t idx[2][B];                                                                                             \
+        sampler_t sp;                                                                                                  \
         for (int64_t t = 0; t < T; ++t) {                                                                              \
             const int64_t* row = meta + t * M_COLUMNS;                                                                 \
-            const int64_t s = row[M_SAMPLE], n = row[M_GLOBAL_NUMEL];                                                  \
-            if (s == 0) continue;                                                                                      \
-            const float* m = mbase + row[M_EXP_AVG];                                                                   \
-            const PT* g = pbase + row[M_GRAD];                                                                         \
-            const uint64_t key = (uint64_t)row[M_KEY];                                                                 \
-            const float w = scal[t * S_COLUMNS + S_WEIGHT];                                                            \
-            float* o = out + row[M_SAMPLE_OFFSET];                                                                     \
-            const int whole = whole_tensor(row);                                                                       \
-            sample_positions(key, 0, s < B ? s : B, s, n, idx[0]);                                                     \
-            for (int64_t j0 = 0, cur = 0; j0 < s; j0 += B, cur ^= 1) {                                                 \
-                int64_t len = s - j0 < B ? s - j0 : B;                                                                 \
-                if (!whole)                                                                                            \
-                    for (int64_t q = 0; q < len; ++q) idx[cur][q] = local_position(row, idx[cur][q]);                  \
-                if (j0 + B < s) { /* the next block's positions, fetched while this one is computed */                 \
-                    int64_t next_len = s - j0 - B < B ? s - j0 - B : B;                                                \
-                    sample_positions(key, j0 + B, next_len, s, n, idx[cur ^ 1]);                                       \
-                    if (whole)                                                                                         \
-                        for (int64_t q = 0; q < next_len; ++q) {                                                       \
-                            __builtin_prefetch(m + idx[cur ^ 1][q]);                                                   \
-                            __builtin_prefetch(g + idx[cur ^ 1][q]);                                                   \
-                        }                                                                                              \
-                }                                                                                                      \
-                for (int64_t q = 0; q < len; ++q) {                                                                    \
-                    int64_t i = idx[cur][q];                                                                           \
-                    o[j0 + q] = i < 0 ? 0.0f : sample_value(m[i], LOAD(g[i]), w);                                      \
-                }                                                                                                      \
-            }                                                                                                          \
+            if (row[M_SAMPLE] == 0) continue;                                                                          \
+            sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, out, 0, row[M_SAMPLE]); \
+            sampler_take_##SUF(&sp, row[M_SAMPLE]);                                                                    \
         }                                                                                                              \
     }                                                                                                                  \
-    /* The exact selection's first pass: both moments on every entry with a finite gradient; counts of |m_t| that    \
-       are NaN, above hi and in [lo, hi] (an entry with a non-finite gradient counting as 0) and of the skipped       \
-       entries; the in-bracket values themselves into the tensor's candidate region, all of them whenever they fit   \
-       (the chunks that ran out of their share of the region are collected again). */                                \
+    /* The exact selection's first pass over one tensor: both moments on every entry with a finite gradient; counts  \
+       of |m_t| that are NaN, above hi and in [lo, hi] (an entry with a non-finite gradient counting as 0) and of the  \
+       skipped entries; the in-bracket values themselves into the tensor's candidate region, all of them whenever     \
+       they fit (the chunks that ran out of their share of the region are collected again). */                       \
+    static void bracket_tensor_##SUF(const int64_t* row, const float* scal_row, const PT* pbase, float* mbase,         \
+                                     float lo, float hi, int64_t* out, float* cand, int64_t threads) {                \
+        const int64_t n = row[M_NUMEL], cap = row[M_CAND_CAPACITY];                                                    \
+        const PT* g = pbase + row[M_GRAD];                                                                             \
+        float* m = mbase + row[M_EXP_AVG];                                                                             \
+        float* v = mbase + row[M_EXP_AVG_SQ];                                                                          \
+        float* region = cand + row[M_CAND_OFFSET];                                                                     \
+        const scalars_t s = scalars_of(scal_row);                                                                      \
+        const int64_t chunks = num_chunks(n, threads), cap_t = cap / chunks;                                           \
+        int64_t c[MAX_CHUNKS][5];                                                                                      \
+        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                           \
+        for (int64_t k = 0; k < chunks; ++k) {                                                                         \
+            int64_t i = chunk_begin(n, chunks, k), end = chunk_begin(n, chunks, k + 1);                                \
+            for (int q = 0; q < 5; ++q) c[k][q] = 0;                                                                   \
+            RUN_SPANS(bracket_span_v_##SUF(m, v, g, &i, end, &s, lo, hi, region + k * cap_t, cap_t, c[k]),             \
+                      bracket_span_s_##SUF(m, v, g, &i, end, &s, lo, hi, region + k * cap_t, cap_t, c[k]));            \
+        }                                                                                                              \
+        int64_t total[5] = {0, 0, 0, 0, 0};                                                                            \
+        for (int64_t k = 0; k < chunks; ++k)                                                                           \
+            for (int q = 0; q < 5; ++q) total[q] += c[k][q];                                                           \
+        int64_t stored = 0;                                                                                            \
+        for (int64_t k = 0; k < chunks; ++k) { /* the complete chunks' candidates, to the front */                     \
+            if (c[k][3] < c[k][2]) continue;                                                                           \
+            if (k > 0 && c[k][3] > 0) memmove(region + stored, region + k * cap_t, (size_t)c[k][3] * sizeof(float));   \
+            stored += c[k][3];                                                                                         \
+        }                                                                                                              \
+        if (total[2] <= cap)                                                                                           \
+            for (int64_t k = 0; k < chunks; ++k) { /* then those of the chunks that ran out of room */                 \
+                if (c[k][3] >= c[k][2]) continue;                                                                      \
+                const PT* gk = total[4] ? g : NULL;                                                                    \
+                for (int64_t i = chunk_begin(n, chunks, k); i < chunk_begin(n, chunks, k + 1); ++i) {                  \
+                    float a = MAGNITUDE(m, gk, i, LOAD);                                                               \
+                    if ((a >= lo) & (a <= hi)) region[stored++] = a;                                                   \
+                }                                                                                                      \
+            }                                                                                                          \
+        out[C_NAN] += total[0];                                                                                        \
+        out[C_ABOVE] += total[1];                                                                                      \
+        out[C_INSIDE] += total[2];                                                                                     \
+        out[C_SKIPPED] += total[4];                                                                                    \
+    }                                                                                                                  \
     void mofo_moments_bracket_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase,              \
                                     float* mbase, const float* lo, const float* hi, int64_t* counts, float* cand,     \
                                     int64_t threads) {                                                                 \
+        for (int64_t t = 0; t < T; ++t)                                                                                \
+            bracket_tensor_##SUF(meta + t * M_COLUMNS, scal + t * S_COLUMNS, pbase, mbase, lo[t], hi[t],               \
+                                 counts + t * C_COLUMNS, cand, threads);                                               \
+    }                                                                                                                  \
+    /* The same, each tensor's bracket taken from its sample (lo: the j_lo-th largest, 0 past the sample; hi: the      \
+       j_hi-th largest, +inf before it), each tensor sampled right before its pass. For batches whose sample needs no \
+       sum over ranks; writes lo and hi. Returns 0, or -1 without memory for a selection. */                          \
+    int mofo_sampled_bracket_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase, float* mbase, \
+                                   float* samples, float* lo, float* hi, int64_t* counts, float* cand,                \
+                                   int64_t threads) {                                                                  \
+        int failed = 0;                                                                                                \
+        sampler_t sp;                                                                                                  \
         for (int64_t t = 0; t < T; ++t) {                                                                              \
             const int64_t* row = meta + t * M_COLUMNS;                                                                 \
-            const int64_t n = row[M_NUMEL], cap = row[M_CAND_CAPACITY];                                                \
-            const PT* g = pbase + row[M_GRAD];                                                                         \
-            float* m = mbase + row[M_EXP_AVG];                                                                         \
-            float* v = mbase + row[M_EXP_AVG_SQ];                                                                      \
-            float* region = cand + row[M_CAND_OFFSET];                                                                 \
-            const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                      \
-            const float l = lo[t], h = hi[t];                                                                          \
-            const int64_t chunks = num_chunks(n, threads), cap_t = cap / chunks;                                       \
-            int64_t c[MAX_CHUNKS][5];                                                                                  \
-            _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                       \
-            for (int64_t k = 0; k < chunks; ++k)                                                                       \
-                bracket_chunk_##SUF(m, v, g, chunk_begin(n, chunks, k), chunk_begin(n, chunks, k + 1), s.w, s.b2,      \
-                                    s.omb2, l, h, region + k * cap_t, cap_t, c[k]);                                    \
-            int64_t total[5] = {0, 0, 0, 0, 0};                                                                        \
-            for (int64_t k = 0; k < chunks; ++k)                                                                       \
-                for (int q = 0; q < 5; ++q) total[q] += c[k][q];                                                       \
-            int64_t stored = 0;                                                                                        \
-            for (int64_t k = 0; k < chunks; ++k) { /* the complete chunks' candidates, to the front */                 \
-                if (c[k][3] < c[k][2]) continue;                                                                       \
-                if (k > 0 && c[k][3] > 0) memmove(region + stored, region + k * cap_t, (size_t)c[k][3] * sizeof(float)); \
-                stored += c[k][3];                                                                                     \
+            const int64_t s = row[M_SAMPLE];                                                                           \
+            lo[t] = 0.0f;                                                                                              \
+            hi[t] = INFINITY;                                                                                          \
+            if (s > 0) {                                                                                               \
+                sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, samples, 0, s);    \
+                sampler_take_##SUF(&sp, s);                                                                            \
+                const float* sample = samples + row[M_SAMPLE_OFFSET];                                                  \
+                if (row[M_J_HI] >= 1) hi[t] = select_kth(sample, s, s - row[M_J_HI]);                                  \
+                if (row[M_J_LO] <= s) lo[t] = select_kth(sample, s, s - row[M_J_LO]);                                  \
+                failed |= (hi[t] != hi[t]) | (lo[t] != lo[t]);                                                         \
             }                                                                                                          \
-            if (total[2] <= cap)                                                                                       \
-                for (int64_t k = 0; k < chunks; ++k) { /* then those of the chunks that ran out of room */             \
-                    if (c[k][3] >= c[k][2]) continue;                                                                  \
-                    const PT* gk = total[4] ? g : NULL;                                                                \
-                    for (int64_t i = chunk_begin(n, chunks, k); i < chunk_begin(n, chunks, k + 1); ++i) {              \
-                        float a = MAGNITUDE(m, gk, i, LOAD);                                                           \
-                        if ((a >= l) & (a <= h)) region[stored++] = a;                                                 \
-                    }                                                                                                  \
-                }                                                                                                      \
-            int64_t* out = counts + t * C_COLUMNS;                                                                     \
-            out[C_NAN] += total[0];                                                                                    \
-            out[C_ABOVE] += total[1];                                                                                  \
-            out[C_INSIDE] += total[2];                                                                                 \
-            out[C_SKIPPED] += total[4];                                                                                \
+            bracket_tensor_##SUF(row, scal + t * S_COLUMNS, pbase, mbase, lo[t], hi[t], counts + t * C_COLUMNS, cand,   \
+                                 threads);                                                                             \
         }                                                                                                              \
+        return failed ? -1 : 0;                                                                                        \
     }                                                                                                                  \
     /* Adds to hist[t] the digits of |m| in (lo, hi, mode) of the tensors whose source is SOURCE_RANGE. */            \
     void mofo_histogram_range_##SUF(const int64_t* meta, int64_t T, const PT* pbase, const float* mbase,             \
@@ -493,57 +853,69 @@ DEFINE_BRACKET_CHUNK(f16, uint16_t, load_f16)
             const PT* g = counts[t * C_COLUMNS + C_SKIPPED] ? pbase + row[M_GRAD] : NULL;                              \
             const float* m = mbase + row[M_EXP_AVG];                                                                   \
             const float* v = mbase + row[M_EXP_AVG_SQ];                                                                \
-            float* mw = has_master ? mbase + row[M_MASTER] : NULL;                                                     \
+            float* w = has_master ? mbase + row[M_MASTER] : NULL;                                                      \
             const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                      \
             const float threshold = tau[t];                                                                            \
             int64_t moved = 0;                                                                                         \
-            _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved) if (chunks > 1)")     \
-            for (int64_t i = 0; i < n; ++i) {                                                                          \
-                float mi = m[i], vi = v[i];                                                                            \
-                int sel = fabsf(mi) >= threshold;                                                                      \
-                if (g != NULL) sel &= finite_f(LOAD(g[i]));                                                            \
-                STEP_ENTRY(PT, LOAD, STORE, BITS)                                                                      \
-                moved += sel;                                                                                          \
-            }                                                                                                          \
+            _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) reduction(+ : moved) if (chunks > 1)")  \
+            for (int64_t k = 0; k < chunks; ++k)                                                                       \
+                moved += update_chunk_##SUF(p, m, v, g, w, chunk_begin(n, chunks, k), chunk_begin(n, chunks, k + 1),   \
+                                            threshold, &s);                                                            \
             counts[t * C_COLUMNS + C_MOVED] += moved;                                                                  \
         }                                                                                                              \
     }                                                                                                                  \
-    /* One pass for a threshold known in advance (the sampled selection, the dense step): moments, comparison, step; \
-       entries with a non-finite gradient keep moments and weight. */                                                \
+    /* One pass over one tensor for a threshold known in advance (the sampled selection, the dense step): moments,    \
+       comparison, step; entries with a non-finite gradient keep moments and weight. */                              \
+    static void fused_tensor_##SUF(const int64_t* row, const float* scal_row, PT* pbase, float* mbase, float tau,     \
+                                   int64_t* out, int has_master, int64_t threads) {                                   \
+        const int64_t n = row[M_NUMEL], chunks = num_chunks(n, threads);                                               \
+        PT* p = pbase + row[M_PARAM];                                                                                  \
+        const PT* g = pbase + row[M_GRAD];                                                                             \
+        float* m = mbase + row[M_EXP_AVG];                                                                             \
+        float* v = mbase + row[M_EXP_AVG_SQ];                                                                          \
+        float* w = has_master ? mbase + row[M_MASTER] : NULL;                                                          \
+        const scalars_t s = scalars_of(scal_row);                                                                      \
+        const int dense = row[M_DENSE] != 0;                                                                           \
+        int64_t moved = 0, skipped = 0;                                                                                \
+        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) reduction(+ : moved, skipped) if (chunks > 1)") \
+        for (int64_t k = 0; k < chunks; ++k)                                                                           \
+            moved += fused_chunk_##SUF(p, m, v, g, w, chunk_begin(n, chunks, k), chunk_begin(n, chunks, k + 1), tau,   \
+                                       dense, &s, &skipped);                                                           \
+        out[C_MOVED] += moved;                                                                                         \
+        out[C_SKIPPED] += skipped;                                                                                     \
+    }                                                                                                                  \
     void mofo_fused_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,                \
                           const float* tau, int64_t* counts, int has_master, int64_t threads) {                       \
+        for (int64_t t = 0; t < T; ++t)                                                                                \
+            fused_tensor_##SUF(meta + t * M_COLUMNS, scal + t * S_COLUMNS, pbase, mbase, tau[t],                       \
+                               counts + t * C_COLUMNS, has_master, threads);                                           \
+    }                                                                                                                  \
+    /* The one-pass step with each sampled tensor's threshold (the rank-th largest of its sample) taken from its       \
+       sample, each tensor sampled right before its pass. For batches whose sample needs no sum over ranks; writes    \
+       the thresholds to tau. Returns 0, or -1 without memory for a selection. */                                     \
+    int mofo_sampled_fused_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,         \
+                                 float* samples, int64_t rank, float* tau, int64_t* counts, int has_master,           \
+                                 int64_t threads) {                                                                   \
+        int failed = 0;                                                                                                \
+        sampler_t sp;                                                                                                  \
         for (int64_t t = 0; t < T; ++t) {                                                                              \
             const int64_t* row = meta + t * M_COLUMNS;                                                                 \
-            const int64_t n = row[M_NUMEL], chunks = num_chunks(n, threads);                                           \
-            PT* p = pbase + row[M_PARAM];                                                                              \
-            const PT* g = pbase + row[M_GRAD];                                                                         \
-            float* m = mbase + row[M_EXP_AVG];                                                                         \
-            float* v = mbase + row[M_EXP_AVG_SQ];                                                                      \
-            float* mw = has_master ? mbase + row[M_MASTER] : NULL;                                                     \
-            const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                      \
-            const float threshold = tau[t];                                                                            \
-            const int dense = row[M_DENSE] != 0;                                                                       \
-            int64_t moved = 0, skip = 0;                                                                               \
-            _Pragma("omp parallel for schedule(static) num_threads(chunks) reduction(+ : moved, skip) if (chunks > 1)")\
-            for (int64_t i = 0; i < n; ++i) {                                                                          \
-                float gf = LOAD(g[i]);                                                                                 \
-                int fin = finite_f(gf);                                                                                \
-                float mi = lerp_w(m[i], gf, s.w);                                                                      \
-                float vi = second_moment(v[i], gf, s.b2, s.omb2);                                                      \
-                m[i] = fin ? mi : m[i];                                                                                \
-                v[i] = fin ? vi : v[i];                                                                                \
-                int sel = fin & (dense | (fabsf(mi) >= threshold));                                                    \
-                STEP_ENTRY(PT, LOAD, STORE, BITS)                                                                      \
-                moved += sel;                                                                                          \
-                skip += !fin;                                                                                          \
+            const int64_t s = row[M_SAMPLE];                                                                           \
+            tau[t] = 0.0f;                                                                                             \
+            if (s > 0) {                                                                                               \
+                sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, samples, 0, s);    \
+                sampler_take_##SUF(&sp, s);                                                                            \
+                tau[t] = select_kth(samples + row[M_SAMPLE_OFFSET], s, s - rank);                                      \
+                failed |= tau[t] != tau[t];                                                                            \
             }                                                                                                          \
-            counts[t * C_COLUMNS + C_MOVED] += moved;                                                                  \
-            counts[t * C_COLUMNS + C_SKIPPED] += skip;                                                                 \
+            fused_tensor_##SUF(row, scal + t * S_COLUMNS, pbase, mbase, tau[t], counts + t * C_COLUMNS, has_master,    \
+                               threads);                                                                               \
         }                                                                                                              \
+        return failed ? -1 : 0;                                                                                        \
     }
 
-DEFINE_KERNELS(f32, float, load_f32, store_f32, bits_f32)
-DEFINE_KERNELS(bf16, uint16_t, load_bf16, store_bf16, bits_u16)
+DEFINE_KERNELS(f32, float, load_f32)
+DEFINE_KERNELS(bf16, uint16_t, load_bf16)
 #if defined(__FLT16_MAX__)
-DEFINE_KERNELS(f16, uint16_t, load_f16, store_f16, bits_u16)
+DEFINE_KERNELS(f16, uint16_t, load_f16)
 #endif
