@@ -23,7 +23,10 @@ these memory-bound steps depends on all of them). The methods:
 - ``adamw_forloop`` / ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW`` with each implementation flag;
 - ``mofo_reference_topk``: MoFO as the paper's reference code computes it, one ``torch.topk`` per tensor per step;
 - ``mofo_{exact,sampled}_{fused,eager}``: ``lit_mofo.MoFO`` with ``selection=...`` and ``fused=None`` (the fused
-  CPU kernels where they apply) or ``fused=False`` (torch operations only);
+  CPU kernels where they apply) or ``fused=False`` (torch operations only), and ``master_weights=False``: like
+  torch's AdamW, no float32 copy of bfloat16 parameters (the same work, the comparison the targets are set on);
+- for bfloat16 parameters, ``mofo_{exact,sampled}_fused_master``: MoFO's default, with float32 master weights
+  (4 more bytes of state per parameter, read and written by every step);
 - on CUDA, ``mofo_{exact,sampled}_triton`` (``fused=True``: the Triton kernels) instead of ``_fused``; the first
   step of each (Triton's compilation) is reported separately and never timed.
 
@@ -143,7 +146,7 @@ def mofo_moment_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def make_methods(device: torch.device) -> list[Method]:
+def make_methods(device: torch.device, dtype: torch.dtype = torch.float32) -> list[Method]:
     fused_adamw = device.type in ("cpu", "cuda")
     methods = [
         Method("adamw_forloop", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False), same_dtype),
@@ -158,9 +161,20 @@ def make_methods(device: torch.device) -> list[Method]:
             methods.append(
                 Method(
                     f"mofo_{selection}_{label}",
-                    lambda ps, s=selection, f=fused: MoFO(ps, lr=LR, fraction=FRACTION, selection=s, fused=f),
+                    lambda ps, s=selection, f=fused: MoFO(
+                        ps, lr=LR, fraction=FRACTION, selection=s, fused=f, master_weights=False
+                    ),
                     mofo_moment_dtype,
                     slow=fused is False,
+                )
+            )
+    if dtype in (torch.bfloat16, torch.float16):  # MoFO's default for such parameters: a float32 master copy
+        for selection in ("exact", "sampled"):
+            methods.append(
+                Method(
+                    f"mofo_{selection}_{kernels[1]}_master",
+                    lambda ps, s=selection, f=kernels[0]: MoFO(ps, lr=LR, fraction=FRACTION, selection=s, fused=f),
+                    mofo_moment_dtype,
                 )
             )
     return methods
@@ -315,7 +329,7 @@ def run_config(
         p = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
         p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
         params.append(p)
-    methods = [m for m in make_methods(device) if only is None or m.name in only or m.name == "adamw_fused"]
+    methods = [m for m in make_methods(device, dtype) if only is None or m.name in only or m.name == "adamw_fused"]
     optimizers = {}
     moments: dict = {}
     for method in methods:
@@ -499,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 configs.append((f"Llama-2-7B, {args.llama_layers} layer(s)", llama2_7b_layer_shapes(args.llama_layers)))
     thread_counts = args.threads or [torch.get_num_threads()]
-    names = {m.name for m in make_methods(device)}
+    names = {m.name for m in make_methods(device, torch.bfloat16)}
     if args.methods is not None and not set(args.methods) <= names:
         parser.error(f"unknown methods {sorted(set(args.methods) - names)}; the methods are {sorted(names)}")
 

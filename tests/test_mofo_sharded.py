@@ -52,6 +52,8 @@ def assert_identical(sharded: dict[str, Any], reference: dict[str, Any], label: 
     assert sharded["stats"] == reference["stats"], f"{label}: per-step update counts differ"
     for i, (p, q) in enumerate(zip(sharded["params"], reference["params"], strict=True)):
         assert torch.equal(p, q), f"{label}: parameter {i} differs from the single-process run"
+    for i, (p, q) in enumerate(zip(sharded.get("masters", []), reference.get("masters", []), strict=True)):
+        assert (p is None) == (q is None) and (p is None or torch.equal(p, q)), f"{label}: master weight {i} differs"
 
 
 @pytest.mark.slow
@@ -87,6 +89,15 @@ def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(
     filtered = [sum(g["filtered_updated"] for g in step) / sum(g["filtered_numel"] for g in step) for step in
                 reference["stats"]]  # fmt: skip
     assert all(abs(f - sharded_mofo.FRACTION) < 0.01 for f in filtered)
+
+
+@pytest.mark.slow
+def test_bf16_master_weights_are_dtensors_sharded_like_their_parameters(ranks):
+    for rank in ranks:
+        for label in ("fused", "eager"):
+            result = rank["results"][f"dtensor-bf16-master-{label}"]
+            assert result["master_types"] == ["DTensor"] * len(sharded_mofo.PARAMS), result["master_types"]
+            assert all(m.dtype == torch.float32 for m in result["masters"])
 
 
 @pytest.mark.slow

@@ -285,9 +285,11 @@ class MoFO(Optimizer):
                     dtype = torch.float32 if key == "master_weight" else _moment_dtype(p)
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
             # torch moves "step" to the parameter's device for groups with fused=True (its rule for its own fused
-            # optimizers); MoFO reads it on the host, so on CUDA that would cost a synchronisation per tensor.
+            # optimizers); MoFO reads it on the host, so on CUDA that would cost a synchronisation per tensor. A copy,
+            # as for the moments: torch keeps the very tensor of the dict, which a live optimizer's step would share.
             if "step" in self.state[p]:
-                self.state[p]["step"] = torch.as_tensor(self.state[p]["step"], dtype=torch.float32).to("cpu")
+                step = torch.as_tensor(self.state[p]["step"])
+                self.state[p]["step"] = step.to(device="cpu", dtype=torch.float32, copy=True)
 
     @property
     def last_step_stats(self) -> list[MoFOStepStats]:
