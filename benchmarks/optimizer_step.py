@@ -185,7 +185,7 @@ def describe_path(method: Method, params: list[Tensor], device: torch.device) ->
         return "torch"
     if method.name.endswith("_eager"):
         return "torch ops"
-    if method.name.endswith("_triton"):
+    if "_triton" in method.name:
         return "Triton kernels"
     kernels = _cpu.load()
     if kernels is None:

@@ -425,7 +425,7 @@ COMPILED = pytest.mark.skipif(
 )
 
 
-def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90) -> str:
+def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90, master: bool = False) -> str:
     """The kernel compiled ahead of time for an NVIDIA GPU (Triton's bundled LLVM and ptxas; no GPU needed), with
     the launch options of :class:`~lit_mofo.optim._triton.TritonKernels` and aligned base pointers."""
     import triton
@@ -443,7 +443,7 @@ def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90) -> str:
     constexprs = {"PDTYPE": _triton._DTYPES[dtype], "P_ALIGN": 16 // dtype.itemsize, "M_ALIGN": 4,
                   "BLOCK": _triton.TritonKernels.block, "T_PAD": 64}  # fmt: skip
     if kernel_name != "moments_bracket":
-        constexprs["HAS_MASTER"] = False
+        constexprs["HAS_MASTER"] = master
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = ASTSource(
         fn=getattr(_triton, f"_{kernel_name}_kernel"),
@@ -457,19 +457,21 @@ def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90) -> str:
 
 @COMPILED
 @pytest.mark.parametrize(
-    ("kernel_name", "dtype", "arch"),
+    ("kernel_name", "dtype", "arch", "master"),
     [
-        ("fused", torch.bfloat16, 90),
-        ("fused", torch.float32, 90),
-        ("fused", torch.float16, 80),
-        ("update", torch.bfloat16, 90),
-        ("moments_bracket", torch.float32, 90),
+        ("fused", torch.bfloat16, 90, False),
+        ("fused", torch.float32, 90, False),
+        ("fused", torch.float16, 80, False),
+        ("update", torch.bfloat16, 90, False),
+        ("moments_bracket", torch.float32, 90, False),
+        ("fused", torch.bfloat16, 90, True),
+        ("update", torch.float16, 80, True),
     ],
 )
-def test_compiled_kernels_use_ieee_arithmetic_only_the_written_fmas_and_vector_loads(kernel_name, dtype, arch):
+def test_compiled_kernels_use_ieee_arithmetic_only_the_written_fmas_and_vector_loads(kernel_name, dtype, arch, master):
     import re
 
-    code = ptx(kernel_name, dtype, arch)
+    code = ptx(kernel_name, dtype, arch, master)
     per_thread = 4096 // (32 * 8)  # entries per thread; each kernel has a full-block and a partial-block body
     # Correctly rounded division and square root, as torch's CUDA kernels and the C kernels compute them; no
     # approximate variants and no flush of subnormals to zero.

@@ -165,10 +165,10 @@ class EagerKernels:
     def select_sample(self, batch: Batch, samples: Tensor, ranks: Tensor) -> Tensor:
         rows = []
         offset = 0
-        for t, e in enumerate(batch.entries):
+        for e, wanted in zip(batch.entries, ranks.tolist(), strict=True):
             values = samples[offset : offset + e.sample]
             if e.sample:  # the rank-th largest is the (size - rank + 1)-th smallest: a selection, not a sort
-                rows.append(torch.stack([torch.kthvalue(values, e.sample - int(r) + 1).values for r in ranks[t]]))
+                rows.append(torch.stack([torch.kthvalue(values, e.sample - r + 1).values for r in wanted]))
             else:
                 rows.append(torch.zeros(ranks.shape[1], dtype=torch.float32, device=samples.device))
             offset += e.sample

@@ -5,7 +5,9 @@ for a whole :class:`Batch` of tensors (one parameter dtype, one device, one proc
 :class:`~lit_mofo.optim._eager.EagerKernels` (torch operations, any device and dtype: the reference the others are
 tested against), :class:`~lit_mofo.optim._cpu.CpuKernels` (C, on CPU) and :class:`~lit_mofo.optim._triton.TritonKernels`
 (CUDA). Every per-tensor value (the sample, the bracket, the counts, the threshold) stays in a tensor on the batch's
-device, so a GPU step makes no host synchronisation.
+device, so a GPU step makes no host synchronisation. Where no collective separates them (a batch of whole tensors),
+kernels that say so (``fuses_sampling``: the C kernels) take each tensor's sample, its selection and its pass in one
+call, the sample right before its tensor's pass.
 
 ``exact`` selection (the default) returns the k-th largest ``|m_t|`` itself, so the mask is exactly the spec's
 ``|m_t| >= tau``:

@@ -103,6 +103,18 @@ def _address(base, row, column, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _pointers(pbase, mbase, row, P_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr):
+    """A tensor's parameter, gradient, moments and master copy (the master's offset is 0 where there is none)."""
+    return (
+        _address(pbase, row, _M_PARAM, P_ALIGN),
+        _address(pbase, row, _M_GRAD, P_ALIGN),
+        _address(mbase, row, _M_EXP_AVG, M_ALIGN),
+        _address(mbase, row, _M_EXP_AVG_SQ, M_ALIGN),
+        _address(mbase, row, _M_MASTER, M_ALIGN),
+    )
+
+
+@triton.jit
 def _load(pointers, valid, MASKED: tl.constexpr):
     """A block load: masked in a tensor's last (partial) block, plain - and so vectorised - in the full ones."""
     if MASKED:
@@ -371,13 +383,9 @@ def _update_kernel(
     row = meta_ptr + t * _MC
     numel = tl.load(row + _M_NUMEL)
     offsets = block * BLOCK + tl.arange(0, BLOCK)
-    p_ptr = _address(pbase, row, _M_PARAM, P_ALIGN)
-    g_ptr = _address(pbase, row, _M_GRAD, P_ALIGN)
-    m_ptr = _address(mbase, row, _M_EXP_AVG, M_ALIGN)
-    v_ptr = _address(mbase, row, _M_EXP_AVG_SQ, M_ALIGN)
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr = _pointers(pbase, mbase, row, P_ALIGN, M_ALIGN)
     scal = scal_ptr + t * _SC
     tally = counts_ptr + t * _CC
-    w_ptr = _address(mbase, row, _M_MASTER, M_ALIGN)
     tau = tl.load(tau_ptr + t)
     skipped = tl.load(tally + _C_SKIPPED)
     # Every entry of a full block is read and written (the unselected ones with their own bits): the loads and
@@ -417,11 +425,7 @@ def _fused_kernel(
     row = meta_ptr + t * _MC
     numel = tl.load(row + _M_NUMEL)
     offsets = block * BLOCK + tl.arange(0, BLOCK)
-    p_ptr = _address(pbase, row, _M_PARAM, P_ALIGN)
-    g_ptr = _address(pbase, row, _M_GRAD, P_ALIGN)
-    m_ptr = _address(mbase, row, _M_EXP_AVG, M_ALIGN)
-    v_ptr = _address(mbase, row, _M_EXP_AVG_SQ, M_ALIGN)
-    w_ptr = _address(mbase, row, _M_MASTER, M_ALIGN)
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr = _pointers(pbase, mbase, row, P_ALIGN, M_ALIGN)
     scal = scal_ptr + t * _SC
     tau = tl.load(tau_ptr + t)
     # The dense flag as a block (the interpreter cannot combine a block with a scalar boolean).
