@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -530,3 +531,58 @@ def test_portable_build_without_cpu_specific_instructions_selects_exactly_too(mo
         kernels.fused(batch, torch.tensor([0.05]), counts)
         moved, skipped = int(counts[0, C_MOVED]), int(counts[0, C_SKIPPED])
         assert moved == int((m.abs() >= 0.05).sum()) and skipped == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The instruction set of the C kernels
+
+
+def test_the_kernels_are_built_only_for_instruction_sets_the_cpu_has(monkeypatch):
+    def levels(flags: set[str], cap: str = "") -> list[str]:
+        monkeypatch.setattr(_cpu, "_cpu_flags", lambda: flags)
+        monkeypatch.setattr(_cpu.platform, "machine", lambda: "x86_64")
+        monkeypatch.setenv("LIT_MOFO_CPU_CAPABILITY", cap)
+        return [level for level, _, _ in _cpu._builds()]
+
+    avx2 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    assert levels(avx512) == ["avx512", "avx2", "default"]
+    assert levels(avx2) == ["avx2", "default"], "an AVX2-only CPU never gets AVX-512 instructions"
+    assert levels(avx2 - {"fma"}) == ["default"]
+    assert levels(avx512, cap="avx2") == ["avx2", "default"]
+    assert levels(avx2, cap="avx512") == ["avx2", "default"], "the cap lowers the level, never raises it"
+
+
+@needs_kernels
+def test_every_instruction_set_the_cpu_has_computes_the_same_bits(monkeypatch):
+    """A whole MoFO step (exact and sampled, bfloat16 with master weights, non-finite gradients) with the kernels
+    built for each level this CPU supports: the level changes the speed only."""
+
+    def run(level: str) -> list[Tensor]:
+        monkeypatch.setenv("LIT_MOFO_CPU_CAPABILITY", level)
+        monkeypatch.setattr(_cpu, "_state", _cpu._State())
+        assert _cpu.load() is not None and _cpu.load().isa == level, _cpu.unavailable_reason()
+        gen = torch.Generator().manual_seed(0)
+        tensors = []
+        for selection in ("exact", "sampled"):
+            for dtype in (torch.float32, torch.bfloat16):
+                params = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in ((300, 301), (70, 3), (9,))]
+                optimizer = MoFO(params, lr=1e-2, weight_decay=0.1, selection=selection, sample_size=1024, fused=True)
+                for step in range(3):
+                    for p in params:
+                        p.grad = DATA["nan_inf" if step == 1 else "normal"](tuple(p.shape), gen).to(dtype)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        optimizer.step()
+                for p in params:
+                    tensors += [p.detach().clone(), *(v.clone() for k, v in optimizer.state[p].items() if k != "step")]
+        return tensors
+
+    if KERNELS.isa == "native":
+        pytest.skip("not an x86-64 Linux CPU: one build, -march=native")
+    levels = [level for level, _, _ in _cpu._builds()]
+    results = {level: run(level) for level in levels}
+    for level in levels[1:]:
+        for a, b in zip(results[levels[0]], results[level], strict=True):
+            bits = torch.int16 if a.element_size() == 2 else torch.int32
+            assert torch.equal(a.view(bits), b.view(bits)), f"{levels[0]} and {level} differ"

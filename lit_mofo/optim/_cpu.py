@@ -279,7 +279,7 @@ class CpuKernels:
             "sampled_bracket": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64],
             "sampled_fused": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _I64],
         }
-        returns_status = ("sampled_bracket", "sampled_fused")
+        returns_status = ("moments_bracket", "update", "fused", "sampled_bracket", "sampled_fused")
         for dtype in self.dtypes:
             for name, argtypes in signatures.items():
                 fn = getattr(lib, f"mofo_{name}_{_SUFFIX[dtype]}")
@@ -310,7 +310,8 @@ class CpuKernels:
         return torch.get_num_threads()
 
     def _call(self, name: str, batch: Batch, *args: object) -> None:
-        self._fns[name, batch.dtype](*args)
+        if self._fns[name, batch.dtype](*args):
+            raise MemoryError(f"MoFO's C kernels could not allocate their per-thread counts ({name})")
 
     def sample(self, batch: Batch, out: Tensor) -> None:
         self._call("sample", batch, _ptr(batch.meta), _ptr(batch.scal), batch.size, _ptr(batch.param_base),

@@ -714,6 +714,31 @@ DEFINE_SAMPLER(bf16, uint16_t, load_bf16)
 DEFINE_SAMPLER(f16, uint16_t, load_f16)
 #endif
 
+/* ---- one parallel region per batch ---------------------------------------------------------------------------------
+   A pass over a batch runs in a single parallel region: each thread takes its share of every tensor (its chunk of a
+   large one, whole small ones in turn) and goes on to the next tensor without waiting for the others. A region per
+   tensor would stall at every tensor whenever another process holds one of the cores. */
+
+#ifdef _OPENMP
+#define THREAD_ID() ((int64_t)omp_get_thread_num())
+#define THREAD_COUNT() ((int64_t)omp_get_num_threads())
+#else
+#define THREAD_ID() ((int64_t)0)
+#define THREAD_COUNT() ((int64_t)1)
+#endif
+
+/* The threads for a batch of `total` local entries. */
+static inline int64_t batch_threads(const int64_t* meta, int64_t T, int64_t threads) {
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) total += meta[t * M_COLUMNS + M_NUMEL];
+    return num_chunks(total, threads);
+}
+
+/* How many chunks tensor t is split into with K threads (a small tensor is one chunk), and which thread takes
+   chunk c of it. */
+static inline int64_t tensor_chunks(int64_t n, int64_t K) { return n < PAR_MIN ? 1 : K; }
+static inline int64_t chunk_owner(int64_t t, int64_t c, int64_t chunks, int64_t K) { return chunks == 1 ? t % K : c; }
+
 /* ---- per parameter dtype ---------------------------------------------------------------------------------------- */
 
 #define DEFINE_KERNELS(SUF, PT, LOAD)                                                                                  \
@@ -730,82 +755,108 @@ DEFINE_SAMPLER(f16, uint16_t, load_f16)
             sampler_take_##SUF(&sp, row[M_SAMPLE]);                                                                    \
         }                                                                                                              \
     }                                                                                                                  \
-    /* The exact selection's first pass over one tensor: both moments on every entry with a finite gradient; counts  \
-       of |m_t| that are NaN, above hi and in [lo, hi] (an entry with a non-finite gradient counting as 0) and of the  \
-       skipped entries; the in-bracket values themselves into the tensor's candidate region, all of them whenever     \
-       they fit (the chunks that ran out of their share of the region are collected again). */                       \
-    static void bracket_tensor_##SUF(const int64_t* row, const float* scal_row, const PT* pbase, float* mbase,         \
-                                     float lo, float hi, int64_t* out, float* cand, int64_t threads) {                \
-        const int64_t n = row[M_NUMEL], cap = row[M_CAND_CAPACITY];                                                    \
-        const PT* g = pbase + row[M_GRAD];                                                                             \
-        float* m = mbase + row[M_EXP_AVG];                                                                             \
-        float* v = mbase + row[M_EXP_AVG_SQ];                                                                          \
-        float* region = cand + row[M_CAND_OFFSET];                                                                     \
-        const scalars_t s = scalars_of(scal_row);                                                                      \
-        const int64_t chunks = num_chunks(n, threads), cap_t = cap / chunks;                                           \
-        int64_t c[MAX_CHUNKS][5];                                                                                      \
-        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) if (chunks > 1)")                           \
-        for (int64_t k = 0; k < chunks; ++k) {                                                                         \
-            int64_t i = chunk_begin(n, chunks, k), end = chunk_begin(n, chunks, k + 1);                                \
-            for (int q = 0; q < 5; ++q) c[k][q] = 0;                                                                   \
-            RUN_SPANS(bracket_span_v_##SUF(m, v, g, &i, end, &s, lo, hi, region + k * cap_t, cap_t, c[k]),             \
-                      bracket_span_s_##SUF(m, v, g, &i, end, &s, lo, hi, region + k * cap_t, cap_t, c[k]));            \
-        }                                                                                                              \
-        int64_t total[5] = {0, 0, 0, 0, 0};                                                                            \
-        for (int64_t k = 0; k < chunks; ++k)                                                                           \
-            for (int q = 0; q < 5; ++q) total[q] += c[k][q];                                                           \
-        int64_t stored = 0;                                                                                            \
-        for (int64_t k = 0; k < chunks; ++k) { /* the complete chunks' candidates, to the front */                     \
-            if (c[k][3] < c[k][2]) continue;                                                                           \
-            if (k > 0 && c[k][3] > 0) memmove(region + stored, region + k * cap_t, (size_t)c[k][3] * sizeof(float));   \
-            stored += c[k][3];                                                                                         \
-        }                                                                                                              \
-        if (total[2] <= cap)                                                                                           \
-            for (int64_t k = 0; k < chunks; ++k) { /* then those of the chunks that ran out of room */                 \
-                if (c[k][3] >= c[k][2]) continue;                                                                      \
-                const PT* gk = total[4] ? g : NULL;                                                                    \
-                for (int64_t i = chunk_begin(n, chunks, k); i < chunk_begin(n, chunks, k + 1); ++i) {                  \
-                    float a = MAGNITUDE(m, gk, i, LOAD);                                                               \
-                    if ((a >= lo) & (a <= hi)) region[stored++] = a;                                                   \
+    /* Tensor t's sample and its bracket (lo: the j_lo-th largest sample value, 0 past the sample; hi: the j_hi-th     \
+       largest, +inf before it). Returns 0, or -1 without memory for a selection. */                                  \
+    static int sample_bracket_##SUF(const int64_t* meta, const float* scal, int64_t t, const PT* pbase,              \
+                                    const float* mbase, float* samples, float* lo, float* hi) {                       \
+        const int64_t* row = meta + t * M_COLUMNS;                                                                     \
+        const int64_t s = row[M_SAMPLE];                                                                               \
+        lo[t] = 0.0f;                                                                                                  \
+        hi[t] = INFINITY;                                                                                              \
+        if (s == 0) return 0;                                                                                          \
+        sampler_t sp;                                                                                                  \
+        sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, samples, 0, s);            \
+        sampler_take_##SUF(&sp, s);                                                                                    \
+        const float* sample = samples + row[M_SAMPLE_OFFSET];                                                          \
+        if (row[M_J_HI] >= 1) hi[t] = select_kth(sample, s, s - row[M_J_HI]);                                          \
+        if (row[M_J_LO] <= s) lo[t] = select_kth(sample, s, s - row[M_J_LO]);                                          \
+        return (hi[t] != hi[t]) | (lo[t] != lo[t]) ? -1 : 0;                                                           \
+    }                                                                                                                  \
+    /* The exact selection's first pass: both moments on every entry with a finite gradient; counts of |m_t| that    \
+       are NaN, above hi and in [lo, hi] (an entry with a non-finite gradient counting as 0) and of the skipped       \
+       entries; the in-bracket values themselves into the tensor's candidate region, all of them whenever they fit   \
+       (the chunks that ran out of their share of the region are collected again). With samples (not NULL), each     \
+       tensor's bracket is first taken from its sample, the threads sharing the tensors, and written to lo and hi.    \
+       Returns 0, or -1 without memory. */                                                                           \
+    static int bracket_batch_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase, float* mbase, \
+                                   float* samples, float* lo, float* hi, int64_t* counts, float* cand,                \
+                                   int64_t threads) {                                                                 \
+        const int64_t K = batch_threads(meta, T, threads);                                                             \
+        int64_t(*c)[5] = calloc((size_t)(K * T > 0 ? K * T : 1), sizeof *c); /* per chunk: see the bracket span */    \
+        if (c == NULL) return -1;                                                                                      \
+        int failed = 0;                                                                                                \
+        int64_t used = 1; /* the threads the region got, which split the tensors */                                   \
+        _Pragma("omp parallel num_threads(K) if (K > 1) reduction(| : failed)")                                       \
+        {                                                                                                              \
+            const int64_t k = THREAD_ID(), threads_here = THREAD_COUNT();                                             \
+            if (k == 0) used = threads_here;                                                                           \
+            if (samples != NULL) {                                                                                     \
+                for (int64_t t = k; t < T; t += threads_here)                                                          \
+                    failed |= sample_bracket_##SUF(meta, scal, t, pbase, mbase, samples, lo, hi);                     \
+                _Pragma("omp barrier")                                                                                 \
+            }                                                                                                          \
+            for (int64_t t = 0; t < T; ++t) {                                                                          \
+                const int64_t* row = meta + t * M_COLUMNS;                                                             \
+                const int64_t n = row[M_NUMEL], chunks = tensor_chunks(n, threads_here);                               \
+                const int64_t cap_t = row[M_CAND_CAPACITY] / chunks;                                                   \
+                const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                  \
+                float* m = mbase + row[M_EXP_AVG];                                                                     \
+                float* v = mbase + row[M_EXP_AVG_SQ];                                                                  \
+                const PT* g = pbase + row[M_GRAD];                                                                     \
+                for (int64_t part = 0; part < chunks; ++part) {                                                        \
+                    if (chunk_owner(t, part, chunks, threads_here) != k) continue;                                     \
+                    int64_t i = chunk_begin(n, chunks, part), end = chunk_begin(n, chunks, part + 1);                  \
+                    float* mine = cand + row[M_CAND_OFFSET] + part * cap_t;                                            \
+                    int64_t* cc = c[t * K + part];                                                                     \
+                    RUN_SPANS(bracket_span_v_##SUF(m, v, g, &i, end, &s, lo[t], hi[t], mine, cap_t, cc),               \
+                              bracket_span_s_##SUF(m, v, g, &i, end, &s, lo[t], hi[t], mine, cap_t, cc));              \
                 }                                                                                                      \
             }                                                                                                          \
-        out[C_NAN] += total[0];                                                                                        \
-        out[C_ABOVE] += total[1];                                                                                      \
-        out[C_INSIDE] += total[2];                                                                                     \
-        out[C_SKIPPED] += total[4];                                                                                    \
+        }                                                                                                              \
+        for (int64_t t = 0; t < T; ++t) { /* each tensor's candidates to the front of its region */                   \
+            const int64_t* row = meta + t * M_COLUMNS;                                                                 \
+            const int64_t n = row[M_NUMEL], cap = row[M_CAND_CAPACITY], chunks = tensor_chunks(n, used);               \
+            const int64_t cap_t = cap / chunks;                                                                        \
+            float* region = cand + row[M_CAND_OFFSET];                                                                 \
+            const float* m = mbase + row[M_EXP_AVG];                                                                   \
+            int64_t total[5] = {0, 0, 0, 0, 0};                                                                        \
+            for (int64_t part = 0; part < chunks; ++part)                                                              \
+                for (int q = 0; q < 5; ++q) total[q] += c[t * K + part][q];                                            \
+            int64_t stored = 0;                                                                                        \
+            for (int64_t part = 0; part < chunks; ++part) { /* the complete chunks' candidates */                      \
+                const int64_t* cc = c[t * K + part];                                                                   \
+                if (cc[3] < cc[2]) continue;                                                                           \
+                if (part > 0 && cc[3] > 0) memmove(region + stored, region + part * cap_t, (size_t)cc[3] * sizeof(float)); \
+                stored += cc[3];                                                                                       \
+            }                                                                                                          \
+            if (total[2] <= cap)                                                                                       \
+                for (int64_t part = 0; part < chunks; ++part) { /* then those of the chunks that ran out of room */    \
+                    if (c[t * K + part][3] >= c[t * K + part][2]) continue;                                            \
+                    const PT* gk = total[4] ? pbase + row[M_GRAD] : NULL;                                              \
+                    for (int64_t i = chunk_begin(n, chunks, part); i < chunk_begin(n, chunks, part + 1); ++i) {        \
+                        float a = MAGNITUDE(m, gk, i, LOAD);                                                           \
+                        if ((a >= lo[t]) & (a <= hi[t])) region[stored++] = a;                                         \
+                    }                                                                                                  \
+                }                                                                                                      \
+            int64_t* out = counts + t * C_COLUMNS;                                                                     \
+            out[C_NAN] += total[0];                                                                                    \
+            out[C_ABOVE] += total[1];                                                                                  \
+            out[C_INSIDE] += total[2];                                                                                 \
+            out[C_SKIPPED] += total[4];                                                                                \
+        }                                                                                                              \
+        free(c);                                                                                                       \
+        return failed ? -1 : 0;                                                                                        \
     }                                                                                                                  \
-    void mofo_moments_bracket_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase,              \
-                                    float* mbase, const float* lo, const float* hi, int64_t* counts, float* cand,     \
-                                    int64_t threads) {                                                                 \
-        for (int64_t t = 0; t < T; ++t)                                                                                \
-            bracket_tensor_##SUF(meta + t * M_COLUMNS, scal + t * S_COLUMNS, pbase, mbase, lo[t], hi[t],               \
-                                 counts + t * C_COLUMNS, cand, threads);                                               \
+    int mofo_moments_bracket_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase, float* mbase,  \
+                                   const float* lo, const float* hi, int64_t* counts, float* cand, int64_t threads) {  \
+        return bracket_batch_##SUF(meta, scal, T, pbase, mbase, NULL, (float*)lo, (float*)hi, counts, cand, threads); \
     }                                                                                                                  \
-    /* The same, each tensor's bracket taken from its sample (lo: the j_lo-th largest, 0 past the sample; hi: the      \
-       j_hi-th largest, +inf before it), each tensor sampled right before its pass. For batches whose sample needs no \
-       sum over ranks; writes lo and hi. Returns 0, or -1 without memory for a selection. */                          \
-    int mofo_sampled_bracket_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase, float* mbase, \
+    /* The same, each tensor's bracket taken from its sample first; writes lo and hi. For batches whose sample needs  \
+       no sum over ranks. */                                                                                           \
+    int mofo_sampled_bracket_##SUF(const int64_t* meta, const float* scal, int64_t T, const PT* pbase, float* mbase,  \
                                    float* samples, float* lo, float* hi, int64_t* counts, float* cand,                \
                                    int64_t threads) {                                                                  \
-        int failed = 0;                                                                                                \
-        sampler_t sp;                                                                                                  \
-        for (int64_t t = 0; t < T; ++t) {                                                                              \
-            const int64_t* row = meta + t * M_COLUMNS;                                                                 \
-            const int64_t s = row[M_SAMPLE];                                                                           \
-            lo[t] = 0.0f;                                                                                              \
-            hi[t] = INFINITY;                                                                                          \
-            if (s > 0) {                                                                                               \
-                sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, samples, 0, s);    \
-                sampler_take_##SUF(&sp, s);                                                                            \
-                const float* sample = samples + row[M_SAMPLE_OFFSET];                                                  \
-                if (row[M_J_HI] >= 1) hi[t] = select_kth(sample, s, s - row[M_J_HI]);                                  \
-                if (row[M_J_LO] <= s) lo[t] = select_kth(sample, s, s - row[M_J_LO]);                                  \
-                failed |= (hi[t] != hi[t]) | (lo[t] != lo[t]);                                                         \
-            }                                                                                                          \
-            bracket_tensor_##SUF(row, scal + t * S_COLUMNS, pbase, mbase, lo[t], hi[t], counts + t * C_COLUMNS, cand,   \
-                                 threads);                                                                             \
-        }                                                                                                              \
-        return failed ? -1 : 0;                                                                                        \
+        return bracket_batch_##SUF(meta, scal, T, pbase, mbase, samples, lo, hi, counts, cand, threads);              \
     }                                                                                                                  \
     /* Adds to hist[t] the digits of |m| in (lo, hi, mode) of the tensors whose source is SOURCE_RANGE. */            \
     void mofo_histogram_range_##SUF(const int64_t* meta, int64_t T, const PT* pbase, const float* mbase,             \
@@ -843,75 +894,95 @@ DEFINE_SAMPLER(f16, uint16_t, load_f16)
         }                                                                                                              \
     }                                                                                                                  \
     /* The exact selection's second pass: the AdamW step on the entries with |m| >= tau and a finite gradient (the   \
-       gradient is read only for the tensors that had non-finite entries); the others keep their bits. */            \
-    void mofo_update_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,               \
-                           const float* tau, int64_t* counts, int has_master, int64_t threads) {                      \
-        for (int64_t t = 0; t < T; ++t) {                                                                              \
-            const int64_t* row = meta + t * M_COLUMNS;                                                                 \
-            const int64_t n = row[M_NUMEL], chunks = num_chunks(n, threads);                                           \
-            PT* p = pbase + row[M_PARAM];                                                                              \
-            const PT* g = counts[t * C_COLUMNS + C_SKIPPED] ? pbase + row[M_GRAD] : NULL;                              \
-            const float* m = mbase + row[M_EXP_AVG];                                                                   \
-            const float* v = mbase + row[M_EXP_AVG_SQ];                                                                \
-            float* w = has_master ? mbase + row[M_MASTER] : NULL;                                                      \
-            const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                      \
-            const float threshold = tau[t];                                                                            \
-            int64_t moved = 0;                                                                                         \
-            _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) reduction(+ : moved) if (chunks > 1)")  \
-            for (int64_t k = 0; k < chunks; ++k)                                                                       \
-                moved += update_chunk_##SUF(p, m, v, g, w, chunk_begin(n, chunks, k), chunk_begin(n, chunks, k + 1),   \
-                                            threshold, &s);                                                            \
-            counts[t * C_COLUMNS + C_MOVED] += moved;                                                                  \
-        }                                                                                                              \
-    }                                                                                                                  \
-    /* One pass over one tensor for a threshold known in advance (the sampled selection, the dense step): moments,    \
-       comparison, step; entries with a non-finite gradient keep moments and weight. */                              \
-    static void fused_tensor_##SUF(const int64_t* row, const float* scal_row, PT* pbase, float* mbase, float tau,     \
-                                   int64_t* out, int has_master, int64_t threads) {                                   \
-        const int64_t n = row[M_NUMEL], chunks = num_chunks(n, threads);                                               \
-        PT* p = pbase + row[M_PARAM];                                                                                  \
-        const PT* g = pbase + row[M_GRAD];                                                                             \
-        float* m = mbase + row[M_EXP_AVG];                                                                             \
-        float* v = mbase + row[M_EXP_AVG_SQ];                                                                          \
-        float* w = has_master ? mbase + row[M_MASTER] : NULL;                                                          \
-        const scalars_t s = scalars_of(scal_row);                                                                      \
-        const int dense = row[M_DENSE] != 0;                                                                           \
-        int64_t moved = 0, skipped = 0;                                                                                \
-        _Pragma("omp parallel for schedule(static, 1) num_threads(chunks) reduction(+ : moved, skipped) if (chunks > 1)") \
-        for (int64_t k = 0; k < chunks; ++k)                                                                           \
-            moved += fused_chunk_##SUF(p, m, v, g, w, chunk_begin(n, chunks, k), chunk_begin(n, chunks, k + 1), tau,   \
-                                       dense, &s, &skipped);                                                           \
-        out[C_MOVED] += moved;                                                                                         \
-        out[C_SKIPPED] += skipped;                                                                                     \
-    }                                                                                                                  \
-    void mofo_fused_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,                \
+       gradient is read only for the tensors that had non-finite entries); the others keep their bits. Returns 0, or  \
+       -1 without memory. */                                                                                          \
+    int mofo_update_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,                \
                           const float* tau, int64_t* counts, int has_master, int64_t threads) {                       \
+        const int64_t K = batch_threads(meta, T, threads);                                                             \
+        int64_t* moved = calloc((size_t)(K * T > 0 ? K * T : 1), sizeof *moved);                                       \
+        if (moved == NULL) return -1;                                                                                  \
+        _Pragma("omp parallel num_threads(K) if (K > 1)")                                                             \
+        {                                                                                                              \
+            const int64_t k = THREAD_ID(), threads_here = THREAD_COUNT();                                             \
+            for (int64_t t = 0; t < T; ++t) {                                                                          \
+                const int64_t* row = meta + t * M_COLUMNS;                                                             \
+                const int64_t n = row[M_NUMEL], chunks = tensor_chunks(n, threads_here);                               \
+                const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                  \
+                const PT* g = counts[t * C_COLUMNS + C_SKIPPED] ? pbase + row[M_GRAD] : NULL;                          \
+                float* w = has_master ? mbase + row[M_MASTER] : NULL;                                                  \
+                for (int64_t part = 0; part < chunks; ++part)                                                          \
+                    if (chunk_owner(t, part, chunks, threads_here) == k)                                               \
+                        moved[t * K + part] += update_chunk_##SUF(pbase + row[M_PARAM], mbase + row[M_EXP_AVG],        \
+                                                                  mbase + row[M_EXP_AVG_SQ], g, w,                     \
+                                                                  chunk_begin(n, chunks, part),                        \
+                                                                  chunk_begin(n, chunks, part + 1), tau[t], &s);       \
+            }                                                                                                          \
+        }                                                                                                              \
         for (int64_t t = 0; t < T; ++t)                                                                                \
-            fused_tensor_##SUF(meta + t * M_COLUMNS, scal + t * S_COLUMNS, pbase, mbase, tau[t],                       \
-                               counts + t * C_COLUMNS, has_master, threads);                                           \
+            for (int64_t part = 0; part < K; ++part) counts[t * C_COLUMNS + C_MOVED] += moved[t * K + part];           \
+        free(moved);                                                                                                   \
+        return 0;                                                                                                      \
     }                                                                                                                  \
-    /* The one-pass step with each sampled tensor's threshold (the rank-th largest of its sample) taken from its       \
-       sample, each tensor sampled right before its pass. For batches whose sample needs no sum over ranks; writes    \
-       the thresholds to tau. Returns 0, or -1 without memory for a selection. */                                     \
+    /* One pass for thresholds known in advance (the sampled selection, the dense step): moments, comparison, step;   \
+       entries with a non-finite gradient keep moments and weight. With samples (not NULL), each sampled tensor's     \
+       threshold is first taken from its sample (the rank-th largest), the threads sharing the tensors, and written   \
+       to tau. Returns 0, or -1 without memory. */                                                                    \
+    static int fused_batch_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,         \
+                                 float* samples, int64_t rank, float* tau, int64_t* counts, int has_master,           \
+                                 int64_t threads) {                                                                   \
+        const int64_t K = batch_threads(meta, T, threads);                                                             \
+        int64_t(*c)[2] = calloc((size_t)(K * T > 0 ? K * T : 1), sizeof *c); /* per chunk: moved, skipped */          \
+        if (c == NULL) return -1;                                                                                      \
+        int failed = 0;                                                                                                \
+        _Pragma("omp parallel num_threads(K) if (K > 1) reduction(| : failed)")                                       \
+        {                                                                                                              \
+            const int64_t k = THREAD_ID(), threads_here = THREAD_COUNT();                                             \
+            if (samples != NULL) {                                                                                     \
+                for (int64_t t = k; t < T; t += threads_here) {                                                        \
+                    const int64_t* row = meta + t * M_COLUMNS;                                                         \
+                    const int64_t s = row[M_SAMPLE];                                                                   \
+                    tau[t] = 0.0f;                                                                                     \
+                    if (s == 0) continue;                                                                              \
+                    sampler_t sp;                                                                                      \
+                    sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, samples, 0, s); \
+                    sampler_take_##SUF(&sp, s);                                                                        \
+                    tau[t] = select_kth(samples + row[M_SAMPLE_OFFSET], s, s - rank);                                  \
+                    failed |= tau[t] != tau[t];                                                                        \
+                }                                                                                                      \
+                _Pragma("omp barrier")                                                                                 \
+            }                                                                                                          \
+            for (int64_t t = 0; t < T; ++t) {                                                                          \
+                const int64_t* row = meta + t * M_COLUMNS;                                                             \
+                const int64_t n = row[M_NUMEL], chunks = tensor_chunks(n, threads_here);                               \
+                const scalars_t s = scalars_of(scal + t * S_COLUMNS);                                                  \
+                float* w = has_master ? mbase + row[M_MASTER] : NULL;                                                  \
+                for (int64_t part = 0; part < chunks; ++part)                                                          \
+                    if (chunk_owner(t, part, chunks, threads_here) == k)                                               \
+                        c[t * K + part][0] += fused_chunk_##SUF(pbase + row[M_PARAM], mbase + row[M_EXP_AVG],          \
+                                                                mbase + row[M_EXP_AVG_SQ], pbase + row[M_GRAD], w,     \
+                                                                chunk_begin(n, chunks, part),                          \
+                                                                chunk_begin(n, chunks, part + 1), tau[t],              \
+                                                                row[M_DENSE] != 0, &s, &c[t * K + part][1]);           \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int64_t t = 0; t < T; ++t)                                                                                \
+            for (int64_t part = 0; part < K; ++part) {                                                                 \
+                counts[t * C_COLUMNS + C_MOVED] += c[t * K + part][0];                                                 \
+                counts[t * C_COLUMNS + C_SKIPPED] += c[t * K + part][1];                                               \
+            }                                                                                                          \
+        free(c);                                                                                                       \
+        return failed ? -1 : 0;                                                                                        \
+    }                                                                                                                  \
+    int mofo_fused_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase, const float* tau, \
+                         int64_t* counts, int has_master, int64_t threads) {                                          \
+        return fused_batch_##SUF(meta, scal, T, pbase, mbase, NULL, 0, (float*)tau, counts, has_master, threads);    \
+    }                                                                                                                  \
+    /* The same, each sampled tensor's threshold (the rank-th largest of its sample) taken from its sample first;     \
+       writes the thresholds to tau. For batches whose sample needs no sum over ranks. */                             \
     int mofo_sampled_fused_##SUF(const int64_t* meta, const float* scal, int64_t T, PT* pbase, float* mbase,         \
                                  float* samples, int64_t rank, float* tau, int64_t* counts, int has_master,           \
                                  int64_t threads) {                                                                   \
-        int failed = 0;                                                                                                \
-        sampler_t sp;                                                                                                  \
-        for (int64_t t = 0; t < T; ++t) {                                                                              \
-            const int64_t* row = meta + t * M_COLUMNS;                                                                 \
-            const int64_t s = row[M_SAMPLE];                                                                           \
-            tau[t] = 0.0f;                                                                                             \
-            if (s > 0) {                                                                                               \
-                sampler_init(&sp, row, scal + t * S_COLUMNS, (const char*)pbase, sizeof(PT), mbase, samples, 0, s);    \
-                sampler_take_##SUF(&sp, s);                                                                            \
-                tau[t] = select_kth(samples + row[M_SAMPLE_OFFSET], s, s - rank);                                      \
-                failed |= tau[t] != tau[t];                                                                            \
-            }                                                                                                          \
-            fused_tensor_##SUF(row, scal + t * S_COLUMNS, pbase, mbase, tau[t], counts + t * C_COLUMNS, has_master,    \
-                               threads);                                                                               \
-        }                                                                                                              \
-        return failed ? -1 : 0;                                                                                        \
+        return fused_batch_##SUF(meta, scal, T, pbase, mbase, samples, rank, tau, counts, has_master, threads);      \
     }
 
 DEFINE_KERNELS(f32, float, load_f32)
