@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from lit_mofo._validation import as_bool, as_choice, as_float, as_int
-from lit_mofo.dtensor import ShardLayout, collective_device, is_dtensor, local, shard_layout
+from lit_mofo.dtensor import ShardLayout, collective_device, is_dtensor, local, placements, shard_layout
 from lit_mofo.optim._eager import EagerKernels
 from lit_mofo.optim._kernels import kernels_for
 from lit_mofo.optim._selection import BatchedKernels, Entry, StepScalars, sample_key, step_group
@@ -519,12 +519,12 @@ def _local_tensors(
     gradient, moments and master copy must then be DTensors laid out alike)."""
     if not is_dtensor(param):
         return param, grad, exp_avg, exp_avg_sq, master
-    placements = tuple(param.placements)  # type: ignore[attr-defined]
+    layout = placements(param)
     for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("master_weight", master)):
-        if tensor is not None and (not is_dtensor(tensor) or tuple(tensor.placements) != placements):  # type: ignore[attr-defined]
+        if tensor is not None and placements(tensor) != layout:
             raise ValueError(
-                f"MoFO: the {name} of a DTensor parameter with placements {placements} must be a DTensor with the "
-                f"same placements, got {type(tensor).__name__} {tuple(getattr(tensor, 'placements', ()))}."
+                f"MoFO: the {name} of a DTensor parameter with placements {layout} must be a DTensor with the "
+                f"same placements, got {type(tensor).__name__} {placements(tensor)}."
             )
     return local(param), local(grad), local(exp_avg), local(exp_avg_sq), None if master is None else local(master)
 
