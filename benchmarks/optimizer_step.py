@@ -7,18 +7,26 @@ Usage::
     python benchmarks/optimizer_step.py --device cuda       # same script on a GPU
     python benchmarks/optimizer_step.py --quick             # a few small tensors, seconds (kept working by a test)
     python benchmarks/optimizer_step.py --markdown benchmarks/results/optimizer_step.md
+    python benchmarks/optimizer_step.py --threads 1 2 --methods adamw_fused mofo_exact_fused mofo_sampled_fused
 
 Every method steps the same parameters with the same (fixed, random) gradients; rounds interleave the methods
 (the order rotates each round) so that load from other processes hits all of them alike, and each method's time
 is the median over the measured rounds after the warm-up rounds (the slow methods, the topk reference and the
-eager MoFO paths, sit out the rounds after ``--slow-steps``). Ratios are to torch's fused AdamW of the same run. On
-a machine shared with other work, ``--threads 1`` gives steadier ratios: OpenMP regions stall whenever one of their
-threads is descheduled. The methods:
+eager MoFO paths, sit out the rounds after ``--slow-steps``). A method's ratio to torch's fused AdamW is the median
+over the rounds of its time divided by fused AdamW's time in the same round, so that a burst of load from other
+processes, which slows one round, cancels out. On a machine shared with other work, ``--threads 1`` gives steadier
+ratios: OpenMP regions stall whenever one of their threads is descheduled. ``--threads 1 2`` measures every
+configuration at each thread count in one process. Every figure is printed with the CPU's model, its vector
+extensions, torch's CPU capability, the instruction set of MoFO's C kernels and the load average (the speed of
+these memory-bound steps depends on all of them). The methods:
 
 - ``adamw_forloop`` / ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW`` with each implementation flag;
 - ``mofo_reference_topk``: MoFO as the paper's reference code computes it, one ``torch.topk`` per tensor per step;
 - ``mofo_{exact,sampled}_{fused,eager}``: ``lit_mofo.MoFO`` with ``selection=...`` and ``fused=None`` (the fused
-  CPU kernels where they apply) or ``fused=False`` (torch operations only);
+  CPU kernels where they apply) or ``fused=False`` (torch operations only), and ``master_weights=False``: like
+  torch's AdamW, no float32 copy of bfloat16 parameters (the same work, the comparison the targets are set on);
+- for bfloat16 parameters, ``mofo_{exact,sampled}_fused_master``: MoFO's default, with float32 master weights
+  (4 more bytes of state per parameter, read and written by every step);
 - on CUDA, ``mofo_{exact,sampled}_triton`` (``fused=True``: the Triton kernels) instead of ``_fused``; the first
   step of each (Triton's compilation) is reported separately and never timed.
 
@@ -54,7 +62,7 @@ from torch.optim import Optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_mofo.optim import _fused
+from lit_mofo.optim import _cpu
 from lit_mofo.optim.mofo import MoFO
 
 LR = 1e-5
@@ -123,7 +131,7 @@ class Method:
     moment_dtype: Callable[[torch.dtype], torch.dtype]
     fused_step_tensor: bool = False
     slow: bool = False  # sits out the rounds after --slow-steps measured ones
-    times: list[float] = field(default_factory=list)
+    times: dict[int, float] = field(default_factory=dict)  # measured round -> seconds
     first: float | None = None  # the first step (allocation, compilation), never in the timings
     path: str = ""
     state_bytes: int = 0
@@ -138,7 +146,7 @@ def mofo_moment_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def make_methods(device: torch.device) -> list[Method]:
+def make_methods(device: torch.device, dtype: torch.dtype = torch.float32) -> list[Method]:
     fused_adamw = device.type in ("cpu", "cuda")
     methods = [
         Method("adamw_forloop", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False), same_dtype),
@@ -153,9 +161,20 @@ def make_methods(device: torch.device) -> list[Method]:
             methods.append(
                 Method(
                     f"mofo_{selection}_{label}",
-                    lambda ps, s=selection, f=fused: MoFO(ps, lr=LR, fraction=FRACTION, selection=s, fused=f),
+                    lambda ps, s=selection, f=fused: MoFO(
+                        ps, lr=LR, fraction=FRACTION, selection=s, fused=f, master_weights=False
+                    ),
                     mofo_moment_dtype,
                     slow=fused is False,
+                )
+            )
+    if dtype in (torch.bfloat16, torch.float16):  # MoFO's default for such parameters: a float32 master copy
+        for selection in ("exact", "sampled"):
+            methods.append(
+                Method(
+                    f"mofo_{selection}_{kernels[1]}_master",
+                    lambda ps, s=selection, f=kernels[0]: MoFO(ps, lr=LR, fraction=FRACTION, selection=s, fused=f),
+                    mofo_moment_dtype,
                 )
             )
     return methods
@@ -166,14 +185,14 @@ def describe_path(method: Method, params: list[Tensor], device: torch.device) ->
         return "torch"
     if method.name.endswith("_eager"):
         return "torch ops"
-    if method.name.endswith("_triton"):
+    if "_triton" in method.name:
         return "Triton kernels"
-    kernels = _fused.load()
+    kernels = _cpu.load()
     if kernels is None:
-        return f"torch ops ({_fused.unavailable_reason()})"
+        return f"torch ops ({_cpu.unavailable_reason()})"
     moment = mofo_moment_dtype(params[0].dtype)
     usable = device.type == "cpu" and params[0].dtype in kernels.dtypes and moment == torch.float32
-    return "C kernels" if usable else "torch ops (no kernel for this device/dtype)"
+    return f"C kernels ({kernels.isa})" if usable else "torch ops (no kernel for this device/dtype)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -249,9 +268,19 @@ def measure_transient(step: Callable[[], None], device: torch.device) -> int | N
     return max(0, _read_status("VmHWM") - before)
 
 
+def kernel_description() -> str:
+    """Whether the fused CPU kernels loaded (and how long the load took)."""
+    start = time.perf_counter()
+    kernels = _cpu.load()
+    seconds = time.perf_counter() - start
+    if kernels is None:
+        return f"fused MoFO kernels: unavailable ({_cpu.unavailable_reason()})"
+    return f"fused MoFO kernels: loaded in {seconds:.2f} s, built for {kernels.isa}"
+
+
 def compile_costs() -> tuple[float | None, float | None, str | None]:
     """Seconds to compile the fused kernels into an empty cache and to load them from it, each in a fresh process."""
-    code = "from lit_mofo.optim import _fused; k = _fused.load(); print(_fused.load_seconds() if k else -1)"
+    code = "from lit_mofo.optim import _cpu; k = _cpu.load(); print(_cpu.load_seconds() if k else -1)"
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "LIT_MOFO_CACHE_DIR": cache}
@@ -265,7 +294,7 @@ def compile_costs() -> tuple[float | None, float | None, str | None]:
             except (IndexError, ValueError):
                 return None, None, out.stderr.strip()[-300:]
     if seconds[0] < 0:
-        return None, None, _fused.unavailable_reason()
+        return None, None, _cpu.unavailable_reason()
     return seconds[0], seconds[1], None
 
 
@@ -277,6 +306,9 @@ class Result:
     tensors: int
     methods: list[Method]
     rounds: int
+    threads: int
+    load_before: float
+    load_after: float
 
 
 def run_config(
@@ -288,14 +320,16 @@ def run_config(
     steps: int,
     slow_steps: int,
     measure_memory: bool,
+    only: list[str] | None = None,
 ) -> Result:
+    load_before = os.getloadavg()[0]
     gen = torch.Generator(device="cpu").manual_seed(0)
     params = []
     for shape in shapes:
         p = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
         p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
         params.append(p)
-    methods = make_methods(device)
+    methods = [m for m in make_methods(device, dtype) if only is None or m.name in only or m.name == "adamw_fused"]
     optimizers = {}
     moments: dict = {}
     for method in methods:
@@ -315,7 +349,7 @@ def run_config(
             if r == 0:
                 method.first = time.perf_counter() - start
             if r >= warmup:
-                method.times.append(time.perf_counter() - start)
+                method.times[r] = time.perf_counter() - start
     del optimizers, moments
     gc.collect()
     if measure_memory:
@@ -329,20 +363,38 @@ def run_config(
             del optimizer
             gc.collect()
     return Result(
-        shape_name, str(dtype).replace("torch.", ""), sum(p.numel() for p in params), len(params), methods, steps
+        shape_name,
+        str(dtype).replace("torch.", ""),
+        sum(p.numel() for p in params),
+        len(params),
+        methods,
+        steps,
+        torch.get_num_threads(),
+        load_before,
+        os.getloadavg()[0],
     )
+
+
+def median_time(method: Method) -> float:
+    return statistics.median(method.times.values())
+
+
+def median_ratio(method: Method, base: Method) -> float:
+    """The median over the rounds both ran of ``method``'s time over ``base``'s time in the same round."""
+    return statistics.median(method.times[r] / base.times[r] for r in method.times if r in base.times)
 
 
 def format_table(result: Result) -> list[str]:
     by_name = {m.name: m for m in result.methods}
-    base = statistics.median(by_name["adamw_fused"].times) if "adamw_fused" in by_name else None
-    reference = statistics.median(by_name["mofo_reference_topk"].times)
-    adamw_state = by_name["adamw_fused"].state_bytes if "adamw_fused" in by_name else None
+    base = by_name.get("adamw_fused")
+    reference = by_name.get("mofo_reference_topk")
+    adamw_state = base.state_bytes if base is not None else None
     mib = 2**20
     firsts = ", ".join(f"{m.name} {m.first:.1f} s" for m in result.methods if m.name.endswith("_triton") and m.first)
     lines = [
         f"**{result.shapes}**, {result.dtype} parameters ({result.tensors} tensors, {result.numel / 1e6:.1f}M "
-        f"entries), median of {result.rounds} interleaved steps"
+        f"entries), {result.threads} thread(s), median of {result.rounds} interleaved steps, load average "
+        f"{result.load_before:.1f} before / {result.load_after:.1f} after"
         + (f" (first step, with Triton's compilation: {firsts})" if firsts else "")
         + ":",
         "",
@@ -351,14 +403,71 @@ def format_table(result: Result) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in result.methods:
-        t = statistics.median(m.times)
-        ratio = f"{t / base:.2f}" if base else "n/a"
-        speedup = f"{reference / t:.1f}x" if m.name != "mofo_reference_topk" else "1.0x"
+        t = median_time(m)
+        ratio = f"{median_ratio(m, base):.2f}" if base else "n/a"
+        if reference is None:
+            speedup = "n/a"
+        else:
+            speedup = f"{median_ratio(reference, m):.1f}x" if m is not reference else "1.0x"
         state = f"{m.state_bytes / mib:.0f}" if m.state_bytes else "-"
         extra = f"{(m.state_bytes - adamw_state) / mib:+.0f}" if m.state_bytes and adamw_state is not None else "-"
         transient = f"{m.transient_bytes / mib:.0f}" if m.transient_bytes is not None else "-"
         lines.append(f"| {m.name} | {m.path} | {t * 1e3:.1f} | {ratio} | {speedup} | {state} | {extra} | {transient} |")
     return lines
+
+
+# The summary's targets: the exact selection within 1.5x fused AdamW's step, the sampled one within 1.1x.
+TARGETS = {"exact": 1.5, "sampled": 1.1}
+
+
+def format_summary(results: list[Result]) -> list[str]:
+    """One row per configuration: fused AdamW's step and the fused MoFO paths' ratios to it, against the targets."""
+    kernel = "triton" if any(m.name.endswith("_triton") for r in results for m in r.methods) else "fused"
+    lines = [
+        "| shape set | dtype | threads | fused AdamW (ms) | exact x AdamW (target <= 1.5) "
+        "| sampled x AdamW (target <= 1.1) | load average |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        by_name = {m.name: m for m in r.methods}
+        base = by_name.get("adamw_fused")
+        if base is None:
+            continue
+        cells = []
+        for selection, target in TARGETS.items():
+            method = by_name.get(f"mofo_{selection}_{kernel}")
+            if method is None:
+                cells.append("-")
+                continue
+            ratio = median_ratio(method, base)
+            cells.append(f"{ratio:.2f}" + ("" if ratio <= target else " (over)"))
+        lines.append(
+            f"| {r.shapes} | {r.dtype} | {r.threads} | {median_time(base) * 1e3:.1f} | {cells[0]} | {cells[1]} "
+            f"| {r.load_before:.1f} / {r.load_after:.1f} |"
+        )
+    return lines
+
+
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16")
+
+
+def cpu_description() -> str:
+    """The CPU's model, its vector extensions (from /proc/cpuinfo on Linux), torch's CPU capability and, where the
+    fused MoFO kernels loaded, the instruction set they run: what the speed of a memory-bound step depends on."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    vector = " ".join(flag for flag in VECTOR_FLAGS if flag in flags) or "unknown"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    return f"CPU: {model}, {os.cpu_count()} CPUs; vector flags: {vector}; torch CPU capability: {capability}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,15 +486,18 @@ def main(argv: list[str] | None = None) -> None:
         default=3,
         help="measured rounds of the slow methods (topk reference, eager MoFO), which sit out the later rounds",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=None, help="torch.set_num_threads, a run per value (default: torch's)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="only these methods (and fused AdamW, the ratios' reference)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory measurement")
     parser.add_argument("--no-compile-cost", action="store_true", help="skip timing a cold kernel compilation")
     parser.add_argument("--quick", action="store_true", help="five small tensors, fp32, 2 rounds: a smoke test")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     configs: list[tuple[str, list[tuple[int, ...]]]]
     if args.quick:
@@ -400,24 +512,17 @@ def main(argv: list[str] | None = None) -> None:
                 configs.append(("GPT-2-small", gpt2_small_shapes()))
             else:
                 configs.append((f"Llama-2-7B, {args.llama_layers} layer(s)", llama2_7b_layer_shapes(args.llama_layers)))
+    thread_counts = args.threads or [torch.get_num_threads()]
+    names = {m.name for m in make_methods(device, torch.bfloat16)}
+    if args.methods is not None and not set(args.methods) <= names:
+        parser.error(f"unknown methods {sorted(set(args.methods) - names)}; the methods are {sorted(names)}")
 
     header = [
         f"torch {torch.__version__}, device {device}"
-        + (
-            f" ({torch.cuda.get_device_name(device)})"
-            if device.type == "cuda"
-            else f" ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)"
-        )
-        + f", {torch.get_num_threads()} threads",
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        cpu_description(),
     ]
-    start = time.perf_counter()
-    kernels = _fused.load()
-    seconds = time.perf_counter() - start
-    header.append(
-        f"fused MoFO kernels: loaded in {seconds:.2f} s"
-        if kernels
-        else f"fused MoFO kernels: unavailable ({_fused.unavailable_reason()})"
-    )
+    header.append(kernel_description())
     if not args.no_compile_cost and not args.quick:
         cold, warm, error = compile_costs()
         if cold is None:
@@ -430,21 +535,29 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(header), flush=True)
 
     sections = ["\n".join(header)]
-    for name, shapes in configs:
-        for dtype_name in dtypes:
-            result = run_config(
-                name,
-                shapes,
-                DTYPES[dtype_name],
-                device,
-                args.warmup,
-                args.steps,
-                args.slow_steps,
-                measure_memory=not args.no_memory,
-            )
-            table = "\n".join(format_table(result))
-            print("\n" + table, flush=True)
-            sections.append(table)
+    results = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for name, shapes in configs:
+            for dtype_name in dtypes:
+                result = run_config(
+                    name,
+                    shapes,
+                    DTYPES[dtype_name],
+                    device,
+                    args.warmup,
+                    args.steps,
+                    args.slow_steps,
+                    measure_memory=not args.no_memory,
+                    only=args.methods,
+                )
+                results.append(result)
+                table = "\n".join(format_table(result))
+                print("\n" + table, flush=True)
+                sections.append(table)
+    summary = "\n".join(["Summary, median per-round ratios to fused AdamW:", "", *format_summary(results)])
+    print("\n" + summary, flush=True)
+    sections.append(summary)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text("\n\n".join(sections) + "\n")

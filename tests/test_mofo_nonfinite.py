@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from lit_mofo import MoFO
-from lit_mofo.optim import _fused
+from lit_mofo.optim import _cpu
 from lit_mofo.optim.mofo import mofo, selection_mask
 
-KERNELS = _fused.load()
+KERNELS = _cpu.load()
 PATHS = [
     pytest.param(False, id="eager"),
     pytest.param(None, id="fused", marks=pytest.mark.skipif(KERNELS is None, reason="fused kernels unavailable")),

@@ -11,34 +11,55 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from lit_mofo.optim import _fused, _selection
+from lit_mofo.optim import _cpu, _selection
+from lit_mofo.optim._eager import EagerKernels
 from lit_mofo.optim._selection import (
-    EagerOps,
-    LocalView,
-    Scratch,
+    C_MOVED,
+    C_SKIPPED,
+    Batch,
+    Entry,
     StepScalars,
-    exact_threshold,
+    exact_thresholds,
+    plan_exact,
     sample_indices,
     sample_key,
 )
 from lit_mofo.optim.mofo import MoFO, mofo, selection_mask
 
-KERNELS = _fused.load()
-needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"fused kernels unavailable: {_fused.unavailable_reason()}")
+KERNELS = _cpu.load()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"fused kernels unavailable: {_cpu.unavailable_reason()}")
 BACKENDS = [
     pytest.param("eager", id="eager"),
     pytest.param("fused", id="fused", marks=needs_kernels),
 ]
 
 
-def backend(name: str) -> _selection.Ops:
-    return EagerOps() if name == "eager" else KERNELS  # type: ignore[return-value]
+def backend(name: str) -> _selection.BatchedKernels:
+    return EagerKernels() if name == "eager" else KERNELS  # type: ignore[return-value]
+
+
+def one_tensor(
+    exp_avg: Tensor, grad: Tensor, k: int, key: int = 0, exp_avg_sq: Tensor | None = None, param: Tensor | None = None
+) -> Entry:
+    """The selection driver's entry for one whole tensor (parameter and second moment zero unless given)."""
+    return Entry(
+        torch.zeros_like(exp_avg) if param is None else param,
+        grad,
+        exp_avg,
+        torch.zeros_like(exp_avg) if exp_avg_sq is None else exp_avg_sq,
+        None,
+        None,
+        k,
+        key,
+        SCALARS,
+    )
 
 
 SCALARS = StepScalars(
@@ -108,16 +129,14 @@ SHAPES = [(1,), (2,), (3, 1), (7, 5), (64, 64), (130, 131), (300, 301), (1000, 2
 FRACTIONS = [0.15, 0.01, 0.5, 0.999]
 
 
-def run_exact(ops: _selection.Ops, exp_avg: Tensor, grad: Tensor, k: int) -> float:
+def run_exact(ops: _selection.BatchedKernels, exp_avg: Tensor, grad: Tensor, k: int) -> float:
     """The threshold after the moment update of ``exp_avg`` (in place), checking the count of skipped entries."""
-    exp_avg_sq = torch.zeros_like(exp_avg)
-    key = sample_key(0, 0, 1)
+    entry = plan_exact(one_tensor(exp_avg, grad, k, sample_key(0, 0, 1)))
+    exp_avg_sq = entry.exp_avg_sq
     before = exp_avg.clone()
-    view = LocalView(exp_avg.numel())
     nonfinite = ~grad.isfinite()
-    if isinstance(ops, EagerOps) and nonfinite.any():  # as the optimizer does after its group-level check
-        ops = EagerOps(skip=nonfinite)
-    tau, skipped = exact_threshold(ops, view, grad, exp_avg, exp_avg_sq, k, key, SCALARS, Scratch())
+    thresholds, counts = exact_thresholds(ops, Batch([entry], ops.block))
+    tau, skipped = thresholds[0].item(), int(counts[0, C_SKIPPED])
     assert skipped == int(nonfinite.sum())
     torch.testing.assert_close(exp_avg[nonfinite], before[nonfinite], rtol=0, atol=0, equal_nan=True)
     assert not exp_avg_sq[nonfinite].any(), "the second moment of a skipped entry must stay unchanged (0)"
@@ -194,9 +213,13 @@ def test_c_selection_matches_kthvalue_with_duplicates_and_leaves_its_input_uncha
             torch.randint(0, 4, (n,), generator=gen).float(),
             torch.randn(n, generator=gen).exp().pow(8).clamp(max=math.inf),  # many binades, +inf included
         ):
+            entry = one_tensor(values, values, 1)
+            entry.sample = n  # a sample of n entries: the values themselves
+            batch = Batch([entry], KERNELS.block)
             for kth in sorted({0, n // 3, n // 2, n - 1}):
                 work = values.clone()
-                assert KERNELS.select(work, n, kth) == torch.kthvalue(values, kth + 1).values.item()
+                selected = KERNELS.select_sample(batch, work, torch.tensor([[n - kth]]))  # descending rank, 1-based
+                assert selected.item() == torch.kthvalue(values, kth + 1).values.item()
                 assert torch.equal(work, values), "select must leave its input unchanged"
 
 
@@ -207,8 +230,10 @@ def test_sample_positions_are_the_same_in_torch_and_in_c_and_uniform():
             assert int(index.min()) >= 0 and int(index.max()) < numel
             if KERNELS is not None and numel < 2**24:  # float32 holds the positions exactly
                 positions = torch.arange(numel, dtype=torch.float32)  # |lerp(x, x)| = x: the sample is its index
+                entry = one_tensor(positions, positions, 1, key)
+                entry.sample = 4000
                 out = torch.empty(4000)
-                KERNELS.sample_hashed(positions, positions, key, 4000, 0.1, out)
+                KERNELS.sample(Batch([entry], KERNELS.block), out)
                 assert torch.equal(out.long(), index)
     # Stratified: sample j lies in the j-th of `size` equal strata, uniformly within it.
     size, numel = 100_000, 10**9 + 7
@@ -436,17 +461,17 @@ def test_fused_true_rejects_tensors_the_kernels_cannot_step():
 @pytest.fixture
 def no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process where the kernels cannot be built (as without a C compiler)."""
-    monkeypatch.setattr(_fused, "_state", _fused._State())
-    monkeypatch.setattr(_fused, "_compiler", lambda: None)
+    monkeypatch.setattr(_cpu, "_state", _cpu._State())
+    monkeypatch.setattr(_cpu, "_compiler", lambda: None)
 
 
 def test_without_a_compiler_fused_none_falls_back_with_one_info_message(no_kernels, caplog):
-    with caplog.at_level(logging.INFO, logger="lit_mofo.optim._fused"):
+    with caplog.at_level(logging.INFO, logger="lit_mofo.optim._cpu"):
         net, ref = model(), model()
         train(net, MoFO(net.parameters(), lr=1e-2), 2)
         train(net, MoFO(net.parameters(), lr=1e-2), 1)
     train(ref, MoFO(ref.parameters(), lr=1e-2, fused=False), 2)
-    assert _fused.unavailable_reason() == "RuntimeError: no C compiler found (set $CC, or install cc/gcc/clang)"
+    assert _cpu.unavailable_reason() == "RuntimeError: no C compiler found (set $CC, or install cc/gcc/clang)"
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
 
 
@@ -456,21 +481,21 @@ def test_without_a_compiler_fused_true_raises_at_construction(no_kernels):
 
 
 def test_lit_mofo_fused_0_disables_the_kernels(monkeypatch):
-    monkeypatch.setattr(_fused, "_state", _fused._State())
+    monkeypatch.setattr(_cpu, "_state", _cpu._State())
     monkeypatch.setenv("LIT_MOFO_FUSED", "0")
-    assert _fused.load() is None
-    assert "LIT_MOFO_FUSED=0" in _fused.unavailable_reason()
+    assert _cpu.load() is None
+    assert "LIT_MOFO_FUSED=0" in _cpu.unavailable_reason()
 
 
 @needs_kernels
 def test_kernels_are_cached_and_loaded_from_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LIT_MOFO_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_fused, "_state", _fused._State())
-    assert _fused.load() is not None
+    monkeypatch.setattr(_cpu, "_state", _cpu._State())
+    assert _cpu.load() is not None
     (library,) = tmp_path.glob("mofo_kernels_*.so")
-    monkeypatch.setattr(_fused, "_state", _fused._State())
-    monkeypatch.setattr(_fused.subprocess, "run", _fail_if_compiling(_fused.subprocess.run))
-    assert _fused.load() is not None
+    monkeypatch.setattr(_cpu, "_state", _cpu._State())
+    monkeypatch.setattr(_cpu.subprocess, "run", _fail_if_compiling(_cpu.subprocess.run))
+    assert _cpu.load() is not None
     assert list(tmp_path.glob("mofo_kernels_*.so")) == [library]
 
 
@@ -484,12 +509,12 @@ def _fail_if_compiling(run: Callable) -> Callable:
 
 @needs_kernels
 def test_portable_build_without_cpu_specific_instructions_selects_exactly_too(monkeypatch, tmp_path):
-    # The library compiled without -march=native takes the plain C loops instead of the AVX-512 ones.
+    # The library compiled without CPU-specific flags takes the plain C loops instead of the vector ones.
     monkeypatch.setenv("LIT_MOFO_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_fused, "_state", _fused._State())
-    monkeypatch.setattr(_fused, "_FLAG_SETS", [["-fopenmp"], []])
-    portable = _fused.load()
-    assert portable is not None, _fused.unavailable_reason()
+    monkeypatch.setenv("LIT_MOFO_CPU_CAPABILITY", "default")
+    monkeypatch.setattr(_cpu, "_state", _cpu._State())
+    portable = _cpu.load()
+    assert portable is not None, _cpu.unavailable_reason()
     gen = torch.Generator().manual_seed(5)
     for data in ("normal", "ties", "nan_inf", "sorted"):
         exp_avg, grad = DATA[data]((300, 301), gen), DATA[data]((300, 301), gen)
@@ -501,5 +526,63 @@ def test_portable_build_without_cpu_specific_instructions_selects_exactly_too(mo
     p, q = torch.randn(64, 70, generator=gen), torch.randn(64, 70, generator=gen)
     for kernels in (portable, KERNELS):
         m, v = torch.zeros(64, 70), torch.zeros(64, 70)
-        moved, skipped = kernels.fused(p.clone(), q, m, v, 0.05, False, SCALARS)
+        counts = torch.zeros(1, _selection.C_COLUMNS, dtype=torch.int64)
+        batch = Batch([one_tensor(m, q, 100, exp_avg_sq=v, param=p.clone())], kernels.block)
+        kernels.fused(batch, torch.tensor([0.05]), counts)
+        moved, skipped = int(counts[0, C_MOVED]), int(counts[0, C_SKIPPED])
         assert moved == int((m.abs() >= 0.05).sum()) and skipped == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The instruction set of the C kernels
+
+
+def test_the_kernels_are_built_only_for_instruction_sets_the_cpu_has(monkeypatch):
+    def levels(flags: set[str], cap: str = "") -> list[str]:
+        monkeypatch.setattr(_cpu, "_cpu_flags", lambda: flags)
+        monkeypatch.setattr(_cpu.platform, "machine", lambda: "x86_64")
+        monkeypatch.setenv("LIT_MOFO_CPU_CAPABILITY", cap)
+        return [level for level, _, _ in _cpu._builds()]
+
+    avx2 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    assert levels(avx512) == ["avx512", "avx2", "default"]
+    assert levels(avx2) == ["avx2", "default"], "an AVX2-only CPU never gets AVX-512 instructions"
+    assert levels(avx2 - {"fma"}) == ["default"]
+    assert levels(avx512, cap="avx2") == ["avx2", "default"]
+    assert levels(avx2, cap="avx512") == ["avx2", "default"], "the cap lowers the level, never raises it"
+
+
+@needs_kernels
+def test_every_instruction_set_the_cpu_has_computes_the_same_bits(monkeypatch):
+    """A whole MoFO step (exact and sampled, bfloat16 with master weights, non-finite gradients) with the kernels
+    built for each level this CPU supports: the level changes the speed only."""
+
+    def run(level: str) -> list[Tensor]:
+        monkeypatch.setenv("LIT_MOFO_CPU_CAPABILITY", level)
+        monkeypatch.setattr(_cpu, "_state", _cpu._State())
+        assert _cpu.load() is not None and _cpu.load().isa == level, _cpu.unavailable_reason()
+        gen = torch.Generator().manual_seed(0)
+        tensors = []
+        for selection in ("exact", "sampled"):
+            for dtype in (torch.float32, torch.bfloat16):
+                params = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in ((300, 301), (70, 3), (9,))]
+                optimizer = MoFO(params, lr=1e-2, weight_decay=0.1, selection=selection, sample_size=1024, fused=True)
+                for step in range(3):
+                    for p in params:
+                        p.grad = DATA["nan_inf" if step == 1 else "normal"](tuple(p.shape), gen).to(dtype)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        optimizer.step()
+                for p in params:
+                    tensors += [p.detach().clone(), *(v.clone() for k, v in optimizer.state[p].items() if k != "step")]
+        return tensors
+
+    if KERNELS.isa == "native":
+        pytest.skip("not an x86-64 Linux CPU: one build, -march=native")
+    levels = [level for level, _, _ in _cpu._builds()]
+    results = {level: run(level) for level in levels}
+    for level in levels[1:]:
+        for a, b in zip(results[levels[0]], results[level], strict=True):
+            bits = torch.int16 if a.element_size() == 2 else torch.int32
+            assert torch.equal(a.view(bits), b.view(bits)), f"{levels[0]} and {level} differ"

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from process_launch import run_ranks, run_script
 from torch import nn
 
-from lit_mofo.optim import _fused
+from lit_mofo.optim import _cpu
 from lit_mofo.optim.mofo import MoFO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,8 @@ def assert_identical(sharded: dict[str, Any], reference: dict[str, Any], label: 
     assert sharded["stats"] == reference["stats"], f"{label}: per-step update counts differ"
     for i, (p, q) in enumerate(zip(sharded["params"], reference["params"], strict=True)):
         assert torch.equal(p, q), f"{label}: parameter {i} differs from the single-process run"
+    for i, (p, q) in enumerate(zip(sharded.get("masters", []), reference.get("masters", []), strict=True)):
+        assert (p is None) == (q is None) and (p is None or torch.equal(p, q)), f"{label}: master weight {i} differs"
 
 
 @pytest.mark.slow
@@ -65,7 +67,7 @@ def test_sharded_dtensor_parameters_step_bit_identically_to_whole_tensors(ranks,
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (the dev extra)")
-@pytest.mark.skipif(_fused.load() is None, reason="the reference is the C kernels")
+@pytest.mark.skipif(_cpu.load() is None, reason="the reference is the C kernels")
 def test_sharded_dtensors_through_the_triton_kernels_give_the_single_process_c_kernels_bits(triton_ranks):
     # Run on CPU shards under Triton's interpreter; the kernels compute exactly what the C kernels compute.
     scenarios = sharded_mofo.triton_scenarios()
@@ -87,6 +89,15 @@ def test_fsdp2_fully_shard_training_matches_single_process_training_bit_for_bit(
     filtered = [sum(g["filtered_updated"] for g in step) / sum(g["filtered_numel"] for g in step) for step in
                 reference["stats"]]  # fmt: skip
     assert all(abs(f - sharded_mofo.FRACTION) < 0.01 for f in filtered)
+
+
+@pytest.mark.slow
+def test_bf16_master_weights_are_dtensors_sharded_like_their_parameters(ranks):
+    for rank in ranks:
+        for label in ("fused", "eager"):
+            result = rank["results"][f"dtensor-bf16-master-{label}"]
+            assert result["master_types"] == ["DTensor"] * len(sharded_mofo.PARAMS), result["master_types"]
+            assert all(m.dtype == torch.float32 for m in result["masters"])
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lit_mofo.optim import _batched, _fused, _selection
-from lit_mofo.optim._selection import EagerOps
+from lit_mofo.optim import _cpu, _kernels, _selection
+from lit_mofo.optim._eager import EagerKernels
 from lit_mofo.optim.mofo import MoFO, selection_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,7 +40,7 @@ from test_mofo_selection import DATA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-KERNELS = _fused.load()
+KERNELS = _cpu.load()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FRACTIONS = [0.15, 0.01, 0.5, 0.999]
 # The non-finite data's warnings (one per tensor) are MoFO's documented behaviour, tested elsewhere.
@@ -67,7 +67,7 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     """The device whose tensors take the Triton path; small tensors take the exact selection's bracket path."""
     monkeypatch.setattr(_selection, "SMALL_TENSOR", 256)
     if request.param == "interpreter":
-        monkeypatch.setattr(_batched, "ROUTE_CPU_TENSORS", True)
+        monkeypatch.setitem(_kernels.FUSED_KERNELS, "cpu", _kernels.TRITON_KERNELS)  # fused=True on CPU: Triton
         # Small blocks: the small test tensors then have full blocks (vectorised path) and a partial last one.
         monkeypatch.setattr(kernels(), "block", 1024)
         yield torch.device("cpu")
@@ -75,9 +75,9 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
         yield torch.device("cuda")
 
 
-def kernels() -> _batched.BatchedKernels:
-    loaded = _batched.load_triton()
-    assert loaded is not None, _batched.triton_unavailable_reason()
+def kernels() -> _selection.BatchedKernels:
+    loaded = _kernels.load_triton()
+    assert loaded is not None, _kernels.triton_unavailable_reason()
     return loaded
 
 
@@ -117,7 +117,7 @@ def ulps(actual: Tensor, expected: Tensor, *scales: Tensor) -> float:
 # ---- the step is the C kernels' step, bit for bit ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(KERNELS is None, reason=f"C kernels unavailable: {_fused.unavailable_reason()}")
+@pytest.mark.skipif(KERNELS is None, reason=f"C kernels unavailable: {_cpu.unavailable_reason()}")
 @pytest.mark.parametrize("selection", ["exact", "sampled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("data", ["normal", "ties", "zeros", "heavy_tail", "nan_inf"])
@@ -136,9 +136,19 @@ def test_triton_step_is_the_c_kernels_step_bit_for_bit(device, selection, dtype,
         triton_opt.step()
         c_opt.step()
         assert triton_opt.last_step_stats == c_opt.last_step_stats
+    if dtype != torch.float32:  # a parameter written since the last step restarts from its new value
+        for p, q in zip(ours, reference, strict=True):
+            with torch.no_grad():
+                p.view(-1)[: p.numel() // 2] = 0.5
+                q.view(-1)[: q.numel() // 2] = 0.5
+            q.grad = gradients("normal", [q], gen)[0]
+            p.grad = q.grad.to(device)
+        triton_opt.step()
+        c_opt.step()
     for i, (p, q) in enumerate(zip(ours, reference, strict=True)):
         assert_bitwise(p, q, f"parameter {i}")
-        for key in ("exp_avg", "exp_avg_sq"):
+        keys = ("exp_avg", "exp_avg_sq", "master_weight") if dtype != torch.float32 else ("exp_avg", "exp_avg_sq")
+        for key in keys:
             assert_bitwise(triton_opt.state[p][key], c_opt.state[q][key], f"{key} {i}")
 
 
@@ -305,10 +315,10 @@ def test_a_fused_step_launches_the_triton_kernels_and_nothing_else(device, monke
     def refuse(*args, **kwargs):
         raise AssertionError("the Triton path must not fall back to the per-tensor backends")
 
-    for name in ("moments_bracket", "update", "fused", "sample_hashed"):
-        monkeypatch.setattr(EagerOps, name, refuse)
+    for name in ("moments_bracket", "update", "fused", "sample"):
+        monkeypatch.setattr(EagerKernels, name, refuse)
         if KERNELS is not None:
-            monkeypatch.setattr(_fused.CpuKernels, name, refuse)
+            monkeypatch.setattr(_cpu.CpuKernels, name, refuse)
     launches = kernels().launches
     for selection, expected in (
         ("exact", {"sample", "moments_bracket", "histogram_candidates", "histogram_range", "update", "fused"}),
@@ -387,15 +397,15 @@ def test_torch_operations_on_cuda_give_the_cpu_steps_mask():
 
 @pytest.fixture
 def fresh_triton_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_batched, "_triton_state", _batched._TritonState())
+    monkeypatch.setattr(_kernels, "_triton_state", _kernels._TritonState())
 
 
 def test_fused_true_without_triton_raises_at_construction_with_the_install_fix(fresh_triton_state, monkeypatch):
     def missing(name: str) -> None:
         raise ModuleNotFoundError("No module named 'triton'")  # what importing lit_mofo.optim._triton raises then
 
-    monkeypatch.setattr(_batched, "importlib", types.SimpleNamespace(import_module=missing))
-    monkeypatch.setattr(_batched, "ROUTE_CPU_TENSORS", True)  # stands in for a CUDA parameter
+    monkeypatch.setattr(_kernels, "importlib", types.SimpleNamespace(import_module=missing))
+    monkeypatch.setitem(_kernels.FUSED_KERNELS, "cpu", _kernels.TRITON_KERNELS)  # stands in for a CUDA parameter
     message = r"Triton kernels .* unavailable \(ModuleNotFoundError: No module named 'triton'\)\. Install triton"
     with pytest.raises(RuntimeError, match=message + r" .*lit-mofo\[triton\].*fused=None"):
         MoFO([torch.zeros(4, 4, requires_grad=True)], fused=True)
@@ -404,8 +414,8 @@ def test_fused_true_without_triton_raises_at_construction_with_the_install_fix(f
 
 def test_lit_mofo_fused_0_turns_the_triton_kernels_off(fresh_triton_state, monkeypatch):
     monkeypatch.setenv("LIT_MOFO_FUSED", "0")
-    assert _batched.load_triton() is None
-    assert "LIT_MOFO_FUSED=0" in _batched.triton_unavailable_reason()
+    assert _kernels.load_triton() is None
+    assert "LIT_MOFO_FUSED=0" in _kernels.triton_unavailable_reason()
 
 
 # ---- what the compiled kernels are, without a GPU ------------------------------------------------------------------
@@ -415,7 +425,7 @@ COMPILED = pytest.mark.skipif(
 )
 
 
-def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90) -> str:
+def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90, master: bool = False) -> str:
     """The kernel compiled ahead of time for an NVIDIA GPU (Triton's bundled LLVM and ptxas; no GPU needed), with
     the launch options of :class:`~lit_mofo.optim._triton.TritonKernels` and aligned base pointers."""
     import triton
@@ -432,6 +442,8 @@ def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90) -> str:
                      "hi_ptr": "*fp32", "counts_ptr": "*i64", "cand_ptr": "*fp32"}  # fmt: skip
     constexprs = {"PDTYPE": _triton._DTYPES[dtype], "P_ALIGN": 16 // dtype.itemsize, "M_ALIGN": 4,
                   "BLOCK": _triton.TritonKernels.block, "T_PAD": 64}  # fmt: skip
+    if kernel_name != "moments_bracket":
+        constexprs["HAS_MASTER"] = master
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = ASTSource(
         fn=getattr(_triton, f"_{kernel_name}_kernel"),
@@ -445,19 +457,21 @@ def ptx(kernel_name: str, dtype: torch.dtype, arch: int = 90) -> str:
 
 @COMPILED
 @pytest.mark.parametrize(
-    ("kernel_name", "dtype", "arch"),
+    ("kernel_name", "dtype", "arch", "master"),
     [
-        ("fused", torch.bfloat16, 90),
-        ("fused", torch.float32, 90),
-        ("fused", torch.float16, 80),
-        ("update", torch.bfloat16, 90),
-        ("moments_bracket", torch.float32, 90),
+        ("fused", torch.bfloat16, 90, False),
+        ("fused", torch.float32, 90, False),
+        ("fused", torch.float16, 80, False),
+        ("update", torch.bfloat16, 90, False),
+        ("moments_bracket", torch.float32, 90, False),
+        ("fused", torch.bfloat16, 90, True),
+        ("update", torch.float16, 80, True),
     ],
 )
-def test_compiled_kernels_use_ieee_arithmetic_only_the_written_fmas_and_vector_loads(kernel_name, dtype, arch):
+def test_compiled_kernels_use_ieee_arithmetic_only_the_written_fmas_and_vector_loads(kernel_name, dtype, arch, master):
     import re
 
-    code = ptx(kernel_name, dtype, arch)
+    code = ptx(kernel_name, dtype, arch, master)
     per_thread = 4096 // (32 * 8)  # entries per thread; each kernel has a full-block and a partial-block body
     # Correctly rounded division and square root, as torch's CUDA kernels and the C kernels compute them; no
     # approximate variants and no flush of subnormals to zero.

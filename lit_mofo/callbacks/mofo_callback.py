@@ -60,7 +60,7 @@ _SUPPORTED = (
     "in AdamW's decoupled form)"
 )
 # MoFO's options that the callback passes on only when set, so MoFO's own defaults apply otherwise.
-_FORWARDED = ("selection", "fused", "sample_size", "seed", "nonfinite")
+_FORWARDED = ("selection", "fused", "sample_size", "seed", "nonfinite", "master_weights")
 _Named = tuple[str, frozenset[str], bool]  # qualified name, its words (lit_mofo.params), trainable at fit start
 
 
@@ -149,8 +149,11 @@ class MoFOCallback(Callback):
         seed: MoFO's ``seed`` (of the hashed sample positions).
         nonfinite: MoFO's ``nonfinite`` (``"skip"``: entries with a NaN/inf gradient keep their moments and weight
             that step; ``"raise"``: the step raises before changing anything).
+        master_weights: MoFO's ``master_weights`` (float32 copies of float16/bfloat16 parameters, on by default, so
+            that ``precision="bf16-true"`` runs do not round their updates away). With it off, the callback warns
+            once at the start of fit when a float16/bfloat16 parameter would be stepped in place.
 
-    The last five are passed to :class:`~lit_mofo.MoFO` only when not ``None``; ``None`` keeps MoFO's default.
+    The last six are passed to :class:`~lit_mofo.MoFO` only when not ``None``; ``None`` keeps MoFO's default.
 
     Example::
 
@@ -179,6 +182,7 @@ class MoFOCallback(Callback):
         sample_size: int | None = None,
         seed: int | None = None,
         nonfinite: Literal["skip", "raise"] | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         self.fraction = fraction
         self.filter_min_ndim = filter_min_ndim
@@ -190,6 +194,7 @@ class MoFOCallback(Callback):
         self.sample_size = sample_size
         self.seed = seed
         self.nonfinite = nonfinite
+        self.master_weights = master_weights
         self._mofo_options: dict[str, Any] = {"fraction": fraction, "filter_min_ndim": filter_min_ndim}
         for name in _FORWARDED:
             if getattr(self, name) is not None:
@@ -270,6 +275,7 @@ class MoFOCallback(Callback):
             )
         strategy.optimizers = optimizers  # re-creates the LightningOptimizer wrappers behind self.optimizers()
         self._converted = sorted(replacements)
+        _warn_low_precision_in_place(optimizers)
 
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Any) -> None:
         """The stage protocol (:class:`lit_mofo.continual.StageCallback`): every stage of a continual run builds a
@@ -379,6 +385,29 @@ class MoFOCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._converted = list(state_dict.get("converted", []))
+
+
+def _warn_low_precision_in_place(optimizers: Sequence[Optimizer]) -> None:
+    """Warn when a MoFO steps float16/bfloat16 parameters in place, without float32 master weights."""
+    for index, optimizer in enumerate(optimizers):
+        if not isinstance(optimizer, MoFO):
+            continue
+        low = [
+            p
+            for group in optimizer.param_groups
+            if not group["master_weights"]
+            for p in group["params"]
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)
+        ]
+        if low:
+            dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in low}))
+            rank_zero_warn(
+                f"MoFOCallback: optimizer {index} steps {len(low)} {dtypes} parameters in place, without float32 "
+                f"master weights (master_weights=False): an update smaller than half a {dtypes} spacing of its "
+                "weight (about 2**-9 of it in bfloat16) is rounded away, which at fine-tuning learning rates (2e-5) "
+                "is most of them. Keep MoFO's master_weights=True (the default; MoFOCallback(master_weights=None)), "
+                'or train with precision="bf16-mixed".'
+            )
 
 
 def _check_convertible(optimizer: Optimizer, label: str) -> None:

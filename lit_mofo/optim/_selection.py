@@ -1,51 +1,67 @@
-"""How MoFO finds each tensor's threshold without sorting it, on either backend and across shards.
+"""MoFO's selection driver: how each tensor's threshold is found without sorting it, for a batch of tensors at once.
+
+Every backend runs this one driver; a backend is a set of kernels (:class:`BatchedKernels`), each operation one call
+for a whole :class:`Batch` of tensors (one parameter dtype, one device, one process group):
+:class:`~lit_mofo.optim._eager.EagerKernels` (torch operations, any device and dtype: the reference the others are
+tested against), :class:`~lit_mofo.optim._cpu.CpuKernels` (C, on CPU) and :class:`~lit_mofo.optim._triton.TritonKernels`
+(CUDA). Every per-tensor value (the sample, the bracket, the counts, the threshold) stays in a tensor on the batch's
+device, so a GPU step makes no host synchronisation. Where no collective separates them (a batch of whole tensors),
+kernels that say so (``fuses_sampling``: the C kernels) take each tensor's sample, its selection and its pass in one
+call, the sample right before its tensor's pass.
 
 ``exact`` selection (the default) returns the k-th largest ``|m_t|`` itself, so the mask is exactly the spec's
 ``|m_t| >= tau``:
 
-1. a stratified sample of ``|m_t|`` (one hashed position in each of ``s`` equal strata) gives a bracket
-   ``[lo, hi]`` that holds the k-th largest value with overwhelming probability (four standard deviations of the
-   sample quantile on either side);
+1. a stratified sample of ``|m_t|`` (one hashed position in each of ``s`` equal strata, ``s`` about
+   ``numel**(2/3)``) gives a bracket ``[lo, hi]`` that holds the k-th largest value with overwhelming probability
+   (four standard deviations of the sample quantile on either side);
 2. the moment update's own pass counts the entries above ``hi`` (NaN ranks above everything, as in
-   ``torch.topk``/``torch.kthvalue``) and copies the few inside the bracket (about 1-5% of the tensor);
-3. a selection over those candidates (radix select in C, ``torch.kthvalue`` in torch) gives the threshold. When
-   the counts show the bracket missed the threshold (or too many entries tie inside it), one extra pass collects
-   the right range instead, so the answer is exact whatever the data; only the time changes.
+   ``torch.topk``/``torch.kthvalue``) and copies the few inside the bracket (about 1-5% of the tensor) to the
+   tensor's region of a candidate buffer;
+3. a radix selection over the candidates' bit patterns (three rounds of a 2048-bin histogram: 11, 11 and 10 bits)
+   gives the threshold. When the counts show the bracket missed the threshold (or the candidate region overflowed,
+   with many ties), the histograms are taken over the right range of the whole tensor instead, so the answer is
+   exact whatever the data; only the time changes. Which source each tensor reads is decided on the device.
 
 ``sampled`` selection takes ``tau`` as the matching quantile of a fixed-size sample (``sample_size`` entries at
-hashed positions, the moments evaluated there before the pass), so moments, comparison and step fit in one pass.
-With ``s`` samples the realised fraction has a standard deviation of at most ``sqrt(f (1 - f) / s)`` (stratifying
-can only lower it).
+hashed positions, the moments evaluated there before the pass), so moments, comparison and step fit in one pass;
+dense tensors take that pass with every entry selected. With ``s`` samples the realised fraction has a standard
+deviation of at most ``sqrt(f (1 - f) / s)`` (stratifying can only lower it).
 
-The sample positions are a pure function of ``(seed, tensor index, step)`` (splitmix64), mirrored bit for bit by
-the C kernels: no random generator state to carry, every DDP rank draws the same sample, and a run resumed from a
-checkpoint (which holds the seed and each tensor's step) draws what the uninterrupted run would have.
+The sample positions are a pure function of ``(seed, tensor index, step)`` (splitmix64), mirrored bit for bit by the
+C and Triton kernels: no random generator state to carry, every DDP rank draws the same sample, and a run resumed
+from a checkpoint (which holds the seed and each tensor's step) draws what the uninterrupted run would have.
 
-Both algorithms run on a backend (:class:`EagerOps`, torch operations on any device, or the fused CPU kernels of
-:mod:`lit_mofo.optim._fused`; :mod:`lit_mofo.optim._batched` runs them over many tensors at once with the thresholds
-on the device, for the Triton kernels) and on a view of the tensor (:class:`LocalView` for whole tensors,
-:class:`ShardView` for a DTensor sharded over a 1-D device mesh, where the sample, the counts and the candidates
-are combined across ranks so that every rank gets the global tensor's threshold).
+Sharded tensors (a DTensor split along one dimension of a 1-D mesh, :class:`~lit_mofo.dtensor.ShardLayout`) get
+the global tensor's threshold: sample positions are drawn over the global tensor and each rank fills the ones it
+holds, then the sample, the counts and the histograms are summed over the mesh, so every rank selects exactly what
+one process holding the whole tensor would. Entries with a non-finite gradient follow ``MoFO(nonfinite="skip")``:
+moments and weight unchanged, ``|m| = 0`` in the selection, never moved.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from lit_mofo.dtensor import ShardLayout, collective_device
+
 __all__ = [
-    "EagerOps",
-    "LocalView",
-    "ShardView",
+    "Batch",
+    "BatchedKernels",
+    "Entry",
     "StepScalars",
-    "exact_threshold",
+    "batches",
+    "exact_thresholds",
     "sample_indices",
     "sample_key",
-    "sampled_threshold",
+    "step_group",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -59,10 +75,36 @@ SMALL_TENSOR = 16384
 # probability of about 6e-5 per tensor and step.
 BRACKET_Z = 4.0
 
+# Columns of the int64 metadata table (one row per tensor).
+M_PARAM, M_GRAD, M_EXP_AVG, M_EXP_AVG_SQ, M_MASTER = 0, 1, 2, 3, 4  # element offsets from the batch's bases
+M_NUMEL = 5  # entries on this rank
+M_GLOBAL_NUMEL, M_INNER, M_SIZE, M_START, M_LENGTH = 6, 7, 8, 9, 10  # sample positions over a (sharded) tensor
+M_KEY = 11  # sample key, the uint64 bit pattern
+M_SAMPLE, M_SAMPLE_OFFSET = 12, 13  # sample size (0: no sample) and the tensor's region of the sample buffer
+M_CAND_OFFSET, M_CAND_CAPACITY = 14, 15  # the tensor's region of the candidate buffer
+M_DENSE = 16  # 1: every entry with a finite gradient moves
+M_K, M_J_HI, M_J_LO = 17, 18, 19  # k (global), the bracket's ranks in the sample
+M_COLUMNS = 20
+# Columns of the float32 step-scalar table, each rounded to float32 as every backend rounds it.
+S_WEIGHT, S_BETA2, S_ONE_MINUS_BETA2, S_EPS, S_DECAY, S_NEG_STEP_SIZE, S_BC2_SQRT, S_HAS_WD = range(8)
+S_COLUMNS = 8
+# Columns of the int64 per-tensor counts (this rank's entries).
+C_NAN, C_ABOVE, C_INSIDE, C_SKIPPED, C_MOVED = range(5)
+C_COLUMNS = 5
+
+# Radix selection over the bit patterns of non-negative float32 values: (shift, bits) per round.
+RADIX_ROUNDS = ((21, 11), (10, 11), (0, 10))
+RADIX_BINS = 2048
+# Sources of a tensor's exact selection, decided on the device.
+SOURCE_NONE, SOURCE_CANDIDATES, SOURCE_RANGE = 0, 1, 2
+
+# At most this many entries per batch: bounds the candidate buffer (about 2% of the entries) of one call.
+BATCH_ENTRIES = 1 << 30
+
 
 @dataclass(frozen=True)
 class StepScalars:
-    """One tensor's step constants, as torch's AdamW computes them (Python floats, rounded to float32 by the ops)."""
+    """One tensor's step constants, as torch's AdamW computes them (Python floats; the kernels round to float32)."""
 
     weight: float  # 1 - beta1, the lerp weight of the first moment
     beta2: float
@@ -73,6 +115,9 @@ class StepScalars:
     has_weight_decay: bool
 
 
+# ---- the sample's positions -----------------------------------------------------------------------------------------
+
+
 def _mix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
@@ -81,9 +126,13 @@ def _mix64(z: int) -> int:
 
 def sample_key(seed: int, tensor_index: int, step: int) -> int:
     """The 64-bit key of one tensor's sample at one step."""
+    return _mix64((_tensor_key(seed, tensor_index) ^ (step * _MIX2)) & _MASK64)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tensor_key(seed: int, tensor_index: int) -> int:
     z = _mix64((seed * _GOLDEN + 0x632BE59BD9B4E019) & _MASK64)
-    z = _mix64((z ^ (tensor_index * _MIX1)) & _MASK64)
-    return _mix64((z ^ (step * _MIX2)) & _MASK64)
+    return _mix64((z ^ (tensor_index * _MIX1)) & _MASK64)
 
 
 def _as_int64(value: int) -> int:
@@ -96,12 +145,12 @@ def _shift_right(x: Tensor, bits: int) -> Tensor:
 
 
 def sample_indices(key: int, size: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """Flat positions of a stratified sample, exactly as the C kernels draw them: sample ``j`` is uniform in the
+    """Flat positions of a stratified sample, exactly as the kernels draw them: sample ``j`` is uniform in the
     ``j``-th of ``size`` equal strata of ``[0, numel)``, at ``splitmix64(key + (j + 1) * golden)``.
 
     The positions increase with ``j`` (memory is read front to back) and cover the tensor evenly, which can only
     lower the variance of the sampled quantile. int64 multiplication wraps modulo 2**64 on every torch backend,
-    so the bit patterns match the C kernel's uint64 arithmetic.
+    so the bit patterns match the kernels' uint64 arithmetic.
     """
     j = torch.arange(size, dtype=torch.int64, device=device)
     z = (j + 1) * _as_int64(_GOLDEN) + _as_int64(key)
@@ -111,6 +160,9 @@ def sample_indices(key: int, size: int, numel: int, device: torch.device | str =
     start = j * numel // size
     width = (j + 1) * numel // size - start
     return start + _shift_right(_shift_right(z, 32) * width, 32)
+
+
+# ---- sizes of the exact selection's sample and candidates ------------------------------------------------------------
 
 
 def bracket_sample_size(numel: int) -> int:
@@ -128,417 +180,391 @@ def bracket_ranks(k: int, numel: int, size: int) -> tuple[int, int]:
 
 
 def candidate_capacity(share: float, local: int) -> int:
-    """Room for the candidates: twice the bracket's expected share, plus slack for the kernel's per-thread split."""
+    """Room for the candidates: twice the bracket's expected share, plus slack for a kernel's per-thread split."""
     return min(local, int(2 * share * local) + 4096)
 
 
-class Ops(Protocol):
-    """What a backend provides; :class:`EagerOps` and :class:`lit_mofo.optim._fused.CpuKernels` implement it.
+# ---- the batch ------------------------------------------------------------------------------------------------------
 
-    Non-finite gradients: an entry whose gradient is NaN or infinite is left out of the step (``nonfinite="skip"``):
-    its moments and its weight stay unchanged, and it counts as ``|m| = 0`` in the sample, the counts and the
-    collected values (so it is never needed to reach ``k``) while the update leaves it out. ``moments_bracket``
-    and ``fused`` report how many such entries they met; ``update`` and ``collect`` leave them out when given the
-    gradient (the caller gives it only when the tensor has some).
+
+@dataclass
+class Entry:
+    """One tensor of a step: its local tensors (a DTensor's shard), its layout and this step's constants.
+
+    ``master`` is the float32 master copy of a low-precision parameter (``MoFO(master_weights=True)``), else None.
+    ``layout`` describes a shard of a tensor sharded over a mesh (None: this rank holds the whole tensor).
     """
 
-    def sample_hashed(self, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None: ...
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    master: Tensor | None
+    layout: ShardLayout | None
+    k: int
+    key: int
+    scalars: StepScalars
+    sample: int = 0  # sample size, 0 for none
+    j_hi: int = 0
+    j_lo: int = 0
+    capacity: int = 0  # candidate capacity (exact selection)
 
-    def sample_at(self, exp_avg: Tensor, grad: Tensor, local_index: Tensor, weight: float, out: Tensor) -> None: ...
+    @property
+    def numel(self) -> int:
+        """Entries of the global tensor (the shards of all ranks together)."""
+        return self.layout.numel if self.layout is not None else self.exp_avg.numel()
 
-    def moments_bracket(
-        self,
-        grad: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        weight: float,
-        beta2: float,
-        lo: float,
-        hi: float,
-        candidates: Tensor,
-    ) -> tuple[int, int, int, int, int]: ...
+    @property
+    def dense(self) -> bool:
+        return self.k >= self.numel
 
-    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor, grad: Tensor | None) -> int: ...
-
-    def select(self, values: Tensor, count: int, kth_smallest: int) -> float: ...
-
-    def nan_to_inf(self, values: Tensor) -> None: ...
-
-    def update(
-        self,
-        param: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        tau: float,
-        dense: bool,
-        step: StepScalars,
-        grad: Tensor | None = None,
-    ) -> int: ...
-
-    def fused(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        tau: float,
-        dense: bool,
-        step: StepScalars,
-    ) -> tuple[int, int]: ...
+    @property
+    def group(self) -> Any:
+        """The process group over which a sharded tensor's selection is combined, None for a whole tensor."""
+        return self.layout.group if self.layout is not None else None
 
 
-def _in_range(magnitude: Tensor, lo: float, hi: float, mode: int) -> Tensor:
-    above = magnitude > lo if mode & 1 else magnitude >= lo
-    below = magnitude < hi if mode & 2 else magnitude <= hi
-    return above & below
+def plan_exact(entry: Entry) -> Entry:
+    """Fill in the exact selection's sample size, bracket ranks and candidate capacity (looked up in this module at
+    each call, so that tests can force every branch)."""
+    numel, local = entry.numel, entry.exp_avg.numel()
+    if numel <= SMALL_TENSOR:
+        entry.sample, entry.j_hi, entry.j_lo, share = 0, 0, 1, 1.0
+    else:
+        entry.sample = bracket_sample_size(numel)
+        entry.j_hi, entry.j_lo = bracket_ranks(entry.k, numel, entry.sample)
+        share = (min(entry.j_lo, entry.sample) - entry.j_hi) / entry.sample
+    entry.capacity = candidate_capacity(share, local)
+    return entry
 
 
-class EagerOps:
-    """The backend made of torch operations: any device and dtype, several passes over memory.
+def _uint64_bits(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
-    ``skip`` is the mask of the tensor's entries whose gradient is non-finite, for a tensor known to have some (a
-    group-level check found them): the moment updates then leave those entries unchanged. Without it the moments
-    are updated with torch's plain operations, as torch's AdamW does.
+
+class Batch:
+    """Tensors stepped by the same kernel calls, with their tables on the device.
+
+    ``block`` is the number of entries a kernel program handles; the block tables map each program to its tensor.
+    ``group`` is the process group of sharded tensors (every collective of the batch is over it), else None.
+    ``has_master``: every parameter has a float32 master copy (the batch's tensors share one dtype, so all or none).
+
+    Tensors are addressed as element offsets from two base tensors (the first parameter, for parameters and
+    gradients; the first moment, for moments and master copies), which the kernels receive as arguments: Triton then
+    knows the bases' alignment, and with ``param_align`` / ``moment_align`` (16 bytes in elements when every tensor
+    is 16-byte aligned, else 1) it emits vector loads. The torch kernels use the tensors themselves.
     """
 
-    def __init__(self, skip: Tensor | None = None) -> None:
-        self.skip = skip
-
-    def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
-        return True
-
-    @staticmethod
-    def _sample(exp_avg: Tensor, grad: Tensor, index: Tensor, weight: float) -> Tensor:
-        m = exp_avg.reshape(-1).index_select(0, index)
-        g = grad.reshape(-1).index_select(0, index).to(exp_avg.dtype)
-        value = m.lerp_(g, weight).abs_()
-        return value.masked_fill_(~g.isfinite(), 0.0)
-
-    def sample_hashed(self, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None:
-        index = sample_indices(key, size, exp_avg.numel(), exp_avg.device)
-        out.copy_(self._sample(exp_avg, grad, index, weight))
-
-    def sample_at(self, exp_avg: Tensor, grad: Tensor, local_index: Tensor, weight: float, out: Tensor) -> None:
-        owned = local_index >= 0
-        values = self._sample(exp_avg, grad, local_index.clamp(min=0), weight)
-        out.copy_(torch.where(owned, values, torch.zeros_like(values)))
-
-    def moments(self, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weight: float, beta2: float) -> None:
-        grad = grad.to(exp_avg.dtype)
-        kept = None if self.skip is None else (exp_avg[self.skip], exp_avg_sq[self.skip])
-        exp_avg.lerp_(grad, weight)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if kept is not None:  # the skipped entries get their moments back, bit for bit (whatever they held)
-            exp_avg[self.skip], exp_avg_sq[self.skip] = kept
-
-    def _skipped(self, grad: Tensor | None) -> Tensor | None:
-        if self.skip is not None:
-            return self.skip
-        return None if grad is None else ~grad.isfinite()
-
-    def _magnitude(self, exp_avg: Tensor, grad: Tensor | None) -> Tensor:
-        magnitude = exp_avg.abs()
-        skip = self._skipped(grad)
-        if skip is not None:
-            magnitude.masked_fill_(skip, 0.0)
-        return magnitude.reshape(-1)
-
-    def moments_bracket(
-        self,
-        grad: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        weight: float,
-        beta2: float,
-        lo: float,
-        hi: float,
-        candidates: Tensor,
-    ) -> tuple[int, int, int, int, int]:
-        self.moments(grad, exp_avg, exp_avg_sq, weight, beta2)
-        magnitude = self._magnitude(exp_avg, None)
-        inside = magnitude >= lo
-        inside &= magnitude <= hi
-        # count_nonzero is several times faster than a bool sum; NaN fails every comparison.
-        counts = [
-            torch.count_nonzero(magnitude.isnan()),
-            torch.count_nonzero(magnitude <= hi),
-            torch.count_nonzero(inside),
-        ]
-        if self.skip is not None:
-            counts.append(torch.count_nonzero(self.skip))
-        values = torch.stack(counts).tolist()
-        nan, not_above, inside_count = values[:3]
-        skipped = values[3] if self.skip is not None else 0
-        values = magnitude[inside]
-        stored = min(values.numel(), candidates.numel())
-        candidates[:stored].copy_(values[:stored])
-        return nan, magnitude.numel() - not_above - nan, inside_count, stored, skipped
-
-    def collect(self, exp_avg: Tensor, lo: float, hi: float, mode: int, out: Tensor, grad: Tensor | None) -> int:
-        magnitude = self._magnitude(exp_avg, grad)
-        values = magnitude[_in_range(magnitude, lo, hi, mode)]
-        out[: values.numel()].copy_(values)
-        return values.numel()
-
-    def select(self, values: Tensor, count: int, kth_smallest: int) -> float:
-        return torch.kthvalue(values[:count], kth_smallest + 1).values.item()
-
-    def nan_to_inf(self, values: Tensor) -> None:
-        values.nan_to_num_(nan=math.inf, posinf=math.inf)
-
-    def update(
-        self,
-        param: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        tau: float,
-        dense: bool,
-        step: StepScalars,
-        grad: Tensor | None = None,
-    ) -> int:
-        skip = self._skipped(grad)
-        if dense and skip is None:
-            work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
-            if step.has_weight_decay:
-                work.mul_(step.decay)
-            denom = (exp_avg_sq.sqrt() / step.bias_correction2_sqrt).add_(step.eps)
-            work.addcdiv_(exp_avg, denom, value=-step.step_size)
-            if work is not param:
-                param.copy_(work)
-            return param.numel()
-        # Only the selected entries are read, computed and written back: the rest stay bit-for-bit fixed.
-        mask = ~skip if dense else exp_avg.abs() >= tau
-        if skip is not None and not dense:
-            mask &= ~skip
-        flat = param.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()
-        if flat:  # gather by index: several times faster than masked_select/masked_scatter_
-            index = mask.view(-1).nonzero().squeeze(1)
-            work = param.view(-1).index_select(0, index).to(exp_avg.dtype)
-            m, v = exp_avg.view(-1).index_select(0, index), exp_avg_sq.view(-1).index_select(0, index)
-        else:
-            work = param.masked_select(mask).to(exp_avg.dtype)
-            m, v = exp_avg.masked_select(mask), exp_avg_sq.masked_select(mask)
-        if step.has_weight_decay:
-            work.mul_(step.decay)
-        denom = (v.sqrt_() / step.bias_correction2_sqrt).add_(step.eps)
-        work.addcdiv_(m, denom, value=-step.step_size)
-        if flat:
-            param.view(-1).index_copy_(0, index, work.to(param.dtype))
-        else:
-            param.masked_scatter_(mask, work.to(param.dtype))
-        return work.numel()
-
-    def fused(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        tau: float,
-        dense: bool,
-        step: StepScalars,
-    ) -> tuple[int, int]:
-        self.moments(grad, exp_avg, exp_avg_sq, step.weight, step.beta2)
-        moved = self.update(param, exp_avg, exp_avg_sq, tau, dense, step)
-        return moved, 0 if self.skip is None else int(torch.count_nonzero(self.skip))
-
-
-class Scratch:
-    """One float32 buffer per device, grown on demand and dropped after the optimizer step."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.device, Tensor] = {}
-
-    def get(self, numel: int, device: torch.device) -> Tensor:
-        buffer = self._buffers.get(device)
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-            self._buffers[device] = buffer
-        return buffer[:numel]
-
-
-class LocalView:
-    """A whole tensor on this rank: nothing to combine."""
-
-    def __init__(self, numel: int) -> None:
-        self.numel = numel
-
-    def sample(self, ops: Ops, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None:
-        ops.sample_hashed(exp_avg, grad, key, size, weight, out)
-
-    def reduce_counts(self, counts: tuple[int, int, int, int, int]) -> tuple[int, int, int, bool]:
-        return counts[0], counts[1], counts[2], counts[3] == counts[2]
-
-    def gather_values(self, values: Tensor) -> Tensor:
-        return values
-
-    def local_counts(self, values: tuple[int, ...]) -> tuple[int, ...]:
-        return values
-
-
-class ShardView:
-    """A DTensor sharded along one dimension over a 1-D device mesh: every collective is over that mesh's group.
-
-    The sample positions are drawn over the global tensor; each rank fills the ones it holds and a sum gives all
-    ranks the whole sample. Counts are summed and candidates concatenated, so the threshold is the global
-    tensor's, exactly as if one process held it.
-    """
-
-    def __init__(self, global_shape: torch.Size, dim: int, local_shape: torch.Size, group: Any, rank: int, world: int):
-        self.numel = math.prod(global_shape)
+    def __init__(self, entries: list[Entry], block: int, group: Any = None) -> None:
+        self.entries = entries
+        self.block = block
         self.group = group
-        self.size = global_shape[dim]
-        self.inner = math.prod(global_shape[dim + 1 :])
-        chunk = -(-self.size // world)  # torch.chunk's split, which Shard(dim) follows
-        self.start = min(rank * chunk, self.size)
-        self.length = local_shape[dim] if len(local_shape) else 0
-        expected = max(0, min(chunk, self.size - self.start))
-        if self.length != expected:
-            raise ValueError(
-                f"MoFO: a DTensor shard of global shape {tuple(global_shape)} holds {self.length} entries of dim "
-                f"{dim} on rank {rank}, where torch.chunk's split gives {expected}; uneven custom shardings are "
-                "not supported."
+        first = entries[0].param
+        self.device = first.device
+        self.dtype = first.dtype
+        self.size = len(entries)
+        self.has_master = entries[0].master is not None
+        self.param_base, self.moment_base = first, entries[0].exp_avg
+        param_size, base_param, base_moment = first.element_size(), first.data_ptr(), self.moment_base.data_ptr()
+        moment_size = self.moment_base.element_size()
+        tensors = [t for e in entries for t in (e.param, e.grad, e.exp_avg, e.exp_avg_sq, e.master) if t is not None]
+        pointers = [(t.data_ptr(), t.element_size()) for t in tensors]
+        if any(address % size for address, size in pointers):
+            raise ValueError("MoFO's batched kernels need tensors aligned to their element size")
+        aligned = all(address % 16 == 0 for address, _ in pointers)
+        self.param_align = 16 // param_size if aligned else 1
+        self.moment_align = 16 // moment_size if aligned else 1
+        meta, scal = [], []
+        sample_offset = cand_offset = 0
+        element_blocks, candidate_blocks = [0], [0]
+        for e in entries:
+            layout = e.layout
+            if layout is not None:
+                inner, size, start, length = layout.inner, layout.size, layout.start, layout.length
+            else:
+                inner, size, start, length = 1, e.numel, 0, e.numel
+            master = e.master
+            meta.append(
+                [
+                    (e.param.data_ptr() - base_param) // param_size,
+                    (e.grad.data_ptr() - base_param) // param_size,
+                    (e.exp_avg.data_ptr() - base_moment) // moment_size,
+                    (e.exp_avg_sq.data_ptr() - base_moment) // moment_size,
+                    (master.data_ptr() - base_moment) // moment_size if master is not None else 0,
+                    e.exp_avg.numel(),
+                    e.numel,
+                    inner,
+                    size,
+                    start,
+                    length,
+                    _uint64_bits(e.key),
+                    e.sample,
+                    sample_offset,
+                    cand_offset,
+                    e.capacity,
+                    int(e.dense),
+                    e.k,
+                    e.j_hi,
+                    e.j_lo,
+                ]
             )
+            s = e.scalars
+            scal.append(
+                [
+                    s.weight,
+                    s.beta2,
+                    1 - s.beta2,
+                    s.eps,
+                    s.decay,
+                    -s.step_size,
+                    s.bias_correction2_sqrt,
+                    float(s.has_weight_decay),
+                ]
+            )
+            sample_offset += e.sample
+            cand_offset += e.capacity
+            element_blocks.append(element_blocks[-1] + -(-e.exp_avg.numel() // block))
+            candidate_blocks.append(candidate_blocks[-1] + -(-e.capacity // block))
+        self.sample_total = sample_offset
+        self.sample_max = max(e.sample for e in entries)
+        self.candidates_total = cand_offset
+        self.element_blocks = element_blocks[-1]
+        self.candidate_blocks = candidate_blocks[-1]
+        self.meta_host = torch.tensor(meta, dtype=torch.int64)
+        self.scal_host = torch.tensor(scal, dtype=torch.float32)
+        self.meta = _to_device(self.meta_host, self.device)
+        self.scal = _to_device(self.scal_host, self.device)
+        self.block_starts = _to_device(torch.tensor(element_blocks, dtype=torch.int64), self.device)
+        self.candidate_block_starts = _to_device(torch.tensor(candidate_blocks, dtype=torch.int64), self.device)
 
-    def sample(self, ops: Ops, exp_avg: Tensor, grad: Tensor, key: int, size: int, weight: float, out: Tensor) -> None:
+    def column(self, index: int) -> Tensor:
+        return self.meta[:, index]
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the batch's process group (a no-op for whole tensors); no host synchronisation."""
+        if self.group is None:
+            return tensor
         import torch.distributed as dist
 
-        index = sample_indices(key, size, self.numel, exp_avg.device)
-        along = (index // self.inner) % self.size
-        outer = index // (self.inner * self.size)
-        local = outer * (self.length * self.inner) + (along - self.start) * self.inner + index % self.inner
-        owned = (along >= self.start) & (along < self.start + self.length)
-        ops.sample_at(exp_avg, grad, torch.where(owned, local, -1), weight, out)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)  # each position is filled by one rank
-
-    def reduce_counts(self, counts: tuple[int, int, int, int, int]) -> tuple[int, int, int, bool]:
-        import torch.distributed as dist
-
-        device = _collective_device(self.group)
-        total = torch.tensor([counts[0], counts[1], counts[2], int(counts[3] < counts[2])], device=device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        nan, above, inside, overflowed = total.tolist()
-        return nan, above, inside, overflowed == 0
-
-    def gather_values(self, values: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        device = _collective_device(self.group)
-        world = dist.get_world_size(self.group)
-        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([values.numel()], device=device), group=self.group)
-        counts = [int(s.item()) for s in sizes]
-        longest = max(counts)
-        padded = torch.zeros(longest, dtype=torch.float32, device=device)
-        padded[: values.numel()].copy_(values)
-        parts = [torch.empty(longest, dtype=torch.float32, device=device) for _ in range(world)]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]).to(values.device)
-
-    def local_counts(self, values: tuple[int, ...]) -> tuple[int, ...]:
-        """Per-rank counts summed over the mesh (one collective for all of them)."""
-        import torch.distributed as dist
-
-        total = torch.tensor(values, dtype=torch.int64, device=_collective_device(self.group))
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return tuple(total.tolist())
+        device = collective_device(self.group, prefer=tensor.device)
+        if tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+            return tensor
+        reduced = tensor.to(device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor.copy_(reduced)
 
 
-def _collective_device(group: Any) -> torch.device:
-    import torch.distributed as dist
-
-    backend = dist.get_backend(group)
-    if backend == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-View = LocalView | ShardView
+def _to_device(table: Tensor, device: torch.device) -> Tensor:
+    """A host table on ``device`` without waiting for the device (pinned memory, asynchronous copy)."""
+    if device.type == "cpu":
+        return table
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
 
 
-def _kth_largest(ops: Ops, values: Tensor, rank: int) -> float:
-    """The ``rank``-th largest (1-based) of ``values`` (NaN-free); reorders them."""
-    return ops.select(values, values.numel(), values.numel() - rank)
+class BatchedKernels(Protocol):
+    """One call per operation over a whole :class:`Batch`; :class:`~lit_mofo.optim._eager.EagerKernels` is the
+    reference every implementation computes the same bits as (up to the last bit of a ``sqrt`` for torch's own)."""
+
+    name: str
+    block: int
+    dtypes: frozenset[torch.dtype] | set[torch.dtype]  # the parameter dtypes the kernels step
+    # Whether the kernels also provide sampled_moments_bracket and sampled_fused: the sample, its selection and the
+    # pass of a batch whose samples need no sum over ranks in one call, each tensor's sample taken while the tensor
+    # before it streams (its random reads then overlap that streaming, and its lines are cached for its own pass).
+    fuses_sampling: bool
+
+    def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None) -> bool:
+        """Whether these local tensors can be stepped by these kernels (dtype, device, layout)."""
+        ...
+
+    def sample(self, batch: Batch, out: Tensor) -> None:
+        """``out[offset_t + j]`` (the tensor's region, ``M_SAMPLE_OFFSET``): tensor t's j-th sample of ``|m_t|``, the
+        moment update's value at the hashed position; 0 for a non-finite gradient, +inf for NaN, 0 at positions
+        another rank holds."""
+        ...
+
+    def select_sample(self, batch: Batch, samples: Tensor, ranks: Tensor) -> Tensor:
+        """``out[t, r]``: the ``ranks[t, r]``-th largest (1-based) of tensor t's sample (NaN-free; a rank is in
+        ``[1, sample size]``), for the tensors with a sample; any value for the others."""
+        ...
+
+    def moments_bracket(self, batch: Batch, lo: Tensor, hi: Tensor, counts: Tensor, candidates: Tensor) -> None:
+        """Update both moments of every entry with a finite gradient; add to ``counts`` the NaN, above-``hi``,
+        in-``[lo, hi]`` and skipped entries; append the in-bracket ``|m_t|`` to each tensor's candidate region
+        (``counts[t, C_INSIDE]`` is the region's cursor: values past the capacity are dropped)."""
+        ...
+
+    def histogram_candidates(
+        self, batch: Batch, source: Tensor, prefix: Tensor, radix_round: int, counts: Tensor, candidates: Tensor,
+        hist: Tensor,
+    ) -> None:  # fmt: skip
+        """Add to ``hist[t]`` the radix digits of round ``radix_round`` of tensor t's stored candidates whose higher
+        digits equal ``prefix[t]``, for the tensors whose ``source`` is ``SOURCE_CANDIDATES``."""
+        ...
+
+    def histogram_range(
+        self, batch: Batch, source: Tensor, lo: Tensor, hi: Tensor, mode: Tensor, prefix: Tensor, radix_round: int,
+        counts: Tensor, hist: Tensor,
+    ) -> None:  # fmt: skip
+        """The same over every ``|m_t|`` of the tensor in the range ``(lo, hi, mode)`` (``mode`` bit 1: ``lo``
+        exclusive, bit 2: ``hi`` exclusive; an entry with a non-finite gradient counts as 0), for the tensors whose
+        ``source`` is ``SOURCE_RANGE``."""
+        ...
+
+    def update(self, batch: Batch, tau: Tensor, counts: Tensor) -> None:
+        """The AdamW step on the entries with ``|m_t| >= tau[t]`` and a finite gradient; moved counts added."""
+        ...
+
+    def fused(self, batch: Batch, tau: Tensor, counts: Tensor) -> None:
+        """Moments, comparison with ``tau[t]`` (every entry if dense) and step in one pass; moved/skipped counts."""
+        ...
 
 
-def sampled_threshold(
-    ops: Ops,
-    view: View,
-    exp_avg: Tensor,
-    grad: Tensor,
-    key: int,
-    size: int,
-    fraction: float,
-    weight: float,
-    scratch: Scratch,
-) -> float:
-    """The ``floor(fraction * size)``-th largest ``|m_t|`` of the tensor's sample (NaN counted as +inf, an entry with
-    a non-finite gradient as 0)."""
-    sample = scratch.get(size, exp_avg.device)
-    view.sample(ops, exp_avg, grad, key, size, weight, sample)
-    ops.nan_to_inf(sample)
-    return _kth_largest(ops, sample, max(1, math.floor(fraction * size)))
+# ---- the driver -----------------------------------------------------------------------------------------------------
 
 
-def exact_threshold(
-    ops: Ops,
-    view: View,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    k: int,
-    key: int,
-    step: StepScalars,
-    scratch: Scratch,
-) -> tuple[float, int]:
-    """Update both moments and return the k-th largest ``|m_t|`` of the (global) tensor, and how many of this
-    rank's entries had a non-finite gradient (left unchanged, counted as ``|m_t| = 0``).
+def _sample_values(kernels: BatchedKernels, batch: Batch, ranks: Sequence[Callable[[Entry], int]]) -> Tensor:
+    """The sample of every tensor (summed over the mesh: each position is filled by the one rank that holds it) and,
+    per tensor, its sample values at the descending ``ranks`` (functions of the entry; clamped into the sample)."""
+    samples = torch.empty(batch.sample_total, dtype=torch.float32, device=batch.device)
+    kernels.sample(batch, samples)
+    batch.all_reduce(samples)
+    table = [[min(max(rank(e), 1), e.sample) for rank in ranks] for e in batch.entries]
+    return kernels.select_sample(batch, samples, _to_device(torch.tensor(table, dtype=torch.int64), batch.device))
 
-    NaN ranks above every number, as in ``torch.topk``; the result is NaN when the k largest include a NaN (then
+
+def exact_thresholds(kernels: BatchedKernels, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Update every tensor's moments and find its exact threshold, the k-th largest ``|m_t|`` of the (global) tensor;
+    returns the thresholds ``[T]`` and this rank's counts ``[T, C_COLUMNS]``.
+
+    NaN ranks above every number, as in ``torch.topk``; the threshold is NaN when the k largest include a NaN (then
     ``|m| >= tau`` selects nothing, like the reference definition).
     """
-    numel, local = view.numel, exp_avg.numel()
-    device = exp_avg.device
-    if numel <= SMALL_TENSOR:
-        lo, hi, share = 0.0, math.inf, 1.0
+    device, size = batch.device, batch.size
+    counts = torch.zeros(size, C_COLUMNS, dtype=torch.int64, device=device)
+    numel = batch.column(M_GLOBAL_NUMEL)
+    k = batch.column(M_K)
+    candidates = torch.empty(max(1, batch.candidates_total), dtype=torch.float32, device=device)
+    if batch.sample_total and batch.group is None and kernels.fuses_sampling:
+        lo, hi = kernels.sampled_moments_bracket(batch, counts, candidates)  # type: ignore[attr-defined]
     else:
-        size = bracket_sample_size(numel)
-        j_hi, j_lo = bracket_ranks(k, numel, size)
-        sample = scratch.get(size, device)
-        view.sample(ops, exp_avg, grad, key, size, step.weight, sample)
-        ops.nan_to_inf(sample)
-        hi = math.inf if j_hi < 1 else _kth_largest(ops, sample, j_hi)
-        lo = 0.0 if j_lo > size else _kth_largest(ops, sample, j_lo)
-        share = (min(j_lo, size) - j_hi) / size
-    candidates = scratch.get(candidate_capacity(share, local), device)
-    counts = ops.moments_bracket(grad, exp_avg, exp_avg_sq, step.weight, step.beta2, lo, hi, candidates)
-    nan, above, inside, complete = view.reduce_counts(counts)
-    local_nan, local_above, local_inside, stored, skipped = counts
-    # Collecting again must count the skipped entries as 0, as the bracket pass did: it needs the gradient then.
-    skip_grad = grad if skipped else None
-    if k <= nan:
-        return math.nan, skipped
-    if k <= nan + above:  # the bracket sits too low: the threshold is above hi
-        rank = k - nan
-        values = _collect(ops, exp_avg, hi, math.inf, 1, local_above, skip_grad)
-    elif k <= nan + above + inside:
-        rank = k - nan - above
-        if lo == hi:
-            return lo, skipped
-        if complete:
-            values = candidates[:stored]
-        else:  # some rank's candidate buffer overflowed (many ties, or candidates bunched in one chunk)
-            values = _collect(ops, exp_avg, lo, hi, 0, local_inside, skip_grad)
-    else:  # the bracket sits too high: the threshold is below lo
-        rank = k - nan - above - inside
-        values = _collect(ops, exp_avg, 0.0, lo, 2, local - local_nan - local_above - local_inside, skip_grad)
-    return _kth_largest(ops, view.gather_values(values), rank), skipped
+        lo = torch.zeros(size, dtype=torch.float32, device=device)
+        hi = torch.full((size,), math.inf, dtype=torch.float32, device=device)
+        if batch.sample_total:
+            ends = _sample_values(kernels, batch, (lambda e: e.j_hi, lambda e: e.j_lo))
+            sample, j_hi, j_lo = batch.column(M_SAMPLE), batch.column(M_J_HI), batch.column(M_J_LO)
+            has_sample = sample > 0
+            hi = torch.where(has_sample & (j_hi >= 1), ends[:, 0], hi)
+            lo = torch.where(has_sample & (j_lo <= sample), ends[:, 1], lo)
+        kernels.moments_bracket(batch, lo, hi, counts, candidates)
+
+    capacity = batch.column(M_CAND_CAPACITY)
+    overflowed = (counts[:, C_INSIDE] > capacity).to(torch.int64)
+    totals = batch.all_reduce(torch.cat([counts[:, :C_SKIPPED], overflowed.unsqueeze(1)], dim=1))
+    nan, above, inside, overflow = totals.unbind(1)
+    below = numel - nan - above - inside  # entries with a non-finite gradient count as |m| = 0: never NaN or above
+    in_nan = k <= nan
+    in_above = ~in_nan & (k <= nan + above)
+    in_inside = ~in_nan & ~in_above & (k <= nan + above + inside)
+    in_below = ~(in_nan | in_above | in_inside)
+    ties = in_inside & (lo == hi)
+    source = torch.full_like(k, SOURCE_RANGE)
+    source = torch.where(in_inside & (overflow == 0), SOURCE_CANDIDATES, source)
+    source = torch.where(in_nan | ties, SOURCE_NONE, source)
+    rank = torch.where(in_above, k - nan, torch.where(in_inside, k - nan - above, k - nan - above - inside))
+    count = torch.where(in_above, above, torch.where(in_inside, inside, below))
+    range_lo = torch.where(in_above, hi, torch.where(in_inside, lo, torch.zeros_like(lo)))
+    range_hi = torch.where(in_above, torch.full_like(hi, math.inf), torch.where(in_inside, hi, lo))
+    range_mode = torch.where(in_above, 1, torch.where(in_below, 2, 0)).to(torch.int64)
+
+    kth = count - rank  # 0-based position in ascending order among the source's values
+    prefix = torch.zeros_like(k)
+    for radix_round, (_, width) in enumerate(RADIX_ROUNDS):
+        hist = torch.zeros(size, RADIX_BINS, dtype=torch.int64, device=device)
+        kernels.histogram_candidates(batch, source, prefix, radix_round, counts, candidates, hist)
+        kernels.histogram_range(batch, source, range_lo, range_hi, range_mode, prefix, radix_round, counts, hist)
+        batch.all_reduce(hist)
+        cumulative = hist.cumsum(1)
+        digit = (cumulative <= kth.unsqueeze(1)).sum(1).clamp(max=RADIX_BINS - 1)
+        before = cumulative.gather(1, (digit - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        kth = kth - torch.where(digit > 0, before, torch.zeros_like(before))
+        prefix = (prefix << width) | digit
+    selected = prefix.to(torch.int32).view(torch.float32)
+    tau = torch.where(ties, lo, selected)
+    tau = torch.where(in_nan, torch.full_like(tau, math.nan), tau)
+    return tau, counts
 
 
-def _collect(ops: Ops, exp_avg: Tensor, lo: float, hi: float, mode: int, count: int, grad: Tensor | None) -> Tensor:
-    # A fresh buffer of exactly the counted size (at most one tensor): the scratch one holds the candidates.
-    out = torch.empty(count, dtype=torch.float32, device=exp_avg.device)
-    found = ops.collect(exp_avg, lo, hi, mode, out, grad)
-    if found != count:
-        raise RuntimeError(f"MoFO internal error: collected {found} entries where the counts gave {count}.")
-    return out
+def step_batch(kernels: BatchedKernels, batch: Batch, exact: bool, sample_rank: int) -> Tensor:
+    """Step every tensor of ``batch``; returns the moved and skipped counts ``[T, 2]``, summed over the mesh.
+
+    ``exact``: the exact selection (two passes over memory). Otherwise one pass: the sampled selection, whose
+    threshold is the ``sample_rank``-th largest value of each tensor's sample, and the dense step (``M_DENSE``).
+    """
+    if exact:
+        tau, counts = exact_thresholds(kernels, batch)
+        kernels.update(batch, tau, counts)
+    else:
+        counts = torch.zeros(batch.size, C_COLUMNS, dtype=torch.int64, device=batch.device)
+        if batch.sample_total and batch.group is None and kernels.fuses_sampling:
+            kernels.sampled_fused(batch, sample_rank, counts)  # type: ignore[attr-defined]
+        else:
+            tau = torch.zeros(batch.size, dtype=torch.float32, device=batch.device)
+            if batch.sample_total:
+                values = _sample_values(kernels, batch, (lambda e: sample_rank,))[:, 0]
+                tau = torch.where(batch.column(M_SAMPLE) > 0, values, tau)
+            kernels.fused(batch, tau, counts)
+    return batch.all_reduce(counts[:, [C_MOVED, C_SKIPPED]].contiguous())
+
+
+def step_group(
+    members: Sequence[tuple[BatchedKernels, Entry]], selection: str, fraction: float | None, sample_size: int
+) -> list[tuple[list[int], Tensor]]:
+    """Step one param group's tensors, each ``(kernels, entry)``; returns, per batch, the members' positions and
+    their moved and skipped counts ``[n, 2]`` (on the batch's device, summed over the mesh).
+
+    Where each tensor's threshold comes from is decided here, once: the dense step and the sampled selection of a
+    tensor above ``sample_size`` entries take the one-pass step, every other tensor the exact selection.
+    """
+    exact: list[tuple[int, BatchedKernels, Entry]] = []
+    one_pass: list[tuple[int, BatchedKernels, Entry]] = []
+    for position, (kernels, entry) in enumerate(members):
+        if entry.dense:
+            one_pass.append((position, kernels, entry))
+        elif selection == "sampled" and entry.numel > sample_size:
+            entry.sample = sample_size
+            one_pass.append((position, kernels, entry))
+        else:
+            exact.append((position, kernels, plan_exact(entry)))
+    sample_rank = max(1, math.floor(fraction * sample_size)) if fraction is not None else 1
+    results = []
+    for chosen, is_exact in ((exact, True), (one_pass, False)):
+        positions = {id(entry): position for position, _, entry in chosen}
+        for kernels, batch in batches([(kernels, entry) for _, kernels, entry in chosen]):
+            counts = step_batch(kernels, batch, is_exact, sample_rank)
+            results.append(([positions[id(entry)] for entry in batch.entries], counts))
+    return results
+
+
+def batches(members: Sequence[tuple[BatchedKernels, Entry]]) -> list[tuple[BatchedKernels, Batch]]:
+    """Group tensors into batches of one backend, dtype, device, process group and master-weight layout, each of at
+    most ``BATCH_ENTRIES`` entries; the tensors keep their order within a batch."""
+    keyed: dict[tuple[Any, ...], tuple[BatchedKernels, list[Entry]]] = {}
+    for kernels, entry in members:
+        key = (id(kernels), entry.param.dtype, entry.param.device, id(entry.group), entry.master is not None)
+        keyed.setdefault(key, (kernels, []))[1].append(entry)
+    result = []
+    for kernels, entries in keyed.values():
+        current: list[Entry] = []
+        total = 0
+        for entry in entries:
+            if current and total + entry.exp_avg.numel() > BATCH_ENTRIES:
+                result.append((kernels, Batch(current, kernels.block, current[0].group)))
+                current, total = [], 0
+            current.append(entry)
+            total += entry.exp_avg.numel()
+        result.append((kernels, Batch(current, kernels.block, current[0].group)))
+    return result

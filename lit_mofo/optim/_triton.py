@@ -1,19 +1,19 @@
-"""MoFO's Triton kernels: the batched step of :mod:`lit_mofo.optim._batched` for CUDA parameters.
+"""MoFO's Triton kernels: the selection driver's operations (:mod:`lit_mofo.optim._selection`) for CUDA parameters.
 
-One kernel per operation of :class:`lit_mofo.optim._batched.BatchedKernels`, each launched once for a whole batch
+One kernel per operation of :class:`lit_mofo.optim._selection.BatchedKernels`, each launched once for a whole batch
 of tensors: every program handles ``BLOCK`` entries of one tensor, found from the batch's block table, and reads
 the tensor's pointers, sizes and step scalars from the batch's tables (so a launch needs no per-tensor argument and
 no host synchronisation). :class:`TritonKernels` holds the launch functions; it chooses the block sizes and grids
 and counts its launches (``launches``), which lets the tests check that a step really ran these kernels.
 
-Arithmetic: the C kernels' (:mod:`lit_mofo.optim._fused`) operation by operation - ``lerp`` and the second moment as
+Arithmetic: the C kernels' (:mod:`lit_mofo.optim._cpu`) operation by operation - ``lerp`` and the second moment as
 the fused multiply-adds torch's vectorised CPU kernels compute, the step with correctly rounded ``sqrt`` and
 division (``sqrt_rn``, ``div_rn``, not Triton's approximate defaults), and no other contraction (every launch passes
 ``enable_fp_fusion=False``) - so the Triton step computes what the C kernels compute, bit for bit, and what torch's
 operations compute up to their last-bit ``sqrt`` differences. Parameters may be float32, bfloat16 or float16
-(rounded to nearest-even once per step); moments are float32.
+(rounded to nearest-even once per step), with an optional float32 master copy; moments are float32.
 
-Importing this module imports ``triton``; :func:`lit_mofo.optim._batched.load_triton` does it on first use. Under
+Importing this module imports ``triton``; :func:`lit_mofo.optim.mofo` does it when a step first asks for it. Under
 ``TRITON_INTERPRET=1`` (set before triton is first imported) the same kernels run on CPU tensors through Triton's
 interpreter, which is how they are tested without a GPU.
 """
@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lit_mofo.optim import _batched as b
-from lit_mofo.optim._batched import Batch
+from lit_mofo.optim import _selection as b
+from lit_mofo.optim._selection import Batch
 
 __all__ = ["TritonKernels"]
 
@@ -44,6 +44,7 @@ _M_PARAM = tl.constexpr(b.M_PARAM)
 _M_GRAD = tl.constexpr(b.M_GRAD)
 _M_EXP_AVG = tl.constexpr(b.M_EXP_AVG)
 _M_EXP_AVG_SQ = tl.constexpr(b.M_EXP_AVG_SQ)
+_M_MASTER = tl.constexpr(b.M_MASTER)
 _M_NUMEL = tl.constexpr(b.M_NUMEL)
 _M_GLOBAL_NUMEL = tl.constexpr(b.M_GLOBAL_NUMEL)
 _M_INNER = tl.constexpr(b.M_INNER)
@@ -52,6 +53,7 @@ _M_START = tl.constexpr(b.M_START)
 _M_LENGTH = tl.constexpr(b.M_LENGTH)
 _M_KEY = tl.constexpr(b.M_KEY)
 _M_SAMPLE = tl.constexpr(b.M_SAMPLE)
+_M_SAMPLE_OFFSET = tl.constexpr(b.M_SAMPLE_OFFSET)
 _M_CAND_OFFSET = tl.constexpr(b.M_CAND_OFFSET)
 _M_CAND_CAPACITY = tl.constexpr(b.M_CAND_CAPACITY)
 _M_DENSE = tl.constexpr(b.M_DENSE)
@@ -98,6 +100,18 @@ def _address(base, row, column, ALIGN: tl.constexpr):
     if ALIGN > 1:
         offset = tl.multiple_of(offset, ALIGN)
     return base + offset
+
+
+@triton.jit
+def _pointers(pbase, mbase, row, P_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr):
+    """A tensor's parameter, gradient, moments and master copy (the master's offset is 0 where there is none)."""
+    return (
+        _address(pbase, row, _M_PARAM, P_ALIGN),
+        _address(pbase, row, _M_GRAD, P_ALIGN),
+        _address(mbase, row, _M_EXP_AVG, M_ALIGN),
+        _address(mbase, row, _M_EXP_AVG_SQ, M_ALIGN),
+        _address(mbase, row, _M_MASTER, M_ALIGN),
+    )
 
 
 @triton.jit
@@ -156,13 +170,21 @@ def _moments(g, m, v, scal):
 
 
 @triton.jit
-def _step(p_stored, m, v, selected, scal, PDTYPE: tl.constexpr):
+def _step(p_stored, m, v, selected, scal, w_ptr, valid, PDTYPE: tl.constexpr, MASKED: tl.constexpr,
+          HAS_MASTER: tl.constexpr):  # fmt: skip
     """The new stored parameter values: ``p.mul_(decay).addcdiv_(m, sqrt(v) / bc2_sqrt + eps, value=-step_size)``
-    with correctly rounded sqrt and division, on the selected entries; the others keep their bits."""
+    with correctly rounded sqrt and division, on the selected entries; the others keep their bits. With a master
+    copy (``w_ptr``), the step starts from it where the parameter still holds its rounding, and writes it back."""
     p = _widen(p_stored, PDTYPE)
+    if HAS_MASTER:
+        w = _load(w_ptr, valid, MASKED)
+        current = _narrow(w, PDTYPE).to(tl.uint16, bitcast=True) == p_stored.to(tl.uint16, bitcast=True)
+        p = tl.where(current, w, p)
     q = tl.where(tl.load(scal + _S_HAS_WD) != 0.0, p * tl.load(scal + _S_DECAY), p)
     denominator = tl.div_rn(tl.sqrt_rn(v), tl.load(scal + _S_BC2_SQRT)) + tl.load(scal + _S_EPS)
     new = q + tl.div_rn(tl.load(scal + _S_NEG_STEP_SIZE) * m, denominator)
+    if HAS_MASTER:
+        _store(w_ptr, tl.where(selected, new, w), valid, MASKED)
     return tl.where(selected, _narrow(tl.where(selected, new, 0.0), PDTYPE), p_stored)
 
 
@@ -178,10 +200,8 @@ def _digit_filter(x, prefix, valid, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
 # ---- kernels ------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["sample_max"])
-def _sample_kernel(
-    pbase, mbase, meta_ptr, scal_ptr, out_ptr, sample_max, PDTYPE: tl.constexpr, BLOCK: tl.constexpr
-):  # fmt: skip
+@triton.jit
+def _sample_kernel(pbase, mbase, meta_ptr, scal_ptr, out_ptr, PDTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row = meta_ptr + t * _MC
@@ -212,8 +232,7 @@ def _sample_kernel(
     value = tl.where(value != value, _INF, value)
     value = tl.where(tl.abs(g) < _INF, value, 0.0)
     value = tl.where(owned, value, 0.0)
-    value = tl.where(valid, value, -1.0)
-    tl.store(out_ptr + t * sample_max + j, value, mask=j < sample_max)
+    tl.store(out_ptr + tl.load(row + _M_SAMPLE_OFFSET) + j, value, mask=valid)
 
 
 @triton.jit
@@ -340,7 +359,8 @@ def _histogram_range_kernel(
 
 @triton.jit
 def _update_block(
-    p_ptr, g_ptr, m_ptr, v_ptr, offsets, valid, tau, skipped, scal, PDTYPE: tl.constexpr, MASKED: tl.constexpr
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offsets, valid, tau, skipped, scal, PDTYPE: tl.constexpr,
+    MASKED: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):  # fmt: skip
     m = _load(m_ptr + offsets, valid, MASKED)
     selected = valid & (tl.abs(m) >= tau)
@@ -349,23 +369,21 @@ def _update_block(
         selected = selected & (tl.abs(g) < _INF)
     p = _load(p_ptr + offsets, valid, MASKED)
     v = _load(v_ptr + offsets, valid, MASKED)
-    _store(p_ptr + offsets, _step(p, m, v, selected, scal, PDTYPE), valid, MASKED)
+    new = _step(p, m, v, selected, scal, w_ptr + offsets, valid, PDTYPE, MASKED, HAS_MASTER)
+    _store(p_ptr + offsets, new, valid, MASKED)
     return tl.sum(selected.to(tl.int64), axis=0)
 
 
 @triton.jit(do_not_specialize=["count"])
 def _update_kernel(
     pbase, mbase, meta_ptr, scal_ptr, starts_ptr, count, tau_ptr, counts_ptr, PDTYPE: tl.constexpr,
-    P_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr, BLOCK: tl.constexpr, T_PAD: tl.constexpr,
+    P_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr, BLOCK: tl.constexpr, T_PAD: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):  # fmt: skip
     t, block = _locate(starts_ptr, count, tl.program_id(0).to(tl.int64), T_PAD)
     row = meta_ptr + t * _MC
     numel = tl.load(row + _M_NUMEL)
     offsets = block * BLOCK + tl.arange(0, BLOCK)
-    p_ptr = _address(pbase, row, _M_PARAM, P_ALIGN)
-    g_ptr = _address(pbase, row, _M_GRAD, P_ALIGN)
-    m_ptr = _address(mbase, row, _M_EXP_AVG, M_ALIGN)
-    v_ptr = _address(mbase, row, _M_EXP_AVG_SQ, M_ALIGN)
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr = _pointers(pbase, mbase, row, P_ALIGN, M_ALIGN)
     scal = scal_ptr + t * _SC
     tally = counts_ptr + t * _CC
     tau = tl.load(tau_ptr + t)
@@ -373,16 +391,19 @@ def _update_kernel(
     # Every entry of a full block is read and written (the unselected ones with their own bits): the loads and
     # stores stay vectorised, and at MoFO's fractions nearly every 32-byte sector holds a selected entry anyway.
     if (block + 1) * BLOCK <= numel:
-        moved = _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, tau, skipped, scal, PDTYPE, False)
+        moved = _update_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offsets, offsets < numel, tau, skipped, scal, PDTYPE,
+                              False, HAS_MASTER)  # fmt: skip
     else:
-        moved = _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, tau, skipped, scal, PDTYPE, True)
+        moved = _update_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offsets, offsets < numel, tau, skipped, scal, PDTYPE,
+                              True, HAS_MASTER)  # fmt: skip
     if moved > 0:
         tl.atomic_add(tally + _C_MOVED, moved)
 
 
 @triton.jit
 def _fused_block(
-    p_ptr, g_ptr, m_ptr, v_ptr, offsets, valid, tau, dense, scal, PDTYPE: tl.constexpr, MASKED: tl.constexpr
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offsets, valid, tau, dense, scal, PDTYPE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
 ):  # fmt: skip
     g = _widen(_load(g_ptr + offsets, valid, MASKED), PDTYPE)
     m, v, finite = _moments(g, _load(m_ptr + offsets, valid, MASKED), _load(v_ptr + offsets, valid, MASKED), scal)
@@ -390,33 +411,31 @@ def _fused_block(
     _store(v_ptr + offsets, v, valid, MASKED)
     selected = valid & finite & ((tl.abs(m) >= tau) | dense)
     p = _load(p_ptr + offsets, valid, MASKED)
-    _store(p_ptr + offsets, _step(p, m, v, selected, scal, PDTYPE), valid, MASKED)
+    new = _step(p, m, v, selected, scal, w_ptr + offsets, valid, PDTYPE, MASKED, HAS_MASTER)
+    _store(p_ptr + offsets, new, valid, MASKED)
     return tl.sum(selected.to(tl.int64), axis=0), tl.sum((valid & ~finite).to(tl.int64), axis=0)
 
 
 @triton.jit(do_not_specialize=["count"])
 def _fused_kernel(
     pbase, mbase, meta_ptr, scal_ptr, starts_ptr, count, tau_ptr, counts_ptr, PDTYPE: tl.constexpr,
-    P_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr, BLOCK: tl.constexpr, T_PAD: tl.constexpr,
+    P_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr, BLOCK: tl.constexpr, T_PAD: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):  # fmt: skip
     t, block = _locate(starts_ptr, count, tl.program_id(0).to(tl.int64), T_PAD)
     row = meta_ptr + t * _MC
     numel = tl.load(row + _M_NUMEL)
     offsets = block * BLOCK + tl.arange(0, BLOCK)
-    p_ptr = _address(pbase, row, _M_PARAM, P_ALIGN)
-    g_ptr = _address(pbase, row, _M_GRAD, P_ALIGN)
-    m_ptr = _address(mbase, row, _M_EXP_AVG, M_ALIGN)
-    v_ptr = _address(mbase, row, _M_EXP_AVG_SQ, M_ALIGN)
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr = _pointers(pbase, mbase, row, P_ALIGN, M_ALIGN)
     scal = scal_ptr + t * _SC
     tau = tl.load(tau_ptr + t)
     # The dense flag as a block (the interpreter cannot combine a block with a scalar boolean).
     dense = (tl.zeros([BLOCK], tl.int64) + tl.load(row + _M_DENSE)) != 0
     if (block + 1) * BLOCK <= numel:
-        moved, skipped = _fused_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, tau, dense, scal, PDTYPE,
-                                      False)  # fmt: skip
+        moved, skipped = _fused_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offsets, offsets < numel, tau, dense, scal,
+                                      PDTYPE, False, HAS_MASTER)  # fmt: skip
     else:
-        moved, skipped = _fused_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, tau, dense, scal, PDTYPE,
-                                      True)  # fmt: skip
+        moved, skipped = _fused_block(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, offsets, offsets < numel, tau, dense, scal,
+                                      PDTYPE, True, HAS_MASTER)  # fmt: skip
     tally = counts_ptr + t * _CC
     if moved > 0:
         tl.atomic_add(tally + _C_MOVED, moved)
@@ -428,18 +447,33 @@ def _fused_kernel(
 
 
 class TritonKernels:
-    """Launch functions of the batched kernels (:class:`lit_mofo.optim._batched.BatchedKernels`).
+    """Launch functions of the batched kernels (:class:`lit_mofo.optim._selection.BatchedKernels`).
 
     ``block`` entries per program for the streaming kernels (4096 with 8 warps: 16 per thread, vector loads in the
     full blocks), ``sample_block`` samples per program. ``launches`` counts the launches per kernel name.
     """
 
+    name = "Triton kernels"
+    dtypes = frozenset(_DTYPES)
+    fuses_sampling = False
     block = 4096
     sample_block = 1024
     warps = 8
 
     def __init__(self) -> None:
         self.launches: Counter[str] = Counter()
+
+    def supports(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None) -> bool:
+        """Contiguous float32/bfloat16/float16 parameters and gradients with float32 moments (and master copy), all
+        on the parameter's device."""
+        tensors = [param, grad, exp_avg, exp_avg_sq] + ([master] if master is not None else [])
+        return (
+            param.dtype in _DTYPES
+            and grad.dtype == param.dtype
+            and exp_avg.dtype == exp_avg_sq.dtype == torch.float32
+            and (master is None or master.dtype == torch.float32)
+            and all(t.device == param.device and t.is_contiguous() and t.layout == torch.strided for t in tensors)
+        )
 
     @staticmethod
     def _pad(batch: Batch) -> int:
@@ -463,12 +497,22 @@ class TritonKernels:
             batch.meta,
             batch.scal,
             out,
-            batch.sample_max,
             PDTYPE=_DTYPES[batch.dtype],
             BLOCK=self.sample_block,
             num_warps=4,
             enable_fp_fusion=False,
         )
+
+    def select_sample(self, batch: Batch, samples: Tensor, ranks: Tensor) -> Tensor:
+        """Torch operations on the device: the samples as rows (padded with -1), sorted, read at the ranks."""
+        sizes = batch.column(b.M_SAMPLE)
+        rows = torch.repeat_interleave(torch.arange(batch.size, device=batch.device), sizes,
+                                       output_size=batch.sample_total)  # fmt: skip
+        columns = torch.arange(batch.sample_total, device=batch.device) - batch.column(b.M_SAMPLE_OFFSET)[rows]
+        padded = torch.full((batch.size, batch.sample_max), -1.0, dtype=torch.float32, device=batch.device)
+        padded[rows, columns] = samples
+        ordered = padded.sort(dim=1, descending=True).values
+        return ordered.gather(1, (ranks - 1).clamp(min=0))
 
     def moments_bracket(self, batch: Batch, lo: Tensor, hi: Tensor, counts: Tensor, candidates: Tensor) -> None:
         if batch.element_blocks == 0:  # only empty tensors: nothing to launch
@@ -570,6 +614,7 @@ class TritonKernels:
             **self._layout(batch),
             BLOCK=self.block,
             T_PAD=self._pad(batch),
+            HAS_MASTER=batch.has_master,
             num_warps=self.warps,
             enable_fp_fusion=False,
         )

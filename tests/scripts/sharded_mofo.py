@@ -17,6 +17,8 @@ Scenarios:
   branches, forced on every rank, where candidates are gathered from all ranks;
 - ``dtensor-nonfinite-{fused,eager}``: gradients with NaN and infinite entries (``nonfinite="skip"``): the same
   entries are left out on every rank and in the single process;
+- ``dtensor-bf16-master-{fused,eager}``: bfloat16 parameters with MoFO's float32 master weights, which are
+  DTensors sharded like the parameters;
 - ``raise``: ``nonfinite="raise"`` with a NaN that only rank 0's shard holds: every rank raises (none enters the
   step's collectives alone) and nothing changes;
 - with ``--triton``, only ``dtensor-*-triton``: the exact (with its repair branches), sampled and non-finite
@@ -46,7 +48,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from lit_mofo.optim import _batched, _selection
+from lit_mofo.optim import _kernels, _selection
 from lit_mofo.optim.mofo import MoFO
 
 STEPS = 3
@@ -83,6 +85,8 @@ def dtensor_scenarios() -> dict[str, dict[str, Any]]:
     scenarios["dtensor-bracket-below"] = {"selection": "exact", "fused": None, "patch": "below"}
     for fused, label in ((None, "fused"), (False, "eager")):
         scenarios[f"dtensor-nonfinite-{label}"] = {"selection": "exact", "fused": fused, "nonfinite": True}
+    for fused, label in ((None, "fused"), (False, "eager")):
+        scenarios[f"dtensor-bf16-master-{label}"] = {"selection": "exact", "fused": fused, "dtype": "bfloat16"}
     return scenarios
 
 
@@ -131,12 +135,14 @@ def run_dtensor_scenario(scenario: dict[str, Any], mesh: Any | None) -> dict[str
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     placements = {"S0": [Shard(0)], "S1": [Shard(1)], "R": [Replicate()]}
+    dtype = getattr(torch, scenario.get("dtype", "float32"))
     originals = {name: getattr(_selection, name) for name in patched(scenario.get("patch"))}
     for name, value in patched(scenario.get("patch")).items():
         setattr(_selection, name, value)
     try:
         params = []
         for tensor, (_, placement) in zip(initial_params(), PARAMS, strict=True):
+            tensor = tensor.to(dtype)
             if mesh is not None:
                 tensor = distribute_tensor(tensor, mesh, placements[placement])
             params.append(nn.Parameter(tensor))
@@ -147,14 +153,18 @@ def run_dtensor_scenario(scenario: dict[str, Any], mesh: Any | None) -> dict[str
             for step in range(STEPS):
                 grads = step_grads(step, scenario.get("nonfinite", False))
                 for p, grad, (_, placement) in zip(params, grads, PARAMS, strict=True):
+                    grad = grad.to(dtype)
                     p.grad = grad if mesh is None else distribute_tensor(grad, mesh, placements[placement])
                 optimizer.step()
                 stats.append([asdict(s) for s in optimizer.last_step_stats])
         final = [p.detach().full_tensor() if mesh is not None else p.detach().clone() for p in params]
+        masters = [optimizer.state[p].get("master_weight") for p in params]
+        master_types = [type(m).__name__ if m is not None else None for m in masters]
+        masters = [m.full_tensor() if mesh is not None and m is not None else m for m in masters]
     finally:
         for name, value in originals.items():
             setattr(_selection, name, value)
-    return {"params": final, "stats": stats}
+    return {"params": final, "stats": stats, "masters": masters, "master_types": master_types}
 
 
 def run_raise(mesh: Any | None) -> dict[str, Any]:
@@ -230,9 +240,9 @@ def worker(rank: int, out_dir: Path, port: int, triton: bool) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         if triton:
-            _batched.ROUTE_CPU_TENSORS = True  # CPU shards through the (interpreted) Triton kernels
+            _kernels.FUSED_KERNELS["cpu"] = _kernels.TRITON_KERNELS  # CPU shards through the interpreted Triton kernels
             results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in triton_scenarios().items()}
-            kernels = _batched.load_triton()
+            kernels = _kernels.load_triton()
             results["launches"] = dict(kernels.launches) if kernels is not None else {}
         else:
             results = {name: run_dtensor_scenario(scenario, mesh) for name, scenario in dtensor_scenarios().items()}
