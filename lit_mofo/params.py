@@ -37,7 +37,9 @@ of the callbacks in ``Trainer(callbacks=[...])``.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 import warnings
 import weakref
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -125,6 +127,22 @@ def parameter_words(module: nn.Module, roles: Mapping[str, str] | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------------- patterns
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep  # as the code objects of lit_mofo's modules name their files
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the first frame outside
+    lit_mofo: the user's line that passed the argument, however many of lit_mofo's frames lie between (a helper
+    calling a helper, a callback's own method). Python 3.12's ``skip_file_prefixes`` does this; lit_mofo supports
+    3.10."""
+    frame = sys._getframe(1)  # the caller: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def _near_word(pattern: str) -> str | None:
     close = difflib.get_close_matches(pattern, WORDS, n=1, cutoff=0.75)
     return close[0] if close else None
@@ -168,7 +186,7 @@ def check_patterns(
             f"{where}: {argument} entry {pattern!r} is not a word of {list(WORDS)}{hint}; reading it as a regular "
             f"expression searched in the parameter names is deprecated: write {REGEX_PREFIX + pattern!r}.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
     return checked
 

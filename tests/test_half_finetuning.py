@@ -281,8 +281,8 @@ def test_embeddings_and_head_can_be_frozen_and_patterns_override_the_draw() -> N
     hft = HalfFineTuning(
         train_embeddings=False,
         train_head=False,
-        always_trainable=["norm", r"layers\.0\."],
-        always_frozen=[r"\.norm\."],
+        always_trainable=["norm", r"re:layers\.0\."],
+        always_frozen=[r"re:\.norm\."],
         seed=0,
     )
     fit(LM(tiny_llama(4)), hft, steps=1)
@@ -647,7 +647,7 @@ def test_a_trainable_parameter_in_no_optimizer_is_refused_with_the_fixes() -> No
     ):
         fit(Partial(tiny_llama(2)), HalfFineTuning(), steps=1)
     # naming it in always_frozen keeps it out of the draw
-    hft = HalfFineTuning(always_frozen=["embed_tokens"])
+    hft = HalfFineTuning(always_frozen=["re:embed_tokens"])
     fit(Partial(tiny_llama(2)), hft, steps=1)
     assert "model.model.embed_tokens.weight" in hft.frozen_names
 
@@ -715,7 +715,7 @@ def test_a_module_with_every_parameter_frozen_is_refused_before_training() -> No
 def test_always_trainable_never_unfreezes_what_the_module_froze() -> None:
     module = PartlyFrozen(layers=2)
     user_frozen = module.user_frozen
-    hft = HalfFineTuning(always_trainable=[r"layers\.0\.", "embedding"], seed=0)
+    hft = HalfFineTuning(always_trainable=[r"re:layers\.0\.", "embedding"], seed=0)
     recorder = fit(module, hft, steps=1)
     assert not any(recorder.requires_grad_at_step[0][name] for name in user_frozen)
 
@@ -910,15 +910,23 @@ def test_a_pattern_that_matches_nothing_is_warned_about_with_an_example_name() -
     # One policy for every callback and helper (lit_mofo.params.warn_unmatched): warned about, never an error.
     with pytest.warns(
         UserWarning,
-        match=r"always_frozen entries \['q_projection'\] match no parameter.*'model\.model\.embed_tokens\.weight'",
+        match=r"always_frozen entries \['re:q_projection'\] match no parameter.*'model\.model\.embed_tokens\.weight'",
     ):
-        fit(LM(tiny_llama(2)), HalfFineTuning(always_frozen=["q_projection"]), steps=1)
+        fit(LM(tiny_llama(2)), HalfFineTuning(always_frozen=["re:q_projection"]), steps=1)
+    # A typo of a word is no word: read as a regex (the deprecated spelling), warned about at once with the word it
+    # resembles, and again at the start of fit when it matches nothing.
+    with pytest.warns(
+        FutureWarning,
+        match=r"always_trainable entry 'atention' is not a word .*\(did you mean the word 'attention'\?\); .*"
+        r"deprecated: write 're:atention'",
+    ):
+        typo = HalfFineTuning(always_trainable="atention")
     with pytest.warns(UserWarning, match=r"'atention' is not a .* word, did you mean 'attention'\?"):
-        fit(LM(tiny_llama(2)), HalfFineTuning(always_trainable="atention"), steps=1)
+        fit(LM(tiny_llama(2)), typo, steps=1)
 
 
 def test_a_single_pattern_string_is_one_pattern() -> None:
-    hft = HalfFineTuning(always_frozen="embed_tokens", seed=0)
+    hft = HalfFineTuning(always_frozen="re:embed_tokens", seed=0)
     fit(LM(tiny_llama(2)), hft, steps=1)
     assert "model.model.embed_tokens.weight" in hft.frozen_names
 
@@ -1128,7 +1136,9 @@ def test_a_resumed_run_keeps_the_checkpoints_frozen_experts(tmp_path: Path) -> N
     resumed_module = LM(tiny_mixtral())
     resumed = HalfFineTuning(redraw_every_n_steps=2, seed=0)
     slices = SliceRecorder(resumed)
-    again = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    # The checkpoint callback of the first fit, restored from the checkpoint (same directory and schedule);
+    # save_top_k=0: this fit writes no checkpoint into the directory it resumes from (which Lightning would warn of).
+    again = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=0)
     trainer(4, [resumed, slices, again], enable_checkpointing=True).fit(
         resumed_module, loader(), ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt")
     )

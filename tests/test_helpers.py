@@ -74,7 +74,7 @@ def test_param_groups_give_no_decay_to_bias_norm_embedding_and_keep_every_traina
 def test_param_groups_dense_include_exclude_by_category_and_regex():
     model = tiny_llama()
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
-    groups = mofo_param_groups(model, dense=("embedding", r"lm_head"), exclude=(r"layers\.1\.",), no_decay=())
+    groups = mofo_param_groups(model, dense=("embedding", "re:lm_head"), exclude=(r"re:layers\.1\.",), no_decay=())
     names = [n for g in groups for n, _ in g["params"]]
     assert not any("layers.1." in n for n in names)
     assert "model.layers.0.self_attn.q_proj.weight" not in names  # frozen, trainable_only=True
@@ -82,7 +82,7 @@ def test_param_groups_dense_include_exclude_by_category_and_regex():
     assert group_of(groups, "model.embed_tokens.weight")["fraction"] is None
     assert "fraction" not in group_of(groups, "model.layers.0.mlp.down_proj.weight")
 
-    only_attention = mofo_param_groups(model, include=(r"self_attn",), trainable_only=False)
+    only_attention = mofo_param_groups(model, include=("re:self_attn",), trainable_only=False)
     assert all("self_attn" in n for g in only_attention for n, _ in g["params"])
     assert len([n for g in only_attention for n, _ in g["params"]]) == 8
 
@@ -95,17 +95,17 @@ def test_param_groups_feed_mofo_with_names():
 
 def test_param_groups_reject_empty_selection_and_bad_regex():
     with (
-        pytest.warns(UserWarning, match=r"include entries \['does-not-exist'\] match no parameter"),
+        pytest.warns(UserWarning, match=r"include entries \['re:does-not-exist'\] match no parameter"),
         pytest.raises(ValueError, match=r"no parameter of LlamaForCausalLM was selected.*widen `include`"),
     ):
-        mofo_param_groups(tiny_llama(), include=("does-not-exist",))
+        mofo_param_groups(tiny_llama(), include=("re:does-not-exist",))
     with pytest.raises(ValueError, match=r"exclude=\('\(',\) is invalid.*Entry '\(' is not a valid regular expression"):
         mofo_param_groups(tiny_llama(), exclude=("(",))
 
 
 @pytest.mark.parametrize("argument", ["dense", "no_decay", "include", "exclude"])
 def test_a_single_string_is_one_pattern_not_its_characters(argument):
-    groups = mofo_param_groups(tiny_llama(), **{argument: "lm_head"})
+    groups = mofo_param_groups(tiny_llama(), **{argument: "re:lm_head"})
     names = [n for g in groups for n, _ in g["params"]]
     if argument == "include":
         assert names == ["lm_head.weight"]
@@ -118,8 +118,13 @@ def test_a_single_string_is_one_pattern_not_its_characters(argument):
 
 
 def test_patterns_that_match_no_parameter_are_warned_with_the_near_category():
+    # A typo of a word is no word: read as a regex (the deprecated spelling, warned about with the word it resembles),
+    # which matches nothing.
+    deprecated = (
+        r"dense entry 'embeddings' is not a word .*\(did you mean the word 'embedding'\?\); .*write 're:embeddings'"
+    )
     typo = r"dense entries \['embeddings'\] match no parameter.*did you mean 'embedding'"
-    with pytest.warns(UserWarning, match=typo):
+    with pytest.warns(UserWarning, match=typo), pytest.warns(FutureWarning, match=deprecated):
         groups = mofo_param_groups(tiny_llama(), dense=("embeddings",))
     assert not any("fraction" in g for g in groups)
     with pytest.warns(UserWarning, match=r"no_decay entries \['bias'\] match no parameter"):
@@ -135,7 +140,11 @@ def test_the_default_no_decay_categories_are_not_warned_about_on_a_model_without
     ("kwargs", "error", "message"),
     [
         ({"dense": 3}, ValueError, r"dense=3 is invalid; the valid range is a bias / norm / embedding / weight"),
-        ({"include": ["lm_head", 1]}, ValueError, r"include=\['lm_head', 1\] is invalid.*Entry 1 is not a string"),
+        (
+            {"include": ["re:lm_head", 1]},
+            ValueError,
+            r"include=\['re:lm_head', 1\] is invalid.*Entry 1 is not a string",
+        ),
         ({"trainable_only": "yes"}, ValueError, r"trainable_only='yes' is invalid; the valid range is True or False"),
     ],
 )
@@ -221,8 +230,8 @@ def test_warmup_scheduler_rejects_something_that_is_not_an_optimizer():
         ({"warmup_ratio": -0.1}, ValueError, r"mofo_configure_optimizers\(\): warmup_ratio=-0\.1 is invalid"),
         ({"num_training_steps": 2.5}, ValueError, r"num_training_steps=2\.5 is invalid"),
         ({"schedule": "cos"}, ValueError, r"schedule='cos' is invalid"),
-        ({"dense": "lm_head", "no_decay": ("(",)}, ValueError, r"no_decay=.*Entry '\(' is not a valid regular"),
-        ({"denes": ("lm_head",)}, TypeError, r"unexpected keyword arguments \['denes'\].*'dense'"),
+        ({"dense": "re:lm_head", "no_decay": ("(",)}, ValueError, r"no_decay=.*Entry '\(' is not a valid regular"),
+        ({"denes": ("re:lm_head",)}, TypeError, r"unexpected keyword arguments \['denes'\].*'dense'"),
     ],
 )
 def test_configure_optimizers_helper_checks_every_argument_before_building_anything(kwargs, error, message):
@@ -231,7 +240,7 @@ def test_configure_optimizers_helper_checks_every_argument_before_building_anyth
 
 
 def test_configure_optimizers_helper_passes_a_single_string_pattern_as_one_pattern():
-    config = mofo_configure_optimizers(Wrapper(), num_training_steps=100, dense="lm_head")
+    config = mofo_configure_optimizers(Wrapper(), num_training_steps=100, dense="re:lm_head")
     dense = [n for g in config["optimizer"].param_groups if g["fraction"] is None for n in g["param_names"]]
     assert dense == ["model.lm_head.weight"]
 

@@ -115,10 +115,10 @@ def test_include_and_exclude_choose_the_regularised_tensors(tmp_path: Path) -> N
     # weights follow the unregularised run until the biases diverge; the biases themselves are pulled back
     assert not torch.allclose(only_biases.net[0].bias, reference.net[0].bias)
     with (
-        pytest.warns(UserWarning, match=r"include entries \['does_not_exist'\] match no parameter"),
+        pytest.warns(UserWarning, match=r"include entries \['re:does_not_exist'\] match no parameter"),
         pytest.raises(MisconfigurationException, match=r"selects no trainable parameter"),
     ):
-        fit(Regression(), [L2ToPretrained(include=["does_not_exist"])], tmp_path)
+        fit(Regression(), [L2ToPretrained(include=["re:does_not_exist"])], tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -194,9 +194,9 @@ def test_snapshot_dtype_takes_the_same_forms_as_the_other_callbacks(value: objec
 
 
 def test_a_single_pattern_string_is_one_pattern_not_its_characters(tmp_path: Path) -> None:
-    one, as_string = Regression(), L2ToPretrained(strength=0.5, include=r"net\.2", log_penalty=False)
+    one, as_string = Regression(), L2ToPretrained(strength=0.5, include=r"re:net\.2", log_penalty=False)
     fit(one, [as_string], tmp_path)
-    other, as_list = Regression(), L2ToPretrained(strength=0.5, include=[r"net\.2"], log_penalty=False)
+    other, as_list = Regression(), L2ToPretrained(strength=0.5, include=[r"re:net\.2"], log_penalty=False)
     fit(other, [as_list], tmp_path)
     assert as_string.regularised_names == as_list.regularised_names == ["net.2.weight", "net.2.bias"]
     for a, b in zip(one.parameters(), other.parameters(), strict=True):
@@ -204,7 +204,14 @@ def test_a_single_pattern_string_is_one_pattern_not_its_characters(tmp_path: Pat
 
 
 def test_a_pattern_that_matches_nothing_is_warned_about_with_the_near_category(tmp_path: Path) -> None:
-    callback = L2ToPretrained(include=["bias", "embeddings"], log_penalty=False)
+    # A typo of a word is no word: read as a regex (the deprecated spelling, warned about at once with the word it
+    # resembles), which matches nothing.
+    with pytest.warns(
+        FutureWarning,
+        match=r"include entry 'embeddings' is not a word .*\(did you mean the word 'embedding'\?\); .*"
+        r"write 're:embeddings'",
+    ):
+        callback = L2ToPretrained(include=["bias", "embeddings"], log_penalty=False)
     with pytest.warns(
         UserWarning, match=r"include entries \['embeddings'\] match no parameter.*did you mean 'embedding'"
     ):
@@ -227,7 +234,7 @@ def test_tensors_the_module_froze_are_neither_regularised_nor_copied(tmp_path: P
     with pytest.raises(MisconfigurationException, match=r"selects no trainable parameter of Regression \(2 match but"):
         frozen = Regression()
         frozen.net[0].requires_grad_(False)
-        fit(frozen, [L2ToPretrained(include=[r"net\.0"])], tmp_path, max_steps=1)
+        fit(frozen, [L2ToPretrained(include=[r"re:net\.0"])], tmp_path, max_steps=1)
 
 
 def test_a_module_without_trainable_parameters_is_refused_before_training(tmp_path: Path) -> None:

@@ -189,8 +189,9 @@ def fit(module: pl.LightningModule, root: Path, callbacks: list[pl.Callback], **
         ({"fraction": True}, r"fraction=True is invalid"),
         ({"filter_min_ndim": -1}, r"filter_min_ndim=-1 is invalid; the valid range is an integer >= 0"),
         (
-            {"dense": ["lm_head", "(unclosed"]},
-            r"dense=\['lm_head', '\(unclosed'\] is invalid.*Entry '\(unclosed' is not a valid regular expression",
+            {"dense": ["re:lm_head", "re:(unclosed"]},
+            r"dense=\['re:lm_head', 're:\(unclosed'\] is invalid.*Entry 're:\(unclosed' is not a valid regular "
+            r"expression",
         ),
         ({"dense": [3]}, r"dense=\[3\] is invalid.*Entry 3 is not a string"),
     ],
@@ -392,7 +393,7 @@ def test_dense_patterns_give_whole_groups_the_dense_step() -> None:
         {"params": [net.embed.weight, net.head.weight]},
         {"params": [net.proj.weight, net.proj.bias, net.norm.weight, net.norm.bias]},
     ]
-    converted = MoFOCallback(dense=["embedding", r"^head\."]).convert(AdamW(groups), net)
+    converted = MoFOCallback(dense=["embedding", r"re:^head\."]).convert(AdamW(groups), net)
     assert [g["fraction"] for g in converted.param_groups] == [None, 0.15]
 
     # A 1-D tensor takes the dense step anyway: naming the norm does not split the group of proj.weight.
@@ -420,8 +421,8 @@ def fake_trainer(*optimizers: Optimizer, schedulers: tuple[Any, ...] = ()) -> Si
 def test_dense_pattern_naming_no_filtered_parameter_is_warned_about() -> None:
     net = Net()
     trainer = fake_trainer(AdamW([{"params": [net.embed.weight]}, {"params": list(net.parameters())[1:]}]))
-    with pytest.warns(UserWarning, match=r"\['norm', 'decoder'\] name no filtered parameter"):
-        MoFOCallback(dense=["embedding", "norm", "decoder"]).on_fit_start(trainer, net)
+    with pytest.warns(UserWarning, match=r"\['norm', 're:decoder'\] name no filtered parameter"):
+        MoFOCallback(dense=["embedding", "norm", "re:decoder"]).on_fit_start(trainer, net)
     assert [g["fraction"] for g in trainer.strategy.optimizers[0].param_groups] == [None, 0.15]
 
 
@@ -430,7 +431,7 @@ def test_tensors_the_module_froze_do_not_split_a_group_for_dense() -> None:
     net.embed.requires_grad_(False)
     net.proj.requires_grad_(False)  # the group's only trainable filtered tensor is head.weight
     trainer = fake_trainer(AdamW(net.parameters()))
-    MoFOCallback(dense=r"^head\.").on_fit_start(trainer, net)
+    MoFOCallback(dense=r"re:^head\.").on_fit_start(trainer, net)
     assert [g["fraction"] for g in trainer.strategy.optimizers[0].param_groups] == [None]
     # the tensors HalfFineTuning froze still count: they train after a re-draw
     from lit_mofo.params import forget_initial_requires_grad, record_initial_requires_grad
@@ -440,7 +441,7 @@ def test_tensors_the_module_froze_do_not_split_a_group_for_dense() -> None:
     net.embed.requires_grad_(False)  # as HFT's draw would, after recording the module's own flags
     try:
         with pytest.raises(MisconfigurationException, match=r"names 1 of the 3 trainable filtered tensors"):
-            MoFOCallback(dense=r"^head\.").on_fit_start(fake_trainer(AdamW(net.parameters())), net)
+            MoFOCallback(dense=r"re:^head\.").on_fit_start(fake_trainer(AdamW(net.parameters())), net)
     finally:
         forget_initial_requires_grad(net)
 

@@ -14,7 +14,7 @@ import transformers
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_mofo import HalfFineTuning, L2ToPretrained, ParameterDrift, mofo_param_groups
+from lit_mofo import HalfFineTuning, L2ToPretrained, ParameterDrift, mofo_configure_optimizers, mofo_param_groups
 from lit_mofo.callbacks.mofo_callback import MoFOCallback
 from lit_mofo.params import WORDS, check_patterns, parameter_words, select_names, warn_unmatched
 
@@ -106,6 +106,68 @@ def test_re_prefix_is_a_regex_and_a_plain_non_word_is_a_deprecated_one() -> None
     ]
     # a word is never a regex: "norm" does not select model.norm by its name, but every norm by what it is
     assert len(select_names(words, ["norm"], [], where="x()")) == 5
+
+
+def test_the_legacy_plain_regex_selects_what_its_re_spelling_selects_with_one_warning_per_entry() -> None:
+    # The one test of the deprecated spelling's selection: configurations written before `re:` keep their meaning.
+    legacy = {
+        "no_decay": [r"layers\.0\.", "norm"],
+        "dense": "lm_head",
+        "include": [r"^model\.(layers|embed)", "lm_head"],
+        "exclude": r"\.1\..*q_proj",
+    }
+    spelled = {
+        argument: [p if p in WORDS else f"re:{p}" for p in ([value] if isinstance(value, str) else value)]
+        for argument, value in legacy.items()
+    }
+    with pytest.warns(FutureWarning) as caught:
+        old = mofo_param_groups(tiny_llama(), **legacy)
+    plain = [(argument, p) for argument, value in spelled.items() for p in value if p.startswith("re:")]
+    assert [str(w.message) for w in caught] == [
+        f"mofo_param_groups(): {argument} entry {p[3:]!r} is not a word of {list(WORDS)}; reading it as a regular "
+        f"expression searched in the parameter names is deprecated: write {p!r}."
+        for argument, p in plain
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = mofo_param_groups(tiny_llama(), **spelled)
+    settings = [[(name, {k: v for k, v in g.items() if k != "params"}) for name, _ in g["params"]] for g in new]
+    assert settings == [[(name, {k: v for k, v in g.items() if k != "params"}) for name, _ in g["params"]] for g in old]
+    names = [name for group in settings for name, _ in group]
+    assert "lm_head.weight" in names and "model.norm.weight" not in names  # include: blocks, embeddings and head
+    assert "model.layers.1.self_attn.q_proj.weight" not in names and "model.layers.0.self_attn.q_proj.weight" in names
+    assert {tuple(sorted(s.items())) for group in settings for _, s in group} == {
+        (("weight_decay", 0.0),),  # layers.0 and the block norms
+        (("fraction", None),),  # lm_head
+        (),  # the rest
+    }
+
+    # The callbacks read patterns with the same functions: L2ToPretrained regularises the same tensors.
+    with pytest.warns(
+        FutureWarning, match=r"L2ToPretrained\(\): include entry 'layers.+' is not a word .*write 're:layers"
+    ):
+        old_l2 = L2ToPretrained(include=r"layers\.0\.", exclude="norm", log_penalty=False)
+    new_l2 = L2ToPretrained(include=r"re:layers\.0\.", exclude="norm", log_penalty=False)
+    fit(LM(tiny_llama()), [old_l2])
+    fit(LM(tiny_llama()), [new_l2])
+    assert old_l2.regularised_names == new_l2.regularised_names
+    assert len(new_l2.regularised_names) == 7  # layer 0's 4 attention and 3 FFN matrices
+
+
+def test_the_deprecation_warning_points_at_the_line_that_passed_the_pattern() -> None:
+    # Not at lit_mofo's own lines (a helper calling a helper, a callback's own method): the user's line to rewrite.
+    makers: list[Callable[[], Any]] = [
+        lambda: mofo_param_groups(tiny_llama(), dense="lm_head"),
+        lambda: mofo_configure_optimizers(LM(tiny_llama()), num_training_steps=10, dense="lm_head"),
+        lambda: HalfFineTuning(always_frozen="embed_tokens"),
+        lambda: L2ToPretrained(include="lm_head"),
+        lambda: ParameterDrift(exclude="lm_head"),
+        lambda: MoFOCallback(dense="lm_head"),
+    ]
+    for make in makers:
+        with pytest.warns(FutureWarning, match="deprecated: write 're:") as caught:
+            make()
+        assert [(w.filename, w.category) for w in caught] == [(__file__, FutureWarning)]
 
 
 def _warns_about(make: Callable[[], Any]) -> None:

@@ -184,12 +184,19 @@ def _fit(
         callbacks.append(
             ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
         )
+    elif ckpt_path is not None:
+        # A resumed fit has the checkpoint callback of the fit that wrote its checkpoint, as a user's would (Lightning
+        # restores its state, and warns when it is missing); save_top_k=0: it writes nothing, so the directory keeps
+        # the uninterrupted fit's checkpoints, which other cases resume from.
+        callbacks.append(
+            ModelCheckpoint(dirpath=Path(ckpt_path).parent, filename="{step}", every_n_train_steps=1, save_top_k=0)
+        )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=checkpoint_dir is not None,
+        enable_checkpointing=checkpoint_dir is not None or ckpt_path is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -315,8 +322,6 @@ def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one_process_under_fsdp2(
     assert resumed["global_step"] == 8 and [b[0] for b in resumed["batches"]] == [5, 6, 7]
 
 
-# The resumed fit leaves out the ModelCheckpoint that wrote the checkpoint (it writes none), which Lightning notes.
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_half_finetuning_epoch_redraws_resume_on_schedule_from_a_last_batch_of_epoch_checkpoint(
     tmp_path: Path,
 ) -> None:
