@@ -30,23 +30,35 @@ pytestmark = pytest.mark.filterwarnings("ignore:Total length of `list` across ra
 # ---- the loader ----------------------------------------------------------------------------------------------------
 
 
-def _loader(num_workers: int = 0) -> ResumableDataLoader:
-    return ResumableDataLoader(TensorDataset(torch.arange(10)), batch_size=3, shuffle=True, num_workers=num_workers)
+def _loader(num_workers: int = 0, generator: bool = False) -> ResumableDataLoader:
+    return ResumableDataLoader(
+        TensorDataset(torch.arange(10)),
+        batch_size=3,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(5) if generator else None,
+    )
 
 
 def _epochs(loader: ResumableDataLoader, count: int) -> list[list[list[int]]]:
     return [[batch[0].tolist() for batch in loader] for _ in range(count)]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_loader_restored_after_any_batch_yields_exactly_the_rest_and_no_empty_epoch(num_workers: int) -> None:
+@pytest.mark.parametrize(
+    ("num_workers", "generator"), [(0, False), (2, False), (0, True)], ids=["global-rng", "workers", "own-generator"]
+)
+def test_a_loader_restored_after_any_batch_yields_exactly_the_rest_and_no_empty_epoch(
+    num_workers: int, generator: bool
+) -> None:
+    # own-generator: the loader also draws each epoch's worker base seed from a `generator=`; the later epochs' order
+    # must not depend on those draws, which no checkpoint replays
     torch.manual_seed(0)
-    reference = _epochs(_loader(num_workers), 3)  # 4 batches per epoch (the last one has 1 sample)
+    reference = _epochs(_loader(num_workers, generator), 3)  # 4 batches per epoch (the last one has 1 sample)
     flat = [batch for epoch in reference for batch in epoch]
     positions = range(1, len(flat)) if num_workers == 0 else (3, 4, 6)  # 4: the last batch of the first epoch
     for seen in positions:
         torch.manual_seed(0)
-        original = _loader(num_workers)
+        original = _loader(num_workers, generator)
         iterator, taken, state = iter(original), 0, None
         while taken < seen:  # the state Lightning saves after `seen` batches (a new iterator per epoch)
             try:
@@ -56,7 +68,7 @@ def test_a_loader_restored_after_any_batch_yields_exactly_the_rest_and_no_empty_
             except StopIteration:
                 iterator = iter(original)
         torch.manual_seed(123)  # the resumed process's global RNG differs; the checkpoint's generator decides
-        resumed = _loader(num_workers)
+        resumed = _loader(num_workers, generator)
         resumed.load_state_dict(state)
         epochs_left = 3 - seen // 4
         rest = _epochs(resumed, epochs_left)

@@ -30,6 +30,8 @@ Use it in your own LightningDataModule's ``train_dataloader`` exactly like ``Dat
 
 With ``shuffle=True`` and no ``generator`` the one-process order is drawn from torch's global RNG when the loader is
 built (``seed_everything`` makes it reproducible) and continues from the checkpoint's generator state on resume;
+with a ``generator`` it is drawn from a copy of that generator taken when the loader is built (the loader itself
+draws each epoch's worker base seed from the generator, which no checkpoint replays);
 under DDP/FSDP2 it is the ``DistributedSampler``'s, from the seed and the epoch. A ``sampler=`` of your own resumes
 exactly if it is deterministic given its epoch (a ``DistributedSampler``, a fixed order) or has
 ``state_dict``/``load_state_dict``; a random sampler without state (``RandomSampler(...)`` on one process,
@@ -82,6 +84,11 @@ class ResumableDataLoader(StatefulDataLoader):
         ):
             # The sampler StatefulDataLoader builds for shuffle=True (the same order), recognisable to Lightning.
             generator = arguments.get("generator")
+            if generator is not None:
+                # DataLoader also draws each epoch's worker base seed from `generator`, and no checkpoint replays those
+                # draws: shuffling from the same generator, a resumed fit would deal the next epochs in another order.
+                # The sampler shuffles from a copy of it instead (the same stream, as of now).
+                generator = _copy_of(generator)
             arguments.update(sampler=_RandomSampler(arguments["dataset"], generator=generator), shuffle=False)
             args, kwargs = (), arguments
         with warnings.catch_warnings():
@@ -177,6 +184,12 @@ class ResumableDataLoader(StatefulDataLoader):
                     "state goes into every checkpoint); otherwise give the sampler `state_dict`/`load_state_dict`."
                 )
         return None
+
+
+def _copy_of(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
 
 
 def _draws_its_own_order(sampler: object) -> bool:
