@@ -228,12 +228,12 @@ def test_base_model_is_built_into_the_cache_once_and_then_reused(
 def test_one_cache_variable_for_the_scenario_and_the_kernels_and_the_old_name_still_works_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lit_mofo.optim import _fused
+    from lit_mofo.optim import _cpu
     from lit_mofo.scenario.base_model import cache_root
 
     monkeypatch.delenv("LIT_MOFO_CACHE", raising=False)
     monkeypatch.setenv("LIT_MOFO_CACHE_DIR", str(tmp_path / "one"))
-    assert cache_root() == _fused._cache_dir() == tmp_path / "one"
+    assert cache_root() == _cpu._cache_dir() == tmp_path / "one"
     monkeypatch.delenv("LIT_MOFO_CACHE_DIR")
     monkeypatch.setenv("LIT_MOFO_CACHE", str(tmp_path / "old"))
     with pytest.warns(FutureWarning, match=r"\$LIT_MOFO_CACHE is deprecated.*export LIT_MOFO_CACHE_DIR="):
