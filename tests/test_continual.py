@@ -275,7 +275,9 @@ def test_the_stage_loaders_are_prepared_for_the_strategy_as_lightning_prepares_a
     distributed = sharded.batch_sampler.sampler  # type: ignore[union-attr]
     assert isinstance(distributed, DistributedSampler) and distributed.num_replicas == 2
     assert len(sharded) == 3  # half of the batches per process
-    same = _train_loader(pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False), data)
+    same = _train_loader(
+        pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, logger=False), data
+    )
     assert not isinstance(same.batch_sampler.sampler, DistributedSampler)  # type: ignore[attr-defined]
     assert len(same) == 6  # type: ignore[arg-type]
 
