@@ -32,7 +32,7 @@ import lit_mofo  # noqa: E402
 
 project = "lit_mofo"
 author = "lit_mofo developers"
-copyright = "lit_mofo developers"  # noqa: A001
+copyright = "lit_mofo developers"
 release = lit_mofo.__version__
 version = release
 
@@ -249,6 +249,9 @@ def resolve_undocumented(app: Sphinx, env: BuildEnvironment, node: nodes.Element
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
+    from pygments.lexers.data import JsonLexer
+
+    app.add_lexer("jsonl", JsonLexer)  # the data formats' examples: one JSON object a line
     app.connect("builder-inited", generate_api_pages)
     app.connect("missing-reference", resolve_alias)
     app.connect("missing-reference", resolve_undocumented)
