@@ -499,7 +499,8 @@ _EMBEDDING_LEAVES = ("cls_token", "mask_token", "distillation_token", "position_
 
 
 def layout_table_markdown() -> str:
-    """:data:`LAYOUT_TABLE` as a Markdown table (for the README and the docs)."""
+    """:data:`LAYOUT_TABLE` as a Markdown table (for the docs' supported-models page); a ``|`` in a cell (the
+    alternatives of a module path) is escaped, as Markdown tables need even inside code."""
     kinds = {
         "attention": "attention",
         "ffn": "FFN",
@@ -513,7 +514,8 @@ def layout_table_markdown() -> str:
     ]
     for row in LAYOUT_TABLE:
         paths = ", ".join(f"`{path}`" for path in row.paths)
-        lines.append(f"| {kinds[row.kind]} | {row.name} | {paths} | {row.role} | {row.hft} | {row.models} |")
+        cells = (kinds[row.kind], row.name, paths, row.role, row.hft, row.models)
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

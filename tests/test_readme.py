@@ -1,10 +1,13 @@
-"""Every shell command README.md shows is run by a test and finishes in the time the README states next to it; the
-two quickstart commands (set up + main job, set up + tests) stay what .ci/run and pyproject.toml do.
+"""Every shell command that README.md or a page of the docs (``docs/*.md``) shows is run by a test and finishes in
+the time stated next to it; the two quickstart commands (set up + main job, set up + tests) stay what .ci/run and
+pyproject.toml do.
 
 A command is a line of a ```bash block or an inline code span that starts with ``python``, ``python3``,
-``lit-mofo``, ``pip`` or ``.ci/run``; ``&&`` chains count as their parts. :data:`README_COMMANDS` says how the suite
-runs each one. Adding a command to the README without an entry there fails
-:func:`test_every_readme_command_is_covered`, whose message says what to add.
+``lit-mofo``, ``pip``, ``sphinx-build``, ``sphinx-autobuild`` or ``.ci/run``; ``&&`` chains count as their parts.
+:data:`README_COMMANDS` says how the suite runs each one. Adding a command to the README or a docs page without an
+entry there fails :func:`test_every_readme_command_is_covered`, whose message says what to add. (The pages that only
+include BENCHMARKS.md and CHANGELOG.md are not scanned: their commands are the benchmarks' own, covered by the
+benchmarks' tests.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# The texts whose commands count: the README and every page of the docs site.
+DOCUMENTS = {"README.md": README} | {
+    str(path.relative_to(ROOT)): path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,8 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     ". .venv/bin/activate": SetUp(),
     "pip install torch==2.13.0": SetUp(),
     "pip install -e .": SetUp(),
-    'pip install -e ".[dev]"': SetUp(),
+    'pip install -e ".[dev,docs]"': SetUp(),
+    'pip install -e ".[docs]"': SetUp(),
     "lit-mofo fit --config configs/quickstart.yaml": CoveredBy(
         "tests/test_cli.py::test_console_script_exits_zero_after_a_successful_fit", "30-60 s"
     ),
@@ -114,6 +122,17 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     "python examples/lm_eval_probe.py --model Qwen/Qwen2.5-0.5B --tasks arc_easy,hellaswag --limit 100": CoveredBy(
         "tests/test_examples.py::test_lm_eval_probe_example_scores_a_local_model_on_a_local_task", "not timed here"
     ),
+    # the docs site
+    "sphinx-build -W --keep-going -n -b html docs docs/_build/html": CoveredBy(
+        "tests/test_docs.py::test_the_docs_build_without_a_warning", "about 30 s"
+    ),
+    "sphinx-build -W --keep-going -n -b linkcheck docs docs/_build/linkcheck": CoveredBy(
+        "tests/test_docs.py::test_the_docs_links_check", "about 30 s"
+    ),
+    "sphinx-autobuild docs docs/_build/html": SetUp(),  # a server, until stopped; it runs the build above
+    "python tests/zoo.py": CoveredBy(
+        "tests/test_zoo.py::test_the_docs_matrix_is_the_one_the_code_produces", "not timed here"
+    ),
     # benchmarks
     "python benchmarks/optimizer_step.py": CoveredBy(
         "tests/test_benchmarks_optimizer.py::"
@@ -130,11 +149,15 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     ),
 }
 
-_PROGRAMS = r"(?:python3?|lit-mofo|pip)\s+\S|\.ci/run\b"  # a program with arguments (a bare name is prose)
+# A program with arguments (a bare name is prose).
+_PROGRAMS = r"(?:python3?|lit-mofo|pip|sphinx-build|sphinx-autobuild)\s+\S|\.ci/run\b"
 
 
-def readme_commands(text: str = README) -> list[str]:
-    """The shell commands of a README text, in order, ``&&`` chains split, whitespace normalised."""
+def readme_commands(text: str | None = None) -> list[str]:
+    """The shell commands of a text (by default the README and the docs pages, in order), ``&&`` chains split,
+    whitespace normalised."""
+    if text is None:
+        return list(dict.fromkeys(c for document in DOCUMENTS.values() for c in readme_commands(document)))
     found: list[str] = []
     for language, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
         if language in ("bash", "sh", "shell", "console"):
@@ -159,17 +182,17 @@ def test_commands_are_extracted_from_code_blocks_and_inline_code_and_chains_are_
 def test_every_readme_command_is_covered() -> None:
     missing = [command for command in readme_commands() if command not in README_COMMANDS]
     assert not missing, (
-        f"README.md shows commands that no test runs: {missing}. Add each to README_COMMANDS in "
+        f"README.md or docs/*.md show commands that no test runs: {missing}. Add each to README_COMMANDS in "
         "tests/test_readme.py: Run((...)) with the arguments that shorten it to seconds (this file then runs it), "
         "CoveredBy('tests/test_x.py::test_name') naming the test that runs it, or SetUp() for an environment step. "
-        "Also state next to it in the README how long it takes (e.g. 'about 20 s on 2 CPU cores')."
+        "Also state next to it how long it takes (e.g. 'about 20 s on 2 CPU cores')."
     )
 
 
 def test_every_entry_is_still_in_the_readme_and_every_named_test_exists() -> None:
     shown = set(readme_commands())
     stale = [command for command in README_COMMANDS if command not in shown]
-    assert not stale, f"README_COMMANDS in tests/test_readme.py lists commands the README no longer shows: {stale}"
+    assert not stale, f"README_COMMANDS in tests/test_readme.py lists commands no document shows any more: {stale}"
     for coverage in README_COMMANDS.values():
         if isinstance(coverage, CoveredBy):
             path, name = coverage.test.split("::")
@@ -177,7 +200,8 @@ def test_every_entry_is_still_in_the_readme_and_every_named_test_exists() -> Non
 
 
 def _paragraphs() -> list[str]:
-    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", README)]
+    """The paragraphs of every document, each document's separately (a duration is stated within one page)."""
+    return [" ".join(block.split()) for text in DOCUMENTS.values() for block in [*re.split(r"\n\s*\n", text), ""]]
 
 
 @pytest.mark.parametrize("command", [c for c, k in README_COMMANDS.items() if k.takes], ids=str)
@@ -189,7 +213,7 @@ def test_the_readme_states_how_long_each_command_takes(command: str) -> None:
     places = [i for i, paragraph in enumerate(paragraphs) if command in paragraph]
     assert places, command
     assert any(takes in paragraphs[i] or (i and takes in paragraphs[i - 1]) for i in places), (
-        f"README.md shows `{command}` without the duration README_COMMANDS states for it ({takes!r}); say next to "
+        f"The documents show `{command}` without the duration README_COMMANDS states for it ({takes!r}); say next to "
         "the command how long it takes (e.g. 'about 20 s on 2 CPU cores') and keep README_COMMANDS in step."
     )
 
@@ -269,6 +293,7 @@ def _pyproject() -> dict[str, Any]:
 
 def test_ci_runs_the_readme_test_command_after_the_readme_set_up() -> None:
     chain = next(line for line in README.splitlines() if line.startswith("python3 -m venv") and "pytest" in line)
+    assert chain in DOCUMENTS["docs/getting-started.md"]  # the docs show the same command
     *set_up, test_command = [part.strip() for part in chain.split("&&")]
     ci = _ci_commands()
     assert ci[-1] == test_command  # CI ends with the README's test command, verbatim
@@ -294,12 +319,13 @@ def test_the_main_job_needs_no_extra_for_its_png_and_its_exact_resume() -> None:
 
 
 def test_the_readmes_jsonl_examples_are_data_the_instruction_module_trains_on(tmp_path: Path) -> None:
-    """Each ```jsonl block is a training file in one format; the chat one labels exactly its assistant replies."""
+    """Each ```jsonl block of the data formats (docs/cli.md) is a training file in one format; the chat one labels
+    exactly its assistant replies."""
     from tiny_models import byte_tokenizer
 
     from lit_mofo.data.instruction import IGNORE_INDEX, InstructionDataModule
 
-    blocks = re.findall(r"```jsonl\n(.*?)```", README, re.S)
+    blocks = re.findall(r"```jsonl\n(.*?)```", DOCUMENTS["docs/cli.md"], re.S)
     assert [len(block.splitlines()) for block in blocks] == [5, 2]  # a 5-line chat file, then prompt/response
     tokenizer = byte_tokenizer()
     for index, block in enumerate(blocks):

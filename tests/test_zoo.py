@@ -1,6 +1,6 @@
 """The compatibility matrix: every architecture of the installed transformers in the layout table's families, built
 tiny, with the Half Fine-Tuning pattern, the roles and bit-identical frozen tensors checked per architecture, and the
-README's table compared with what the code produces (see ``tests/zoo.py``)."""
+compatibility matrix of ``docs/supported-models.md`` compared with what the code produces (see ``tests/zoo.py``)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ GENERIC = {
     "bigbird_pegasus": "block-sparse attention names",
     "led": "Longformer attention (`longformer_self_attn`, global projections)",
 }
-# The issue's named architectures: recognised by the table and checked in the README.
+# The named architectures: recognised by the table and checked in the docs' compatibility matrix.
 NAMED = {
     "mixtral", "qwen3_moe", "olmoe", "granitemoe", "deepseek_v2", "deepseek_v3", "qwen2_moe", "gpt_oss", "qwen3",
     "gemma3_text", "bart", "mbart", "marian", "pegasus", "m2m_100", "whisper", "phi", "phi3", "gptj", "falcon",
@@ -110,13 +110,16 @@ def test_the_language_model_probe_scores_causal_models_and_refuses_the_others(
     assert m.probe == expected, (family, m.model_class)
 
 
-def test_the_readme_matrix_is_the_one_the_code_produces(measurements: dict[str, zoo.Measurement]) -> None:
-    block = zoo.readme_block()
-    assert block, f"README.md lacks the {zoo.BEGIN} ... {zoo.END} block"
+def test_the_docs_matrix_is_the_one_the_code_produces(measurements: dict[str, zoo.Measurement]) -> None:
+    block = zoo.matrix_block()
+    assert block, f"{zoo.PAGE} lacks the {zoo.BEGIN} ... {zoo.END} block"
     generated_with = block.split("transformers ", 1)[1].split(" ", 1)[0]
     if generated_with.rsplit(".", 1)[0] != transformers.__version__.rsplit(".", 1)[0]:
         pytest.skip(
-            f"README's matrix was generated with transformers {generated_with}, {transformers.__version__} here"
+            f"{zoo.PAGE.name}'s matrix was generated with transformers {generated_with}, "
+            f"{transformers.__version__} here"
         )
     expected = zoo.render_matrix([measurements[model_type] for _, model_type in ARCHITECTURES])
-    assert block == expected, "README.md's compatibility matrix is stale: run `python tests/zoo.py` to rewrite it"
+    assert block == expected, (
+        "docs/supported-models.md's compatibility matrix is stale: run `python tests/zoo.py` to rewrite it"
+    )

@@ -20,9 +20,10 @@ class ScenarioDataModule(InstructionDataModule):
     """Fine-tuning data of the embedded scenario: seeded problems of a word-list task (``cipher`` by default).
 
     Training problems are ``"cipher : w1 w2 w3 ="`` prompts with their answers; the loss is on the answer and
-    ``<eos>`` only. Validation uses the task's held-out problems — the same ones :class:`~lit_mofo.scenario.probes.
-    TaskProbe` scores — which no training problem repeats. Tokenized with the scenario's shipped tokenizer; no
-    file, no network. Everything else (padding or packing, workers, exact resume from any checkpoint) is
+    ``<eos>`` only. Validation uses the task's held-out problems — the same ones
+    :class:`~lit_mofo.scenario.probes.TaskProbe` scores — which no training problem repeats. Tokenized with the
+    scenario's shipped tokenizer; no file, no network. Everything else (padding or packing, workers, exact resume
+    from any checkpoint) is
     :class:`~lit_mofo.data.instruction.InstructionDataModule`'s.
 
     Args:

@@ -406,8 +406,8 @@ class TaskProbe(_ScenarioProbe):
         kind: ``cipher`` (the fine-tuning task), ``repeat`` (the base model's copying skill, to watch it being
             forgotten), ``reverse`` or ``reverse_cipher`` (:data:`~lit_mofo.scenario.sequence.TASK_SEQUENCE` lists
             the continual sequence's tasks and their arguments).
-        num_words: how many words of the pool the problems draw from (see :class:`~lit_mofo.scenario.task.
-            TaskSpec`; at most 56 with ``pool="values"``).
+        num_words: how many words of the pool the problems draw from (see
+            :class:`~lit_mofo.scenario.task.TaskSpec`; at most 56 with ``pool="values"``).
         min_length: shortest word list.
         max_length: longest word list.
         seed: the task's seed (problems and cipher); must match the data module's.
