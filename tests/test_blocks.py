@@ -498,7 +498,7 @@ def test_fused_projections_are_recognised_layouts() -> None:
     assert detect_layout(falcon).architecture == "falcon"
 
 
-def test_the_layout_table_renders_as_markdown_and_the_readme_shows_it() -> None:
+def test_the_layout_table_renders_as_markdown_and_the_supported_models_page_shows_it() -> None:
     import sys
 
     table = layout_table_markdown()
@@ -507,7 +507,7 @@ def test_the_layout_table_renders_as_markdown_and_the_readme_shows_it() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import zoo
 
-    assert zoo.layouts_block() == zoo.render_layouts(), "README's layout table is stale: run `python tests/zoo.py`"
+    assert zoo.layouts_block() == zoo.render_layouts(), "docs/supported-models.md's layout table is stale: run `python tests/zoo.py`"
 
 
 def test_blocks_sharing_a_tensor_are_sharded_as_one_group() -> None:
