@@ -507,7 +507,8 @@ def test_the_layout_table_renders_as_markdown_and_the_supported_models_page_show
     sys.path.insert(0, str(ROOT / "tests"))
     import zoo
 
-    assert zoo.layouts_block() == zoo.render_layouts(), "docs/supported-models.md's layout table is stale: run `python tests/zoo.py`"
+    stale = "docs/supported-models.md's layout table is stale: run `python tests/zoo.py`"
+    assert zoo.layouts_block() == zoo.render_layouts(), stale
 
 
 def test_blocks_sharing_a_tensor_are_sharded_as_one_group() -> None:
