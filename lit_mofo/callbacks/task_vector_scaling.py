@@ -435,7 +435,7 @@ class TaskVectorScaling(Callback):
         adapter = StrategyAdapter.of(trainer, user=type(self).__name__)
         if adapter.sharded:
             raise MisconfigurationException(
-                f"TaskVectorScaling does not support `{type(trainer.strategy).__name__}` yet: it shards the "
+                f"TaskVectorScaling does not support `{adapter.name}` yet: it shards the "
                 "parameters, and an edit needs whole tensors on every process. Use a single device or "
                 "`strategy='ddp'`, or edit a saved checkpoint on one device with lit_mofo.task_vectors."
             )
