@@ -11,7 +11,14 @@ it to ``<name>`` once complete (the ``lit-mofo`` command does it for every run),
 name is always complete; a leftover ``.partial`` of a killed save is removed by the next save of the same name.
 :func:`checkpoint_problem` says why a path is not a complete checkpoint (cheaply: the zip table of contents of a
 file, the metadata and shard files of a directory), and :func:`newest_complete_checkpoint` finds the newest complete
-checkpoint of the same run, by its hyper-parameters, in a set of directories.
+checkpoint of the same run, by its hyper-parameters, in a set of directories. :func:`resume_problem` and
+:func:`load_problem` are the ``lit-mofo`` command's checks of a ``--ckpt_path`` before and after the model and the
+Trainer are built.
+
+Two callbacks make a run's checkpoints survive an interruption (the shipped configs name both):
+
+- :class:`AtomicCheckpoints` calls :func:`save_checkpoints_atomically` on the Trainer's strategy in ``setup``;
+- :class:`CheckpointOnSigterm` writes the checkpoint of the step a SIGTERM (a scheduler's preemption) stopped.
 """
 
 from __future__ import annotations
@@ -26,17 +33,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from lit_mofo.task_vectors import applied_edit
 
 __all__ = [
     "PARTIAL_SUFFIX",
+    "AtomicCheckpoints",
+    "CheckpointOnSigterm",
     "checkpoint_problem",
     "complete_checkpoints",
     "hyper_parameters_match",
+    "is_local_checkpoint_path",
+    "load_problem",
     "module_hyper_parameters",
     "newest_complete_checkpoint",
     "read_checkpoint_meta",
     "replacement_checkpoint",
+    "resume_problem",
     "save_checkpoints_atomically",
 ]
 
@@ -299,3 +316,154 @@ def save_checkpoints_atomically(strategy: Strategy) -> None:
 
     save_checkpoint._lit_mofo_atomic = True  # type: ignore[attr-defined]
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+
+
+class AtomicCheckpoints(Callback):
+    """Makes the Trainer's strategy write every checkpoint atomically (:func:`save_checkpoints_atomically`), from
+    ``setup`` on: no crash leaves an incomplete checkpoint under a checkpoint's name.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AtomicCheckpoints(), ModelCheckpoint(every_n_train_steps=100)])
+    """
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        save_checkpoints_atomically(trainer.strategy)
+
+
+class CheckpointOnSigterm(Callback):
+    """Saves a checkpoint when a fit is stopped by SIGTERM (what schedulers send before preemption).
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the training step it arrives in (a
+    ``SystemExit`` with exit status 0). This callback writes that step's checkpoint beside the ``ModelCheckpoint``'s
+    (same directory and naming, e.g. ``epoch=0-step=137.ckpt``; ``<log dir>/checkpoints`` without one) — the
+    state at the end of a complete step, so it resumes like any other — and records it in :attr:`path` and
+    :attr:`step`. The ``lit-mofo`` command then prints where it stopped and how to resume, and exits with status 143
+    (128 + SIGTERM), so the job reads as interrupted.
+
+    Example::
+
+        trainer = Trainer(callbacks=[CheckpointOnSigterm()])
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.path: Path | None = None
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        self.step = trainer.global_step
+        saver = trainer.checkpoint_callback
+        if saver is not None and getattr(saver, "dirpath", None):
+            path = Path(saver.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step}))
+        else:
+            path = (
+                Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / f"step={trainer.global_step}.ckpt"
+            )
+        if not path.exists():  # ModelCheckpoint may have written this step already
+            trainer.save_checkpoint(path, weights_only=False)
+        self.path = path
+
+
+# ---------------------------------------------------------------------------------------------------- --ckpt_path
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+
+
+def is_local_checkpoint_path(ckpt_path: str) -> bool:
+    """Whether ``ckpt_path`` names a local file or directory (not ``last``/``best``/``hpc``, a URL or a registry)."""
+    return ckpt_path not in _SPECIAL_CKPT_PATHS and "://" not in ckpt_path and not ckpt_path.startswith("registry:")
+
+
+def _resume_hint(path: Path, hyper_parameters: Mapping[str, Any] | None) -> str:
+    """What to resume from instead of the unusable checkpoint ``path`` (see :func:`replacement_checkpoint`)."""
+    found = replacement_checkpoint(path, hyper_parameters)
+    if found is None:
+        return f"There is no other complete checkpoint of this run in {path.parent}; start without --ckpt_path."
+    other, before = found
+    which = "The previous" if before else "The newest"
+    return (
+        f"{which} complete checkpoint of this run in that directory is {other}: resume from it with --ckpt_path {other}"
+    )
+
+
+def resume_problem(value: str, hyper_parameters: Mapping[str, Any] | None, fitting: bool) -> str | None:
+    """Why the local ``--ckpt_path`` ``value`` cannot continue the run whose model would save ``hyper_parameters``
+    (missing, incomplete, damaged, not written by Lightning, or, for a fit (``fitting``), holding weights a
+    ``TaskVectorScaling`` edited), naming the checkpoint to use instead; None when it can. Reads the archive's table
+    of contents (or a sharded checkpoint's metadata) and the pickled entries without the tensors."""
+    path = Path(value).expanduser()
+    if not path.exists() and not path.parent.is_dir():
+        return f"--ckpt_path {value}: no such file, and no directory {path.parent}."
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        what = ": no such file" if not path.exists() else f" is not a valid checkpoint: {problem}"
+        return f"--ckpt_path {value}{what}. {_resume_hint(path, hyper_parameters)}"
+    try:
+        meta = read_checkpoint_meta(path)
+    except Exception as error:  # whatever unpickling a foreign file raises
+        return f"--ckpt_path {value} cannot be read as a checkpoint ({type(error).__name__}: {error})."
+    if "pytorch-lightning_version" not in meta:
+        keys = sorted(map(str, meta))[:6]
+        return (
+            f"--ckpt_path {value} is not a checkpoint written by Lightning (no 'pytorch-lightning_version' entry; it "
+            f"holds {keys}): it cannot resume a fit. To start from weights saved by another program, load them into "
+            "the model (CausalLMModule(model=...) takes a save_pretrained directory); to continue a run, give one of "
+            f"its checkpoints. {_resume_hint(path, hyper_parameters)}"
+        )
+    edited = applied_edit(meta) if fitting else None
+    if edited is not None:
+        return (
+            f"--ckpt_path {value} holds the weights TaskVectorScaling edited at the end of its fit ({edited}: "
+            "θ₀ + λ·Δ), not the fine-tune's, while its optimizer state is the fine-tune's: training on from it "
+            "would mix the two, and a second sweep would edit the edit. To train further, resume from a "
+            "checkpoint written before the edit (one of an earlier step, or of a ModelCheckpoint with a monitor, "
+            "which keeps the weights its score was measured on); to fine-tune the edited model anew, load its "
+            "weights without --ckpt_path; to evaluate it, use `lit-mofo validate` or `test` with --ckpt_path."
+        )
+    return None
+
+
+def _saved_weight_names(path: Path) -> set[str]:
+    """The names in the checkpoint's ``state_dict``: a file's keys (tensors not read), or the ``state_dict.*``
+    entries of a sharded checkpoint's metadata."""
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return {key.removeprefix("state_dict.") for key in keys if key.startswith("state_dict.")}
+    return set(read_checkpoint_meta(path).get("state_dict") or {})
+
+
+def load_problem(value: str, strategy: Strategy, module: LightningModule) -> str | None:
+    """Why the complete local checkpoint ``value`` cannot be loaded into ``module`` under ``strategy``, now that both
+    are built and before anything is restored: a sharded directory given to a strategy that reads single files, or
+    another model's weights (tensors of ``module`` that are not in it, with ``strict_loading``); None when it fits."""
+    path = Path(value).expanduser()
+    if path.is_dir() and not isinstance(strategy, ModelParallelStrategy):
+        return (
+            f"--ckpt_path {value} is a sharded checkpoint (a torch.distributed.checkpoint directory written "
+            f"by ModelParallelStrategy/FSDP2), which `{type(strategy).__name__}` cannot load: it reads a single "
+            "checkpoint file. Resume it with the strategy that wrote it (ModelParallelStrategy, with any number of "
+            "processes: it reshards), or have that run write single files with "
+            "`ModelParallelStrategy(save_distributed_checkpoint=False)`. For the weights alone: "
+            f"`python -m torch.distributed.checkpoint.format_utils dcp_to_torch {value} weights.pt`."
+        )
+    expected = set(module.state_dict())
+    if not expected or not module.strict_loading:
+        return None
+    saved = _saved_weight_names(path)
+    missing = sorted(expected - saved)
+    if not saved or not missing:
+        return None
+    unexpected = sorted(saved - expected)
+    written_by = (read_checkpoint_meta(path).get("hyper_parameters") or {}).get("_class_path") or "another module"
+    return (
+        f"--ckpt_path {value} holds the weights of another model: {len(missing)} of this model's "
+        f"{len(expected)} tensors are not in it (e.g. {missing[:2]})"
+        + (f" and {len(unexpected)} of its tensors are not in this model (e.g. {unexpected[:2]})" if unexpected else "")
+        + f". It was written by {written_by} with other settings (an adapter, another architecture). Resume "
+        "with the config it was written with (its run directory's config.yaml), or start without --ckpt_path."
+    )

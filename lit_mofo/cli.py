@@ -18,30 +18,42 @@ Beyond LightningCLI:
   task whose data cannot be loaded.
 - **One tokenizer.** ``data.init_args.tokenizer`` given alone becomes ``model.init_args.tokenizer`` too (the model,
   its probes and the data tokenize alike); two different ones are refused, naming both keys.
-- **SIGTERM** (a scheduler's preemption) stops a fit at the end of its step with a checkpoint of that step, a line
-  ``lit-mofo: stopped by SIGTERM at step N; its checkpoint is PATH. Resume with: ...`` and exit status 143.
-- **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
-  ``version_N`` again: ``metrics.csv`` keeps the rows logged before the checkpoint was written and continues after
-  them, and the end-of-fit report lands next to them. With the project's data modules (see
-  :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to the uninterrupted one, on one
-  process, under DDP and FSDP2 (from a checkpoint written in the middle of a step, Lightning does not redo the rest
-  of that step's logging). ``--ckpt_path last`` resumes from the newest complete checkpoint of this run (the same
-  model hyper-parameters) where the configured run writes checkpoints, or starts afresh when there is none.
-- **Checkpoints a crash cannot tear.** Every checkpoint is written under ``<name>.partial`` and renamed when complete
-  (:func:`~lit_mofo.checkpoints.save_checkpoints_atomically`). A ``--ckpt_path`` that is missing, empty, cut short,
-  an incomplete sharded directory or not a checkpoint is refused up front, naming the newest complete checkpoint of
-  the same run before it in that directory; another program's file and a checkpoint that ``TaskVectorScaling``
+- **Checkpoints.** A ``--ckpt_path`` that is missing, empty, cut short, an incomplete sharded directory or not a
+  checkpoint is refused up front, naming the newest complete checkpoint of the same run before it in that directory
+  (:func:`~lit_mofo.checkpoints.resume_problem`); another program's file and a checkpoint that ``TaskVectorScaling``
   rewrote with an edit (for ``fit``) too. Once the model and the Trainer are built, and before anything is restored,
-  a checkpoint of another model (tensors that do not fit) or a sharded directory given to a strategy that reads
-  single files is refused with the fix. A checkpoint written outside LightningCLI gives its hyper-parameters to the
-  configured model class.
-- **Default logger**: a CSV logger in ``<default_root_dir>/lightning_logs/version_N`` (what Lightning picks without
-  TensorBoard installed, without its notice about it); a fit that fails before logging anything removes the version
-  directory it created. Give ``--trainer.logger`` to use another logger.
-- Lightning's install tips (litlogger, litmodels) and torch 2.13's ``LeafSpec`` deprecation warning inside Lightning
-  are filtered by their exact text (:func:`lit_mofo.notices.quiet_known_notices`); the progress bar shows ``Epoch
-  N`` without the ``/-2`` of step-limited runs, counts the batches of a resumed epoch from where it resumed, and
-  shows the run's version number (``v_num: 2``).
+  a checkpoint of another model or a sharded directory given to a strategy that reads single files is refused with
+  the fix (:func:`~lit_mofo.checkpoints.load_problem`). A checkpoint written outside LightningCLI gives its
+  hyper-parameters to the configured model class. ``--ckpt_path last`` resumes from the newest complete checkpoint of
+  this run (the same model hyper-parameters) where the configured run writes checkpoints, or starts afresh.
+- **Resume continues the run.** ``fit --ckpt_path .../lightning_logs/version_N/checkpoints/X.ckpt`` logs into
+  ``version_N`` again (:meth:`~lit_mofo.loggers.ResumableCSVLogger.for_run`): ``metrics.csv`` keeps the rows logged
+  before the checkpoint was written and continues after them, and the end-of-fit report lands next to them. With
+  the project's data modules (see :class:`~lit_mofo.data.ResumableDataLoader`) a resumed fit ends bit-identical to
+  the uninterrupted one, on one process, under DDP and FSDP2.
+- **SIGTERM** (a scheduler's preemption) stops a fit at the end of its step with a checkpoint of that step
+  (:class:`~lit_mofo.checkpoints.CheckpointOnSigterm`), a line ``lit-mofo: stopped by SIGTERM at step N; its
+  checkpoint is PATH. Resume with: ...`` and exit status 143.
+
+What the command adds to a run is in the config, where ``--print_config`` shows it and a config can change it:
+
+- ``trainer.logger``: :class:`~lit_mofo.loggers.ResumableCSVLogger` by default (the parser's default, so
+  ``--print_config`` shows it for any config; ``true`` or ``null`` mean it too), under ``default_root_dir`` unless
+  given a ``save_dir``; ``false`` or another logger replace it.
+- ``trainer.callbacks``: the shipped configs name the run's four callbacks first in their lists:
+  :class:`~lit_mofo.checkpoints.AtomicCheckpoints` (no crash leaves a torn checkpoint),
+  :class:`~lit_mofo.checkpoints.CheckpointOnSigterm`, :class:`~lit_mofo.loggers.ContinueCSVMetrics` (the logger's
+  rows in every checkpoint) and :class:`~lit_mofo.progress.ProgressBarFixes` (``Epoch N`` without ``/-2``, a resumed
+  epoch counted from its start, the run's version number). A config that does not name one of them gets it added
+  (first, so that the SIGTERM checkpoint is written before other callbacks react to the stop), with an info line
+  naming what was added; ``default_callbacks: false`` gives the Trainer exactly the callbacks the config names.
+- ``quiet_notices`` (default true): Lightning's install tips, its tensorboardX notice and the deprecation warnings
+  raised inside Lightning, peft and transformers that a user cannot act on are hidden
+  (:func:`lit_mofo.notices.quiet_known_notices`) while the command builds and runs, and the process's warning and
+  logging filters are put back as they were when it returns. ``false`` shows them.
+- ``torch_num_threads`` (default none): ``torch.set_num_threads`` before anything is built; it stays set.
+
+Nothing happens to the process when this module is imported or before the config is parsed.
 
 Example::
 
@@ -52,8 +64,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import importlib
 import inspect
 import os
@@ -62,7 +72,7 @@ import shlex
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -70,14 +80,8 @@ import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
@@ -89,19 +93,23 @@ import lit_mofo.modules
 import lit_mofo.optim
 import lit_mofo.probes
 import lit_mofo.scenario  # noqa: F401
-from lit_mofo.callbacks.task_vector_scaling import applied_edit
 from lit_mofo.checkpoints import (
-    checkpoint_problem,
+    AtomicCheckpoints,
+    CheckpointOnSigterm,
+    is_local_checkpoint_path,
+    load_problem,
     newest_complete_checkpoint,
     read_checkpoint_meta,
-    replacement_checkpoint,
-    save_checkpoints_atomically,
+    resume_problem,
 )
+from lit_mofo.loggers import ContinueCSVMetrics, ResumableCSVLogger
 from lit_mofo.notices import quiet_known_notices
+from lit_mofo.progress import ProgressBarFixes
 
 __all__ = ["LitMoFOCLI", "console_main", "main", "quiet_known_notices"]
 
 _DEBUG_ENV = "JSONARGPARSE_DEBUG"
+_DEFAULT_LOGGER = "lit_mofo.loggers.ResumableCSVLogger"
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -290,14 +298,7 @@ def _key_of(reason: str, config: Namespace) -> str | None:
     return specs[0][0] if len(specs) == 1 else None
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-_SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
-
-
-def _is_local(ckpt_path: str) -> bool:
-    return ckpt_path not in _SPECIAL_CKPT_PATHS and "://" not in ckpt_path and not ckpt_path.startswith("registry:")
-
-
+# ---------------------------------------------------------------------------------------------------- config
 def _model_hyper_parameters(config: Namespace) -> dict[str, Any]:
     """The hyper-parameters the configured model would save (``_class_path`` and its plain init arguments), to tell
     a checkpoint of this run from one of another model."""
@@ -336,288 +337,6 @@ def _checkpoint_directories(config: Namespace) -> list[Path]:
     return [*directories, root / "checkpoints"]
 
 
-def _resume_hint(path: Path, hyper_parameters: dict[str, Any]) -> str:
-    """What to resume from instead of the unusable checkpoint ``path`` (see
-    :func:`~lit_mofo.checkpoints.replacement_checkpoint`)."""
-    found = replacement_checkpoint(path, hyper_parameters)
-    if found is None:
-        return f"There is no other complete checkpoint of this run in {path.parent}; start without --ckpt_path."
-    other, before = found
-    which = "The previous" if before else "The newest"
-    return (
-        f"{which} complete checkpoint of this run in that directory is {other}: resume from it with --ckpt_path {other}"
-    )
-
-
-def _ckpt_path_problem(value: str, config: Namespace, subcommand: str) -> str | None:
-    """The message for a local ``--ckpt_path`` that is missing, incomplete, damaged or not a Lightning checkpoint
-    that can continue this run, else None. Reads the archive's table of contents (or a sharded checkpoint's metadata)
-    and the pickled entries without the tensors."""
-    path = Path(value).expanduser()
-    hyper_parameters = _model_hyper_parameters(config)
-    if not path.exists() and not path.parent.is_dir():
-        return f"--ckpt_path {value}: no such file, and no directory {path.parent}."
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        what = ": no such file" if not path.exists() else f" is not a valid checkpoint: {problem}"
-        return f"--ckpt_path {value}{what}. {_resume_hint(path, hyper_parameters)}"
-    try:
-        meta = read_checkpoint_meta(path)
-    except Exception as error:  # whatever unpickling a foreign file raises
-        return f"--ckpt_path {value} cannot be read as a checkpoint ({type(error).__name__}: {error})."
-    if "pytorch-lightning_version" not in meta:
-        keys = sorted(map(str, meta))[:6]
-        return (
-            f"--ckpt_path {value} is not a checkpoint written by Lightning (no 'pytorch-lightning_version' entry; it "
-            f"holds {keys}): it cannot resume a fit. To start from weights saved by another program, load them into "
-            "the model (CausalLMModule(model=...) takes a save_pretrained directory); to continue a run, give one of "
-            f"its checkpoints. {_resume_hint(path, hyper_parameters)}"
-        )
-    if subcommand == "fit":
-        edited = applied_edit(meta)
-        if edited is not None:
-            return (
-                f"--ckpt_path {value} holds the weights TaskVectorScaling edited at the end of its fit ({edited}: "
-                "θ₀ + λ·Δ), not the fine-tune's, while its optimizer state is the fine-tune's: training on from it "
-                "would mix the two, and a second sweep would edit the edit. To train further, resume from a "
-                "checkpoint written before the edit (one of an earlier step, or of a ModelCheckpoint with a monitor, "
-                "which keeps the weights its score was measured on); to fine-tune the edited model anew, load its "
-                "weights without --ckpt_path; to evaluate it, use `lit-mofo validate` or `test` with --ckpt_path."
-            )
-    return None
-
-
-def _saved_weight_names(path: Path) -> set[str]:
-    """The names in the checkpoint's ``state_dict``: a file's keys (tensors not read), or the ``state_dict.*``
-    entries of a sharded checkpoint's metadata."""
-    if path.is_dir():
-        from torch.distributed.checkpoint import FileSystemReader
-
-        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        return {key.removeprefix("state_dict.") for key in keys if key.startswith("state_dict.")}
-    return set(read_checkpoint_meta(path).get("state_dict") or {})
-
-
-def _run_dir_of(ckpt_path: str | None) -> Path | None:
-    """The logger version directory holding ``ckpt_path`` (``<save_dir>/<name>/<version>/checkpoints/X.ckpt``), or
-    None when the checkpoint is elsewhere."""
-    if not ckpt_path or ckpt_path in _SPECIAL_CKPT_PATHS or "://" in ckpt_path:
-        return None
-    path = Path(ckpt_path).expanduser().resolve()
-    run_dir = path.parent.parent
-    if path.parent.name != "checkpoints" or not any(
-        (run_dir / name).is_file() for name in ("metrics.csv", "hparams.yaml", "config.yaml")
-    ):
-        return None
-    return run_dir
-
-
-# ---------------------------------------------------------------------------------------------------- logging
-class _ContinuingWriter(ExperimentWriter):
-    """ExperimentWriter that appends to an existing ``metrics.csv`` (Lightning's deletes it) and counts its rows."""
-
-    def __init__(self, log_dir: str) -> None:
-        self.rows = 0
-        super().__init__(log_dir)
-
-    @override
-    def _check_log_dir_exists(self) -> None:
-        if not self._fs.isfile(self.metrics_file_path):
-            return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            reader = csv.DictReader(file)
-            self.metrics_keys = list(reader.fieldnames or [])
-            self.rows = sum(1 for _ in reader)
-
-    @override
-    def save(self) -> None:
-        pending = len(self.metrics)
-        super().save()
-        self.rows += pending
-
-    def keep(self, rows: int | None = None, up_to_step: int | None = None) -> None:
-        """Drop the rows of ``metrics.csv`` after the first ``rows`` (or after those with ``step <= up_to_step``)."""
-        if not self._fs.isfile(self.metrics_file_path):
-            return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            reader = csv.DictReader(file)
-            fieldnames = list(reader.fieldnames or [])
-            kept = list(reader)
-        if rows is not None:
-            kept = kept[:rows]
-        if up_to_step is not None:
-            kept = [row for row in kept if not row.get("step") or float(row["step"]) <= up_to_step]
-        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(kept)
-        self.rows = len(kept)
-
-
-class _RunLogger(CSVLogger):
-    """The ``lit-mofo`` default logger: Lightning's CSVLogger, continuing an existing version directory (a resumed
-    fit) instead of emptying it, and removing the directory it created when a run fails before logging anything."""
-
-    _LEFTOVERS = frozenset({"config.yaml", "hparams.yaml", "checkpoints"})
-
-    def __init__(self, save_dir: str, name: str = "lightning_logs", version: str | int | None = None) -> None:
-        super().__init__(save_dir, name=name, version=version)
-        self.continues = version is not None and Path(self.log_dir).is_dir()
-
-    @property
-    @override
-    @rank_zero_experiment
-    def experiment(self) -> _ContinuingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment  # type: ignore[return-value]
-
-    @override
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        super().finalize(status)
-        if status != "failed" or self.continues:
-            return
-        log_dir = Path(self.log_dir)
-        if not log_dir.is_dir():
-            return
-        entries = list(log_dir.iterdir())
-        checkpoints = log_dir / "checkpoints"
-        if all(e.name in self._LEFTOVERS for e in entries) and not (
-            checkpoints.is_dir() and any(checkpoints.iterdir())
-        ):
-            for entry in entries:
-                entry.rmdir() if entry.is_dir() else entry.unlink()
-            log_dir.rmdir()
-            with contextlib.suppress(OSError):  # the `lightning_logs` it made, unless other runs are there
-                log_dir.parent.rmdir()
-
-
-class _ContinueMetrics(Callback):
-    """Makes a resumed fit's ``metrics.csv`` continue exactly where its checkpoint was written.
-
-    Every checkpoint records how many rows the run's ``metrics.csv`` had (after writing out the buffered ones, so a
-    crash loses none of them); resuming into that run's directory keeps those rows and drops the ones logged after
-    the checkpoint, which the resumed fit logs again. Checkpoints without the count keep the rows up to their step.
-    """
-
-    def __init__(self) -> None:
-        self._trainer: Trainer | None = None
-
-    def _writer(self, trainer: Trainer) -> _ContinuingWriter | None:
-        logger = trainer.logger
-        if not isinstance(logger, _RunLogger) or not trainer.is_global_zero:
-            return None
-        return logger.experiment
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._trainer = trainer
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        writer = None if self._trainer is None else self._writer(self._trainer)
-        if writer is None:
-            return {}
-        writer.save()
-        return {"metrics_rows": writer.rows}
-
-    @override
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        writer = self._writer(trainer)
-        if writer is None or not trainer.logger.continues:  # type: ignore[union-attr]  # _writer: a _RunLogger
-            return
-        rows = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("metrics_rows")
-        if rows is not None:
-            writer.keep(rows=rows)
-        else:
-            writer.keep(up_to_step=int(checkpoint.get("global_step", 0)))
-
-
-class _ProgressBarFixes(ProgressBar):
-    """Lightning's progress bar with two fixes for step-limited runs (``max_steps`` set, so ``max_epochs == -1``).
-
-    The epoch's total counts the batches already seen in it, so a fit resumed mid-epoch shows ``150/200``, not
-    ``150/99``; and gradient accumulation is taken into account (``max_steps`` counts optimizer steps).
-    """
-
-    @property
-    @override
-    def total_train_batches(self) -> int | float:
-        trainer = self.trainer
-        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            seen = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            return min(trainer.num_training_batches, seen + remaining)
-        return trainer.num_training_batches
-
-    @override
-    def get_metrics(
-        self, trainer: Trainer, pl_module: LightningModule
-    ) -> dict[str, int | str | float | dict[str, float]]:
-        """The metrics, with ``v_num`` the run's version number as text (``v_num: 2``): not ``0.000`` (the rich bar
-        formats numbers as floats) nor the last 4 letters of ``version_2`` (``on_2``) after a resume."""
-        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
-        if "v_num" in items:
-            versions = [_version_number(logger.version) for logger in trainer.loggers]
-            items["v_num"] = "_".join(dict.fromkeys(v for v in versions if v))
-        return items
-
-
-def _version_number(version: int | str | None) -> str:
-    """``2`` for ``2`` and ``"version_2"``; any other version as it is."""
-    if version is None:
-        return ""
-    match = re.fullmatch(r"version_(\d+)", str(version))
-    return match.group(1) if match else str(version)
-
-
-class _RichBar(_ProgressBarFixes, RichProgressBar):
-    @override
-    def _get_train_description(self, current_epoch: int) -> str:
-        description = super()._get_train_description(current_epoch)
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:  # "Epoch 0/-2": no epoch limit
-            description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
-        return description
-
-
-class _TQDMBar(_ProgressBarFixes, TQDMProgressBar):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------- SIGTERM
-class _CheckpointOnSigterm(Callback):
-    """Saves a checkpoint when a fit is stopped by SIGTERM (what schedulers send before preemption).
-
-    Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the training step it arrives in (a
-    ``SystemExit`` with exit status 0). This callback writes that step's checkpoint beside the ``ModelCheckpoint``'s
-    (same directory and naming, e.g. ``epoch=0-step=137.ckpt``; ``<log dir>/checkpoints`` without one) — the
-    state at the end of a complete step, so it resumes like any other. :class:`LitMoFOCLI` then prints where it
-    stopped and how to resume, and exits with status 143 (128 + SIGTERM), so the job reads as interrupted.
-    """
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.path: Path | None = None
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
-            return
-        self.step = trainer.global_step
-        saver = trainer.checkpoint_callback
-        if saver is not None and getattr(saver, "dirpath", None):
-            path = Path(saver.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step}))
-        else:
-            path = (
-                Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / f"step={trainer.global_step}.ckpt"
-            )
-        if not path.exists():  # ModelCheckpoint may have written this step already
-            trainer.save_checkpoint(path, weights_only=False)
-        self.path = path
-
-
 def _resume_command(argv: list[str] | None, checkpoint: Path) -> str:
     """The command that continues the run: the same arguments with ``--ckpt_path`` pointing at ``checkpoint``."""
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "lit-mofo"
@@ -639,7 +358,6 @@ def _resume_command(argv: list[str] | None, checkpoint: Path) -> str:
     return shlex.join([*program.split(), *kept, f"--ckpt_path={checkpoint}"])
 
 
-# ---------------------------------------------------------------------------------------------------- the CLI
 def _class_specs(node: Any, key: str = "") -> Iterator[tuple[str, str, dict[str, Any]]]:
     """``(config key, class_path, init_args)`` of every ``class_path`` entry in a parsed config."""
     if isinstance(node, Namespace):
@@ -667,24 +385,33 @@ class LitMoFOCLI(LightningCLI):
     """LightningCLI with any LightningModule/LightningDataModule subclass selectable by ``class_path``, argument checks
     before anything is built, and resumes that continue their run (see the module docstring).
 
-    One option beyond LightningCLI's: ``torch_num_threads`` (``torch.set_num_threads`` before anything is built).
-    Small models on a CPU are bound by per-op overhead, and on a shared or small machine one thread per process is
-    often several times faster than the default of one per core (measured 14 s vs 229 s for the quickstart's fit
-    on a loaded 2-core machine); the scenario configs set it to 1.
+    Options beyond LightningCLI's, each shown by ``--print_config``:
+
+    - ``torch_num_threads``: ``torch.set_num_threads`` before anything is built. Small models on a CPU are bound by
+      per-op overhead, and on a shared or small machine one thread per process is often several times faster than
+      the default of one per core (measured 14 s vs 229 s for the quickstart's fit on a loaded 2-core machine); the
+      scenario configs set it to 1.
+    - ``quiet_notices``: hide the known notices while the command runs (default true).
+    - ``default_callbacks``: add the run callbacks the config does not name (default true).
 
     The resolved config is saved next to the logs (``config.yaml`` in the run's log dir), overwriting a previous
     one in the same directory (a resumed fit records its own).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        quiet_known_notices()
         given = kwargs.get("args")
         self._argv: list[str] | None = (
             list(sys.argv[1:]) if given is None else [str(a) for a in given] if isinstance(given, list) else None
         )
+        self._quiet: quiet_known_notices | None = None
         kwargs.setdefault("parser_class", LitMoFOArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._quiet is not None:  # the filters of quiet_notices end with the command
+                self._quiet.__exit__(None, None, None)
+                self._quiet = None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -694,6 +421,23 @@ class LitMoFOCLI(LightningCLI):
             default=None,
             help="torch.set_num_threads for each process before training (None: torch's default, one per core).",
         )
+        parser.add_argument(
+            "--quiet_notices",
+            type=bool,
+            default=True,
+            help="Hide the notices every run prints that are not about the run (Lightning's install tips and "
+            "tensorboardX notice, deprecation warnings raised inside Lightning, peft and transformers; see "
+            "lit_mofo.notices) while the command runs; the process's filters are put back when it returns.",
+        )
+        parser.add_argument(
+            "--default_callbacks",
+            type=bool,
+            default=True,
+            help="Add the run callbacks that trainer.callbacks does not name: lit_mofo.checkpoints.AtomicCheckpoints, "
+            "lit_mofo.checkpoints.CheckpointOnSigterm, lit_mofo.progress.ProgressBarFixes and, with a "
+            "ResumableCSVLogger, lit_mofo.loggers.ContinueCSVMetrics. false: exactly the callbacks the config names.",
+        )
+        parser.set_defaults({"trainer.logger": {"class_path": _DEFAULT_LOGGER}})
 
     def _subcommand_config(self) -> Namespace:
         return self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
@@ -712,8 +456,8 @@ class LitMoFOCLI(LightningCLI):
         config = self.config[subcommand]
         if str(ckpt_path) == "last":
             self.config[subcommand]["ckpt_path"] = self._last_checkpoint(config)
-        elif _is_local(str(ckpt_path)):
-            problem = _ckpt_path_problem(str(ckpt_path), config, subcommand)
+        elif is_local_checkpoint_path(str(ckpt_path)):
+            problem = resume_problem(str(ckpt_path), _model_hyper_parameters(config), fitting=subcommand == "fit")
             if problem is not None:
                 self._parser(subcommand).error(problem)
 
@@ -773,39 +517,11 @@ class LitMoFOCLI(LightningCLI):
         """Refuse a ``--ckpt_path`` that this Trainer's strategy cannot load, or that holds another model's weights,
         now that both are built (before anything is restored)."""
         ckpt_path = self._subcommand_config().get("ckpt_path")
-        if not ckpt_path or not _is_local(str(ckpt_path)):
+        if not ckpt_path or not is_local_checkpoint_path(str(ckpt_path)):
             return
-        path = Path(str(ckpt_path)).expanduser()
-        strategy = self.trainer.strategy
-        if path.is_dir() and not isinstance(strategy, ModelParallelStrategy):
-            self._fail(
-                f"--ckpt_path {ckpt_path} is a sharded checkpoint (a torch.distributed.checkpoint directory written "
-                f"by ModelParallelStrategy/FSDP2), which `{type(strategy).__name__}` cannot load: it reads a single "
-                "checkpoint file. Resume it with the strategy that wrote it (ModelParallelStrategy, with any number of "
-                "processes: it reshards), or have that run write single files with "
-                "`ModelParallelStrategy(save_distributed_checkpoint=False)`. For the weights alone: "
-                f"`python -m torch.distributed.checkpoint.format_utils dcp_to_torch {ckpt_path} weights.pt`."
-            )
-        expected = set(self.model.state_dict())
-        if not expected or not self.model.strict_loading:
-            return
-        saved = _saved_weight_names(path)
-        missing = sorted(expected - saved)
-        if saved and missing:
-            unexpected = sorted(saved - expected)
-            meta = read_checkpoint_meta(path)
-            written_by = (meta.get("hyper_parameters") or {}).get("_class_path") or "another module"
-            self._fail(
-                f"--ckpt_path {ckpt_path} holds the weights of another model: {len(missing)} of this model's "
-                f"{len(expected)} tensors are not in it (e.g. {missing[:2]})"
-                + (
-                    f" and {len(unexpected)} of its tensors are not in this model (e.g. {unexpected[:2]})"
-                    if unexpected
-                    else ""
-                )
-                + f". It was written by {written_by} with other settings (an adapter, another architecture). Resume "
-                "with the config it was written with (its run directory's config.yaml), or start without --ckpt_path."
-            )
+        problem = load_problem(str(ckpt_path), self.trainer.strategy, self.model)
+        if problem is not None:
+            self._fail(problem)
 
     def before_fit(self) -> None:
         self._check_checkpoint_fits_the_run()
@@ -825,6 +541,8 @@ class LitMoFOCLI(LightningCLI):
         threads = config.get("torch_num_threads")
         if threads is not None:
             torch.set_num_threads(threads)
+        if config.get("quiet_notices", True) and self._quiet is None:
+            self._quiet = quiet_known_notices()  # until the command returns (see __init__)
         self._check_optimizers(config)
         self._share_tokenizer(config)
         self._check_sources(config)
@@ -923,49 +641,61 @@ class LitMoFOCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._subcommand_config()
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        callbacks = trainer_config.get("callbacks") or []
-        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = self._default_logger(trainer_config.get("default_root_dir"))
-            callbacks.append(_ContinueMetrics())
-        if trainer_config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in callbacks
-        ):
-            callbacks.append(_RichBar() if _RICH_AVAILABLE else _TQDMBar())
-        callbacks.append(_CheckpointOnSigterm())
-        kwargs["callbacks"] = callbacks
-        trainer = super().instantiate_trainer(**kwargs)
-        save_checkpoints_atomically(trainer.strategy)  # a killed save never leaves a checkpoint that cannot load
-        return trainer
+        logger = trainer_config.get("logger")
+        if logger in (None, True):  # Lightning's "the default logger": lit-mofo's
+            logger = ResumableCSVLogger()
+        if isinstance(logger, ResumableCSVLogger):
+            ckpt_path = config.get("ckpt_path") if self.subcommand == "fit" else None
+            kwargs["logger"] = logger = logger.for_run(trainer_config.get("default_root_dir"), ckpt_path)
+        if config.get("default_callbacks", True):
+            given = trainer_config.get("callbacks") or []
+            given = list(given) if isinstance(given, Sequence) else [given]
+            added = _missing_run_callbacks(given, logger)
+            if added:
+                rank_zero_info(
+                    f"lit-mofo adds the run callbacks the config does not name: {[type(c).__name__ for c in added]} "
+                    "(name them under trainer.callbacks to see and configure them, or set default_callbacks: false)."
+                )
+                kwargs["callbacks"] = [*added, *given]
+        return super().instantiate_trainer(**kwargs)
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; a fit stopped by SIGTERM names its checkpoint, says how to resume and exits with status
         143 (Lightning's ``SIGTERMException`` would exit with 0, as if the job had succeeded)."""
+        logger = self.trainer.logger
         try:
-            self.trainer.fit(**kwargs)
+            with warnings.catch_warnings():
+                if isinstance(logger, ResumableCSVLogger) and logger.continues:
+                    # The resumed fit continues its run, checkpoints included: ModelCheckpoint would warn that their
+                    # directory is not empty.
+                    checkpoints = Path(logger.log_dir) / "checkpoints"
+                    message = re.escape(f"Checkpoint directory {checkpoints} exists and is not empty.")
+                    warnings.filterwarnings("ignore", message=message)
+                self.trainer.fit(**kwargs)
         except SIGTERMException:
-            saver = next(c for c in self.trainer.callbacks if isinstance(c, _CheckpointOnSigterm))
+            saver = next((c for c in self.trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None)
             if self.trainer.is_global_zero:
+                path = None if saver is None else saver.path
                 where = (
-                    f"; its checkpoint is {saver.path}. Resume with:\n  {_resume_command(self._argv, saver.path)}"
-                    if saver.path is not None
+                    f"; its checkpoint is {path}. Resume with:\n  {_resume_command(self._argv, path)}"
+                    if path is not None
                     else " (no checkpoint was written)."
                 )
-                sys.stderr.write(f"\nlit-mofo: stopped by SIGTERM at step {saver.step}{where}\n")
+                step = self.trainer.global_step if saver is None else saver.step
+                sys.stderr.write(f"\nlit-mofo: stopped by SIGTERM at step {step}{where}\n")
                 sys.stderr.flush()
             raise SystemExit(128 + signal.SIGTERM) from None
 
-    def _default_logger(self, default_root_dir: str | None) -> _RunLogger:
-        run_dir = _run_dir_of(self._subcommand_config().get("ckpt_path")) if self.subcommand == "fit" else None
-        if run_dir is None:
-            return _RunLogger(save_dir=default_root_dir or os.getcwd())
-        # The resumed fit continues the run it belongs to: same version directory, checkpoints included, whatever
-        # the current directory or default_root_dir. ModelCheckpoint would warn that its directory is not empty.
-        warnings.filterwarnings(
-            "ignore", message=re.escape(f"Checkpoint directory {run_dir / 'checkpoints'} exists and is not empty.")
-        )
-        return _RunLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name)
+
+def _missing_run_callbacks(given: list[Any], logger: Logger | bool | None) -> list[Callback]:
+    """The run callbacks (see the module docstring) of which ``given`` has no instance."""
+    wanted: list[Callback] = [AtomicCheckpoints(), CheckpointOnSigterm()]
+    if isinstance(logger, ResumableCSVLogger):
+        wanted.append(ContinueCSVMetrics())
+    wanted.append(ProgressBarFixes())
+    return [callback for callback in wanted if not any(isinstance(c, type(callback)) for c in given)]
 
 
 def main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LitMoFOCLI:

@@ -5,8 +5,8 @@ FSDP2's ``fully_shard`` (Lightning's ``ModelParallelStrategy``) turns every para
 optimizer and the strategy adapter both need the same few facts about such a tensor, and this module states each
 once, importing nothing but torch:
 
-- :func:`is_dtensor`: whether a tensor is a DTensor (``False`` on builds without ``torch.distributed``), and
-  :func:`placements`: how it is laid out on its mesh;
+- :func:`is_dtensor`: whether a tensor is a DTensor (``False`` on builds without ``torch.distributed``),
+  :func:`placements`: how it is laid out on its mesh, and :func:`mesh_size`: how many ranks that mesh spans;
 - :func:`local` / :func:`full`: a rank's own part (a view that shares the parameter's storage) and the whole tensor
   (an all-gather: a collective, so every rank of the mesh must call it);
 - :func:`shard_layout`: where a rank's part of a tensor sharded along one dimension of a 1-D mesh sits in the
@@ -29,7 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ShardLayout", "collective_device", "full", "is_dtensor", "local", "placements", "shard_layout"]
+__all__ = [
+    "ShardLayout",
+    "collective_device",
+    "full",
+    "is_dtensor",
+    "local",
+    "mesh_size",
+    "placements",
+    "shard_layout",
+]
 
 _DTENSOR: type | None = None
 
@@ -50,6 +59,12 @@ def placements(tensor: Tensor) -> tuple[Any, ...]:
     """A DTensor's placements on its mesh (``(Shard(dim=0),)``...), ``()`` for a plain tensor: two tensors are laid
     out alike when these are equal."""
     return tuple(tensor.placements) if is_dtensor(tensor) else ()  # type: ignore[attr-defined]
+
+
+def mesh_size(tensor: Tensor) -> int:
+    """The number of ranks of a DTensor's device mesh (its shards' count when sharded on a 1-D mesh), 1 for a plain
+    tensor."""
+    return tensor.device_mesh.size() if is_dtensor(tensor) else 1  # type: ignore[attr-defined]
 
 
 def local(tensor: Tensor) -> Tensor:

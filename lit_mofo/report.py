@@ -10,14 +10,17 @@ shared :class:`FitReport`; when the last callback of the fit has handed in its s
 - ``<dir>/forgetting_report.png``: one panel per curve (a metric against the optimizer step, with the pre-trained
   baseline as a dashed line), titled with the method, the optimizer and the model (``matplotlib``, a dependency;
   in an environment without it the PNG is skipped with an info message, once);
-- ``<dir>/forgetting_report_<name>.png``: a section's own figures (e.g. ``task_vector_scaling``), if it has any;
+- ``<dir>/forgetting_report_<name>.png``: a section's own figures (e.g. ``task_vector_scaling``, drawn by
+  :func:`draw_edit_sweep`; the continual run's accuracy matrix, by :func:`draw_heatmap`), if it has any;
 
 and prints the summary tables to the console. ``<dir>`` is ``trainer.log_dir`` (the logger's version directory, or
 ``default_root_dir`` without a logger) unless a callback names another one; when that is the current directory only
 because no logger and no ``default_root_dir`` were given, a warning says so at the start of fit.
 
 The building blocks (:class:`Table`, :class:`Curve`, :func:`markdown_table`, :func:`console_table`,
-:func:`write_report`) work without a trainer, for scripts that summarise several runs.
+:func:`write_report`) work without a trainer, for scripts that summarise several runs. Every figure is drawn here, with
+matplotlib's object API (no pyplot, no global backend switch); :func:`edit_sweep_section` builds the section of a
+task-vector sweep (:class:`~lit_mofo.task_vectors.EditSweep`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_mofo.probes.base import find_language_model
+from lit_mofo.task_vectors import EditSweep, LiNeS, WiSEFT
 
 __all__ = [
     "REPORT_STEM",
@@ -46,7 +50,9 @@ __all__ = [
     "ReportSection",
     "Table",
     "console_table",
+    "draw_edit_sweep",
     "draw_heatmap",
+    "edit_sweep_section",
     "epoch_of_last_step",
     "format_value",
     "json_safe",
@@ -161,17 +167,26 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _DASHES = ("-", "--", "-.", ":")
 
 
-def _plot(path: Path, curves: Sequence[Curve], title: str | None = None) -> bool:
+def _figure_class(path: Path) -> Any:
+    """matplotlib's ``Figure`` (the object API: no pyplot, no global backend switch), or None without matplotlib,
+    which is said once per process (not once per fit)."""
     global _NO_MATPLOTLIB_NOTED
     try:
-        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
+        from matplotlib.figure import Figure
     except ImportError:
-        if not _NO_MATPLOTLIB_NOTED:  # once per process, not once per fit
+        if not _NO_MATPLOTLIB_NOTED:
             _NO_MATPLOTLIB_NOTED = True
             rank_zero_info(
                 f"matplotlib is not installed, so {path.name} is not drawn (the JSON and Markdown reports are "
                 "written): `pip install matplotlib` (a dependency of lit-mofo that this environment lacks)."
             )
+        return None
+    return Figure
+
+
+def _plot(path: Path, curves: Sequence[Curve], title: str | None = None) -> bool:
+    Figure = _figure_class(path)
+    if Figure is None:
         return False
     columns = min(3, len(curves))
     rows = math.ceil(len(curves) / columns)
@@ -233,13 +248,8 @@ def draw_heatmap(
 ) -> bool:
     """Write ``matrix`` as an annotated heatmap PNG to ``path`` (rows top to bottom, columns left to right; greener is
     better, by ``higher``); returns False without matplotlib (see :func:`write_report`)."""
-    global _NO_MATPLOTLIB_NOTED
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        if not _NO_MATPLOTLIB_NOTED:
-            _NO_MATPLOTLIB_NOTED = True
-            rank_zero_info(f"matplotlib is not installed, so {path.name} is not drawn: `pip install matplotlib`.")
+    Figure = _figure_class(path)
+    if Figure is None:
         return False
     values = [[v if v is not None and math.isfinite(v) else float("nan") for v in row] for row in matrix]
     figure = Figure(
@@ -261,6 +271,183 @@ def draw_heatmap(
         figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=100)
     return True
+
+
+def draw_edit_sweep(path: Path, sweep: EditSweep) -> bool:
+    """Write a task-vector sweep as a PNG to ``path``: the task score against forgetting, one panel per forgetting
+    metric of ``sweep.panels``, the WiSE-FT and LiNeS curves (labelled alpha, or alpha/beta), the unedited fine-tune
+    and the pre-trained model marked, the Pareto front dashed and the picked edit circled. Returns False without
+    matplotlib or without a task metric."""
+    Figure = _figure_class(path)
+    if Figure is None or sweep.task is None or not sweep.panels:
+        return False
+    task, higher = sweep.task, sweep.task_higher_is_better
+    figure = Figure(figsize=(6.0 * len(sweep.panels), 4.8), layout="constrained")
+    axes = figure.subplots(1, len(sweep.panels), squeeze=False).ravel()
+    for ax, panel in zip(axes, sweep.panels, strict=True):
+        # WiSE-FT's labels above its points, LiNeS's below, so that two curves that meet stay readable.
+        for method, edit_type, color, marker, offset in (
+            ("WiSE-FT", WiSEFT, "C0", "o", (4, 5)),
+            ("LiNeS", LiNeS, "C1", "s", (4, -11)),
+        ):
+            points = sorted((p for p in sweep.points if isinstance(p.edit, edit_type)), key=lambda p: p.alpha)
+            if not points:
+                continue
+            xs, ys = [p.lost(panel) for p in points], [p.value(task) for p in points]
+            ax.plot(xs, ys, color=color, marker=marker, linewidth=1.2, label=method, zorder=3)
+            for p, x, y in zip(points, xs, ys, strict=True):
+                text = f"{p.alpha:g}" if p.beta is None else f"{p.alpha:g}/{p.beta:g}"
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
+        finetuned = sweep.points[0]
+        ax.plot(
+            [finetuned.lost(panel)],
+            [finetuned.value(task)],
+            marker="*",
+            markersize=14,
+            color="C3",
+            linestyle="none",
+            label="fine-tuned (unedited)",
+            zorder=5,
+        )
+        ax.plot(
+            [0.0],
+            [sweep.task_baseline],
+            marker="P",
+            markersize=10,
+            color="0.3",
+            linestyle="none",
+            label="pre-trained",
+            zorder=4,
+        )
+        front = sorted((p for p in sweep.points if p.pareto.get(panel)), key=lambda p: p.lost(panel))
+        if front:
+            ax.plot(
+                [p.lost(panel) for p in front],
+                [p.value(task) for p in front],
+                color="0.2",
+                linestyle=(0, (4, 3)),
+                linewidth=1,
+                drawstyle="steps-post",
+                label="Pareto front",
+                zorder=2,
+            )
+        picked = next((p for p in sweep.points if p.key == sweep.picked), None)
+        if picked is not None:
+            ax.plot(
+                [picked.lost(panel)],
+                [picked.value(task)],
+                marker="o",
+                markersize=18,
+                markerfacecolor="none",
+                markeredgecolor="C2",
+                markeredgewidth=2,
+                linestyle="none",
+                label=f"picked: {picked.label}",
+                zorder=6,
+            )
+        ax.set_xlabel(f"forgetting of {panel} (positive = worse than pre-trained)")
+        ax.set_ylabel(f"{task} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(f"task against forgetting of {panel}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(
+        f"Post-hoc task-vector edits at step {sweep.step} (labels: alpha, or alpha/beta for LiNeS)", fontsize=11
+    )
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def edit_sweep_section(
+    sweep: EditSweep,
+    settings: dict[str, Any] | None = None,
+    sweep_seconds: float | None = None,
+    fit_seconds: float | None = None,
+) -> ReportSection:
+    """The report section of a task-vector sweep (key ``task_vector_scaling``): a table of the task score and the
+    forgetting of every point with the Pareto front and the picked edit marked, every probe metric under every edit,
+    every value in the JSON with ``settings`` (the rule and its bounds), the sweep's and the fit's seconds, and the
+    figure of :func:`draw_edit_sweep`."""
+    title = "Post-hoc task-vector edits (WiSE-FT, LiNeS)"
+    if not sweep.points:
+        return ReportSection(key="task_vector_scaling", title=title, records=[])
+    task, panels, picked = sweep.task, sweep.panels, sweep.picked
+    headers = ["edit", "alpha", "beta"]
+    if task is not None:
+        headers.append(f"task {task}")
+    headers += [f"forgetting {panel}" for panel in panels]
+    if task is not None:
+        headers.append("Pareto")
+    headers.append("picked")
+    rows: list[list[Any]] = []
+    if task is not None:
+        rows.append(["pre-trained (baseline)", 0.0, None, sweep.task_baseline, *([0.0] * len(panels)), None, None])
+    for point in sweep.points:
+        row: list[Any] = [point.key, point.alpha, point.beta]
+        if task is not None:
+            row.append(point.value(task))
+        row += [point.lost(panel) for panel in panels]
+        if task is not None:
+            on_front = [panel for panel, on in point.pareto.items() if on]
+            row.append(" ".join(on_front) if len(panels) > 1 else any(point.pareto.values()))
+        row.append(point.key == picked)
+        rows.append(row)
+    summary = Table(
+        title=f"Task-vector edits at step {sweep.step}: task score and forgetting (positive = worse than pre-trained)",
+        headers=headers,
+        rows=rows,
+    )
+    records = [
+        {
+            "edit": point.key,
+            "label": point.label,
+            "alpha": point.alpha,
+            "beta": point.beta,
+            "probe": probe,
+            "metric": metric,
+            "value": value,
+            "baseline": sweep.baselines.get(probe, {}).get(metric),
+            "forgetting": point.forgetting[probe][metric],
+            "retention": point.retention[probe][metric],
+            "higher_is_better": sweep.directions.get(probe, {}).get(metric),
+            "picked": point.key == picked,
+        }
+        for point in sweep.points
+        for probe, values in point.values.items()
+        for metric, value in values.items()
+    ]
+    history = Table(
+        title="Every probe metric under every edit",
+        headers=["edit", "probe", "metric", "value", "forgetting", "retention"],
+        rows=[[r["edit"], r["probe"], r["metric"], r["value"], r["forgetting"], r["retention"]] for r in records],
+    )
+    ratio = sweep_seconds / fit_seconds if sweep_seconds is not None and fit_seconds else None
+    figures: dict[str, Callable[[Path], bool]] = {}
+    if task is not None and panels:
+        figures["task_vector_scaling"] = lambda path: draw_edit_sweep(path, sweep)
+    return ReportSection(
+        key="task_vector_scaling",
+        title=title,
+        records=records,
+        summary=[summary],
+        history=[history],
+        figures=figures,
+        meta={
+            "step": sweep.step,
+            "task": task,
+            **(settings or {}),
+            "picked": picked,
+            "pareto": {panel: [p.key for p in sweep.points if p.pareto.get(panel)] for panel in panels},
+            "edits": [point.as_dict() for point in sweep.points],
+            "sweep_seconds": sweep_seconds,
+            "fit_seconds": fit_seconds,
+            "sweep_to_fit_ratio": ratio,
+            "metric_names": [
+                "probe/<probe>/<metric>/<edit>",
+                "forgetting/<probe>/<metric>/<edit>",
+                "retention/<probe>/<metric>/<edit>",
+            ],
+        },
+    )
 
 
 def report_title(meta: dict[str, Any]) -> str | None:

@@ -59,7 +59,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lit_mofo.strategy import StrategyAdapter, is_dtensor
+from lit_mofo.dtensor import is_dtensor, mesh_size
+from lit_mofo.strategy import StrategyAdapter
 
 __all__ = ["PretrainedSnapshot", "StageStartSnapshot"]
 
@@ -186,7 +187,7 @@ class PretrainedSnapshot:
         self._tensors[name] = local.to(device=self.device, dtype=dtype or local.dtype, copy=True)
         self._numel[name] = param.numel()
         if is_dtensor(param):
-            self._world_size = param.device_mesh.size()  # type: ignore[attr-defined]
+            self._world_size = mesh_size(param)
 
     @staticmethod
     def _resume_error(ckpt_path: str, missing: list[str]) -> MisconfigurationException:

@@ -10,6 +10,7 @@ instead of testing strategy classes itself:
     total = adapter.sum_over_shards(torch.stack([sq_diff, sq_ref]))  # a figure over whole tensors
     counts = adapter.sum_over_ranks(counts)  # a figure over data split across the ranks
     values = adapter.run_together("probe 'lm'", evaluate)  # a failure on one rank fails every rank
+    mine = adapter.share(len(batches))  # which items of work split across the ranks are this rank's
 
 Three kinds of strategy are supported:
 
@@ -34,6 +35,12 @@ are sharded, since under DDP every rank already holds the whole tensor. Figures 
 Work that can fail on some ranks only (reading data, a user's function, checking a batch) is followed by
 :meth:`~StrategyAdapter.agree` (or wrapped in :meth:`~StrategyAdapter.run_together`): every rank reports in one
 all-reduce whether it failed, and all raise together instead of leaving the others waiting in their next collective.
+
+The facts about a DTensor itself (its local shard, the whole tensor, the device a process group's collectives take)
+come from :mod:`lit_mofo.dtensor`, which the optimizer imports too, so both follow one rule. The optimizers the
+strategy steps are read and replaced through the adapter as well (:attr:`~StrategyAdapter.optimizers`,
+:meth:`~StrategyAdapter.replace_optimizers`, :meth:`~StrategyAdapter.rebuild_optimizers`): no callback touches
+``trainer.strategy`` itself.
 
 Checkpoints and hook order also differ per strategy, and the adapter answers for them:
 
@@ -68,8 +75,11 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
+from lit_mofo import dtensor
 from lit_mofo.checkpoints import checkpoint_problem, module_hyper_parameters, replacement_checkpoint
+from lit_mofo.dtensor import collective_device, is_dtensor
 
 __all__ = ["StrategyAdapter", "StrategyKind", "full_state_dict", "is_dtensor"]
 
@@ -102,21 +112,8 @@ _REFUSED: tuple[tuple[str, str], ...] = (
     ),
 )
 
-_DTENSOR: type | None = None
 # A flattened optimizer state entry of a torch.distributed.checkpoint directory written by Lightning.
 _OPTIMIZER_STATE_KEY = re.compile(r"optimizer_(?P<index>\d+)\.state\.(?P<name>.+)\.[^.]+")
-
-
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and their grads)."""
-    global _DTENSOR
-    if _DTENSOR is None:
-        if not dist.is_available():
-            return False
-        from torch.distributed.tensor import DTensor
-
-        _DTENSOR = DTensor
-    return isinstance(tensor, _DTENSOR)
 
 
 class StrategyAdapter:
@@ -127,11 +124,14 @@ class StrategyAdapter:
     Args:
         kind: ``"single"``, ``"ddp"`` or ``"fsdp2"``.
         strategy: the Trainer's strategy (None for a bare single process, e.g. a callback used from Python).
+        ranks: ``(world_size, rank)`` without a strategy: the ranks a split of work (:meth:`share`) plans for, with
+            no collective run (a script or test that plans one rank's share); ignored with a strategy.
     """
 
-    def __init__(self, kind: StrategyKind, strategy: Strategy | None = None) -> None:
+    def __init__(self, kind: StrategyKind, strategy: Strategy | None = None, ranks: tuple[int, int] = (1, 0)) -> None:
         self.kind: StrategyKind = kind
         self.strategy = strategy
+        self._ranks = ranks
 
     # ------------------------------------------------------------------ construction and refusal
     @classmethod
@@ -139,11 +139,13 @@ class StrategyAdapter:
         """The adapter of ``trainer``'s strategy; raises a ``MisconfigurationException`` naming ``user`` (the
         callback) and the fix for a strategy lit_mofo does not support.
 
-        ``trainer=None`` (or an object without a ``strategy``, e.g. a probe evaluated from Python outside a fit)
-        gives the one-process adapter."""
+        ``trainer=None`` (e.g. a probe evaluated from Python outside a fit) gives the one-process adapter; an object
+        without a ``strategy`` that has a Trainer's ``world_size`` and ``global_rank`` (a stand-in that plans one
+        rank's share of some work) an adapter with those ranks that runs no collective."""
         strategy = getattr(trainer, "strategy", None)
         if strategy is None:
-            return cls("single")
+            ranks = (int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0)))
+            return cls("single", ranks=ranks)
         name = type(strategy).__name__
         for refused, why in _REFUSED:
             if any(base.__name__ == refused for base in type(strategy).__mro__):
@@ -162,7 +164,7 @@ class StrategyAdapter:
             return cls("fsdp2", strategy)
         if isinstance(strategy, DDPStrategy):
             return cls("ddp", strategy)
-        if isinstance(strategy, SingleDeviceStrategy) or trainer.world_size == 1:
+        if isinstance(strategy, SingleDeviceStrategy) or getattr(trainer, "world_size", 1) == 1:
             return cls("single", strategy)
         raise MisconfigurationException(
             f"{user} does not support `{name}`: lit_mofo's callbacks are tested with a single device, DDP and "
@@ -176,12 +178,18 @@ class StrategyAdapter:
         return self.kind == "fsdp2"
 
     @property
+    def name(self) -> str:
+        """The strategy's class name, for messages (``"DDPStrategy"``; ``"no strategy"`` without one)."""
+        return "no strategy" if self.strategy is None else type(self.strategy).__name__
+
+    @property
     def world_size(self) -> int:
-        return 1 if self.strategy is None else self.strategy.world_size
+        # As the Trainer's: strategies that run one process need not define a world size.
+        return self._ranks[0] if self.strategy is None else getattr(self.strategy, "world_size", 1)
 
     @property
     def rank(self) -> int:
-        return 0 if self.strategy is None else self.strategy.global_rank
+        return self._ranks[1] if self.strategy is None else getattr(self.strategy, "global_rank", 0)
 
     @property
     def is_global_zero(self) -> bool:
@@ -189,8 +197,16 @@ class StrategyAdapter:
 
     @property
     def distributed(self) -> bool:
-        """Whether collectives are needed and possible: more than one rank, process group initialised."""
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        """Whether collectives are needed and possible: a strategy with more than one rank, process group
+        initialised."""
+        return self.strategy is not None and self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def share(self, num_items: int) -> range:
+        """Which of ``num_items`` items of work split across the ranks are this rank's: a strided share (``rank``,
+        ``rank + world_size``, ...), so that the ranks together cover every item exactly once and their shares
+        differ by at most one item. The whole range on one process. lit_mofo's probes split their reference
+        batches with it (:func:`~lit_mofo.probes.run_batches`)."""
+        return range(self.rank, num_items, self.world_size)
 
     @property
     def mesh(self) -> Any | None:
@@ -253,17 +269,8 @@ class StrategyAdapter:
         StrategyAdapter.reshard(module)
         return dict(module.named_parameters())
 
-    @staticmethod
-    def local(tensor: Tensor) -> Tensor:
-        """The rank's own part of ``tensor``: a DTensor's local shard (a view that shares its storage, so in-place
-        writes reach the parameter), the tensor itself otherwise."""
-        return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
-
-    @staticmethod
-    def full(tensor: Tensor) -> Tensor:
-        """The whole tensor: a DTensor all-gathered (a collective: call it on every rank), the tensor itself
-        otherwise."""
-        return tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+    local = staticmethod(dtensor.local)
+    full = staticmethod(dtensor.full)
 
     @staticmethod
     def shard_like(full: Tensor, like: Tensor) -> Tensor:
@@ -321,6 +328,31 @@ class StrategyAdapter:
         return {name: StrategyAdapter.local(loaded["state_dict"][prefix + name]) for name in targets}
 
     # ------------------------------------------------------------------ optimizers and FSDP2 units
+    @property
+    def optimizers(self) -> list[Optimizer]:
+        """The optimizers the strategy steps, in order (none without a strategy)."""
+        return [] if self.strategy is None else list(self.strategy.optimizers)
+
+    @property
+    def lr_scheduler_configs(self) -> list[Any]:
+        """The strategy's learning-rate scheduler configs (Lightning's ``LRSchedulerConfig``), in order."""
+        return [] if self.strategy is None else list(self.strategy.lr_scheduler_configs)
+
+    def replace_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
+        """Make the strategy step ``optimizers`` from now on (it re-creates the ``LightningOptimizer`` wrappers behind
+        the module's ``self.optimizers()``); schedulers keep pointing at the optimizers they were built with."""
+        self._required("replace_optimizers()").optimizers = list(optimizers)
+
+    def rebuild_optimizers(self, trainer: pl.Trainer) -> None:
+        """Build the optimizers and schedulers again from the module's ``configure_optimizers`` and install them, as
+        the strategy does at the start of fit (its ``setup_optimizers``)."""
+        self._required("rebuild_optimizers()").setup_optimizers(trainer)
+
+    def _required(self, what: str) -> Strategy:
+        if self.strategy is None:
+            raise RuntimeError(f"StrategyAdapter.{what} needs a Trainer's strategy; this adapter has none.")
+        return self.strategy
+
     def guard_optimizer_restore(self, trainer: pl.Trainer) -> None:
         """Let a sharded resume restore optimizers that hold no state for some trainable parameters.
 
@@ -385,20 +417,14 @@ class StrategyAdapter:
     def _all_reduce(self, values: Tensor, op: Any) -> Tensor:
         if not self.distributed:
             return values
-        device = self._collective_device()
-        reduced = values.detach().to(device=device, copy=True)
-        dist.all_reduce(reduced, op=op, group=self._group())
+        group = self._group()
+        reduced = values.detach().to(device=collective_device(group, prefer=values.device), copy=True)
+        dist.all_reduce(reduced, op=op, group=group)
         return reduced.to(values.device)
 
     def _group(self) -> Any:
         """The process group over the ranks: the data-parallel mesh's (FSDP2), else the default (world) group."""
         return self.mesh.get_group(0) if self.sharded else None  # type: ignore[union-attr]
-
-    def _collective_device(self) -> torch.device:
-        backend = dist.get_backend()
-        if "nccl" in str(backend) and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     def sum_over_shards(self, values: Tensor) -> Tensor:
         """Sum per-shard figures into whole-tensor figures (FSDP2); unchanged when every rank holds whole tensors."""

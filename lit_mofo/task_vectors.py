@@ -83,9 +83,11 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -95,14 +97,24 @@ from lit_mofo.adapters import LORA_DOWN, LORA_UP, adapter_tensors
 from lit_mofo.blocks import detect_layout
 
 __all__ = [
+    "FINETUNED",
+    "RULES",
+    "EditPoint",
+    "EditSweep",
     "LiNeS",
+    "Rule",
     "TaskVectorEdit",
     "TaskVectorEditor",
     "WiSEFT",
+    "applied_edit",
     "apply_edit",
     "edit_factors",
     "edit_grid",
     "interpolate_",
+    "mark_pareto",
+    "pareto_front",
+    "select_point",
+    "split_metric",
     "task_vector_names",
 ]
 
@@ -486,3 +498,201 @@ def apply_edit(module: nn.Module, theta0: Mapping[str, Tensor], edit: TaskVector
             param = editor._params[name]
             interpolate_(param, theta0[name], param, factors[name])
     return factors
+
+
+# ---------------------------------------------------------------------------------------------------- choosing an edit
+Rule = Literal["none", "best_task", "least_forgetting"]
+RULES: tuple[str, ...] = ("none", "best_task", "least_forgetting")
+FINETUNED = "finetuned"  # the key of the unedited point
+_ROUNDING = 1e-12  # comparisons against a budget or a tolerance forgive float rounding of the given bound
+
+
+def split_metric(metric: str) -> tuple[str, str]:
+    """``"<probe>/<metric>"`` as ``(probe, metric)``."""
+    probe, _, name = metric.partition("/")
+    return probe, name
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(value) for value in values)
+
+
+@dataclass(frozen=True)
+class EditPoint:
+    """One point of the curve: an edit (``None``: the fine-tuned weights as they are) and what the monitor's probes
+    measured under it, ``{probe: {metric: value}}``, with the forgetting and retention of each value against the
+    monitor's pre-trained baseline (see :func:`~lit_mofo.callbacks.forgetting_monitor.forgetting`)."""
+
+    edit: TaskVectorEdit | None
+    values: dict[str, dict[str, float]]
+    forgetting: dict[str, dict[str, float]]
+    retention: dict[str, dict[str, float]]
+    seconds: float = 0.0
+    pareto: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """``"finetuned"``, or the edit's key (``"wise_ft_a0.5"``, ``"lines_a0.2_b0.8"``) used in metric names."""
+        return FINETUNED if self.edit is None else self.edit.key
+
+    @property
+    def label(self) -> str:
+        return "fine-tuned (unedited)" if self.edit is None else self.edit.label
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 if self.edit is None else self.edit.alpha
+
+    @property
+    def beta(self) -> float | None:
+        return self.edit.beta if isinstance(self.edit, LiNeS) else None
+
+    def value(self, metric: str) -> float:
+        """The value of ``"<probe>/<metric>"``."""
+        probe, name = split_metric(metric)
+        return self.values[probe][name]
+
+    def lost(self, metric: str) -> float:
+        """The forgetting of ``"<probe>/<metric>"`` (positive = worse than pre-trained)."""
+        probe, name = split_metric(metric)
+        return self.forgetting[probe][name]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the edit (key, label, method, alpha, beta), the values, forgetting, retention, seconds."""
+        method = None if self.edit is None else ("wise_ft" if isinstance(self.edit, WiSEFT) else "lines")
+        return {
+            "edit": self.key,
+            "label": self.label,
+            "method": method,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "values": {probe: dict(values) for probe, values in self.values.items()},
+            "forgetting": {probe: dict(values) for probe, values in self.forgetting.items()},
+            "retention": {probe: dict(values) for probe, values in self.retention.items()},
+            "seconds": self.seconds,
+            "pareto": dict(self.pareto),
+        }
+
+
+def pareto_front(
+    points: Sequence[EditPoint], task: str, forgetting: str, task_higher_is_better: bool = True
+) -> list[EditPoint]:
+    """The points no other point beats on both axes: a better or equal task score (``task``, ``"<probe>/<metric>"``)
+    with less or equal forgetting (``forgetting``), one of them strictly. Points with a non-finite value are left
+    out. Sorted by forgetting, least first."""
+    sign = 1.0 if task_higher_is_better else -1.0
+    scored = [
+        (p, sign * p.value(task), p.lost(forgetting)) for p in points if _finite(p.value(task), p.lost(forgetting))
+    ]
+    front = [
+        point
+        for point, score, lost in scored
+        if not any(s >= score and f <= lost and (s > score or f < lost) for _, s, f in scored)
+    ]
+    return sorted(front, key=lambda p: (p.lost(forgetting), -sign * p.value(task)))
+
+
+def mark_pareto(
+    points: Sequence[EditPoint], task: str, panels: Sequence[str], task_higher_is_better: bool = True
+) -> list[EditPoint]:
+    """``points`` with :attr:`EditPoint.pareto` set: for each forgetting metric of ``panels``, whether the point is
+    on the :func:`pareto_front` of ``task`` against it."""
+    fronts = {panel: {p.key for p in pareto_front(points, task, panel, task_higher_is_better)} for panel in panels}
+    return [
+        EditPoint(p.edit, p.values, p.forgetting, p.retention, p.seconds, {m: p.key in f for m, f in fronts.items()})
+        for p in points
+    ]
+
+
+def select_point(
+    points: Sequence[EditPoint],
+    rule: Rule,
+    *,
+    task: str | None,
+    forgetting: str | None,
+    task_higher_is_better: bool = True,
+    max_forgetting: float | None = None,
+    max_task_drop: float | None = None,
+) -> EditPoint | None:
+    """The point ``rule`` picks among ``points`` (the unedited fine-tune, ``edit=None``, is a candidate like the
+    edits); None when no point qualifies or ``rule`` is ``"none"``.
+
+    - ``"best_task"``: the best task score (``task``, ``"<probe>/<metric>"``) among the points whose forgetting of
+      ``forgetting`` is at most ``max_forgetting``; ties go to the least forgetting, then to the earlier point.
+    - ``"least_forgetting"``: the least forgetting among the points whose task score is at most ``max_task_drop``
+      worse than the unedited fine-tune's; ties go to the better task score, then to the earlier point. The
+      fine-tune itself always qualifies.
+
+    Bounds are in the metrics' own units (a fraction for exact match: 1 point = 0.01). Points with a non-finite
+    value never qualify.
+    """
+    if rule == "none":
+        return None
+    if task is None or forgetting is None:
+        raise ValueError(f"select_point(rule={rule!r}) needs `task` and `forgetting` ('<probe>/<metric>').")
+    sign = 1.0 if task_higher_is_better else -1.0
+    candidates = [p for p in points if _finite(p.value(task), p.lost(forgetting))]
+    if rule == "best_task":
+        if max_forgetting is None:
+            raise ValueError("select_point(rule='best_task') needs max_forgetting.")
+        within = [p for p in candidates if p.lost(forgetting) <= max_forgetting + _ROUNDING]
+        ranked = sorted(within, key=lambda p: (-sign * p.value(task), p.lost(forgetting)))
+    elif rule == "least_forgetting":
+        if max_task_drop is None:
+            raise ValueError("select_point(rule='least_forgetting') needs max_task_drop.")
+        reference = next((p for p in points if p.edit is None), None)
+        if reference is None:
+            raise ValueError("select_point(rule='least_forgetting') needs the unedited point (edit=None) among points.")
+        floor = sign * reference.value(task) - max_task_drop - _ROUNDING
+        within = [p for p in candidates if sign * p.value(task) >= floor]
+        ranked = sorted(within, key=lambda p: (p.lost(forgetting), -sign * p.value(task)))
+    else:
+        raise ValueError(f"select_point(): rule={rule!r} is invalid; the valid range is one of {RULES}.")
+    return ranked[0] if ranked else None  # sorted() is stable: ties keep the points' order
+
+
+@dataclass(frozen=True)
+class EditSweep:
+    """A measured sweep and how it is read: what :class:`~lit_mofo.callbacks.TaskVectorScaling` hands to the report
+    (:func:`lit_mofo.report.edit_sweep_section`, :func:`lit_mofo.report.draw_edit_sweep`).
+
+    Attributes:
+        points: the curve, the unedited fine-tune first.
+        step: the optimizer step of the fine-tune.
+        task: the probe metric that scores the task (``"<probe>/<metric>"``), or None.
+        panels: the forgetting metrics the curve is read against.
+        baselines: the pre-trained values, ``{probe: {metric: value}}``.
+        directions: whether a larger value is better, ``{probe: {metric: bool}}``.
+        picked: the key of the point a rule picked, or None.
+    """
+
+    points: list[EditPoint]
+    step: int
+    task: str | None
+    panels: list[str]
+    baselines: dict[str, dict[str, float]]
+    directions: dict[str, dict[str, bool]]
+    picked: str | None = None
+
+    @property
+    def task_higher_is_better(self) -> bool:
+        assert self.task is not None
+        probe, metric = split_metric(self.task)
+        return self.directions[probe][metric]
+
+    @property
+    def task_baseline(self) -> float:
+        """The pre-trained model's task score."""
+        assert self.task is not None
+        probe, metric = split_metric(self.task)
+        return self.baselines[probe][metric]
+
+
+def applied_edit(checkpoint: Mapping[str, Any]) -> str | None:
+    """The key of the edit a :class:`~lit_mofo.callbacks.TaskVectorScaling` applied to the weights of ``checkpoint``
+    (it rewrites the checkpoints of the final step with the edit it applies, and records it in its state), or None
+    for a checkpoint of fine-tuned weights."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("TaskVectorScaling") and isinstance(state, Mapping) and state.get("applied"):
+            return str(state["applied"])
+    return None

@@ -687,12 +687,12 @@ def test_quickstart_resumed_from_a_mid_epoch_checkpoint_continues_its_run_bit_id
 
 
 def test_a_continued_metrics_file_keeps_the_rows_before_the_checkpoint_and_its_columns(tmp_path: Path) -> None:
-    from lit_mofo.cli import _RunLogger
+    from lit_mofo.loggers import ResumableCSVLogger
 
     run = tmp_path / "lightning_logs" / "version_0"
     run.mkdir(parents=True)
     (run / "metrics.csv").write_text("a,step\n0.5,0\n0.25,1\n0.125,2\n")  # the crashed run wrote up to step 2
-    logger = _RunLogger(str(tmp_path), version="version_0")
+    logger = ResumableCSVLogger(str(tmp_path), version="version_0")
     assert logger.continues and Path(logger.log_dir) == run
     logger.experiment.keep(rows=2)  # the checkpoint was written after 2 rows
     logger.log_metrics({"b": 1.0}, step=2)  # a new column: the header grows, the kept rows stay

@@ -17,7 +17,9 @@ import pytest
 import torch
 from process_launch import ROOT
 
-from lit_mofo.cli import _RunLogger, _TQDMBar, main
+from lit_mofo.cli import main
+from lit_mofo.loggers import ResumableCSVLogger
+from lit_mofo.progress import ResumableTQDMProgressBar
 
 QUICKSTART = str(ROOT / "configs/quickstart.yaml")
 
@@ -117,7 +119,10 @@ def test_a_fit_resumed_from_its_sigterm_checkpoint_ends_with_the_uninterrupted_w
 
 
 def test_the_progress_bar_shows_the_version_number_also_after_a_resume(tmp_path: Path) -> None:
-    bar = _TQDMBar()
-    for logger, shown in ((_RunLogger(str(tmp_path)), "0"), (_RunLogger(str(tmp_path), version="version_2"), "2")):
+    bar = ResumableTQDMProgressBar()
+    for logger, shown in (
+        (ResumableCSVLogger(str(tmp_path)), "0"),
+        (ResumableCSVLogger(str(tmp_path), version="version_2"), "2"),
+    ):
         trainer = pl.Trainer(logger=logger, callbacks=[bar], enable_checkpointing=False)
         assert bar.get_metrics(trainer, pl.LightningModule())["v_num"] == shown  # not 0.000, nor "on_2"

@@ -304,10 +304,18 @@ def metadata_of(module: pl.LightningModule, optimizer: torch.optim.Optimizer, ca
 
 def test_the_method_names_mofo_with_its_fraction_and_never_the_clis_own_callbacks() -> None:
     from lit_mofo import HalfFineTuning, MoFO, ParameterDrift
-    from lit_mofo.cli import _ContinueMetrics, _TQDMBar
+    from lit_mofo.checkpoints import AtomicCheckpoints, CheckpointOnSigterm
+    from lit_mofo.loggers import ContinueCSVMetrics
+    from lit_mofo.progress import ProgressBarFixes, ResumableTQDMProgressBar
 
     module = AdamWLM()
-    internals: list[pl.Callback] = [_ContinueMetrics(), _TQDMBar()]  # what `lit-mofo` adds to every fit
+    internals: list[pl.Callback] = [  # what `lit-mofo` adds to every fit
+        AtomicCheckpoints(),
+        CheckpointOnSigterm(),
+        ContinueCSVMetrics(),
+        ProgressBarFixes(),
+        ResumableTQDMProgressBar(),
+    ]
     meta = metadata_of(module, MoFO(module.parameters(), fraction=0.1), [*internals, ParameterDrift()])
     assert meta["method"] == "MoFO(fraction=0.1)"
     hft = metadata_of(module, MoFO(module.parameters()), [HalfFineTuning(), *internals])

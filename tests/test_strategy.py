@@ -127,6 +127,26 @@ def test_no_trainer_or_a_trainer_without_a_strategy_is_one_process() -> None:
     assert StrategyAdapter.of(SimpleNamespace(world_size=2, global_rank=1), user="X").kind == "single"  # type: ignore[arg-type]
 
 
+def test_a_ranks_share_of_split_work_is_strided_and_the_ranks_together_cover_every_item_once() -> None:
+    shares = [StrategyAdapter("single", ranks=(3, rank)).share(8) for rank in range(3)]
+    assert shares == [range(0, 8, 3), range(1, 8, 3), range(2, 8, 3)]
+    assert sorted(i for share in shares for i in share) == list(range(8))
+    assert StrategyAdapter.of(None, user="X").share(5) == range(5)
+    stand_in = StrategyAdapter.of(SimpleNamespace(world_size=2, global_rank=1), user="X")  # type: ignore[arg-type]
+    assert stand_in.share(5) == range(1, 5, 2) and not stand_in.distributed  # plans a share, runs no collective
+
+
+def test_the_adapter_names_the_strategy_and_swaps_optimizers_only_with_one() -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    adapter = StrategyAdapter.of(trainer, user="X")
+    assert adapter.name == "SingleDeviceStrategy" and StrategyAdapter.of(None, user="X").name == "no strategy"
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    adapter.replace_optimizers([optimizer])
+    assert adapter.optimizers == [optimizer] and trainer.optimizers == [optimizer]
+    with pytest.raises(RuntimeError, match=r"replace_optimizers\(\) needs a Trainer's strategy"):
+        StrategyAdapter.of(None, user="X").replace_optimizers([optimizer])
+
+
 def test_agree_on_one_process_raises_the_error_or_returns_the_flags() -> None:
     adapter = StrategyAdapter("fsdp2")  # no process group: one process, whatever the kind
     assert adapter.agree("probe 'x'") == ()

@@ -528,7 +528,7 @@ class HalfFineTuning(Callback):
         # Under FSDP2 a resumed fit must restore optimizers without state for the tensors frozen since the
         # optimizer was built (a no-op for the other strategies).
         adapter.guard_optimizer_restore(trainer)
-        name = type(trainer.strategy).__name__
+        name = adapter.name
         ddp_options = adapter.ddp_options  # empty unless DDP
         if adapter.kind == "ddp" and self.mode == "freeze":
             if not ddp_options.get("find_unused_parameters", False):

@@ -230,11 +230,11 @@ class MoFOCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_trainable(pl_module, where="MoFOCallback", error=MisconfigurationException)
-        strategy = trainer.strategy
+        adapter = StrategyAdapter.of(trainer, user="MoFOCallback")
         names = _parameter_names(pl_module)
         replacements: dict[int, tuple[Optimizer, MoFO]] = {}
         # Build every MoFO first: a refused optimizer leaves the Trainer untouched.
-        for index, optimizer in enumerate(strategy.optimizers):
+        for index, optimizer in enumerate(adapter.optimizers):
             if isinstance(optimizer, _MockOptimizer):  # configure_optimizers returned None
                 continue
             if isinstance(optimizer, MoFO):
@@ -260,9 +260,9 @@ class MoFOCallback(Callback):
             )
 
         by_old = {id(old): new for old, new in replacements.values()}
-        for config in strategy.lr_scheduler_configs:
+        for config in adapter.lr_scheduler_configs:
             _repoint(config.scheduler, by_old, seen=set())
-        optimizers = list(strategy.optimizers)
+        optimizers = adapter.optimizers
         for index, (old, new) in replacements.items():
             optimizers[index] = new
             groups = new.param_groups
@@ -273,7 +273,7 @@ class MoFOCallback(Callback):
                 f"filter_min_ndim={self.filter_min_ndim})"
                 + (f"; {dense} group(s) take the dense step." if dense else ".")
             )
-        strategy.optimizers = optimizers  # re-creates the LightningOptimizer wrappers behind self.optimizers()
+        adapter.replace_optimizers(optimizers)
         self._converted = sorted(replacements)
         _warn_low_precision_in_place(optimizers)
 

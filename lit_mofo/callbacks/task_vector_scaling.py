@@ -6,6 +6,9 @@ After fine-tuning, move along the trade-off between the task and what the pre-tr
 again: edit the task vector Δ = θ - θ₀ (WiSE-FT, LiNeS; see :mod:`lit_mofo.task_vectors`), measure every edit with
 the :class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor`'s probes, report the curve, and keep the
 fine-tuned weights or apply the edit a rule picks.
+
+This module is the Lightning wiring; the edits, the curve's points, the Pareto front and the rules are in
+:mod:`lit_mofo.task_vectors`, the report section and its figure in :mod:`lit_mofo.report`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -32,165 +33,29 @@ from lit_mofo._validation import as_bool, as_choice, as_float
 from lit_mofo.blocks import detect_layout
 from lit_mofo.callbacks.forgetting_monitor import ForgettingMonitor, forgetting, retention
 from lit_mofo.params import initial_requires_grad
-from lit_mofo.report import FitReport, ReportSection, Table
+from lit_mofo.report import FitReport, ReportSection, edit_sweep_section
 from lit_mofo.snapshot import PretrainedSnapshot
 from lit_mofo.strategy import StrategyAdapter
 from lit_mofo.task_vectors import (
+    RULES,
+    EditPoint,
+    EditSweep,
     LiNeS,
+    Rule,
     TaskVectorEdit,
     TaskVectorEditor,
-    WiSEFT,
+    applied_edit,
     apply_edit,
     edit_grid,
+    mark_pareto,
+    pareto_front,
+    select_point,
+    split_metric,
     task_vector_names,
 )
 
+# The curve's types and rules live in lit_mofo.task_vectors; they are re-exported here, where they were first defined.
 __all__ = ["RULES", "EditPoint", "Rule", "TaskVectorScaling", "applied_edit", "pareto_front", "select_point"]
-
-Rule = Literal["none", "best_task", "least_forgetting"]
-RULES: tuple[str, ...] = ("none", "best_task", "least_forgetting")
-FINETUNED = "finetuned"  # the key of the unedited point
-_ROUNDING = 1e-12  # comparisons against a budget or a tolerance forgive float rounding of the given bound
-
-
-@dataclass(frozen=True)
-class EditPoint:
-    """One point of the curve: an edit (``None``: the fine-tuned weights as they are) and what the monitor's probes
-    measured under it, ``{probe: {metric: value}}``, with the forgetting and retention of each value against the
-    monitor's pre-trained baseline (see :func:`~lit_mofo.callbacks.forgetting_monitor.forgetting`)."""
-
-    edit: TaskVectorEdit | None
-    values: dict[str, dict[str, float]]
-    forgetting: dict[str, dict[str, float]]
-    retention: dict[str, dict[str, float]]
-    seconds: float = 0.0
-    pareto: dict[str, bool] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        """``"finetuned"``, or the edit's key (``"wise_ft_a0.5"``, ``"lines_a0.2_b0.8"``) used in metric names."""
-        return FINETUNED if self.edit is None else self.edit.key
-
-    @property
-    def label(self) -> str:
-        return "fine-tuned (unedited)" if self.edit is None else self.edit.label
-
-    @property
-    def alpha(self) -> float:
-        return 1.0 if self.edit is None else self.edit.alpha
-
-    @property
-    def beta(self) -> float | None:
-        return self.edit.beta if isinstance(self.edit, LiNeS) else None
-
-    def value(self, metric: str) -> float:
-        """The value of ``"<probe>/<metric>"``."""
-        probe, name = _split(metric)
-        return self.values[probe][name]
-
-    def lost(self, metric: str) -> float:
-        """The forgetting of ``"<probe>/<metric>"`` (positive = worse than pre-trained)."""
-        probe, name = _split(metric)
-        return self.forgetting[probe][name]
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: the edit (key, label, method, alpha, beta), the values, forgetting, retention, seconds."""
-        method = None if self.edit is None else ("wise_ft" if isinstance(self.edit, WiSEFT) else "lines")
-        return {
-            "edit": self.key,
-            "label": self.label,
-            "method": method,
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "values": {probe: dict(values) for probe, values in self.values.items()},
-            "forgetting": {probe: dict(values) for probe, values in self.forgetting.items()},
-            "retention": {probe: dict(values) for probe, values in self.retention.items()},
-            "seconds": self.seconds,
-            "pareto": dict(self.pareto),
-        }
-
-
-def applied_edit(checkpoint: Mapping[str, Any]) -> str | None:
-    """The key of the edit a :class:`TaskVectorScaling` applied to the weights of ``checkpoint`` (it rewrites the
-    checkpoints of the final step with the edit it applies), or None for a checkpoint of fine-tuned weights."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("TaskVectorScaling") and isinstance(state, Mapping) and state.get("applied"):
-            return str(state["applied"])
-    return None
-
-
-def _split(metric: str) -> tuple[str, str]:
-    probe, _, name = metric.partition("/")
-    return probe, name
-
-
-def _finite(*values: float) -> bool:
-    return all(math.isfinite(value) for value in values)
-
-
-def pareto_front(
-    points: Sequence[EditPoint], task: str, forgetting: str, task_higher_is_better: bool = True
-) -> list[EditPoint]:
-    """The points no other point beats on both axes: a better or equal task score (``task``, ``"<probe>/<metric>"``)
-    with less or equal forgetting (``forgetting``), one of them strictly. Points with a non-finite value are left
-    out. Sorted by forgetting, least first."""
-    sign = 1.0 if task_higher_is_better else -1.0
-    scored = [
-        (p, sign * p.value(task), p.lost(forgetting)) for p in points if _finite(p.value(task), p.lost(forgetting))
-    ]
-    front = [
-        point
-        for point, score, lost in scored
-        if not any(s >= score and f <= lost and (s > score or f < lost) for _, s, f in scored)
-    ]
-    return sorted(front, key=lambda p: (p.lost(forgetting), -sign * p.value(task)))
-
-
-def select_point(
-    points: Sequence[EditPoint],
-    rule: Rule,
-    *,
-    task: str | None,
-    forgetting: str | None,
-    task_higher_is_better: bool = True,
-    max_forgetting: float | None = None,
-    max_task_drop: float | None = None,
-) -> EditPoint | None:
-    """The point ``rule`` picks among ``points`` (the unedited fine-tune, ``edit=None``, is a candidate like the
-    edits); None when no point qualifies or ``rule`` is ``"none"``.
-
-    - ``"best_task"``: the best task score (``task``, ``"<probe>/<metric>"``) among the points whose forgetting of
-      ``forgetting`` is at most ``max_forgetting``; ties go to the least forgetting, then to the earlier point.
-    - ``"least_forgetting"``: the least forgetting among the points whose task score is at most ``max_task_drop``
-      worse than the unedited fine-tune's; ties go to the better task score, then to the earlier point. The
-      fine-tune itself always qualifies.
-
-    Bounds are in the metrics' own units (a fraction for exact match: 1 point = 0.01). Points with a non-finite
-    value never qualify.
-    """
-    if rule == "none":
-        return None
-    if task is None or forgetting is None:
-        raise ValueError(f"select_point(rule={rule!r}) needs `task` and `forgetting` ('<probe>/<metric>').")
-    sign = 1.0 if task_higher_is_better else -1.0
-    candidates = [p for p in points if _finite(p.value(task), p.lost(forgetting))]
-    if rule == "best_task":
-        if max_forgetting is None:
-            raise ValueError("select_point(rule='best_task') needs max_forgetting.")
-        within = [p for p in candidates if p.lost(forgetting) <= max_forgetting + _ROUNDING]
-        ranked = sorted(within, key=lambda p: (-sign * p.value(task), p.lost(forgetting)))
-    elif rule == "least_forgetting":
-        if max_task_drop is None:
-            raise ValueError("select_point(rule='least_forgetting') needs max_task_drop.")
-        reference = next((p for p in points if p.edit is None), None)
-        if reference is None:
-            raise ValueError("select_point(rule='least_forgetting') needs the unedited point (edit=None) among points.")
-        floor = sign * reference.value(task) - max_task_drop - _ROUNDING
-        within = [p for p in candidates if sign * p.value(task) >= floor]
-        ranked = sorted(within, key=lambda p: (p.lost(forgetting), -sign * p.value(task)))
-    else:
-        raise ValueError(f"select_point(): rule={rule!r} is invalid; the valid range is one of {RULES}.")
-    return ranked[0] if ranked else None  # sorted() is stable: ties keep the points' order
 
 
 class TaskVectorScaling(Callback):
@@ -221,10 +86,10 @@ class TaskVectorScaling(Callback):
     a monitored metric keep the weights their score was measured on. The module keeps the applied edit after fit.
 
     **Resume.** A checkpoint rewritten with an applied edit holds the edited weights next to the fine-tune's
-    optimizer state (:func:`applied_edit` tells): a fit resumed from it is refused when the restore reaches this
-    callback (``lit-mofo fit --ckpt_path`` refuses it up front, with or without the callback), since training on would
-    mix the two and the end-of-fit sweep would edit the edit. Resume from a checkpoint written before the edit;
-    ``validate`` and ``test`` from an edited checkpoint are fine.
+    optimizer state (:func:`~lit_mofo.task_vectors.applied_edit` tells): a fit resumed from it is refused when the
+    restore reaches this callback (``lit-mofo fit --ckpt_path`` refuses it up front, with or without the callback),
+    since training on would mix the two and the end-of-fit sweep would edit the edit. Resume from a checkpoint written
+    before the edit; ``validate`` and ``test`` from an edited checkpoint are fine.
 
     **Measured**: every probe of the trainer's :class:`~lit_mofo.callbacks.forgetting_monitor.ForgettingMonitor`
     (the same evaluation as the monitor's, through
@@ -247,7 +112,7 @@ class TaskVectorScaling(Callback):
     **Rules** (``apply``): ``"none"`` keeps the fine-tuned weights (default); ``"best_task"``: the best task score
     whose forgetting is at most ``max_forgetting``; ``"least_forgetting"``: the least forgetting whose task score
     is at most ``max_task_drop`` worse than the fine-tune's. The fine-tune itself is a candidate, so a rule may keep
-    it; when no point qualifies, the fine-tune is kept with a warning. See :func:`select_point`.
+    it; when no point qualifies, the fine-tune is kept with a warning. See :func:`~lit_mofo.task_vectors.select_point`.
 
     **θ₀** comes from the shared :class:`~lit_mofo.snapshot.PretrainedSnapshot`, captured at the start of fit for
     every tensor the module left trainable (the task vector; frozen tensors do not move) and carried in
@@ -435,7 +300,7 @@ class TaskVectorScaling(Callback):
         adapter = StrategyAdapter.of(trainer, user=type(self).__name__)
         if adapter.sharded:
             raise MisconfigurationException(
-                f"TaskVectorScaling does not support `{type(trainer.strategy).__name__}` yet: it shards the "
+                f"TaskVectorScaling does not support `{adapter.name}` yet: it shards the "
                 "parameters, and an edit needs whole tensors on every process. Use a single device or "
                 "`strategy='ddp'`, or edit a saved checkpoint on one device with lit_mofo.task_vectors."
             )
@@ -472,7 +337,7 @@ class TaskVectorScaling(Callback):
             value = getattr(self, argument)
             if value is None:
                 continue
-            probe, metric = _split(value)
+            probe, metric = split_metric(value)
             if probe not in probes:
                 raise MisconfigurationException(
                     f"TaskVectorScaling(): {argument}={value!r} names probe {probe!r}, which the ForgettingMonitor "
@@ -670,7 +535,7 @@ class TaskVectorScaling(Callback):
         self._directions = {name: dict(probe.higher_is_better) for name, probe in monitor.probes.items()}
         for argument in ("task", "forgetting"):
             metric = getattr(self, argument)
-            if metric is not None and _split(metric)[1] not in finetuned.get(_split(metric)[0], {}):
+            if metric is not None and split_metric(metric)[1] not in finetuned.get(split_metric(metric)[0], {}):
                 measured = sorted(f"{p}/{m}" for p, values in finetuned.items() for m in values)
                 raise MisconfigurationException(
                     f"TaskVectorScaling(): {argument}={metric!r} was not measured; the monitor's probes returned "
@@ -707,32 +572,23 @@ class TaskVectorScaling(Callback):
         than the task's."""
         if self.forgetting is not None:
             return [self.forgetting]
-        task_probe = None if self.task is None else _split(self.task)[0]
+        task_probe = None if self.task is None else split_metric(self.task)[0]
         measured = self._points[0].values if self._points else {}
         return [f"{probe}/{metric}" for probe, metrics in measured.items() if probe != task_probe for metric in metrics]
 
     def _task_higher(self) -> bool:
         assert self.task is not None
-        probe, metric = _split(self.task)
+        probe, metric = split_metric(self.task)
         return self._directions[probe][metric]
 
     def _mark_pareto(self, points: list[EditPoint]) -> list[EditPoint]:
         if self.task is None:
             return points
-        fronts = {
-            panel: {p.key for p in pareto_front(points, self.task, panel, self._task_higher())}
-            for panel in self._panels()
-        }
-        return [
-            EditPoint(
-                p.edit, p.values, p.forgetting, p.retention, p.seconds, {m: p.key in f for m, f in fronts.items()}
-            )
-            for p in points
-        ]
+        return mark_pareto(points, self.task, self._panels(), self._task_higher())
 
     def select(self, points: Sequence[EditPoint] | None = None) -> EditPoint | None:
-        """The point this callback's rule picks (see :func:`select_point`) among ``points`` (default: the last
-        sweep's); None for ``apply="none"`` or when none qualifies."""
+        """The point this callback's rule picks (see :func:`~lit_mofo.task_vectors.select_point`) among ``points``
+        (default: the last sweep's); None for ``apply="none"`` or when none qualifies."""
         if self.apply == "none":
             return None
         return select_point(
@@ -792,195 +648,20 @@ class TaskVectorScaling(Callback):
         return list(targets)
 
     def report_section(self) -> ReportSection:
-        """This callback's part of the end-of-fit report (see :mod:`lit_mofo.report`)."""
-        title = "Post-hoc task-vector edits (WiSE-FT, LiNeS)"
-        if not self._points:
-            return ReportSection(key="task_vector_scaling", title=title, records=[])
-        panels = self._panels()
-        chosen = None if self._chosen is None else self._chosen.key
-        headers = ["edit", "alpha", "beta"]
-        if self.task is not None:
-            headers.append(f"task {self.task}")
-        headers += [f"forgetting {panel}" for panel in panels]
-        if self.task is not None:
-            headers.append("Pareto")
-        headers.append("picked")
-        rows: list[list[Any]] = []
-        if self.task is not None:
-            probe, metric = _split(self.task)
-            baseline_row: list[Any] = ["pre-trained (baseline)", 0.0, None, self._baselines[probe][metric]]
-            rows.append([*baseline_row, *([0.0] * len(panels)), None, None])
-        for point in self._points:
-            row: list[Any] = [point.key, point.alpha, point.beta]
-            if self.task is not None:
-                row.append(point.value(self.task))
-            row += [point.lost(panel) for panel in panels]
-            if self.task is not None:
-                row.append(
-                    " ".join(panel for panel, on in point.pareto.items() if on)
-                    if len(panels) > 1
-                    else any(point.pareto.values())
-                )
-            row.append(point.key == chosen)
-            rows.append(row)
-        summary = Table(
-            title=f"Task-vector edits at step {self._step}: task score and forgetting (positive = worse than "
-            "pre-trained)",
-            headers=headers,
-            rows=rows,
+        """This callback's part of the end-of-fit report (see :func:`lit_mofo.report.edit_sweep_section`)."""
+        sweep = EditSweep(
+            points=self._points,
+            step=self._step,
+            task=self.task,
+            panels=self._panels() if self._points else [],
+            baselines=self._baselines,
+            directions=self._directions,
+            picked=None if self._chosen is None else self._chosen.key,
         )
-        records = []
-        for point in self._points:
-            for probe, values in point.values.items():
-                for metric, value in values.items():
-                    records.append(
-                        {
-                            "edit": point.key,
-                            "label": point.label,
-                            "alpha": point.alpha,
-                            "beta": point.beta,
-                            "probe": probe,
-                            "metric": metric,
-                            "value": value,
-                            "baseline": self._baselines.get(probe, {}).get(metric),
-                            "forgetting": point.forgetting[probe][metric],
-                            "retention": point.retention[probe][metric],
-                            "higher_is_better": self._directions.get(probe, {}).get(metric),
-                            "picked": point.key == chosen,
-                        }
-                    )
-        history = Table(
-            title="Every probe metric under every edit",
-            headers=["edit", "probe", "metric", "value", "forgetting", "retention"],
-            rows=[[r["edit"], r["probe"], r["metric"], r["value"], r["forgetting"], r["retention"]] for r in records],
-        )
-        ratio = (
-            self._sweep_seconds / self._fit_seconds if self._sweep_seconds is not None and self._fit_seconds else None
-        )
-        figures = {}
-        if self.task is not None and panels:
-            figures["task_vector_scaling"] = self._draw
-        return ReportSection(
-            key="task_vector_scaling",
-            title=title,
-            records=records,
-            summary=[summary],
-            history=[history],
-            figures=figures,  # type: ignore[arg-type]
-            meta={
-                "step": self._step,
-                "task": self.task,
-                "forgetting": self.forgetting,
-                "apply": self.apply,
-                "max_forgetting": self.max_forgetting,
-                "max_task_drop": self.max_task_drop,
-                "picked": chosen,
-                "pareto": {panel: [p.key for p in self._points if p.pareto.get(panel)] for panel in panels},
-                "edits": [point.as_dict() for point in self._points],
-                "sweep_seconds": self._sweep_seconds,
-                "fit_seconds": self._fit_seconds,
-                "sweep_to_fit_ratio": ratio,
-                "metric_names": [
-                    "probe/<probe>/<metric>/<edit>",
-                    "forgetting/<probe>/<metric>/<edit>",
-                    "retention/<probe>/<metric>/<edit>",
-                ],
-            },
-        )
-
-    def _draw(self, path: Path) -> bool:
-        """Task score against forgetting, a panel per forgetting metric; False without matplotlib."""
-        try:
-            from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
-        except ImportError:
-            return False
-        assert self.task is not None
-        panels = self._panels()
-        probe, metric = _split(self.task)
-        task_baseline = self._baselines[probe][metric]
-        higher = self._task_higher()
-        chosen = None if self._chosen is None else self._chosen.key
-        figure = Figure(figsize=(6.0 * len(panels), 4.8), layout="constrained")
-        axes = figure.subplots(1, len(panels), squeeze=False).ravel()
-        for ax, panel in zip(axes, panels, strict=True):
-            # WiSE-FT's labels above its points, LiNeS's below, so that two curves that meet stay readable.
-            for method, edit_type, color, marker, offset in (
-                ("WiSE-FT", WiSEFT, "C0", "o", (4, 5)),
-                ("LiNeS", LiNeS, "C1", "s", (4, -11)),
-            ):
-                points = [p for p in self._points if isinstance(p.edit, edit_type)]
-                if not points:
-                    continue
-                points.sort(key=lambda p: p.alpha)
-                ax.plot(
-                    [p.lost(panel) for p in points],
-                    [p.value(self.task) for p in points],
-                    color=color,
-                    marker=marker,
-                    linewidth=1.2,
-                    label=method,
-                    zorder=3,
-                )
-                for p in points:
-                    text = f"{p.alpha:g}" if p.beta is None else f"{p.alpha:g}/{p.beta:g}"
-                    ax.annotate(
-                        text, (p.lost(panel), p.value(self.task)), textcoords="offset points", xytext=offset, fontsize=7
-                    )
-            finetuned = self._points[0]
-            ax.plot(
-                [finetuned.lost(panel)],
-                [finetuned.value(self.task)],
-                marker="*",
-                markersize=14,
-                color="C3",
-                linestyle="none",
-                label="fine-tuned (unedited)",
-                zorder=5,
-            )
-            ax.plot(
-                [0.0],
-                [task_baseline],
-                marker="P",
-                markersize=10,
-                color="0.3",
-                linestyle="none",
-                label="pre-trained",
-                zorder=4,
-            )
-            front = [p for p in self._points if p.pareto.get(panel)]
-            front.sort(key=lambda p: p.lost(panel))
-            if front:
-                ax.plot(
-                    [p.lost(panel) for p in front],
-                    [p.value(self.task) for p in front],
-                    color="0.2",
-                    linestyle=(0, (4, 3)),
-                    linewidth=1,
-                    drawstyle="steps-post",
-                    label="Pareto front",
-                    zorder=2,
-                )
-            picked = next((p for p in self._points if p.key == chosen), None)
-            if picked is not None:
-                ax.plot(
-                    [picked.lost(panel)],
-                    [picked.value(self.task)],
-                    marker="o",
-                    markersize=18,
-                    markerfacecolor="none",
-                    markeredgecolor="C2",
-                    markeredgewidth=2,
-                    linestyle="none",
-                    label=f"picked: {picked.label}",
-                    zorder=6,
-                )
-            ax.set_xlabel(f"forgetting of {panel} (positive = worse than pre-trained)")
-            ax.set_ylabel(f"{self.task} ({'higher' if higher else 'lower'} is better)")
-            ax.set_title(f"task against forgetting of {panel}", fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        figure.suptitle(
-            f"Post-hoc task-vector edits at step {self._step} (labels: alpha, or alpha/beta for LiNeS)", fontsize=11
-        )
-        figure.savefig(path, dpi=100)
-        return True
+        settings = {
+            "forgetting": self.forgetting,
+            "apply": self.apply,
+            "max_forgetting": self.max_forgetting,
+            "max_task_drop": self.max_task_drop,
+        }
+        return edit_sweep_section(sweep, settings, self._sweep_seconds, self._fit_seconds)

@@ -551,7 +551,7 @@ class ContinualLearning(Callback):
 
     def _build_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with self._module_flags(pl_module):
-            trainer.strategy.setup_optimizers(trainer)
+            self._adapter.rebuild_optimizers(trainer)
 
     @staticmethod
     def _apply_lr(trainer: pl.Trainer, lr: float | None) -> None:

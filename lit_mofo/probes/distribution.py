@@ -2,7 +2,9 @@
 forwards on every rank (FSDP2's all-gathers need them), and a failure on one rank raised on every rank.
 
 :func:`run_batches` is the one loop every built-in probe evaluates its batches with; custom probes can use it too.
-:func:`rank_share` and :func:`rank_batches` are the plans it follows, for probes that split other work.
+:func:`rank_share` and :func:`rank_batches` are the plans it follows, for probes that split other work. Which items
+are a rank's is the strategy adapter's answer (:meth:`~lit_mofo.strategy.StrategyAdapter.share`), like every other
+fact about the ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_mofo.strategy import StrategyAdapter
 
-__all__ = ["apply_limit", "rank_batches", "rank_share", "run_batches", "world_and_rank"]
+__all__ = ["apply_limit", "rank_batches", "rank_share", "run_batches"]
 
 
 def apply_limit(total: int, limit: int | float | None) -> int:
@@ -28,19 +30,13 @@ def apply_limit(total: int, limit: int | float | None) -> int:
     return min(total, limit)
 
 
-def world_and_rank(trainer: pl.Trainer | None) -> tuple[int, int]:
-    """``(world_size, global_rank)`` of ``trainer``; ``(1, 0)`` without one."""
-    return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-
-
 def rank_share(num_items: int, trainer: pl.Trainer | None) -> range:
     """The indices of ``num_items`` reference items this process evaluates: a strided share (rank, rank + world,
-    ...), so the ranks together cover every item exactly once. The whole range without a trainer or on one
-    process. Shares differ by at most one item; probes that run collectives per batch (forwards of a model sharded
-    with FSDP2) must pad to equal counts, as :func:`~lit_mofo.probes.run_batches` does."""
-    if trainer is None or trainer.world_size <= 1:
-        return range(num_items)
-    return range(trainer.global_rank, num_items, trainer.world_size)
+    ...), so the ranks together cover every item exactly once (:meth:`~lit_mofo.strategy.StrategyAdapter.share`).
+    The whole range without a trainer or on one process. Shares differ by at most one item; probes that run
+    collectives per batch (forwards of a model sharded with FSDP2) must pad to equal counts, as
+    :func:`~lit_mofo.probes.run_batches` does."""
+    return StrategyAdapter.of(trainer, user="rank_share").share(num_items)
 
 
 def rank_batches(
@@ -52,10 +48,13 @@ def rank_batches(
     batch fewer ends with ``(batches[0], False)``, a padding batch whose forward it runs and whose result it
     discards, so that sharded models, where every forward is a collective, never wait on a missing one.
     """
-    world, rank = world_and_rank(trainer)
+    return _plan(batches, StrategyAdapter.of(trainer, user="rank_batches"), limit)
+
+
+def _plan(batches: Sequence[Any], adapter: StrategyAdapter, limit: int | float | None) -> list[tuple[Any, bool]]:
     total = apply_limit(len(batches), limit)
-    mine = [(batches[index], True) for index in range(rank, total, world)]
-    padding = math.ceil(total / world) - len(mine)
+    mine = [(batches[index], True) for index in adapter.share(total)]
+    padding = math.ceil(total / adapter.world_size) - len(mine)
     return mine + [(batches[0], False)] * padding if padding else mine
 
 
@@ -63,7 +62,7 @@ class _LoaderShare:
     """This rank's batches of a dataloader that every rank iterates (batch ``i`` to rank ``i % world``), step by
     step; once they run out, the loader's first batch as padding (None if the loader yielded nothing here)."""
 
-    def __init__(self, loader: Iterable[Any], world: int, rank: int, limit: int | float | None) -> None:
+    def __init__(self, loader: Iterable[Any], adapter: StrategyAdapter, limit: int | float | None) -> None:
         if isinstance(limit, float):
             try:
                 total = len(loader)  # type: ignore[arg-type]
@@ -72,17 +71,17 @@ class _LoaderShare:
                     f"`limit_batches={limit}` is a fraction, but the reference dataloader has no length; give an int."
                 ) from err
             limit = apply_limit(total, limit)
-        self._batches = self._mine(loader, world, rank, limit)
+        self._batches = self._mine(loader, adapter, limit)
         self._first: Any = None
         self._seen_any = False
 
-    def _mine(self, loader: Iterable[Any], world: int, rank: int, limit: int | None) -> Iterator[Any]:
+    def _mine(self, loader: Iterable[Any], adapter: StrategyAdapter, limit: int | None) -> Iterator[Any]:
         for index, batch in enumerate(loader):
             if limit is not None and index >= limit:
                 return
             if index == 0:
                 self._first, self._seen_any = batch, True
-            if index % world == rank:
+            if index in adapter.share(index + 1):  # the loader's length is unknown: is item `index` this rank's?
                 yield batch
 
     def next(self) -> tuple[Any, bool] | None:
@@ -124,15 +123,14 @@ def run_batches(
     can reach them; lit_mofo's probes check their inputs in ``prepare`` so that bad data fails before the forward.
     """
     adapter = StrategyAdapter.of(trainer, user=where)
-    world, rank = world_and_rank(trainer)
     if isinstance(batches, Sequence):
-        plan = iter(rank_batches(batches, trainer, limit))
+        plan = iter(_plan(batches, adapter, limit))
 
         def next_step() -> tuple[Any, bool] | None:
             return next(plan, None)
 
     else:
-        next_step = _LoaderShare(batches, world, rank, limit).next
+        next_step = _LoaderShare(batches, adapter, limit).next
     forwards = 0
     pending: BaseException | None = None  # a failure of the last forward or consume, reported at the next meeting
     while True:
