@@ -41,6 +41,11 @@ _WARNINGS: tuple[dict[str, object], ...] = (
     },
     # `Trainer(logger=True)` without tensorboard: Lightning says once that it logs to CSV instead.
     {"message": r"Starting from v1\.9\.0, `tensorboardX` has been removed", "module": r"lightning\.pytorch\."},
+    # Lightning's model summary cannot size bf16-mixed/16-mixed models and says so in every such fit.
+    {"message": r"Precision .* is not supported by the model summary", "module": r"lightning\.pytorch\."},
+    # A data module without validation data (InstructionDataModule without val_file or val_split) returns no loader,
+    # and Lightning's sanity check asks whether that was meant: it was, the validation loop is skipped.
+    {"message": r"Total length of `list` across ranks is zero", "module": r"lightning\.pytorch\."},
     # jsonargparse instantiates the LoftQConfig default of every `peft.LoraConfig` it builds, which peft then drops
     # with this warning unless init_lora_weights="loftq": noise for every LoRA config, not a problem in it.
     {"message": "`loftq_config` specified but will be ignored", "category": UserWarning},
@@ -54,6 +59,9 @@ class quiet_known_notices:  # a class called like a function, so that it also wo
 
     - Lightning's install tips for litlogger and litmodels (info messages);
     - Lightning's notice that ``logger=True`` logs to CSV because tensorboard is not installed;
+    - Lightning's notice that its model summary cannot size a ``bf16-mixed``/``16-mixed`` model;
+    - Lightning's question whether an empty list of validation loaders was meant (a data module without validation
+      data returns one, and the validation loop is skipped);
     - torch >= 2.13's ``FutureWarning`` that ``LeafSpec`` is deprecated, raised inside Lightning's own
       ``lightning/pytorch/utilities/_pytree.py`` in every fit (nothing a user can change);
     - peft's "``loftq_config`` specified but will be ignored", which every ``peft.LoraConfig`` built by jsonargparse
