@@ -123,19 +123,15 @@ def test_bad_arguments_are_refused_with_the_fix(args: list[str], message: str) -
     assert message in result.stderr
 
 
-def test_quick_mode_runs_every_method_through_the_four_stages_and_writes_json_markdown_and_plot(
-    tmp_path: Path,
-) -> None:
+def _check_runs(data: dict[str, Any], methods: list[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """What every quick run must show: one fit through the four stages of ``TASK_SEQUENCE``, its matrices and the
+    figures derived from them as ``lit_mofo.continual.metrics`` defines them; the runs by (method, seed)."""
     from lit_mofo.scenario import TASK_SEQUENCE
 
-    bench = _load_benchmark()
-    result = _run("--quick", "--out-dir", str(tmp_path))  # 18 sequences of 4 x 4 steps in this process
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads((tmp_path / "continual_quick.json").read_text())
-    methods = list(bench.METHODS)
     stages = list(TASK_SEQUENCE)
     assert data["settings"]["methods"] == methods and data["settings"]["seeds"] == [1, 2]
     assert data["stages"] == stages and data["sweep"] == []  # one LR: nothing to choose
+    assert data["machine"].startswith("CPU: ") and len(data["load_average"]) == 2
     assert len(data["runs"]) == 2 * len(methods)
     for run in data["runs"]:
         # One fit: four stages of exactly their budget, a matrix row before stage 1 and after each stage.
@@ -147,32 +143,71 @@ def test_quick_mode_runs_every_method_through_the_four_stages_and_writes_json_ma
             )
         assert run["matrix_exact_match"][0] == [0.0, 0.0, 0.0, 0.0]  # the base model can do none of the tasks
         assert run["knowledge_accuracy_pretrained"] == run["knowledge_accuracy_after"][0] == 100.0
+        assert len(run["knowledge_accuracy_after"]) == 5 and run["forgetting_knowledge_accuracy"] == pytest.approx(
+            100.0 - run["knowledge_accuracy_after"][-1]
+        )
         assert (
             set(run["forgetting_exact_match"]) == set(stages)
             and run["forgetting_exact_match"]["reverse_cipher"] is None
         )
-        # BWT and OP as lit_mofo.continual.metrics defines them, from the run's own matrix.
+        # OP and BWT as lit_mofo.continual.metrics defines them, from the run's own matrix (the loss: lower is
+        # better, so BWT's sign is flipped and negative still means worse).
         final, diagonal = run["matrix_loss"][-1], [run["matrix_loss"][j + 1][j] for j in range(4)]
         assert run["op_loss"] == pytest.approx(sum(final) / 4)
         assert run["bwt_loss"] == pytest.approx(-sum(final[j] - diagonal[j] for j in range(3)) / 3)
-    runs = {(run["method"], run["seed"]): run for run in data["runs"]}
-    # HFT draws a new half at every stage start; MoFO moves fewer entries than AdamW.
-    for method in ("hft_once", "mofo_hft"):
-        assert runs[(method, 1)]["hft_draw_steps"] == [0, 4, 8, 12]
-    assert runs[("full_ft", 1)]["hft_draw_steps"] is None
-    assert runs[("mofo_0.15", 1)]["drift_fraction_changed"] < runs[("full_ft", 1)]["drift_fraction_changed"]
-    # L2 towards the previous stage at λ = 1 stays closer to where each stage started than at λ = 0.1.
-    assert runs[("l2_prev_1", 1)]["drift_relative_l2"] < runs[("l2_prev_0.1", 1)]["drift_relative_l2"]
+        final, diagonal = run["matrix_exact_match"][-1], [run["matrix_exact_match"][j + 1][j] for j in range(4)]
+        assert run["op_exact_match"] == pytest.approx(sum(final) / 4)
+        assert run["learning_accuracy"] == pytest.approx(sum(diagonal) / 4)
+        assert run["fit_seconds"] > run["evaluation_seconds"] > 0
+    return {(run["method"], run["seed"]): run for run in data["runs"]}
 
-    text = (tmp_path / "continual_quick.md").read_text()
-    assert text.strip() == result.stdout.strip()
+
+def _check_outputs(bench: Any, out: Path, stdout: str, methods: list[str]) -> None:
+    """The Markdown is what the run printed, names every method, checks the HFT claim; the PNG is a PNG; both are
+    redrawn from the JSON alone."""
+    text = (out / "continual_quick.md").read_text()
+    assert text.strip() == stdout.strip()
     for method in methods:
         assert f"| {bench.label(method)} |" in text
-    assert "HFT (a new half per stage)" in text and "The HFT paper's claim" in text
-    assert (tmp_path / "continual_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    redrawn = tmp_path / "redrawn"
-    again = _run("--from-json", str(tmp_path / "continual_quick.json"), "--out-dir", str(redrawn), timeout=120)
+    assert "The HFT paper's claim" in text
+    assert (out / "continual_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    redrawn = out / "redrawn"
+    again = _run("--from-json", str(out / "continual_quick.json"), "--out-dir", str(redrawn), timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (redrawn / "continual_quick.md").read_text() == text
     assert (redrawn / "continual_quick.png").exists()
+
+
+def test_quick_mode_runs_the_sequence_with_the_continual_api_and_writes_json_markdown_and_plot(tmp_path: Path) -> None:
+    bench = _load_benchmark()
+    methods = ["full_ft", "mofo_hft", "l2_1"]
+    result = _run("--quick", "--methods", *methods, "--out-dir", str(tmp_path))  # 6 sequences of 4 x 4 steps
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _check_runs(json.loads((tmp_path / "continual_quick.json").read_text()), methods)
+    # HalfFineTuning draws a new half at every stage start; MoFO on that half moves fewer entries than AdamW; L2
+    # towards θ₀ keeps the weights closer to θ₀ than plain AdamW.
+    for seed in (1, 2):
+        assert runs[("mofo_hft", seed)]["hft_draw_steps"] == [0, 4, 8, 12]
+        assert runs[("full_ft", seed)]["hft_draw_steps"] is None
+        assert runs[("mofo_hft", seed)]["drift_fraction_changed"] < runs[("full_ft", seed)]["drift_fraction_changed"]
+        assert runs[("l2_1", seed)]["drift_relative_l2"] < runs[("full_ft", seed)]["drift_relative_l2"]
+    _check_outputs(bench, tmp_path, result.stdout, methods)
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_default_method_through_the_four_stages(tmp_path: Path) -> None:
+    bench = _load_benchmark()
+    methods = list(bench.METHODS)
+    result = _run("--quick", "--out-dir", str(tmp_path))  # 14 sequences of 4 x 4 steps in this process
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _check_runs(json.loads((tmp_path / "continual_quick.json").read_text()), methods)
+    for seed in (1, 2):
+        for method in ("hft_once", "mofo_hft"):
+            assert runs[(method, seed)]["hft_draw_steps"] == [0, 4, 8, 12]
+        drift = {method: runs[(method, seed)]["drift_relative_l2"] for method in methods}
+        # MoFO moves fewer entries than AdamW; L2 towards θ₀ stays closer to θ₀ than L2 towards each stage's start,
+        # which still stays closer than no pull at all.
+        assert runs[("mofo_0.15", seed)]["drift_fraction_changed"] < runs[("full_ft", seed)]["drift_fraction_changed"]
+        assert drift["l2_1"] < drift["l2_prev_1"] < drift["full_ft"]
+    _check_outputs(bench, tmp_path, result.stdout, methods)
+    assert "HFT (a new half per stage)" in (tmp_path / "continual_quick.md").read_text()
