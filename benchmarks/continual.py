@@ -423,7 +423,7 @@ def markdown(result: dict[str, Any]) -> str:
         "on the learning accuracy: best mean_j R[j][j], ties within "
         f"{settings['tie_points']:g} point to the smallest LR), reported seeds {settings['seeds']}. "
         f"{result['machine']}. Wall time {result['wall_seconds'] / 60:.1f} min ({len(result['sweep'])} sweep runs + "
-        f"{len(runs)} seed runs, {settings['workers']} worker(s)).",
+        f"{len(runs)} seed runs, {settings['workers']} worker(s)){_load(result)}.",
         "",
         "Mean ± sample std over the seeds, after the last stage. Exact match (EM) in %, task loss in nats on the "
         "answer tokens. OP = mean_j R[T][j] (TRACE); BWT = mean_{j<T} (R[T][j] - R[j][j]) (TRACE; negative = forgot; "
@@ -526,6 +526,14 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(f"**{cell}**" if lr == result["lr"].get(method) else cell)
             lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _load(result: dict[str, Any]) -> str:
+    """The machine's 1-minute load average at the start and the end of the run (other processes share the cores)."""
+    if "load_average" not in result:
+        return ""
+    start, end = result["load_average"]
+    return f"; load average {start:.1f} at the start, {end:.1f} at the end"
 
 
 def _pretrained(runs: Sequence[dict[str, Any]]) -> str:
