@@ -12,7 +12,7 @@ Usage::
 ``cipher``, ``reverse``, ``value_cipher``, ``reverse_cipher`` - each scored 0 by the base model, with no replay of
 earlier stages. One ``trainer.fit`` runs the whole sequence through ``lit_mofo.continual``: a ``StageSequence`` of
 four ``Stage(name, ScenarioDataModule, TaskProbe, max_steps)`` and the ``ContinualLearning`` callback, which gives
-every stage a fresh optimizer and a fresh cosine schedule with 3% warm-up over the stage's ``--steps`` (150 by
+every stage a fresh optimizer and a fresh cosine schedule with 3% warm-up over the stage's ``--steps`` (200 by
 default, batch ``--batch-size`` 32) and measures the accuracy matrix R[i][j] (task j after stage i; row 0 before
 stage 1) with every stage's ``TaskProbe`` (256 held-out problems). ``ForgettingMonitor`` measures the
 ``KnowledgeProbe`` (the 512 facts) as general capability against the model before stage 1 at every stage end, and
@@ -103,7 +103,7 @@ METRICS = ("exact_match", "loss")
 class Budget:
     """What every method gets in every stage: the same steps, batch, schedule and evaluation."""
 
-    steps: int = 150  # optimizer steps per stage
+    steps: int = 200  # optimizer steps per stage
     batch_size: int = 32
     schedule: str = "cosine"
     warmup_ratio: float = 0.03
@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the LR sweep's runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="reported seeds (default 1 2 3)")
     parser.add_argument("--tie-points", type=float, default=1.0, help="learning-accuracy points within which LRs tie")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per stage (default 150)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per stage (default 200)")
     parser.add_argument("--batch-size", type=int, default=None, help="problems per step (default 32)")
     parser.add_argument(
         "--workers", type=int, default=None, help="runs at a time, each in a fresh process; 0 = in this process"
