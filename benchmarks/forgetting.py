@@ -14,7 +14,13 @@ written in the names of 64 of the world's 128 entities, the subjects of half the
 ``scenario:disjoint``, pre-trained the same way with the copying skill over the task's words) in 64 names no fact is
 about. Every method gets the same budget - ``--steps`` optimizer steps of ``--batch-size`` problems, cosine
 schedule with 3% warm-up (``CausalLMModule``'s default), the same data order per seed - and differs only in the
-optimizer, the callbacks or the adapters:
+optimizer, the callbacks or the adapters.
+
+**Methods** are YAML files in ``benchmarks/methods/`` (``method_config.py``): each holds the ``class_path``/
+``init_args`` blocks ``lit-mofo fit`` reads - ``model.init_args.optimizer``, ``model.init_args.peft``,
+``trainer.callbacks`` - checked against the constructors they name, and a ``label``. ``--methods`` takes their
+names (default below) or paths to files of that form; the LR is the benchmark's (the sweep's), whatever a file says,
+and a callback that re-draws on a step schedule re-draws every ``steps // 4`` steps (four rounds of the budget):
 
 ===================  =====================================================================================
 ``full_ft``          AdamW (weight decay 0): full fine-tuning, the reference.
@@ -24,12 +30,12 @@ optimizer, the callbacks or the adapters:
 ``hft_redraw``       AdamW + ``HalfFineTuning(redraw_every_n_steps=steps // 4)``: four rounds, each a new half.
 ``hft_reset``        as ``hft_redraw`` with ``reset=True``: matrices frozen by a re-draw go back to pre-trained.
 ``mofo_hft``         MoFO (0.15) + ``HalfFineTuning()`` once.
-``l2_<λ>``           AdamW + ``L2ToPretrained(strength=λ)``: the MoFO paper's L2 regulariser baseline, at λ = 0.1 and
-                     1 by default (the regulariser's own trade-off: λ is a second knob, shown as two methods rather
-                     than chosen by a rule that would need a forgetting measurement); any ``l2_<λ>`` may be named.
-``lora_<r>``         LoRA through PEFT (``CausalLMModule(peft=LoraConfig(r, lora_alpha=2r,
-                     target_modules="all-linear"))``: every linear layer of the blocks; embeddings and head frozen),
-                     AdamW over the adapters; ranks 8 and 64 by default, any ``lora_<r>`` may be named.
+``l2_0.1``/``l2_1`` AdamW + ``L2ToPretrained(strength=λ)``: the MoFO paper's L2 regulariser baseline, at λ = 0.1 and
+                     1 (the regulariser's own trade-off: λ is a second knob, shown as two methods rather than chosen
+                     by a rule that would need a forgetting measurement); another λ is another file.
+``lora_8``,          LoRA through PEFT (``CausalLMModule(peft=LoraConfig(r, lora_alpha=2r,
+``lora_64``          target_modules="all-linear"))``: every linear layer of the blocks; embeddings and head frozen),
+                     AdamW over the adapters; ranks 8 and 64.
 ``full_ft+wise_ft``  the ``full_ft`` fits edited after training with WiSE-FT, θ₀ + alpha·(θ - θ₀).
 ``full_ft+lines``    the ``full_ft`` fits edited with LiNeS (per-block factors, the paper's single-task pairs).
 ``mofo_0.15+lines``  the ``mofo_0.15`` fits edited with LiNeS.
@@ -55,13 +61,14 @@ itself qualifies, so the rule may keep it). That edit is applied unchanged to th
 and the rise of their loss in nats) and on the copying skill (``TaskProbe(kind="repeat", min_length=2,
 max_length=5)``, the lengths the base models were pre-trained on), each as ``ForgettingMonitor`` computes it
 (pre-trained value minus final value, positive = forgot); drift from the pre-trained weights (``ParameterDrift``:
-relative L2 distance and fraction of entries changed, all parameters; for LoRA and the post-hoc edits the same
-figures computed on the effective weights - merged adapters, edited weights - by this script). Also the median wall
-time of a training step (forward, backward, callbacks' hooks, optimizer step; evaluation excluded), the post-hoc
-sweep's seconds against the fit's, and memory: the process's peak RSS (each run in a fresh process; mostly the
-Python/torch runtime at this model size) and the training state the method holds - parameters, the largest set of
-gradients, optimizer state, and the pre-trained copy the method itself needs (``L2ToPretrained``, ``reset=True``,
-the post-hoc edits; ``ParameterDrift``'s measuring copy is not counted). The base models' build metadata (their own
+relative L2 distance and fraction of entries changed, all parameters; for LoRA the effective weights, adapters
+merged; for the post-hoc edits ``ParameterDrift.compute`` on the edited weights at the end of the fit). Also the
+median wall time of a training step (forward, backward, callbacks' hooks, optimizer step; evaluation excluded), the
+post-hoc sweep's seconds against the fit's, and memory: the process's peak RSS (each run in a fresh process; mostly
+the Python/torch runtime at this model size) and the training state the method holds - parameters, the largest set
+of gradients, optimizer state, and the pre-trained copy the method's callbacks keep (``L2ToPretrained``'s
+``regularised_names``, ``HalfFineTuning(reset=True)``'s ``resettable_names``, the post-hoc edits; ``ParameterDrift``'s
+measuring copy is not counted). The base models' build metadata (their own
 measured knowledge and copying figures, the machine, torch) go into the JSON: base-model builds differ between
 machines, so figures to compare must come from one machine's builds.
 
@@ -79,27 +86,28 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import platform
 import signal
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import method_config  # noqa: E402  (benchmarks/method_config.py: the methods' YAML files)
+import worker_pool  # noqa: E402  (benchmarks/worker_pool.py: runs in fresh processes)
 
 SCENARIO_NAMES = ("overlap", "disjoint")
-FITTED_METHODS = (
+# The default methods, in the order of the tables: the files benchmarks/methods/<name>.yaml.
+METHODS = (
     "full_ft",
     "mofo_0.05",
     "mofo_0.15",
@@ -111,27 +119,16 @@ FITTED_METHODS = (
     "l2_1",
     "lora_8",
     "lora_64",
+    "full_ft+wise_ft",
+    "full_ft+lines",
+    "mofo_0.15+lines",
 )
-# A post-hoc row: (the fitted method whose weights it edits, the edit family).
+# A post-hoc row: (the fitted method whose weights it edits, the edit family), from its file's `post_hoc`.
 POST_HOC: dict[str, tuple[str, str]] = {
-    "full_ft+wise_ft": ("full_ft", "wise_ft"),
-    "full_ft+lines": ("full_ft", "lines"),
-    "mofo_0.15+lines": ("mofo_0.15", "lines"),
+    m: post_hoc for m in METHODS if (post_hoc := method_config.method_info(m).post_hoc) is not None
 }
-METHODS = (*FITTED_METHODS, *POST_HOC)
-LABELS = {
-    "full_ft": "Full FT (AdamW)",
-    "mofo_0.05": "MoFO 0.05",
-    "mofo_0.15": "MoFO 0.15",
-    "hft_once": "HFT (once)",
-    "hft_redraw": "HFT (re-drawn)",
-    "hft_reset": "HFT (re-drawn, reset)",
-    "mofo_hft": "MoFO 0.15 + HFT",
-    "full_ft+wise_ft": "Full FT + WiSE-FT",
-    "full_ft+lines": "Full FT + LiNeS",
-    "mofo_0.15+lines": "MoFO 0.15 + LiNeS",
-}
-HFT_ROUNDS = 4  # hft_redraw/hft_reset: the budget is split into this many rounds, each with a new draw
+FITTED_METHODS = tuple(m for m in METHODS if m not in POST_HOC)
+HFT_ROUNDS = 4  # a method that re-draws on a step schedule (hft_redraw/hft_reset) re-draws every steps // HFT_ROUNDS
 # The post-hoc rule, fixed before any result: least knowledge forgetting within 1 task point of the unedited fit.
 POST_HOC_RULE = {"apply": "least_forgetting", "forgetting": "knowledge/accuracy", "max_task_drop": 0.01}
 
@@ -172,85 +169,40 @@ class RunSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------- one run
-def _callbacks_for(spec: RunSpec) -> list[Any]:
-    from lit_mofo import HalfFineTuning, L2ToPretrained
-
-    period = max(1, spec.budget.steps // HFT_ROUNDS)
-    if spec.method in ("hft_once", "mofo_hft"):
-        return [HalfFineTuning(seed=spec.seed)]
-    if spec.method == "hft_redraw":
-        return [HalfFineTuning(redraw_every_n_steps=period, seed=spec.seed)]
-    if spec.method == "hft_reset":
-        return [HalfFineTuning(redraw_every_n_steps=period, reset=True, seed=spec.seed)]
-    if spec.method.startswith("l2_"):
-        return [L2ToPretrained(strength=l2_strength(spec.method), log_penalty=False)]
-    return []
+def post_hoc_of(method: str) -> tuple[str, str] | None:
+    """``(base method, edit family)`` of a post-hoc row (a shipped one or a file given by path), None for a fitted
+    method."""
+    return POST_HOC[method] if method in POST_HOC else method_config.method_info(method).post_hoc
 
 
-def _optimizer_for(spec: RunSpec) -> Callable[..., Any]:
-    import torch
-
-    from lit_mofo import MoFO
-
-    if spec.method == "mofo_0.05":
-        return partial(MoFO, lr=spec.lr, fraction=0.05)
-    if spec.method in ("mofo_0.15", "mofo_hft"):
-        return partial(MoFO, lr=spec.lr, fraction=0.15)
-    return partial(torch.optim.AdamW, lr=spec.lr, weight_decay=0.0)
-
-
-def _peft_for(spec: RunSpec) -> Any:
-    """The LoRA config of a ``lora_<r>`` method (alpha = 2r: the same scale 2 at every rank), else None."""
-    if not spec.method.startswith("lora_"):
-        return None
-    from peft import LoraConfig
-
-    rank = lora_rank(spec.method)
-    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
-
-
-def l2_strength(method: str) -> float:
-    """λ of an ``l2_<λ>`` method name; raises ValueError if ``<λ>`` is not a number > 0."""
-    strength = float(method.removeprefix("l2_"))
-    if not strength > 0 or math.isinf(strength):
-        raise ValueError(f"{method!r}: the L2 strength must be a finite number > 0")
-    return strength
-
-
-def lora_rank(method: str) -> int:
-    """r of a ``lora_<r>`` method name; raises ValueError if ``<r>`` is not an integer >= 1."""
-    rank = int(method.removeprefix("lora_"))
-    if rank < 1:
-        raise ValueError(f"{method!r}: the LoRA rank must be an integer >= 1")
-    return rank
+def _row(row: str) -> tuple[str, str]:
+    """``(base method, edit family)`` of the post-hoc row ``row``."""
+    pair = post_hoc_of(row)
+    if pair is None:
+        raise ValueError(f"{row!r} is a fitted method, not a post-hoc row")
+    return pair
 
 
 def label(method: str) -> str:
-    """The method's name in tables and the plot."""
-    if method.startswith("l2_"):
-        return f"L2 to pre-trained (λ={l2_strength(method):g})"
-    if method.startswith("lora_"):
-        return f"LoRA r={lora_rank(method)}"
-    return LABELS.get(method, method)
+    """The method's name in tables and the plot: its file's ``label`` (the name itself for a method whose file is
+    gone, e.g. one given as a path when a JSON is redrawn elsewhere)."""
+    try:
+        return method_config.method_info(method).label
+    except ValueError:
+        return method
 
 
 def _method_name(value: str) -> str:
-    """argparse type of ``--methods``: one of METHODS, or ``l2_<λ>`` (λ > 0), or ``lora_<r>`` (r >= 1)."""
-    if value in METHODS:
-        return value
-    for prefix, check in (("l2_", l2_strength), ("lora_", lora_rank)):
-        if value.startswith(prefix):
-            try:
-                check(value)
-                return value
-            except ValueError:
-                pass
-    raise argparse.ArgumentTypeError(
-        f"{value!r} is not one of {', '.join(METHODS)} (or l2_<λ> with λ > 0, lora_<r> with r >= 1)"
-    )
+    """argparse type of ``--methods``: a file of ``benchmarks/methods/`` by name, or a path to a method file (its
+    name is then the file's stem)."""
+    try:
+        info = method_config.method_info(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return info.name if info.path.parent == method_config.METHODS_DIR else str(info.path)
 
 
-def _make_meter() -> Any:
+def make_step_meter() -> Any:
     """A callback that times training steps and records the training state's bytes (defined lazily: the parent
     process of a ``--workers`` run never imports Lightning)."""
     import lightning.pytorch as pl
@@ -285,15 +237,19 @@ def _make_meter() -> Any:
     return StepMeter()
 
 
-def _theta0_bytes(spec: RunSpec, module: Any, callbacks: Sequence[Any]) -> int:
-    """Bytes of the pre-trained copy the method needs for itself (not ParameterDrift's measuring copy)."""
-    params = dict(module.named_parameters())
-    if spec.method.startswith("l2_"):
-        return sum(p.nbytes for p in params.values())
-    if spec.method == "hft_reset":
-        (hft,) = callbacks
-        return sum(params[name].nbytes for name in hft._resettable_names())
-    return 0
+def _theta0_bytes(module: Any, callbacks: Sequence[Any]) -> int:
+    """Bytes of the pre-trained copy the method's callbacks keep for themselves (one copy, shared between them; not
+    ParameterDrift's measuring copy): what ``L2ToPretrained`` regularises and what ``HalfFineTuning(reset=True)``
+    may reset, as they report it after the fit."""
+    from lit_mofo import HalfFineTuning, L2ToPretrained
+
+    names: set[str] = set()
+    for callback in callbacks:
+        if isinstance(callback, L2ToPretrained):
+            names.update(callback.regularised_names)
+        elif isinstance(callback, HalfFineTuning) and callback.reset:
+            names.update(callback.resettable_names)
+    return sum(param.nbytes for name, param in module.named_parameters() if name in names)
 
 
 def _knowledge_by_subject(model: Any, scenario: str) -> dict[str, float | None]:
@@ -318,34 +274,38 @@ def _knowledge_by_subject(model: Any, scenario: str) -> dict[str, float | None]:
 _PRETRAINED_SPLIT: dict[str, dict[str, float | None]] = {}
 
 
-def weight_drift(theta0: Mapping[str, Any], model: Any) -> dict[str, Any]:
-    """ParameterDrift's figures (relative L2 and % of entries changed, overall and per role) of ``model``'s
-    parameters against ``theta0`` (by name): for weights ParameterDrift does not see - a LoRA fit's merged model, a
-    post-hoc edit."""
-    import torch
-
-    from lit_mofo.blocks import parameter_roles
-    from lit_mofo.callbacks.parameter_drift import DriftStats
-
-    roles = parameter_roles(model)
-    overall, by_role = DriftStats(), {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            current, reference = param.detach().float(), theta0[name].float()
-            diff = current - reference
-            stats = DriftStats(
-                sq_diff=float(diff.pow(2).sum()),
-                sq_ref=float(reference.pow(2).sum()),
-                changed=int((current != reference).sum()),
-                numel=param.numel(),
-            )
-            overall.add(stats)
-            by_role.setdefault(roles[name], DriftStats()).add(stats)
+def drift_figures(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """This script's drift figures from ``ParameterDrift.compute``'s groups: relative L2 and % of entries changed
+    overall, relative L2 per role."""
+    overall = groups["overall"]["all"]
     return {
         "drift_relative_l2": overall.relative_l2,
         "drift_fraction_changed": 100 * overall.fraction_changed,
-        "drift_relative_l2_by_role": {role: stats.relative_l2 for role, stats in by_role.items()},
+        "drift_relative_l2_by_role": {role: stats.relative_l2 for role, stats in groups["role"].items()},
     }
+
+
+def _make_edit_drift(drift: Any, scaling: Any, theta0: Mapping[str, Any]) -> Any:
+    """A callback that, at the end of training (after ``scaling``'s sweep, before ParameterDrift lets its snapshot
+    go), applies every edit of ``scaling``'s curve in turn and records ``drift.compute``'s figures of the edited
+    weights in ``.figures`` (by edit key), restoring the fine-tune after each."""
+    import lightning.pytorch as pl
+
+    from lit_mofo.task_vectors import TaskVectorEditor, task_vector_names
+
+    class EditDrift(pl.Callback):
+        def __init__(self) -> None:
+            self.figures: dict[str, dict[str, Any]] = {}
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            names = task_vector_names(pl_module, list(theta0), theta0)
+            for point in scaling.points:
+                with TaskVectorEditor(pl_module, {name: theta0[name] for name in names}) as editor:
+                    if point.edit is not None:
+                        editor.apply(point.edit)
+                    self.figures[point.key] = drift_figures(drift.compute(pl_module))
+
+    return EditDrift()
 
 
 def _edit_of(entry: Mapping[str, Any]) -> Any:
@@ -358,10 +318,16 @@ def _edit_of(entry: Mapping[str, Any]) -> Any:
 
 
 def _post_hoc_figures(
-    scaling: Any, module: Any, theta0: Mapping[str, Any], scenario: str, split: bool
+    scaling: Any,
+    edit_drift: Mapping[str, Mapping[str, Any]],
+    module: Any,
+    theta0: Mapping[str, Any],
+    scenario: str,
+    split: bool,
 ) -> dict[str, dict[str, Any]]:
-    """Every point of TaskVectorScaling's curve in this script's units, with the drift of the edited weights (and
-    the knowledge split, when ``split``), measured by applying each edit to the fitted module and restoring it."""
+    """Every point of TaskVectorScaling's curve in this script's units, with the drift of the edited weights
+    (``edit_drift``: ParameterDrift's, measured at the end of the fit) and, when ``split``, the knowledge split,
+    measured by applying each edit to the fitted module again and restoring it."""
     from lit_mofo.task_vectors import TaskVectorEditor, task_vector_names
 
     names = task_vector_names(module, list(theta0), theta0)
@@ -380,12 +346,12 @@ def _post_hoc_figures(
             "forgetting_knowledge_loss": lost["knowledge"]["loss"],
             "forgetting_copy_exact_match": 100 * lost["copy"]["exact_match"],
             "seconds": entry["seconds"],
+            **edit_drift[entry["edit"]],
         }
-        with TaskVectorEditor(module, {name: theta0[name] for name in names}) as editor:
-            if point.edit is not None:
-                editor.apply(point.edit)
-            figures[entry["edit"]].update(weight_drift(theta0, module))
-            if split:
+        if split:
+            with TaskVectorEditor(module, {name: theta0[name] for name in names}) as editor:
+                if point.edit is not None:
+                    editor.apply(point.edit)
                 figures[entry["edit"]]["split"] = _knowledge_by_subject(module.model, scenario)
     return figures
 
@@ -412,12 +378,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     budget = spec.budget
     scenario = get_scenario(spec.scenario)
     pl.seed_everything(spec.seed, workers=True, verbose=False)
+    method = method_config.build_method(spec.method, spec.lr, redraw_every_n_steps=max(1, budget.steps // HFT_ROUNDS))
     module = CausalLMModule(
         model=scenario.model,
-        optimizer=_optimizer_for(spec),
+        optimizer=method.optimizer,
         schedule=budget.schedule,  # type: ignore[arg-type]
         warmup_ratio=budget.warmup_ratio,
-        peft=_peft_for(spec),
+        peft=method.peft,
     )
     sizes = {} if budget.train_examples is None else {"num_train": budget.train_examples}
     data = ScenarioDataModule(batch_size=budget.batch_size, num_val=0, scenario=scenario.name, **sizes)  # type: ignore[arg-type]
@@ -438,14 +405,16 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         evaluate_on_validation=False,
         report=False,
     )
-    lora = module.is_peft
-    # ParameterDrift measures the tensors of the module; a LoRA fit's effective weights are measured merged below.
-    drift = None if lora else ParameterDrift(every_n_train_steps=None, report=False)
-    scaling = None
+    # On a LoRA model ParameterDrift measures the effective weights, adapters merged.
+    drift = ParameterDrift(every_n_train_steps=None, report=False)
+    scaling = edit_drift = None
+    theta0: dict[str, Any] = {}
     if spec.wise_ft or spec.lines:
         scaling = TaskVectorScaling(wise_ft=spec.wise_ft, lines=spec.lines, task="task/exact_match", report=False)
-    meter = _make_meter()
-    method_callbacks = _callbacks_for(spec)
+        theta0 = {name: param.detach().clone() for name, param in module.named_parameters()}  # the edits' θ₀
+        edit_drift = _make_edit_drift(drift, scaling, theta0)
+    meter = make_step_meter()
+    method_callbacks = method.callbacks
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -456,11 +425,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[c for c in (meter, *method_callbacks, monitor, drift, scaling) if c is not None],
+        callbacks=[c for c in (meter, *method_callbacks, monitor, drift, scaling, edit_drift) if c is not None],
     )
-    # θ₀ as the module names it (the post-hoc edits), or the plain pre-trained model's (a LoRA fit's merged weights).
-    measured = module.merged_model() if lora else module
-    theta0 = {name: param.detach().clone() for name, param in measured.named_parameters()}
     no_split: dict[str, float | None] = {"task_words": None, "other_words": None}
     if budget.knowledge_split:
         split_before = _PRETRAINED_SPLIT.get(scenario.name) or _knowledge_by_subject(module.model, scenario.name)
@@ -476,19 +442,16 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     final: dict[tuple[str, str], dict[str, Any]] = {}
     for record in monitor.history:  # the last measurement of each metric is the end-of-fit one
         final[(record["probe"], record["metric"])] = record
-    if drift is not None:
-        overall = [record for record in drift.history if record["scope"] == "overall"][-1]
-        drift_figures = {
-            "drift_relative_l2": overall["relative_l2"],
-            "drift_fraction_changed": 100 * overall["fraction_changed"],
-            "drift_relative_l2_by_role": {
-                record["group"]: record["relative_l2"] for record in drift.history if record["scope"] == "role"
-            },
-        }
-    else:
-        drift_figures = weight_drift(theta0, module.merged_model())
+    overall = [record for record in drift.history if record["scope"] == "overall"][-1]
+    drifted = {
+        "drift_relative_l2": overall["relative_l2"],
+        "drift_fraction_changed": 100 * overall["fraction_changed"],
+        "drift_relative_l2_by_role": {
+            record["group"]: record["relative_l2"] for record in drift.history if record["scope"] == "role"
+        },
+    }
     param_bytes = sum(p.nbytes for p in module.parameters())
-    theta0_bytes = _theta0_bytes(spec, module, method_callbacks)
+    theta0_bytes = _theta0_bytes(module, method_callbacks)
     steady = meter.step_seconds[min(5, len(meter.step_seconds) - 1) :]  # the first steps load kernels and caches
     mib = 1 / 2**20
 
@@ -508,7 +471,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "forgetting_copy_exact_match": 100 * final[("copy", "exact_match")]["forgetting"],
         "forgetting_knowledge_task_words": lost_on(split_before["task_words"], split_after["task_words"]),
         "forgetting_knowledge_other_words": lost_on(split_before["other_words"], split_after["other_words"]),
-        **drift_figures,
+        **drifted,
         "step_ms": 1000 * statistics.median(steady),
         "fit_seconds": fit_seconds,
         "evaluation_seconds": monitor_seconds(monitor),
@@ -517,12 +480,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "max_grad_mib": meter.max_grad_bytes * mib,
         "theta0_mib": theta0_bytes * mib,
         "trainable_mib": sum(p.nbytes for p in module.parameters() if p.requires_grad) * mib,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
     }
     if scaling is not None:
         edits = [point for point in scaling.points if point.edit is not None]
         split = spec.phase == "seeds" and budget.knowledge_split
-        result["post_hoc"] = _post_hoc_figures(scaling, module, theta0, scenario.name, split=split)
+        assert edit_drift is not None
+        result["post_hoc"] = _post_hoc_figures(scaling, edit_drift.figures, module, theta0, scenario.name, split=split)
         for figures in result["post_hoc"].values():
             split = figures.pop("split", None)
             if split is not None:
@@ -535,7 +499,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     return result
 
 
-def _peak_rss_mib() -> float | None:
+def peak_rss_mib() -> float | None:
     """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes); None where unavailable."""
     try:
         import resource
@@ -555,13 +519,15 @@ def monitor_seconds(monitor: Any) -> float:
 
 # ---------------------------------------------------------------------------------------------------------- driver
 def run_all(specs: Sequence[RunSpec], workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run every spec: in this process (``workers=0``) or each in a fresh process, ``workers`` at a time."""
-    results: list[dict[str, Any]] = []
+    """Run every spec: in this process (``workers=0``) or each in a fresh process, ``workers`` at a time
+    (``worker_pool.run_all``: forked from a fork server that has imported the libraries once)."""
+    count = 0
 
     def done(result: dict[str, Any]) -> None:
-        results.append(result)
+        nonlocal count
+        count += 1
         log(
-            f"  [{len(results):>3}/{len(specs)}] {result['scenario']:<8} {result['phase']:<5} {result['method']:<10} "
+            f"  [{count:>3}/{len(specs)}] {result['scenario']:<8} {result['phase']:<5} {result['method']:<10} "
             f"lr={result['lr']:<7g} "
             f"seed={result['seed']}: task {result['task_exact_match']:5.1f}, knowledge forgetting "
             f"{result['forgetting_knowledge_accuracy']:5.1f} pts, drift {result['drift_relative_l2']:.3f}, "
@@ -573,63 +539,7 @@ def run_all(specs: Sequence[RunSpec], workers: int, log: Callable[[str], None]) 
             )
         )
 
-    if workers == 0:
-        for spec in specs:
-            result = run_one(spec)
-            result["peak_rss_mib"] = None  # shared with every other run of this process: not attributable
-            done(result)
-        return results
-    # A fresh process per run, so that peak RSS is the run's own. Each is forked from a server process that has
-    # imported torch, Lightning, transformers and lit_mofo once (and run nothing: no thread pools to inherit), so a
-    # run starts in a fraction of a second instead of the 10-30 s a spawned interpreter takes to import them. Results
-    # come back through pipes (no queue, no semaphore to leak); on an error, Ctrl+C or SIGTERM the running
-    # processes are killed and joined.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(["torch", "lightning.pytorch", "transformers", "peft", "lit_mofo"])
-    pending = list(specs)
-    running: dict[Any, tuple[Any, RunSpec]] = {}  # result pipe -> (process, spec)
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                spec = pending.pop(0)
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_run_in_child, args=(spec, sender), daemon=True)
-                process.start()
-                sender.close()
-                running[receiver] = (process, spec)
-            for receiver in multiprocessing.connection.wait(list(running)):
-                process, spec = running.pop(receiver)
-                try:
-                    error, result = receiver.recv()
-                except EOFError:
-                    error, result = "the process ended without a result", None
-                receiver.close()
-                process.join()
-                if error is not None:
-                    raise RuntimeError(f"{spec} failed (exit code {process.exitcode}):\n{error}")
-                done(result)
-    finally:
-        for process, _ in running.values():
-            process.kill()  # not terminate(): Lightning's SIGTERM handler would finish the step and report back
-        for process, _ in running.values():
-            process.join()
-    return results
-
-
-def _run_in_child(spec: RunSpec, connection: Any) -> None:
-    """:func:`run_one` in a worker process: ``(None, result)`` or ``(traceback, None)`` through ``connection``."""
-    try:
-        try:
-            outcome: tuple[str | None, dict[str, Any] | None] = (None, run_one(spec))
-        except BaseException:
-            outcome = (traceback.format_exc(), None)
-        connection.send(outcome)
-    except BrokenPipeError:  # the parent has stopped waiting (it was interrupted): nobody to report to
-        pass
-    finally:
-        connection.close()
+    return worker_pool.run_all(specs, workers, run_one, done)
 
 
 def choose_lrs(sweep: Sequence[dict[str, Any]], tie_points: float) -> dict[str, float]:
@@ -650,7 +560,7 @@ def choose_edits(sweep: Sequence[dict[str, Any]], chosen_lrs: Mapping[str, float
 
     picks = {}
     for row in rows:
-        base, family = POST_HOC[row]
+        base, family = _row(row)
         (run,) = [r for r in sweep if r["method"] == base and r["lr"] == chosen_lrs[base]]
         entries = {key: entry for key, entry in run["post_hoc"].items() if entry["method"] in (None, family)}
         points = [
@@ -681,7 +591,7 @@ def edits_for(
     wise_ft: list[float] = []
     lines: list[tuple[float, float]] = []
     for row, pick in picks.items():
-        if POST_HOC[row][0] != method or pick["method"] is None:
+        if _row(row)[0] != method or pick["method"] is None:
             continue
         if pick["method"] == "wise_ft":
             wise_ft.append(pick["alpha"])
@@ -710,7 +620,7 @@ def post_hoc_runs(runs: Sequence[dict[str, Any]], picks: Mapping[str, Mapping[st
     unedited ones when the rule kept the fit), and the pre-trained copy the edit needs added to the state."""
     rows = []
     for row, pick in picks.items():
-        base = POST_HOC[row][0]
+        base = _row(row)[0]
         for run in runs:
             if run["method"] != base:
                 continue
@@ -831,8 +741,9 @@ def check_targets(
 
 
 def _is_recipe(method: str) -> bool:
-    """A lit_mofo recipe: a method of this kit (MoFO, HFT, their mix, a post-hoc edit), not a baseline."""
-    return method != "full_ft" and not method.startswith(("l2_", "lora_"))
+    """A lit_mofo recipe: a method of this kit (MoFO, HFT, their mix, a post-hoc edit), not a baseline (its file's
+    ``baseline: true``: full fine-tuning, L2, LoRA)."""
+    return not method_config.method_info(method).baseline
 
 
 def _l2_check(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
@@ -1052,9 +963,9 @@ def post_hoc_markdown(result: dict[str, Any], picks: Mapping[str, Mapping[str, A
         "**bold** = picked by the rule (least forgetting within 1 task point of the unedited fit).",
         "",
     ]
-    for base in dict.fromkeys(POST_HOC[row][0] for row in picks):
+    for base in dict.fromkeys(_row(row)[0] for row in picks):
         (run,) = [r for r in result["sweep"] if r["method"] == base and r["lr"] == result["lr"][base]]
-        chosen = {pick["edit"] for row, pick in picks.items() if POST_HOC[row][0] == base}
+        chosen = {pick["edit"] for row, pick in picks.items() if _row(row)[0] == base}
         entries = run["post_hoc"]
         unedited = entries["finetuned"]
         lines += [
@@ -1148,9 +1059,9 @@ def plot(result: dict[str, Any], path: Path, title: str = "") -> str | None:
     overview.legend(fontsize=7, loc="best")
     if picks:
         curves = axes[2]
-        for base_index, base in enumerate(dict.fromkeys(POST_HOC[row][0] for row in picks)):
+        for base_index, base in enumerate(dict.fromkeys(_row(row)[0] for row in picks)):
             (run,) = [r for r in result["sweep"] if r["method"] == base and r["lr"] == result["lr"][base]]
-            chosen = {pick["edit"] for row, pick in picks.items() if POST_HOC[row][0] == base}
+            chosen = {pick["edit"] for row, pick in picks.items() if _row(row)[0] == base}
             for family, style in (("wise_ft", "-"), ("lines", "--")):
                 entries = sorted(
                     (e for e in run["post_hoc"].values() if e["method"] == family), key=lambda e: e["alpha"]
@@ -1192,12 +1103,12 @@ def plot(result: dict[str, Any], path: Path, title: str = "") -> str | None:
 # ---------------------------------------------------------------------------------------------------------- main
 def _fitted(methods: Sequence[str]) -> list[str]:
     """The methods to fit: the requested fitted ones and the base method of each requested post-hoc row."""
-    fitted = [m for m in methods if m not in POST_HOC]
-    fitted += [POST_HOC[m][0] for m in methods if m in POST_HOC]
+    fitted = [m for m in methods if post_hoc_of(m) is None]
+    fitted += [_row(m)[0] for m in methods if post_hoc_of(m) is not None]
     return list(dict.fromkeys(fitted))
 
 
-def _base_model_metadata(scenario: str) -> dict[str, Any]:
+def base_model_metadata(scenario: str) -> dict[str, Any]:
     """The scenario base model's build metadata (its own measured figures, the machine, versions), without its
     recipe."""
     from lit_mofo.scenario import get_scenario
@@ -1263,7 +1174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(seeds)) < 2:
         problems.append(f"--seeds={seeds}: give at least 2 distinct seeds (the table reports a std over seeds)")
     methods = list(dict.fromkeys(args.methods))
-    post_hoc = [m for m in methods if m in POST_HOC]
+    post_hoc = [m for m in methods if post_hoc_of(m) is not None]
     if args.sweep_seed in seeds and (len(lrs) > 1 or post_hoc):
         problems.append(
             f"--sweep-seed={args.sweep_seed} is among --seeds={seeds}: the LR and the post-hoc edits must be chosen "
@@ -1274,7 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         parser.error("; ".join(problems))
     # SIGTERM (a job scheduler, a timeout) unwinds like Ctrl+C: the worker pool is stopped and its queues released.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGTERM, exit_on_signal)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -1283,12 +1194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = list(dict.fromkeys(args.scenarios))
     base_models = {}
     for scenario in scenarios:  # built once here (about 2 min each), not in every worker
-        base_models[scenario] = _base_model_metadata(scenario)
+        base_models[scenario] = base_model_metadata(scenario)
         log(f"scenario {scenario} base model: {base_models[scenario]['path']}")
 
     fitted = _fitted(methods)
-    bases = {POST_HOC[m][0] for m in post_hoc}
-    families = {POST_HOC[m] for m in post_hoc}  # (base, family): each base measures the grids of its rows only
+    bases = {_row(m)[0] for m in post_hoc}
+    families = {_row(m) for m in post_hoc}  # (base, family): each base measures the grids of its rows only
     # Sweep: every fitted method at every LR when there is an LR to choose, else only the post-hoc rows' bases
     # (their edits are picked on the sweep seed); the bases measure the post-hoc grid of their rows' families.
     swept = fitted if len(lrs) > 1 else [m for m in fitted if m in bases]
@@ -1314,7 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = [run for run in sweep_all if run["scenario"] == scenario]
         chosen = choose_lrs(sweep, args.tie_points) if len(lrs) > 1 else dict.fromkeys(fitted, lrs[0])
         for row in post_hoc:
-            chosen[row] = chosen[POST_HOC[row][0]]
+            chosen[row] = chosen[_row(row)[0]]
         picks = choose_edits(sweep, chosen, post_hoc)
         log(f"{scenario}: chosen LRs {chosen}; post-hoc edits { ({r: p['edit'] for r, p in picks.items()}) }")
         per_scenario[scenario] = {"sweep": sweep, "lr": chosen, "picks": picks}
@@ -1376,7 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return write_outputs(result, args.out_dir, stem)
 
 
-def _exit_on_signal(signum: int, frame: Any) -> None:
+def exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 

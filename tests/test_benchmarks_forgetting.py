@@ -398,3 +398,72 @@ def test_a_run_with_workers_stopped_by_sigterm_exits_at_once_and_leaves_nothing_
     if left:
         os.killpg(process.pid, signal.SIGKILL)
     assert not left, "processes of the interrupted benchmark outlived it"
+
+
+# ---- the method files ------------------------------------------------------------------------------------------------
+
+
+def _method_config() -> Any:
+    _load_benchmark()  # puts benchmarks/ on sys.path
+    import method_config
+
+    return method_config
+
+
+def test_every_method_file_is_checked_against_the_constructors_it_names_and_builds_fresh_instances() -> None:
+    import torch
+
+    from lit_mofo import HalfFineTuning, L2ToPretrained, MoFO
+
+    method_config = _method_config()
+    bench = _load_benchmark()
+    assert set(bench.METHODS) <= set(method_config.available())
+    for name in method_config.available():
+        method_config.parse(name)  # raises on an option its class does not take
+    params = [torch.nn.Parameter(torch.zeros(4, 4))]
+    mofo = method_config.build_method("mofo_0.15", 3e-3)
+    optimizer = mofo.optimizer(params)
+    assert isinstance(optimizer, MoFO) and optimizer.defaults["lr"] == 3e-3 and optimizer.defaults["fraction"] == 0.15
+    assert mofo.callbacks == [] and mofo.peft is None
+    full = method_config.build_method("full_ft", 1e-3).optimizer(params)
+    assert type(full) is torch.optim.AdamW and full.defaults["weight_decay"] == 0.0
+    (hft,) = method_config.build_method("hft_reset", 1e-3, redraw_every_n_steps=3).callbacks
+    assert isinstance(hft, HalfFineTuning) and hft.reset and hft.redraw_every_n_steps == 3
+    (again,) = method_config.build_method("hft_reset", 1e-3, redraw_every_n_steps=3).callbacks
+    assert again is not hft  # every run gets its own callbacks
+    (l2,) = method_config.build_method("l2_prev_1", 1e-3).callbacks
+    assert isinstance(l2, L2ToPretrained) and l2.strength == 1.0 and l2.anchor == "previous_stage"
+    lora = method_config.build_method("lora_64", 1e-3).peft
+    assert (lora.r, lora.lora_alpha, lora.target_modules, lora.lora_dropout) == (64, 128, "all-linear", 0.0)
+    assert bench.POST_HOC["full_ft+lines"] == ("full_ft", "lines")
+    assert bench.label("hft_once") == "HFT (once)" and not bench._is_recipe("lora_8") and bench._is_recipe("mofo_hft")
+
+
+def test_a_method_file_with_an_option_its_class_does_not_take_is_refused_naming_it(tmp_path: Path) -> None:
+    method_config = _method_config()
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "label: Mine\n"
+        "model: {init_args: {optimizer: {class_path: torch.optim.AdamW}}}\n"
+        "trainer: {callbacks: [{class_path: lit_mofo.HalfFineTuning, init_args: {ratio: 0.5, redraw: 3}}]}\n"
+    )
+    with pytest.raises(ValueError, match=r"(?s)mine.yaml: .*lit_mofo.HalfFineTuning.*Option 'redraw' is not accepted"):
+        method_config.parse(str(path))
+    path.write_text("label: Mine\ntrainer: {callbacks: []}\n")
+    with pytest.raises(ValueError, match=r"a fitted method needs `model\.init_args\.optimizer`"):
+        method_config.parse(str(path))
+    path.write_text("model: {}\n")
+    with pytest.raises(ValueError, match="a method file needs `label:"):
+        method_config.method_info(str(path))
+
+
+def test_a_method_file_given_by_path_is_a_method_named_by_its_path(tmp_path: Path) -> None:
+    bench = _load_benchmark()
+    path = tmp_path / "adamw_wd.yaml"
+    path.write_text(
+        "label: AdamW, weight decay 0.01\nmodel: {init_args: {optimizer: {class_path: torch.optim.AdamW, "
+        "init_args: {weight_decay: 0.01}}}}\n"
+    )
+    assert bench._method_name(str(path)) == str(path)
+    assert bench.label(str(path)) == "AdamW, weight decay 0.01" and bench.post_hoc_of(str(path)) is None
+    assert bench._method_name("mofo_0.15") == "mofo_0.15"

@@ -911,8 +911,18 @@ def test_two_processes_give_the_one_process_matrix_weights_and_stage_transitions
 
 def test_the_continual_config_runs_end_to_end_shortened_and_writes_the_heatmap(tmp_path: Path) -> None:
     from lit_mofo.cli import main
+    from lit_mofo.scenario import TASK_SEQUENCE, TaskSpec, task_arguments
 
     config = yaml.safe_load((ROOT / "configs/continual.yaml").read_text())
+    # The config runs the embedded task sequence: its stages are TASK_SEQUENCE's, data and probe on the same problems.
+    assert [stage["name"] for stage in config["data"]["init_args"]["stages"]] == list(TASK_SEQUENCE)
+    for stage in config["data"]["init_args"]["stages"]:
+        spec = task_arguments(TASK_SEQUENCE[stage["name"]])
+        del spec["scenario"]  # the default, overlap
+        defaults = {key: getattr(TaskSpec(), key) for key in spec}
+        for part in ("data", "probe"):
+            given = {key: value for key, value in stage[part]["init_args"].items() if key in spec}
+            assert {**defaults, **given} == spec, (stage["name"], part)
     for stage in config["data"]["init_args"]["stages"]:
         stage["max_steps"] = 3
         stage["data"]["init_args"]["num_train"] = 96
@@ -923,11 +933,11 @@ def test_the_continual_config_runs_end_to_end_shortened_and_writes_the_heatmap(t
     path = tmp_path / "continual.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
-    assert cli.trainer.global_step == 9 and cli.trainer.current_epoch == 3
+    assert cli.trainer.global_step == 12 and cli.trainer.current_epoch == 4
     directory = tmp_path / "lightning_logs/version_0"
     saved = json.loads((directory / "continual_matrix.json").read_text())
-    assert [stage["name"] for stage in saved["stages"]] == ["cipher", "reverse", "cipher_b"]
-    assert len(saved["metrics"]["exact_match"]["matrix"]) == 4
+    assert [stage["name"] for stage in saved["stages"]] == ["cipher", "reverse", "value_cipher", "reverse_cipher"]
+    assert len(saved["metrics"]["exact_match"]["matrix"]) == 5
     assert (directory / "forgetting_report_continual_matrix.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((directory / "forgetting_report.json").read_text())
     assert {"continual", "forgetting", "drift"} <= set(report)
@@ -935,4 +945,5 @@ def test_the_continual_config_runs_end_to_end_shortened_and_writes_the_heatmap(t
         "epoch=0-step=3.ckpt",
         "epoch=1-step=6.ckpt",
         "epoch=2-step=9.ckpt",
+        "epoch=3-step=12.ckpt",
     ]

@@ -483,6 +483,16 @@ class HalfFineTuning(Callback):
         return tuple(name for name in self._managed if name not in frozen)
 
     @property
+    def resettable_names(self) -> tuple[str, ...]:
+        """Names of the tensors a draw decides about (the drawable tensors outside ``always_trainable`` and
+        ``always_frozen``): the ones a re-draw can freeze, so the ones whose values ``reset=True`` keeps a copy of
+        and restores. Known from the start of fit (empty before), with or without ``reset``."""
+        if not self._plan:
+            return ()
+        names = {split_part(part)[0] for part in self._pool()}
+        return tuple(name for name in self._params if name in names)
+
+    @property
     def trainable_fraction(self) -> float:
         """Share of all the module's parameters (by count of entries) that train now; the tensors the module froze
         itself count as not training, a frozen expert's slice as frozen."""
@@ -840,7 +850,7 @@ class HalfFineTuning(Callback):
         return {part for part in self._drawable_parts() if split_part(part)[0] not in fixed}
 
     def _resettable_names(self) -> list[str]:
-        names = {split_part(part)[0] for part in self._pool()}
+        names = self.resettable_names
         if not names:
             raise MisconfigurationException(
                 "`HalfFineTuning(reset=True)`: no tensor can be frozen by a re-draw (everything drawable is in "
@@ -854,7 +864,7 @@ class HalfFineTuning(Callback):
                 "a meta parameter (no values yet). Materialise the model before fit (Lightning's `configure_model`), "
                 "or drop `reset=True`."
             )
-        return [name for name in self._params if name in names]
+        return list(names)
 
     def _check_optimizers(self, trainer: pl.Trainer) -> None:
         in_optimizer = {
