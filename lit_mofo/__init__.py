@@ -18,7 +18,7 @@ from lit_mofo.optim import (
 )
 from lit_mofo.snapshot import PretrainedSnapshot
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ContinualLearning",
