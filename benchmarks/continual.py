@@ -726,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             method_config.parse(method)
         except ValueError as error:
             parser.error(str(error))
-    signal.signal(signal.SIGTERM, forgetting.exit_on_signal)  # a scheduler's SIGTERM unwinds like Ctrl+C
+    signal.signal(signal.SIGTERM, worker_pool.exit_on_signal)  # a scheduler's SIGTERM unwinds like Ctrl+C
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

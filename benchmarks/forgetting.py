@@ -1185,7 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         parser.error("; ".join(problems))
     # SIGTERM (a job scheduler, a timeout) unwinds like Ctrl+C: the worker pool is stopped and its queues released.
-    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGTERM, worker_pool.exit_on_signal)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -1285,10 +1285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = "forgetting_quick" if quick else "forgetting"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     return write_outputs(result, args.out_dir, stem)
-
-
-def exit_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _upgrade(result: dict[str, Any]) -> dict[str, Any]:

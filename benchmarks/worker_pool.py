@@ -11,13 +11,35 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import traceback
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
-__all__ = ["PRELOAD", "run_all"]
+__all__ = ["PRELOAD", "exit_on_signal", "run_all"]
 
 PRELOAD = ["torch", "lightning.pytorch", "transformers", "peft", "lit_mofo"]
+_SIGNALLED: list[int] = []
+
+
+def exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    """The benchmarks' SIGTERM handler: unwind like Ctrl+C, with ``SystemExit(128 + signum)``.
+
+    When it arrives while multiprocessing runs a finaliser (closing a finished run's pipes), an exception raised
+    there would be swallowed ("Exception ignored in: <Finalize object>") and the remaining runs would go on: the
+    signal is remembered instead, and the pool stops at its next turn."""
+    _SIGNALLED.append(signum)
+    while frame is not None:
+        if frame.f_code is multiprocessing.util.Finalize.__call__.__code__:
+            return
+        frame = frame.f_back
+    raise SystemExit(128 + signum)
+
+
+def _stop_if_signalled() -> None:
+    if _SIGNALLED:
+        raise SystemExit(128 + _SIGNALLED[0])
 
 
 def run_all(
@@ -37,6 +59,7 @@ def run_all(
 
     if workers == 0:
         for spec in specs:
+            _stop_if_signalled()
             result = run(spec)
             result["peak_rss_mib"] = None  # shared with every other run of this process: not attributable
             finished(result)
@@ -49,6 +72,7 @@ def run_all(
     running: dict[Any, tuple[Any, Any]] = {}  # result pipe -> (process, spec)
     try:
         while pending or running:
+            _stop_if_signalled()
             while pending and len(running) < workers:
                 spec = pending.pop(0)
                 receiver, sender = context.Pipe(duplex=False)
@@ -67,6 +91,7 @@ def run_all(
                 if error is not None:
                     raise RuntimeError(f"{spec} failed (exit code {process.exitcode}):\n{error}")
                 finished(result)
+                _stop_if_signalled()
     finally:
         for process, _ in running.values():
             process.kill()  # not terminate(): Lightning's SIGTERM handler would finish the step and report back

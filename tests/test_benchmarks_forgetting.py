@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -467,3 +468,25 @@ def test_a_method_file_given_by_path_is_a_method_named_by_its_path(tmp_path: Pat
     assert bench._method_name(str(path)) == str(path)
     assert bench.label(str(path)) == "AdamW, weight decay 0.01" and bench.post_hoc_of(str(path)) is None
     assert bench._method_name("mofo_0.15") == "mofo_0.15"
+
+
+def test_a_sigterm_arriving_in_a_multiprocessing_finaliser_still_stops_the_pool() -> None:
+    """A SIGTERM while multiprocessing closes a finished run's pipes used to be swallowed by the finaliser ("Exception
+    ignored in: <Finalize object>") and the benchmark ran on to the end; the pool now stops at its next turn."""
+    script = textwrap.dedent(
+        """
+        import multiprocessing.util, os, signal, sys
+        sys.path.insert(0, "benchmarks")
+        import worker_pool
+
+        signal.signal(signal.SIGTERM, worker_pool.exit_on_signal)
+        class Owner: pass
+        owner = Owner()
+        multiprocessing.util.Finalize(owner, lambda: os.kill(os.getpid(), signal.SIGTERM))()
+        print("after the finaliser", flush=True)
+        worker_pool.run_all(["a", "b"], 0, lambda spec: {"spec": spec}, lambda result: print("ran", result))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + 15, result.stderr[-3000:]
+    assert result.stdout == "after the finaliser\n" and "Exception ignored" not in result.stderr
