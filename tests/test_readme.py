@@ -81,7 +81,7 @@ README_COMMANDS: dict[str, Run | CoveredBy | SetUp] = {
     ),
     "python -m pytest": SetUp("about 12 minutes"),
     'python -m pytest -m "not slow"': SetUp("about 2 minutes"),
-    ".ci/run": SetUp("about 17 minutes"),
+    ".ci/run": SetUp("about 15 minutes"),
     "lit-mofo fit --config configs/quickstart.yaml "
     "--ckpt_path lightning_logs/version_0/checkpoints/epoch=0-step=100.ckpt": CoveredBy(
         "tests/test_cli.py::test_quickstart_resumed_from_a_mid_epoch_checkpoint_continues_its_run_bit_identically",
