@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(CONFIG.format(steps=args.steps, num_train=2 * 8 * max(1, args.steps * 2 // 5)))
 
     reference = args.work_dir / "reference"
+    shutil.rmtree(reference, ignore_errors=True)  # an earlier trial's run would be resumed, or read as the reference
     start = time.monotonic()
     code = _run(_command(config, reference), args.work_dir / "reference.log", args.timeout)
     if code != 0:
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     trials = []
     for index in range(args.kills):
         root = args.work_dir / f"trial{index}"
+        shutil.rmtree(root, ignore_errors=True)
         delay = rng.uniform(0.0, training)
         killed_at = _killed(
             _command(config, root), args.work_dir / f"trial{index}.log", _checkpoints(root), delay, args.timeout
