@@ -21,7 +21,8 @@ uniformly over the rest of the training time (seeded by ``--seed``), and counts:
 A trial whose fit ends before its kill time (the machine ran faster than the reference) is counted as no kill.
 Writes a JSON of every trial (``--out``) and prints a summary. Measured (20 trials, 2 CPU cores at a load falling
 from 6 to 0.5): 16 kills, 3 of them during a save (a ``.partial`` left, no checkpoint under its name), 154 of 154
-checkpoints under a checkpoint's name complete, 20 of 20 resumes bit-identical to the uninterrupted fit.
+checkpoints under a checkpoint's name complete, 20 of 20 resumes bit-identical to the uninterrupted fit; again on
+2026-12-07 (8 trials, quiet cores): 8 kills, 3 during a save, 43 of 43 complete, 8 of 8 bit-identical.
 """
 
 from __future__ import annotations
