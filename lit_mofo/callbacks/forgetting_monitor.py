@@ -222,6 +222,16 @@ class ProbeSet:
         return checked
 
 
+def publish_metrics(trainer: pl.Trainer, metrics: dict[str, float], log: bool) -> None:
+    """Put ``metrics`` into ``trainer.callback_metrics`` (what ``ModelCheckpoint``, ``EarlyStopping`` and the progress
+    bar read) and, with ``log``, send them to every logger from rank zero at the current step: figures measured
+    outside ``training_step``, which ``LightningModule.log`` cannot take."""
+    trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+    if log and metrics and trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
 class ForgettingMonitor(Callback):
     r"""Evaluate probes on the pre-trained model and then while it fine-tunes; log value, forgetting and retention.
 
@@ -465,7 +475,7 @@ class ForgettingMonitor(Callback):
                     f"({sorted(self._baselines)}), or measure the new probes in a fit started from the pre-trained "
                     "model."
                 )
-            self._publish(trainer, self._latest_metrics(), log=False)
+            publish_metrics(trainer, self._latest_metrics(), log=False)
             return
         self._baselines, self._history, self._last_step, self._seconds = {}, [], None, 0.0  # a new fit: new baselines
         self._evaluate(trainer, pl_module, trigger="baseline")
@@ -570,7 +580,7 @@ class ForgettingMonitor(Callback):
             metrics.update(self._record(trainer, name, values, trigger, seconds))
         if self._continual and metrics:  # the logged row says which stage it belongs to
             metrics["continual/stage"] = float(self._stage_fields(trigger)["stage"])
-        self._publish(trainer, metrics, log=True)
+        publish_metrics(trainer, metrics, log=True)
 
     def _record(
         self, trainer: pl.Trainer, name: str, values: dict[str, float], trigger: str, seconds: float
@@ -637,13 +647,6 @@ class ForgettingMonitor(Callback):
             latest[f"forgetting/{key}"] = record["forgetting"]
             latest[f"retention/{key}"] = record["retention"]
         return latest
-
-    @staticmethod
-    def _publish(trainer: pl.Trainer, metrics: dict[str, float], log: bool) -> None:
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
-        if log and metrics and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ report
     def report_section(self) -> ReportSection:

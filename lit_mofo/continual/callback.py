@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from lit_mofo._validation import as_bool, as_choice, as_int
-from lit_mofo.callbacks.forgetting_monitor import ProbeSet
+from lit_mofo.callbacks.forgetting_monitor import ProbeSet, publish_metrics
 from lit_mofo.continual import metrics
 from lit_mofo.continual.stages import StageSequence, stage_list_differences
 from lit_mofo.params import initial_requires_grad
@@ -445,7 +445,7 @@ class ContinualLearning(Callback):
                     )
                     + ". Resume with the stages that wrote the checkpoint, or start a new run."
                 )
-            self._publish(trainer, self._latest_metrics(), log=False)
+            publish_metrics(trainer, self._latest_metrics(), log=False)
         else:
             if trainer.ckpt_path is not None:
                 raise MisconfigurationException(
@@ -623,7 +623,7 @@ class ContinualLearning(Callback):
     def _measure_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, row: int) -> None:
         values = self._measure(trainer, pl_module, trigger="start" if row == 0 else "stage_end", row=row)
         self._rows.append({"row": row, "step": trainer.global_step, "values": values})
-        self._publish(trainer, {**self._row_metrics(row), "continual/stage": float(row)}, log=True)
+        publish_metrics(trainer, {**self._row_metrics(row), "continual/stage": float(row)}, log=True)
         self._write_matrix(trainer)
 
     def _measure(
@@ -658,7 +658,7 @@ class ContinualLearning(Callback):
         if row is None:
             prefix = _prefix(stage, self._names)
             logged = {f"{prefix}/R/{task}/{m}": v for task, measured in values.items() for m, v in measured.items()}
-            self._publish(trainer, {**logged, "continual/stage": float(stage)}, log=True)
+            publish_metrics(trainer, {**logged, "continual/stage": float(stage)}, log=True)
         return values
 
     def _check_metrics(self, values: dict[str, dict[str, float]]) -> None:
@@ -705,13 +705,6 @@ class ContinualLearning(Callback):
         for row in range(len(self._rows)):
             out.update(self._row_metrics(row))
         return out
-
-    @staticmethod
-    def _publish(trainer: pl.Trainer, values: dict[str, float], log: bool) -> None:
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in values.items()})
-        if log and values and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
 
     # ------------------------------------------------------------------ writing
     def _directory(self, trainer: pl.Trainer) -> Path:
