@@ -80,9 +80,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import forgetting  # noqa: E402  (benchmarks/forgetting.py: the LR rule, the step meter)
+import forgetting  # noqa: E402  (benchmarks/forgetting.py: the LR rule, the step meter, the table helpers)
 import method_config  # noqa: E402  (benchmarks/method_config.py: the methods' YAML files)
 import worker_pool  # noqa: E402  (benchmarks/worker_pool.py: runs in fresh processes)
+from forgetting import mean_std, pm, sweep_table  # noqa: E402
 
 METHODS = (
     "full_ft",
@@ -326,14 +327,6 @@ SUMMARY_KEYS = (
 )
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method, mean and sample std over the seeds of every figure of :data:`SUMMARY_KEYS`, of the forgetting per
     task and of the knowledge after each stage; the mean matrices."""
@@ -344,11 +337,11 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key in SUMMARY_KEYS:
             values = [row[key] for row in rows if row.get(key) is not None]
             if values:
-                entry[key] = _stats(values)
+                entry[key] = mean_std(values)
         for metric in METRICS:
             tasks = rows[0][f"forgetting_{metric}"]
             entry[f"forgetting_{metric}_per_task"] = {
-                task: _stats([row[f"forgetting_{metric}"][task] for row in rows])
+                task: mean_std([row[f"forgetting_{metric}"][task] for row in rows])
                 for task in tasks
                 if tasks[task] is not None
             }
@@ -358,7 +351,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 for i in range(len(matrices[0]))
             ]
         curves = [row["knowledge_accuracy_after"] for row in rows]
-        entry["knowledge_accuracy_after"] = [_stats([c[i] for c in curves]) for i in range(len(curves[0]))]
+        entry["knowledge_accuracy_after"] = [mean_std([c[i] for c in curves]) for i in range(len(curves[0]))]
         summary[method] = entry
     return summary
 
@@ -401,13 +394,6 @@ def check_claims(summary: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------------------- output
-def _pm(stats: Mapping[str, float] | None, digits: int, signed: bool = False) -> str:
-    if stats is None:
-        return "-"
-    sign = "+" if signed else ""
-    return f"{stats['mean']:{sign}.{digits}f} ± {stats['std']:.{digits}f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The report: settings, the summary table, forgetting per task, knowledge after each stage, the HFT claim, the
     mean matrices and the LR sweep."""
@@ -439,11 +425,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for method, stats in summary.items():
         lines.append(
-            f"| {label(method)} | {result['lr'][method]:g} | {_pm(stats['op_exact_match'], 1)} "
-            f"| {_pm(stats['bwt_exact_match'], 1, True)} | {_pm(stats['op_loss'], 2)} "
-            f"| {_pm(stats['bwt_loss'], 2, True)} | {_pm(stats['learning_accuracy'], 1)} "
-            f"| {_pm(stats['forgetting_knowledge_accuracy'], 1)} | {_pm(stats['drift_relative_l2'], 3)} "
-            f"| {_pm(stats['fit_seconds'], 0)} | {_pm(stats['step_ms'], 1)} |"
+            f"| {label(method)} | {result['lr'][method]:g} | {pm(stats['op_exact_match'], 1)} "
+            f"| {pm(stats['bwt_exact_match'], 1, True)} | {pm(stats['op_loss'], 2)} "
+            f"| {pm(stats['bwt_loss'], 2, True)} | {pm(stats['learning_accuracy'], 1)} "
+            f"| {pm(stats['forgetting_knowledge_accuracy'], 1)} | {pm(stats['drift_relative_l2'], 3)} "
+            f"| {pm(stats['fit_seconds'], 0)} | {pm(stats['step_ms'], 1)} |"
         )
     earlier = stages[:-1]
     lines += [
@@ -459,11 +445,11 @@ def markdown(result: dict[str, Any]) -> str:
         for task in earlier:
             em = stats["forgetting_exact_match_per_task"].get(task)
             loss = stats["forgetting_loss_per_task"].get(task)
-            cells.append(f"{_pm(em, 1)} / {_pm(loss, 2)}")
+            cells.append(f"{pm(em, 1)} / {pm(loss, 2)}")
         lines.append(
             f"| {label(method)} | "
             + " | ".join(cells)
-            + f" | {_pm(stats.get('fwt_exact_match'), 1, True)} | {_pm(stats.get('fwt_loss'), 2, True)} |"
+            + f" | {pm(stats.get('fwt_exact_match'), 1, True)} | {pm(stats.get('fwt_loss'), 2, True)} |"
         )
     lines += [
         "",
@@ -474,7 +460,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|" + "---:|" * (len(stages) + 1),
     ]
     for method, stats in summary.items():
-        lines.append(f"| {label(method)} | " + " | ".join(_pm(s, 1) for s in stats["knowledge_accuracy_after"]) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(pm(s, 1) for s in stats["knowledge_accuracy_after"]) + " |")
     if result["claims"]:
         lines += [
             "",
@@ -512,19 +498,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"LR sweep (seed {settings['sweep_seed']}): learning accuracy / OP (exact match %); **bold** = chosen.",
             "",
-            "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-            "|---|" + "---:|" * len(lrs),
+            *sweep_table(
+                result["sweep"],
+                lrs,
+                result["lr"],
+                lambda run: f"{run['learning_accuracy']:.1f} / {run['op_exact_match']:.1f}",
+                label,
+            ),
         ]
-        for method in dict.fromkeys(run["method"] for run in result["sweep"]):
-            cells = []
-            for lr in lrs:
-                run = next((r for r in result["sweep"] if r["method"] == method and r["lr"] == lr), None)
-                if run is None:
-                    cells.append("-")
-                    continue
-                cell = f"{run['learning_accuracy']:.1f} / {run['op_exact_match']:.1f}"
-                cells.append(f"**{cell}**" if lr == result["lr"].get(method) else cell)
-            lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -667,12 +667,17 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
         for key in SUMMARY_KEYS:
             values = [row[key] for row in rows if row.get(key) is not None]
             if values:
-                summary[method][key] = {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "n": len(values),
-                }
+                summary[method][key] = mean_std(values)
     return summary
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """``{mean, std, n}`` of the seeds' values (sample std; 0 for a single seed)."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def check_targets(
@@ -795,10 +800,34 @@ def _post_hoc_cost_check(sweep: Sequence[dict[str, Any]]) -> list[dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------------- output
-def _pm(stats: dict[str, float] | None, digits: int) -> str:
+def pm(stats: Mapping[str, float] | None, digits: int, signed: bool = False) -> str:
+    """``mean ± std`` of :func:`mean_std`'s figures (``-`` for none); ``signed`` writes the mean's sign always."""
     if stats is None:
         return "-"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    sign = "+" if signed else ""
+    return f"{stats['mean']:{sign}.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def sweep_table(
+    sweep: Sequence[dict[str, Any]],
+    lrs: Sequence[float],
+    chosen: Mapping[str, float],
+    cell: Callable[[dict[str, Any]], str],
+    label: Callable[[str], str],
+) -> list[str]:
+    """The LR sweep as a Markdown table: a method per row, an LR per column, ``cell(run)`` in each (``-`` for an LR
+    not run), the chosen LR's cell in bold."""
+    lines = ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for method in dict.fromkeys(run["method"] for run in sweep):
+        cells = []
+        for lr in lrs:
+            run = next((r for r in sweep if r["method"] == method and r["lr"] == lr), None)
+            if run is None:
+                cells.append("-")
+                continue
+            cells.append(f"**{cell(run)}**" if lr == chosen.get(method) else cell(run))
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _edit_label(key: str) -> str:
@@ -863,8 +892,8 @@ def markdown(result: dict[str, Any]) -> str:
             for n in names:
                 stats = scenarios[n]["summary"].get(method)
                 cells += [
-                    _pm(stats and stats["task_exact_match"], 1),
-                    _pm(stats and stats["forgetting_knowledge_accuracy"], 1),
+                    pm(stats and stats["task_exact_match"], 1),
+                    pm(stats and stats["forgetting_knowledge_accuracy"], 1),
                 ]
             lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -895,11 +924,11 @@ def scenario_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
     ]
     for method, stats in summary.items():
         lines.append(
-            f"| {label(method)} | {result['lr'][method]:g} | {_pm(stats['task_exact_match'], 1)} "
-            f"| {_pm(stats['forgetting_knowledge_accuracy'], 1)} | {_pm(stats['forgetting_knowledge_loss'], 2)} "
-            f"| {_pm(stats['forgetting_copy_exact_match'], 1)} | {_pm(stats['drift_relative_l2'], 3)} "
-            f"| {_pm(stats['drift_fraction_changed'], 1)} | {_pm(stats['step_ms'], 1)} "
-            f"| {stats['train_state_mib']['mean']:.1f} | {_pm(stats.get('peak_rss_mib'), 0)} |"
+            f"| {label(method)} | {result['lr'][method]:g} | {pm(stats['task_exact_match'], 1)} "
+            f"| {pm(stats['forgetting_knowledge_accuracy'], 1)} | {pm(stats['forgetting_knowledge_loss'], 2)} "
+            f"| {pm(stats['forgetting_copy_exact_match'], 1)} | {pm(stats['drift_relative_l2'], 3)} "
+            f"| {pm(stats['drift_fraction_changed'], 1)} | {pm(stats['step_ms'], 1)} "
+            f"| {stats['train_state_mib']['mean']:.1f} | {pm(stats.get('peak_rss_mib'), 0)} |"
         )
     roles = list(dict.fromkeys(role for run in result["runs"] for role in run["drift_relative_l2_by_role"]))
     lines += [
@@ -920,8 +949,8 @@ def scenario_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             for role in roles
         ]
         lines.append(
-            f"| {label(method)} | {_pm(stats.get('forgetting_knowledge_task_words'), 1)} "
-            f"| {_pm(stats.get('forgetting_knowledge_other_words'), 1)} | "
+            f"| {label(method)} | {pm(stats.get('forgetting_knowledge_task_words'), 1)} "
+            f"| {pm(stats.get('forgetting_knowledge_other_words'), 1)} | "
             + " | ".join("-" if value is None else f"{value:.3f}" for value in drift)
             + " |"
         )
@@ -931,19 +960,14 @@ def scenario_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             "",
             f"LR sweep (seed {settings['sweep_seed']}): task EM / knowledge forgetting (points); **bold** = chosen.",
             "",
-            "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-            "|---|" + "---:|" * len(lrs),
+            *sweep_table(
+                result["sweep"],
+                lrs,
+                result["lr"],
+                lambda run: f"{run['task_exact_match']:.1f} / {run['forgetting_knowledge_accuracy']:.1f}",
+                label,
+            ),
         ]
-        for method in dict.fromkeys(run["method"] for run in result["sweep"]):
-            cells = []
-            for lr in lrs:
-                run = next((r for r in result["sweep"] if r["method"] == method and r["lr"] == lr), None)
-                if run is None:
-                    cells.append("-")
-                    continue
-                cell = f"{run['task_exact_match']:.1f} / {run['forgetting_knowledge_accuracy']:.1f}"
-                cells.append(f"**{cell}**" if lr == result["lr"].get(method) else cell)
-            lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     picks = result.get("post_hoc", {}).get("picks", {})
     if picks:
         lines += ["", *post_hoc_markdown(result, picks)]
